@@ -1,0 +1,48 @@
+# The README's two commands: `make demo` (the main job on embedded defaults) and `make test`.
+# TORCH_SPEC is installed before the project so pip takes the CPU build on this disk instead of a
+# multi-GB CUDA build; a GPU user sets e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_LOGGING_LEVEL ?= WARNING
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test serve schedule bench-selection bench-tune clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m dpsel.demo --out $(DEMO_DIR)
+
+test: venv
+	$(PY) -m pytest
+
+# A real Prefect server with its UI at http://127.0.0.1:4200 (see README, "Scheduled curation").
+serve: venv
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+# Serve the deployments of schedules.yaml on their cron schedules against PREFECT_API_URL.
+schedule: venv
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(PY) -m flows.serve schedules.yaml
+
+bench-selection: venv
+	$(PY) benchmarks/selection.py
+
+bench-tune: venv
+	$(PY) benchmarks/tune.py
+
+clean:
+	rm -rf runs .prefect .pytest_cache

@@ -1,0 +1,2 @@
+"""dpsel: Bayesian data-point selection for instruction tuning."""
+__version__ = "0.1.0"

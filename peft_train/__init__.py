@@ -1,0 +1,1 @@
+"""peft_train: models, encoding, adapters (LoRA/QLoRA, SURM) and the training loop. Knows nothing of dpsel or Prefect."""
