@@ -1,0 +1,203 @@
+"""`dpsel` command line: parses options and calls the library (or, for `dpsel flow`, the Prefect flows).
+
+Exit codes (CONTRACT.md): 0 success, 2 bad input or bad arguments (one paragraph on stderr naming the
+file, row or column), 1 internal failure (set DPSEL_DEBUG=1 for the traceback).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from dpsel.errors import DpselInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Bayesian data-point selection for instruction tuning, then QLoRA/SURM fine-tuning.")
+
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
+SeedOpt = typer.Option(0, "--seed", help="Random seed; seeded CPU runs are reproducible bit for bit.")
+ModelOpt = typer.Option("tiny", "--model", help="'tiny' (built in), a local directory, or a hub id.")
+
+
+def _fail(code: int, message: str) -> None:
+    typer.echo(f"dpsel: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Bad input -> exit 2 with a message naming file/column/row; anything else -> exit 1, no traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except DpselInputError as error:
+            _fail(2, str(error))
+        except KeyboardInterrupt:
+            _fail(130, "interrupted")
+        except Exception as error:  # internal failure: short message, traceback only on request
+            if os.environ.get("DPSEL_DEBUG"):
+                traceback.print_exc()
+            _fail(1, f"internal error: {type(error).__name__}: {error} (set DPSEL_DEBUG=1 for the traceback)")
+    return wrapper
+
+
+def _check_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise DpselInputError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return device
+
+
+@app.command()
+@handle_errors
+def synth(out: Path = typer.Option(..., "--out", help="Output directory."),
+          rows: int = typer.Option(3000, "--rows", help="Training rows."),
+          noise: float = typer.Option(0.3, "--noise", help="Corrupted fraction of the training rows."),
+          seed: int = SeedOpt,
+          tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated task families (default: all)."),
+          meta_rows: int = typer.Option(200, "--meta-rows"),
+          test_rows: int = typer.Option(300, "--test-rows")):
+    """Generate a noisy instruction set with known corruptions (train, meta, test, truth)."""
+    from dpsel.synth import generate
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    paths = generate(out, rows=rows, noise=noise, seed=seed, tasks=task_list, meta_rows=meta_rows,
+                     test_rows=test_rows)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command()
+@handle_errors
+def validate(paths: list[str] = typer.Argument(..., help="Parquet files, folders of shards or globs.")):
+    """Check instruction-set files and print a summary."""
+    from dpsel.data import validate_paths
+    typer.echo(validate_paths(paths).render())
+
+
+def _select_config(model, steps, seed, device, variant, weight_param, batch_size, max_length):
+    from dpsel.select.base import SelectConfig
+    return SelectConfig(model=model, device=_check_device(device), seed=seed, steps=steps, variant=variant,
+                        weight_param=weight_param, batch_size=batch_size, max_length=max_length)
+
+
+def _print_curation(result) -> None:
+    counts = result.counts
+    typer.echo(f"kept {counts['kept_rows']} of {counts['input_rows']} rows -> {result.out_dir}")
+    if getattr(result, "auroc", None):
+        typer.echo(f"AUROC vs truth: {result.auroc}")
+
+
+@app.command()
+@handle_errors
+def curate(train: list[str] = typer.Option(..., "--train", help="Training set (file, folder or glob); repeatable."),
+           meta: list[str] = typer.Option(..., "--meta", help="Small trusted meta set; repeatable."),
+           out: Path = typer.Option(..., "--out"),
+           method: str = typer.Option("bads", "--method", help="bads | l2rw | loss | ifd | random | all"),
+           budget: Optional[float] = typer.Option(None, "--budget", help="Fraction of rows to keep (default 0.7)."),
+           threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum mean weight to keep."),
+           per_task: bool = typer.Option(False, "--per-task", help="Apply the budget within each `task` group."),
+           model: str = ModelOpt,
+           steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (method default if unset)."),
+           seed: int = SeedOpt, device: str = DeviceOpt,
+           variant: str = typer.Option("default", "--variant", help="bads: default | paper"),
+           weight_param: str = typer.Option("logits", "--weight-param", help="bads: logits | amortized"),
+           batch_size: int = typer.Option(16, "--batch-size"),
+           max_length: int = typer.Option(256, "--max-length"),
+           truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report.")):
+    """Score every training row by data-point selection and keep the best."""
+    from dpsel.curate import curate as run_curate
+    from dpsel.progress import progress_reporter
+    from dpsel.select import METHODS
+    if method not in METHODS:
+        raise DpselInputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    config = _select_config(model, steps, seed, device, variant, weight_param, batch_size, max_length)
+    with progress_reporter(f"curate[{method}]") as progress:
+        result = run_curate(train, meta, out, method=method, budget=budget, threshold=threshold,
+                            per_group=per_task, config=config, progress=progress, truth=truth)
+    _print_curation(result)
+
+
+@app.command("filter")
+@handle_errors
+def filter_cmd(scorer: Path = typer.Option(..., "--scorer", help="A curation run's scorer/ directory."),
+               inputs: list[str] = typer.Option(..., "--in", help="New data (file, folder or glob); repeatable."),
+               out: Path = typer.Option(..., "--out"),
+               threshold: Optional[float] = typer.Option(None, "--threshold",
+                                                         help="Minimum weight (default: the curation run's).")):
+    """Score new rows with a trained curation run's weight model and keep what passes."""
+    from dpsel.curate import filter_rows
+    result = filter_rows(scorer, inputs, out, threshold=threshold)
+    _print_curation(result)
+
+
+@app.command()
+@handle_errors
+def tune(data: list[str] = typer.Option(..., "--data", help="Instruction set to train on; repeatable."),
+         out: Path = typer.Option(..., "--out"),
+         method: str = typer.Option("lora", "--method", help="lora | qlora | surm-* | qsurm-* | c3a | lokr | full"),
+         model: str = ModelOpt,
+         weights_column: Optional[str] = typer.Option(None, "--weights-column",
+                                                      help="Per-row loss weights, e.g. dpsel_weight."),
+         eval_path: Optional[str] = typer.Option(None, "--eval", help="Clean eval set: eval loss and exact-match."),
+         steps: int = typer.Option(200, "--steps"), seed: int = SeedOpt, device: str = DeviceOpt,
+         lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (method default if unset)."),
+         r: int = typer.Option(8, "--r", help="LoRA rank (LoRA-family methods)."),
+         batch_size: int = typer.Option(16, "--batch-size"),
+         max_length: int = typer.Option(256, "--max-length")):
+    """Parameter-efficient fine-tuning (LoRA, QLoRA, SURM, C3A, LoKr) on an instruction set."""
+    from peft_train.adapters import METHODS
+    from dpsel.tuning import tune_parquet
+    if method not in METHODS:
+        raise DpselInputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    metrics = tune_parquet(data, out, method=method, model=model, weights_column=weights_column,
+                           eval_path=eval_path, steps=steps, seed=seed, device=_check_device(device), lr=lr,
+                           r=r, batch_size=batch_size, max_length=max_length)
+    shown = {k: metrics[k] for k in ("method", "trainable_params", "train_loss", "eval_loss", "eval_exact_match")
+             if k in metrics}
+    typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    typer.echo(f"adapter: {out / 'adapter'}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+def flow(ctx: typer.Context,
+         name: str = typer.Argument(..., help="curate | filter | tune | curate-then-tune"),
+         config: Optional[Path] = typer.Option(None, "--config", help="Run config YAML (see configs/demo.yaml).")):
+    """Run a Prefect flow (embedded server unless PREFECT_API_URL is set). Extra --key value options override the config."""
+    from flows import run_flow
+    overrides = _parse_extra_options(ctx.args)
+    run_flow(name.replace("-", "_"), config=config, **overrides)
+
+
+def _parse_extra_options(args: list[str]) -> dict:
+    """`--train a.parquet --steps 5 --compare` -> {"train": "a.parquet", "steps": "5", "compare": True}."""
+    options, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise DpselInputError(f"unexpected argument {arg!r}: options are --key value")
+        key = arg[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+            options[key] = value
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            options[key] = args[i + 1]
+            i += 1
+        else:
+            options[key] = True
+        i += 1
+    return options
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
