@@ -1,7 +1,15 @@
 """Shared test fixtures. Keep them small: the whole suite runs on 2 shared CPU cores."""
 
-import pytest
-import torch
+import os
+from pathlib import Path
+
+# Before anything imports Prefect: a project-local home and no analytics (no network here).
+os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parents[1] / ".prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from peft_train.tokenizer import ByteTokenizer
 
