@@ -22,6 +22,12 @@ import pyarrow.parquet as pq
 _HASH_CHUNK = 1 << 20
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Run `write(tmp_path)` on a temp file beside `path`, then move it into place (same filesystem)."""
     target = Path(path)
@@ -30,6 +36,7 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
