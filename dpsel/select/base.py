@@ -23,7 +23,7 @@ class SelectConfig:
     seed: int = 0
     steps: int | None = None          # None: the method's default
     batch_size: int = 16
-    meta_batch_size: int = 16
+    meta_batch_size: int = 4          # meta rows per step (the term is scaled by M/B_m): a bads step ~1.3-1.5x a plain one
     max_length: int = 256
     variant: str = "default"          # bads: "default" (meta-anchored, empirical-Bayes prior) | "paper"
     weight_param: str = "logits"      # bads: "logits" (free per-row logits) | "amortized" (weight network)

@@ -1,0 +1,74 @@
+"""Data-point selection: one `select()` over interchangeable methods, and `load_scorer` for `dpsel filter`.
+
+Methods: `bads` (Bayesian data-point selection by SGLD, the default), `l2rw` (learning to reweight),
+`loss` (loss under a meta-fitted reference), `ifd` (instruction-following difficulty), `random`, `all`.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from dpsel.errors import DpselInputError
+from dpsel.select.base import Messages, ProgressFn, Scorer, Scores, SelectConfig, read_scorer_meta
+
+METHODS = ("bads", "l2rw", "loss", "ifd", "random", "all")
+
+# method -> (module, function); imported lazily so `random`/`all` never pay for torch/transformers.
+_METHOD_IMPL = {
+    "bads": ("dpsel.select.bads", "select_bads"),
+    "l2rw": ("dpsel.select.l2rw", "select_l2rw"),
+    "loss": ("dpsel.select.reference", "select_loss"),
+    "ifd": ("dpsel.select.reference", "select_ifd"),
+    "random": ("dpsel.select.baselines", "select_random"),
+    "all": ("dpsel.select.baselines", "select_all"),
+}
+
+# scorer.json kind -> (module, class)
+_SCORER_IMPL = {
+    "all": ("dpsel.select.scorers", "ConstantScorer"),
+    "random": ("dpsel.select.scorers", "RandomScorer"),
+    "bads": ("dpsel.select.bads", "BadsScorer"),
+    "l2rw": ("dpsel.select.l2rw", "L2rwScorer"),
+    "loss": ("dpsel.select.reference", "ReferenceScorer"),
+    "ifd": ("dpsel.select.reference", "ReferenceScorer"),
+}
+
+
+def _resolve(table: dict, key: str):
+    module, name = table[key]
+    return getattr(importlib.import_module(module), name)
+
+
+def select(train: list[Messages], meta: list[Messages], method: str = "bads",
+           config: SelectConfig | None = None, progress: ProgressFn | None = None,
+           groups: list | None = None) -> Scores:
+    """Score every train row (weights in [0,1], aligned with `train`) using the trusted `meta` rows.
+
+    `groups` (optional, one label per train row, e.g. the `task` column): losses are normalised per group
+    (bads, loss) so that inherently harder tasks are not dropped wholesale.
+    """
+    if method not in METHODS:
+        raise DpselInputError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
+    if not train:
+        raise DpselInputError("no training rows to select from")
+    config = config or SelectConfig()
+    if method not in ("random", "all") and not meta:
+        raise DpselInputError(f"method {method!r} needs a non-empty meta set")
+    if groups is not None and len(groups) != len(train):
+        raise DpselInputError(f"got {len(groups)} group labels for {len(train)} training rows")
+    scores = _resolve(_METHOD_IMPL, method)(train, meta, config, progress, groups=groups)
+    if len(scores.weight_mean) != len(train):
+        raise RuntimeError(f"{method}: returned {len(scores.weight_mean)} weights for {len(train)} rows")
+    return scores
+
+
+def load_scorer(directory: str | Path) -> Scorer:
+    """Load a saved scorer (kind named in scorer.json) so unseen rows can be scored."""
+    directory = Path(directory)
+    kind = read_scorer_meta(directory).get("kind")
+    if kind not in _SCORER_IMPL:
+        raise DpselInputError(f"unknown scorer kind {kind!r} in scorer.json", file=str(directory))
+    return _resolve(_SCORER_IMPL, kind).load(directory)
+
+
+__all__ = ["METHODS", "select", "load_scorer", "SelectConfig", "Scores", "Scorer", "Messages", "ProgressFn"]

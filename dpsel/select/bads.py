@@ -1,0 +1,527 @@
+"""`bads`: Bayesian data-point selection — joint SGLD over θ and the row weights w (see DESIGN.md).
+
+Pyro-style separation: `log_joint` is the model (written once, priors as pyro distributions), the sampler
+(`run_sampler` with `sgld.SGLD`) is separate, and what computes per-row losses is a `SelectionProblem`
+(an LM here; a logistic regression in the tests) — swapping the model changes nothing else.
+
+    log p(w)            = Σ_i log Beta(w_i; a_i, b_i)            (sparsity prior; a_i, b_i from the meta-fitted
+                                                                   reference in the default variant: empirical Bayes)
+    log p(θ | w, D_t)   ≈ log N(θ; θ₀, s²I) − ρ Σ_i w_i ℓ̃_i(θ)   (weighted train rows as a prior on θ; Z(w) dropped)
+    log p(D_m | θ)      = −Σ_j ℓ(z_j; θ)                          (the meta rows are the likelihood)
+
+ℓ̃_i = ℓ_i − c_g(i): the default variant centres each row's loss on a running mean of its group's losses
+(per-task normalisation; it stands in for the dropped normaliser's gradient, which is what keeps every
+weight from being pushed down alike). Minibatch terms are scaled by N/B and M/B_m.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pyro.distributions as dist
+import torch
+
+from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
+from dpsel.select.sgld import SGLD, RunningMoments
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+@dataclass
+class BadsSettings:
+    """Hyperparameters (SelectConfig.extra overrides any of them by name)."""
+    steps: int = 600
+    burn_in: float = 0.25             # fraction of steps before averaging starts
+    beta: float = 0.7                 # prior expected kept fraction
+    kappa: float = 6.0                # prior concentration a + b
+    rho: float = 3.0                  # weight of the train-likelihood term on w (measured: 1 → 0.69, 3 → 0.75 AUROC)
+    prior_scale: float = 1.0          # s: std of the Gaussian prior on θ around θ₀ (0.05 kept θ from learning)
+    lr_theta: float = 1e-3
+    lr_w: float = 0.5                 # per-visit Langevin step of a free logit (its 1-D conditional has curvature ~κ/4)
+    lr_phi: float = 1e-3
+    temperature_theta: float = 1e-3   # cold posterior on θ (pSGLD with a small temperature)
+    temperature_w: float = 1.0        # the weights are sampled at the true posterior temperature
+    precondition: bool = True         # pSGLD
+    decay_gamma: float = 0.33         # polynomial step-size decay ε_t = ε (1 + t/t0)^-γ
+    decay_t0: float = 200.0
+    anchor: str = "meta"              # θ₀: "meta" (short fit on meta) | "base"
+    eb_prior: bool = True             # Beta prior means from the reference's per-group loss ranks
+    eb_gamma: float = 1.0             # how sharply the reference ranks move the prior mean
+    centre_losses: str = "group"      # "group" | "global" | "none"
+    standardise_losses: bool = True   # divide centred losses by the group's running std
+    baseline_momentum: float = 0.95
+    rao_blackwell: bool = True        # logits: average E[w_i | θ, ℓ̃_i] (1-D quadrature) at each visit, not the draw
+    diag_every: int = 10
+    weight_hidden: int = 32
+
+    @classmethod
+    def for_variant(cls, variant: str, extra: dict) -> "BadsSettings":
+        base = cls()
+        if variant == "paper":
+            # The plain form: θ anchored at the base model, symmetric Beta prior, raw losses, plain SGLD at T = 1.
+            base = cls(anchor="base", eb_prior=False, centre_losses="none", standardise_losses=False,
+                       precondition=False, temperature_theta=1.0, lr_theta=1e-6, prior_scale=1.0)
+        elif variant != "default":
+            from dpsel.errors import DpselInputError
+            raise DpselInputError(f"unknown bads variant {variant!r}; use 'default' or 'paper'")
+        names = {f.name for f in fields(cls)}
+        overrides = {k: v for k, v in extra.items() if k in names}
+        return cls(**{**asdict(base), **overrides})
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def beta_prior_params(mean: torch.Tensor, kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = mean.clamp(1e-3, 1 - 1e-3)
+    return mean * kappa, (1 - mean) * kappa
+
+
+def log_joint(*, w: torch.Tensor, prior_a: torch.Tensor, prior_b: torch.Tensor, train_nll: torch.Tensor,
+              train_centre: torch.Tensor, meta_nll: torch.Tensor, theta: list[torch.Tensor],
+              theta0: list[torch.Tensor], n_train: int, n_meta: int, rho: float, prior_scale: float,
+              logit_jacobian: bool) -> dict[str, torch.Tensor]:
+    """Minibatch estimate of the log joint of (θ, w) and its terms.
+
+    `train_centre` is subtracted from the losses in the w-term only through a detached constant, so θ's
+    gradient is exactly −ρ Σ w_i ∇ℓ_i. With free logits u (w = sigmoid(u)) the density is over u, hence the
+    Jacobian log w(1−w) (`logit_jacobian`).
+    """
+    scale_t = n_train / max(len(w), 1)
+    scale_m = n_meta / max(len(meta_nll), 1)
+    w_safe = w.clamp(1e-6, 1 - 1e-6)
+    log_prior_w = dist.Beta(prior_a, prior_b).log_prob(w_safe)
+    if logit_jacobian:
+        log_prior_w = log_prior_w + torch.log(w_safe) + torch.log1p(-w_safe)
+    log_prior_theta = sum((dist.Normal(t0, prior_scale).log_prob(t).sum() for t, t0 in zip(theta, theta0)),
+                          torch.zeros(()))
+    log_train = -rho * (w * (train_nll - train_centre)).sum()
+    log_meta = -meta_nll.sum()
+    terms = {"log_prior_w": scale_t * log_prior_w.sum(), "log_prior_theta": log_prior_theta,
+             "log_train": scale_t * log_train, "log_meta": scale_m * log_meta}
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------- problems
+
+
+class SelectionProblem:
+    """What the sampler needs from a model: θ, per-row losses on index batches, groups, batch order."""
+    n_train: int
+    n_meta: int
+    groups: np.ndarray  # [n_train] int group id (per-task normalisation); all zeros if unknown
+
+    def theta(self) -> list[torch.nn.Parameter]: ...
+
+    def losses(self, train_idx: np.ndarray, meta_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def train_batches(self, batch_size: int, seed: int) -> list[list[int]]:
+        order = np.random.default_rng(seed).permutation(self.n_train)
+        return [order[i:i + batch_size].tolist() for i in range(0, self.n_train, batch_size)]
+
+    def plain_step_loss(self, train_idx: np.ndarray) -> torch.Tensor:
+        return self.losses(train_idx, np.zeros(0, dtype=int))[0].mean()
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+class LogitWeights:
+    """Free per-row logits u, w = sigmoid(u); a row-sparse SGLD group."""
+    row_sparse = True
+
+    def __init__(self, init_logits: torch.Tensor):
+        self.u = torch.nn.Parameter(init_logits.clone().float())
+
+    def params(self):
+        return [self.u]
+
+    def weights(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.u[idx])
+
+    def all_weights(self) -> torch.Tensor:
+        return torch.sigmoid(self.u.detach())
+
+
+class AmortizedWeights:
+    """w_i = sigmoid(g_φ(e_i)) over fixed features; φ gets a N(0, 1) prior; a dense SGLD group."""
+    row_sparse = False
+
+    def __init__(self, features: torch.Tensor, hidden: int, init_logit: float, seed: int):
+        from dpsel.select.features import WeightNet
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.net = WeightNet(features.shape[1], hidden, init_logit)
+        torch.random.set_rng_state(state)
+        self.features = features.float()
+
+    def params(self):
+        return list(self.net.parameters())
+
+    def weights(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(self.features[idx]))
+
+    def all_weights(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(self.net(self.features))
+
+    def log_prior(self) -> torch.Tensor:
+        return sum(dist.Normal(0.0, 1.0).log_prob(p).sum() for p in self.net.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+
+
+class GroupBaseline:
+    """Running mean/std of the losses of each group: the centre (and scale) ℓ̃ uses."""
+
+    def __init__(self, n_groups: int, momentum: float, mode: str, standardise: bool):
+        self.mean = torch.full((n_groups,), float("nan"))
+        self.var = torch.ones(n_groups)
+        self.momentum, self.mode, self.standardise = momentum, mode, standardise
+
+    def update(self, losses: torch.Tensor, groups: torch.Tensor) -> None:
+        losses = losses.detach().float().cpu()
+        if self.mode == "global":
+            groups = torch.zeros_like(groups)
+        for g in groups.unique():
+            vals = losses[groups == g]
+            m, v = vals.mean(), vals.var(unbiased=False) if len(vals) > 1 else self.var[g]
+            if torch.isnan(self.mean[g]):
+                self.mean[g], self.var[g] = m, v if len(vals) > 1 else torch.tensor(1.0)
+            else:
+                k = self.momentum
+                self.mean[g] = k * self.mean[g] + (1 - k) * m
+                self.var[g] = k * self.var[g] + (1 - k) * (v + (m - self.mean[g]) ** 2)
+
+    def normalise(self, losses: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centre, scale) per row, detached."""
+        if self.mode == "none":
+            return torch.zeros_like(losses), torch.ones_like(losses)
+        if self.mode == "global":
+            groups = torch.zeros_like(groups)
+        centre = self.mean[groups].to(losses)
+        scale = self.var[groups].sqrt().clamp(min=1e-3).to(losses) if self.standardise else torch.ones_like(losses)
+        return centre, scale
+
+
+@dataclass
+class SamplerResult:
+    weight_mean: np.ndarray
+    weight_std: np.ndarray
+    diagnostics: dict[str, list[float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    weights_model: object = None
+    phi_samples: list[dict] = field(default_factory=list)
+
+
+def _quantiles(w: torch.Tensor) -> list[float]:
+    return torch.quantile(w.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+
+
+def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size: int, meta_batch_size: int,
+                seed: int, prior_mean: torch.Tensor, theta0: list[torch.Tensor] | None = None,
+                features: torch.Tensor | None = None, weight_param: str = "logits",
+                progress: ProgressFn | None = None, measure_plain_steps: int = 0) -> SamplerResult:
+    """Joint SGLD over θ and the weights; posterior mean/std of every weight from running averages after burn-in."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n, m = problem.n_train, problem.n_meta
+    theta = problem.theta()
+    theta0 = [t.detach().clone() for t in theta] if theta0 is None else theta0
+    prior_a, prior_b = beta_prior_params(prior_mean.float(), settings.kappa)
+    init_logit = math.log(settings.beta / (1 - settings.beta))
+    if weight_param == "logits":
+        weights = LogitWeights(torch.logit(prior_mean.float().clamp(1e-3, 1 - 1e-3)))
+        # A visit is a Langevin step of size lr_w on the row's own conditional: the group's lr is lr_w·B/N and
+        # its N/B-scaled gradient brings it back to lr_w. Not preconditioned: that curvature is known and O(1).
+        w_group = {"params": weights.params(), "lr": settings.lr_w * batch_size / n, "precondition": False,
+                   "temperature": settings.temperature_w, "row_sparse": True, "visit_scale": n / batch_size,
+                   "decay_gamma": 0.0}
+    elif weight_param == "amortized":
+        if features is None:
+            raise ValueError("amortized weights need per-row features")
+        weights = AmortizedWeights(features, settings.weight_hidden, init_logit, seed)
+        w_group = {"params": weights.params(), "lr": settings.lr_phi, "temperature": settings.temperature_w}
+    else:
+        from dpsel.errors import DpselInputError
+        raise DpselInputError(f"unknown weight parametrisation {weight_param!r}; use 'logits' or 'amortized'")
+    optimizer = SGLD([{"params": theta, "lr": settings.lr_theta, "temperature": settings.temperature_theta}, w_group],
+                     precondition=settings.precondition, decay_gamma=settings.decay_gamma, decay_t0=settings.decay_t0)
+    optimizer.generator = torch.Generator().manual_seed(seed + 1)
+    groups = torch.as_tensor(problem.groups, dtype=torch.long)
+    baseline = GroupBaseline(int(groups.max()) + 1, settings.baseline_momentum, settings.centre_losses,
+                             settings.standardise_losses)
+    moments = RunningMoments(n)
+    burn_in = int(settings.burn_in * settings.steps)
+    diag: dict[str, list[float]] = {k: [] for k in ("step", "mean_weight", "meta_loss", "train_loss", "weight_q10",
+                                                    "weight_q50", "weight_q90", "lr_theta")}
+    timings = {}
+    if measure_plain_steps:
+        timings["plain_step_seconds"] = measure_plain_step(problem, batch_size, measure_plain_steps, seed)
+
+    batches: list[list[int]] = []
+    phi_samples: list[dict] = []
+    step_time = 0.0
+    for step in range(settings.steps):
+        if not batches:
+            batches = problem.train_batches(batch_size, int(rng.integers(2**31)))
+        train_idx = np.asarray(batches.pop(0))
+        meta_idx = rng.choice(m, size=min(meta_batch_size, m), replace=False)
+        _sync(theta[0].device)
+        started = time.perf_counter()
+        idx_t = torch.as_tensor(train_idx, dtype=torch.long)
+        train_nll, meta_nll = problem.losses(train_idx, meta_idx)
+        # The weights, their priors and the baselines live on the CPU (N floats); the losses join them there.
+        train_nll, meta_nll = train_nll.float().cpu(), meta_nll.float().cpu()
+        g = groups[idx_t]
+        baseline.update(train_nll, g)
+        centre, scale = baseline.normalise(train_nll.detach(), g)
+        w = weights.weights(idx_t)
+        # Standardising only rescales the w-term: ρ w (ℓ − c)/σ; θ sees ρ w ℓ / σ (σ a detached constant).
+        terms = log_joint(w=w, prior_a=prior_a[idx_t], prior_b=prior_b[idx_t], train_nll=train_nll / scale,
+                          train_centre=centre / scale, meta_nll=meta_nll, theta=theta, theta0=theta0,
+                          n_train=n, n_meta=m, rho=settings.rho, prior_scale=settings.prior_scale,
+                          logit_jacobian=weight_param == "logits")
+        total = terms["total"]
+        if weight_param == "amortized":
+            total = total + weights.log_prior()
+        optimizer.zero_grad(set_to_none=True)
+        (-total).backward()
+        if weight_param == "logits":
+            optimizer.set_visited(weights.u, idx_t)
+        optimizer.step()
+        _sync(theta[0].device)
+        step_time += time.perf_counter() - started
+
+        if step >= burn_in:
+            if weight_param == "logits" and settings.rao_blackwell:
+                cond_mean, cond_sq = conditional_weight_moments(prior_a[idx_t], prior_b[idx_t],
+                                                                settings.rho * ((train_nll - centre) / scale).detach())
+                moments.update_moments(cond_mean, cond_sq, idx_t)
+            elif weight_param == "logits":
+                moments.update(weights.weights(idx_t).detach(), idx_t)
+            else:
+                moments.update(weights.all_weights())
+                if (step - burn_in) % max(1, (settings.steps - burn_in) // 8) == 0:
+                    phi_samples.append({k: v.detach().clone() for k, v in weights.net.state_dict().items()})
+        if step % settings.diag_every == 0 or step == settings.steps - 1:
+            all_w = weights.all_weights()
+            q = _quantiles(all_w)
+            record = {"step": step, "mean_weight": float(all_w.mean()), "meta_loss": float(meta_nll.detach().mean()),
+                      "train_loss": float(train_nll.detach().mean()), "weight_q10": q[0], "weight_q50": q[1],
+                      "weight_q90": q[2], "lr_theta": optimizer.current_lr(optimizer.param_groups[0])}
+            for k, v in record.items():
+                diag[k].append(float(v))
+            if progress:
+                progress(step + 1, settings.steps, record)
+    # A row never visited after burn-in has no posterior draw of its own: it keeps its prior mean (for the
+    # amortised net every row is recorded every step, so this never applies there).
+    mean = moments.mean(fallback=prior_mean if weight_param == "logits" else weights.all_weights()).numpy()
+    std = moments.std().numpy()
+    timings.update(sampler_seconds=step_time, seconds_per_step=step_time / max(settings.steps, 1))
+    if "plain_step_seconds" in timings:
+        timings["step_ratio_vs_plain"] = timings["seconds_per_step"] / timings["plain_step_seconds"]
+    return SamplerResult(np.clip(mean, 0, 1), std, diag, timings, weights, phi_samples)
+
+
+_W_GRID = torch.linspace(0.0005, 0.9995, 1000, dtype=torch.float64)
+
+
+def conditional_weight_moments(a: torch.Tensor, b: torch.Tensor, tilt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[w] and E[w²] under a row's exact conditional given θ, p(w | θ) ∝ Beta(w; a, b)·exp(−tilt·w) (tilt = ρ ℓ̃),
+    by quadrature on a fixed grid: the Rao-Blackwellised version of recording the sampled w."""
+    grid = _W_GRID[None, :]
+    a, b, tilt = (v.detach().double().cpu()[:, None] for v in (a, b, tilt))
+    log_density = (a - 1) * torch.log(grid) + (b - 1) * torch.log1p(-grid) - tilt * grid
+    p = torch.softmax(log_density, dim=1)
+    return (p * grid).sum(1), (p * grid * grid).sum(1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_plain_step(problem: SelectionProblem, batch_size: int, steps: int, seed: int) -> float:
+    """Seconds per plain training step (forward/backward on B train rows + an AdamW update), θ restored after."""
+    theta = problem.theta()
+    saved = [t.detach().clone() for t in theta]
+    opt = torch.optim.AdamW(theta, lr=1e-4)
+    batches = problem.train_batches(batch_size, seed)[:steps + 1]
+    elapsed = 0.0
+    for k, b in enumerate(batches):
+        _sync(theta[0].device)
+        started = time.perf_counter()
+        loss = problem.plain_step_loss(np.asarray(b))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(theta[0].device)  # CUDA runs asynchronously: time the work, not the launch
+        if k > 0:  # the first step pays one-off allocation costs
+            elapsed += time.perf_counter() - started
+    with torch.no_grad():
+        for t, s in zip(theta, saved):
+            t.copy_(s)
+            t.grad = None
+    return elapsed / max(len(batches) - 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------- priors
+
+
+def empirical_bayes_mean(ref_nll: np.ndarray, groups: np.ndarray, beta: float, gamma: float) -> np.ndarray:
+    """Prior mean weight per row from its reference-loss rank within its group (empirical Bayes).
+
+    A row at its group's median loss gets β; rows the meta-fitted reference finds much harder get less.
+    """
+    from scipy.stats import norm
+
+    from dpsel.select.lm import rank_normalise
+    z = norm.ppf(rank_normalise(ref_nll, groups))
+    return 1 / (1 + np.exp(-(math.log(beta / (1 - beta)) - gamma * z)))
+
+
+# ----------------------------------------------------------------------------------------------- the LM case
+
+
+class LMProblem(SelectionProblem):
+    """Train and meta rows under an LM whose trainable parameters are θ; one forward over both batches."""
+
+    def __init__(self, lm, train_rows, meta_rows, groups: np.ndarray):
+        self.lm, self.train_rows, self.meta_rows = lm, train_rows, meta_rows
+        self.n_train, self.n_meta = len(train_rows), len(meta_rows)
+        self.groups = groups
+
+    def theta(self):
+        return self.lm.theta()
+
+    def losses(self, train_idx, meta_idx):
+        from dpsel.select.lm import batch_nll
+        # Two forwards, each padded to its own longest row: train batches are length-grouped, meta rows are not,
+        # and one joint batch would pad the train rows to the longest meta row.
+        train_nll = batch_nll(self.lm.model, self.train_rows.batch(train_idx, self.lm.device))
+        if len(meta_idx) == 0:
+            return train_nll, train_nll.new_zeros(0)
+        return train_nll, batch_nll(self.lm.model, self.meta_rows.batch(meta_idx, self.lm.device))
+
+    def train_batches(self, batch_size, seed):
+        from peft_train.encode import length_grouped_batches
+        return length_grouped_batches(self.train_rows.lengths.tolist(), batch_size, seed)
+
+
+def infer_groups(messages: list[Messages], groups) -> np.ndarray:
+    """Integer group per row: the given labels (e.g. a `task` column), else one group."""
+    if groups is None:
+        return np.zeros(len(messages), dtype=int)
+    _, codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    return codes.astype(int)
+
+
+def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfig,
+                progress: ProgressFn | None = None, groups=None) -> Scores:
+    """Fit the meta reference (θ₀, features, empirical-Bayes prior), then sample (θ, w) by SGLD."""
+    from dpsel.select.features import FeatureStats, distil_weight_net, row_features
+    from dpsel.select.lm import EncodedRows, build_lm, fit_reference, score_nll, seed_all
+
+    started = time.perf_counter()
+    settings = BadsSettings.for_variant(config.variant, config.extra)
+    if config.steps is not None:
+        settings.steps = int(config.steps)
+    seed_all(config.seed)
+    lm = build_lm(config)
+    train_rows = EncodedRows(train, lm.tokenizer, config.max_length, lm.pad_id)
+    meta_rows = EncodedRows(meta, lm.tokenizer, config.max_length, lm.pad_id)
+    group_ids = infer_groups(train, groups)
+    base_state = lm.theta_state()
+
+    ref_started = time.perf_counter()
+    ref = fit_reference(lm, meta_rows, config, progress)
+    ref_state = lm.theta_state()
+    raw_features = row_features(lm, train_rows)
+    ref_nll = raw_features[:, 0]
+    stats = FeatureStats.fit(raw_features)
+    features = torch.as_tensor(stats.apply(raw_features), dtype=torch.float32)
+    ref_seconds = time.perf_counter() - ref_started
+
+    if settings.eb_prior:
+        prior_mean = torch.as_tensor(empirical_bayes_mean(ref_nll, group_ids, settings.beta, settings.eb_gamma))
+    else:
+        prior_mean = torch.full((len(train),), settings.beta, dtype=torch.float64)
+    if settings.anchor == "base":
+        lm.load_theta(base_state)
+    theta0 = [t.detach().clone() for t in lm.theta()]
+    lm.model.train()
+    problem = LMProblem(lm, train_rows, meta_rows, group_ids)
+    result = run_sampler(problem, settings, batch_size=config.batch_size, meta_batch_size=config.meta_batch_size,
+                         seed=config.seed, prior_mean=prior_mean, theta0=theta0, features=features,
+                         weight_param=config.weight_param, progress=progress,
+                         measure_plain_steps=int(config.extra.get("measure_plain_steps", 0)))
+    lm.model.eval()
+
+    if config.weight_param == "amortized":
+        phi_samples = result.phi_samples or [result.weights_model.net.state_dict()]
+        net = result.weights_model.net
+    else:
+        net = distil_weight_net(stats.apply(raw_features), result.weight_mean, config.seed)
+        phi_samples = [net.state_dict()]
+    lm.load_theta(ref_state)  # the scorer featurises unseen rows with the reference, as the run did
+    from dpsel.normalize import row_id
+    scorer = BadsScorer([row_id(m) for m in train], result.weight_mean, result.weight_std,
+                        {"seed": config.seed, "max_length": config.max_length,
+                         "weight_param": config.weight_param, "variant": config.variant,
+                         "hidden": settings.weight_hidden, "features": stats.to_dict()})
+    scorer.attach(lm, net, phi_samples)
+    timings = dict(result.timings, reference_seconds=ref_seconds, seconds=time.perf_counter() - started,
+                   reference_steps=ref.steps, reference_best_step=ref.best_step)
+    diagnostics = dict(result.diagnostics)
+    diagnostics["reference_heldout_loss"] = [v for _, v in ref.trace]
+    cfg = config.to_dict()
+    cfg["bads"] = asdict(settings)
+    return Scores("bads", result.weight_mean, result.weight_std, cfg, diagnostics, timings, scorer)
+
+
+# ----------------------------------------------------------------------------------------------- scorer
+
+from dpsel.select.scorers import SeenTableScorer  # noqa: E402  (after the sampler: scorers import nothing heavy)
+
+
+class BadsScorer(SeenTableScorer):
+    """Seen rows: the run's posterior weights. Unseen rows: E_φ[sigmoid(g_φ(e))] over the saved φ samples,
+    e from the saved meta-fitted reference (tiny: the whole model; otherwise its adapter)."""
+    kind = "bads"
+
+    def attach(self, lm, net, phi_samples: list[dict]) -> None:
+        self.lm, self.net, self.phi_samples = lm, net, phi_samples
+
+    def _score_unseen(self, messages, ids):
+        from dpsel.select.features import FeatureStats, row_features
+        from dpsel.select.lm import EncodedRows
+        rows = EncodedRows(messages, self.lm.tokenizer, int(self.info.get("max_length", 256)), self.lm.pad_id)
+        stats = FeatureStats.from_dict(self.info["features"])
+        x = torch.as_tensor(stats.apply(row_features(self.lm, rows)), dtype=torch.float32)
+        draws = []
+        with torch.no_grad():
+            for state in self.phi_samples:
+                self.net.load_state_dict(state)
+                draws.append(torch.sigmoid(self.net(x)).double().numpy())
+        draws = np.stack(draws)
+        return np.clip(draws.mean(0), 0, 1), draws.std(0)
+
+    def _save_model(self, directory: Path) -> None:
+        from dpsel.select.lm import save_theta
+        info = save_theta(self.lm, directory / "reference")
+        torch.save({"phi_samples": self.phi_samples, "n_features": self.net.net[0].in_features,
+                    "hidden": self.net.net[0].out_features, "reference": info}, directory / "weight_net.pt")
+
+    def _load_model(self, directory: Path) -> None:
+        from dpsel.select.features import WeightNet
+        from dpsel.select.lm import load_theta
+        saved = torch.load(directory / "weight_net.pt", weights_only=True)
+        net = WeightNet(saved["n_features"], saved["hidden"])
+        self.attach(load_theta(directory / "reference", saved["reference"], device="cpu"), net.eval(),
+                    saved["phi_samples"])

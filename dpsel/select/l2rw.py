@@ -1,0 +1,181 @@
+"""`l2rw`: learning to reweight (Ren et al. 2018), the expensive bi-level baseline.
+
+Per training batch: perturb the row losses by ε (zero), take one look-ahead SGD step θ' = θ − α ∇θ Σ ε_i ℓ_i
+(`torch.func.functional_call` evaluates the model at θ' without touching it), measure the meta loss at θ',
+and set w_i ∝ max(−∂meta/∂ε_i, 0), normalised over the batch; then θ takes a real step on Σ w_i ℓ_i.
+That is three passes per step (forward+backward, a look-ahead forward+double backward, the real step).
+A row's score is its batch-normalised weight B·w_i averaged over its visits, mapped to [0, 1) by v/(1+v).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
+from dpsel.select.scorers import SeenTableScorer
+
+
+def lookahead_weights(lm, train_batch: dict, meta_batch: dict, inner_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch-normalised weights w·B ≥ 0, per-row train losses) for one batch, by the one-step look-ahead."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    # The look-ahead differentiates through a backward pass; the fused attention kernels have no double
+    # backward, the math one does.
+    with sdpa_kernel(SDPBackend.MATH):
+        return _lookahead_weights(lm, train_batch, meta_batch, inner_lr)
+
+
+def _lookahead_weights(lm, train_batch: dict, meta_batch: dict, inner_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from dpsel.select.lm import batch_nll
+    named = lm.named_theta()
+    names, params = list(named), list(named.values())
+    train_nll = batch_nll(lm.model, train_batch)
+    eps = torch.zeros(len(train_nll), requires_grad=True, device=train_nll.device)
+    grads = torch.autograd.grad((eps * train_nll).sum(), params, create_graph=True)
+    lookahead = {n: p - inner_lr * g for n, p, g in zip(names, params, grads)}
+    logits = functional_call(lm.model, lookahead, args=(), kwargs={
+        "input_ids": meta_batch["input_ids"], "attention_mask": meta_batch["attention_mask"], "use_cache": False},
+        strict=False).logits
+    from peft_train.encode import per_example_nll
+    meta_loss = per_example_nll(logits, meta_batch["labels"]).mean()
+    grad_eps, = torch.autograd.grad(meta_loss, eps)
+    raw = torch.clamp(-grad_eps, min=0)
+    total = raw.sum()
+    weights = raw / total * len(raw) if total > 0 else torch.zeros_like(raw)
+    return weights.detach(), train_nll
+
+
+def to_unit(v: np.ndarray) -> np.ndarray:
+    v = np.maximum(v, 0)
+    return v / (1.0 + v)
+
+
+def select_l2rw(train: list[Messages], meta: list[Messages], config: SelectConfig,
+                progress: ProgressFn | None = None, groups=None) -> Scores:
+    from peft_train.encode import length_grouped_batches
+    from dpsel.normalize import row_id
+    from dpsel.select.bads import measure_plain_step, LMProblem
+    from dpsel.select.lm import EncodedRows, batch_nll, build_lm, fit_reference, seed_all
+    from dpsel.select.sgld import RunningMoments
+
+    started = time.perf_counter()
+    extra = config.extra
+    steps = int(config.steps or extra.get("steps", 600))
+    inner_lr = float(extra.get("l2rw_inner_lr", 1e-2))
+    seed_all(config.seed)
+    lm = build_lm(config)
+    train_rows = EncodedRows(train, lm.tokenizer, config.max_length, lm.pad_id)
+    meta_rows = EncodedRows(meta, lm.tokenizer, config.max_length, lm.pad_id)
+    ref_seconds = 0.0
+    if extra.get("l2rw_anchor", "meta") == "meta":  # start from the same meta-fitted θ₀ as bads, for a fair race
+        ref_seconds = fit_reference(lm, meta_rows, config, progress).seconds
+    timings = {}
+    if int(extra.get("measure_plain_steps", 0)):
+        problem = LMProblem(lm, train_rows, meta_rows, np.zeros(len(train), dtype=int))
+        timings["plain_step_seconds"] = measure_plain_step(problem, config.batch_size,
+                                                           int(extra["measure_plain_steps"]), config.seed)
+    optimizer = torch.optim.AdamW(lm.theta(), lr=float(extra.get("l2rw_lr", 1e-3)))
+    rng = np.random.default_rng(config.seed)
+    moments = RunningMoments(len(train))
+    diag = {"step": [], "meta_loss": [], "train_loss": [], "mean_weight": []}
+    batches: list[list[int]] = []
+    step_time = 0.0
+    lm.model.train()
+    for step in range(steps):
+        if not batches:
+            batches = length_grouped_batches(train_rows.lengths.tolist(), config.batch_size, int(rng.integers(2**31)))
+        idx = np.asarray(batches.pop(0))
+        meta_idx = rng.choice(len(meta_rows), size=min(config.meta_batch_size, len(meta_rows)), replace=False)
+        t0 = time.perf_counter()
+        train_batch, meta_batch = train_rows.batch(idx, lm.device), meta_rows.batch(meta_idx, lm.device)
+        weights, _ = lookahead_weights(lm, train_batch, meta_batch, inner_lr)
+        loss = (weights * batch_nll(lm.model, train_batch)).sum() / len(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step_time += time.perf_counter() - t0
+        moments.update(weights.cpu(), torch.as_tensor(idx))
+        if step % 10 == 0 or step == steps - 1:
+            with torch.no_grad():
+                meta_loss = float(batch_nll(lm.model, meta_batch).mean())
+            record = {"step": step, "meta_loss": meta_loss, "train_loss": float(loss.detach()),
+                      "mean_weight": float(to_unit(moments.mean().numpy()).mean())}
+            for k, v in record.items():
+                diag[k].append(float(v))
+            if progress:
+                progress(step + 1, steps, record)
+    lm.model.eval()
+    visited = moments.count.numpy() > 0
+    mean = np.where(visited, to_unit(moments.mean().numpy()), 0.5)  # never visited: undecided
+    std = to_unit(moments.std().numpy()) * visited
+    scorer = L2rwScorer([row_id(m) for m in train], mean, std,
+                        {"seed": config.seed, "max_length": config.max_length, "inner_lr": inner_lr})
+    scorer.attach(lm, meta_rows)
+    timings.update(seconds=time.perf_counter() - started, sampler_seconds=step_time,
+                   seconds_per_step=step_time / steps, reference_seconds=ref_seconds)
+    if "plain_step_seconds" in timings:
+        timings["step_ratio_vs_plain"] = timings["seconds_per_step"] / timings["plain_step_seconds"]
+    return Scores("l2rw", mean, std, config.to_dict(), diag, timings, scorer)
+
+
+class L2rwScorer(SeenTableScorer):
+    """Unseen rows: one look-ahead at the final θ against the whole meta set, batch by batch."""
+    kind = "l2rw"
+
+    def attach(self, lm, meta_rows) -> None:
+        self.lm, self.meta_rows = lm, meta_rows
+
+    def _score_unseen(self, messages, ids):
+        from dpsel.select.lm import EncodedRows
+        rows = EncodedRows(messages, self.lm.tokenizer, int(self.info.get("max_length", 256)), self.lm.pad_id)
+        meta_batch = self.meta_rows.batch(np.arange(len(self.meta_rows)), self.lm.device)
+        out = np.zeros(len(rows))
+        for start in range(0, len(rows), 16):
+            idx = np.arange(start, min(start + 16, len(rows)))
+            weights, _ = lookahead_weights(self.lm, rows.batch(idx, self.lm.device), meta_batch,
+                                           float(self.info.get("inner_lr", 1e-2)))
+            out[idx] = to_unit(weights.cpu().numpy())
+        return out, np.zeros(len(rows))
+
+    def _save_model(self, directory: Path) -> None:
+        from dpsel.io import write_parquet_atomic
+        from dpsel.select.lm import save_theta
+        import pandas as pd
+        info = save_theta(self.lm, directory / "model")
+        torch.save({"model": info}, directory / "l2rw.pt")
+        # the meta rows are needed for the look-ahead: keep their tokens (small)
+        write_parquet_atomic(pd.DataFrame({"input_ids": [e.input_ids for e in self.meta_rows.examples],
+                                           "labels": [e.labels for e in self.meta_rows.examples]}),
+                             directory / "meta_tokens.parquet")
+
+    def _load_model(self, directory: Path) -> None:
+        import pandas as pd
+        from peft_train.encode import EncodedExample
+        from dpsel.select.lm import load_theta
+        saved = torch.load(directory / "l2rw.pt", weights_only=True)
+        lm = load_theta(directory / "model", saved["model"], device="cpu")
+        full = saved["model"]["theta_kind"] == "full"
+        for name, p in lm.model.named_parameters():  # θ must be differentiable again for the look-ahead
+            if full or "lora_" in name:
+                p.requires_grad_(True)
+        table = pd.read_parquet(directory / "meta_tokens.parquet")
+        meta = _TokenRows([EncodedExample(list(i), list(l)) for i, l in zip(table.input_ids, table.labels)],
+                          lm.pad_id)
+        self.attach(lm, meta)
+
+
+class _TokenRows:
+    """Already-tokenised rows with the same batch interface as EncodedRows."""
+
+    def __init__(self, examples, pad_id):
+        self.examples, self.pad_id = examples, pad_id
+
+    def __len__(self):
+        return len(self.examples)
+
+    def batch(self, indices, device):
+        from peft_train.encode import collate
+        return {k: v.to(device) for k, v in collate([self.examples[i] for i in indices], self.pad_id).items()}
