@@ -477,12 +477,14 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     read_s = time.perf_counter() - started
 
     select_start = time.perf_counter()
+    groups = train_rows.group_values(group_column)
+    # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
+    usable_groups = None if groups is None else list(groups[train_rows.usable])
     scores = select(train_rows.data.messages(train_rows.usable), meta_rows.data.messages(), method, config,
-                    progress)
+                    progress, groups=usable_groups)
     _check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
     select_s = time.perf_counter() - select_start
     weights, stds = spread_scores(train_rows, scores.weight_mean, scores.weight_std)
-    groups = train_rows.group_values(group_column)
     keep = apply_rule(rule, weights, train_rows.usable, groups)
 
     inputs = {"train": _inputs_entry(train, train_rows), "meta": _inputs_entry(meta, meta_rows)}
