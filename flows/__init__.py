@@ -1,1 +1,59 @@
-"""Prefect flows over the dpsel and peft_train libraries. The only package that imports Prefect."""
+"""Prefect flows over the dpsel and peft_train libraries. The only package that imports Prefect.
+
+`run_flow` is the entry point of `dpsel flow NAME`. With no PREFECT_API_URL, flows run against Prefect's
+embedded server (ephemeral mode, SQLite under PREFECT_HOME); nothing has to be started by hand. Prefect reads
+its settings when first imported, so this module must not import it at import time.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+FLOW_NAMES = ("curate", "filter", "tune", "curate_then_tune")
+# Options that are flow parameters rather than RunConfig fields.
+_FLOW_OPTIONS = {"curate_then_tune": ("compare",)}
+# Where an unqualified `method`/`steps` option goes for each flow (curate_then_tune needs curate_/tune_).
+_STAGE_OF = {"curate": "curate", "filter": "curate", "tune": "tune", "curate_then_tune": None}
+
+
+def use_project_prefect_home(cwd: str | os.PathLike | None = None) -> None:
+    """Default PREFECT_HOME to `<cwd>/.prefect` (the embedded server's SQLite lives there), turn analytics off
+    and give the embedded server time to start, unless the user set them. Call before prefect is imported."""
+    os.environ.setdefault("PREFECT_HOME", os.fspath(Path(cwd or Path.cwd()) / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's 20 s default is too short for the embedded server on a small, busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def load_run_config(config: Any = None, overrides: dict[str, Any] | None = None, *, stage: str | None = None):
+    """A RunConfig from a RunConfig, a YAML path or None (defaults), with CLI-style overrides applied."""
+    from dpsel.config import RunConfig
+
+    if isinstance(config, RunConfig):
+        base = config
+    elif config is not None:
+        base = RunConfig.from_yaml(config)
+    else:
+        base = RunConfig()
+    return base.with_overrides(overrides or {}, stage=stage)
+
+
+def run_flow(name: str, config: Any = None, *, echo: bool = True, **options: Any) -> dict:
+    """Run the flow `name` (curate | filter | tune | curate_then_tune) on `config` (a YAML path or a
+    RunConfig) with `options` overriding it; prints where the outputs are and returns the flow's summary."""
+    use_project_prefect_home()
+    from dpsel.errors import DpselInputError
+
+    name = name.replace("-", "_")
+    if name not in FLOW_NAMES:
+        raise DpselInputError(f"unknown flow {name!r}; choose one of {', '.join(n.replace('_', '-') for n in FLOW_NAMES)}")
+    flow_options = {key: options.pop(key) for key in _FLOW_OPTIONS.get(name, ()) if key in options}
+    run_config = load_run_config(config, options, stage=_STAGE_OF[name])
+
+    from flows.pipeline import FLOWS, describe
+
+    summary = FLOWS[name](config=run_config, **flow_options)
+    if echo:
+        print(describe(name, summary))
+    return summary

@@ -275,8 +275,8 @@ def test_sampler_traces_are_plotted_and_stale_plots_removed(dirty, tmp_path, mon
     import dpsel.curate as curate_module
     from dpsel.select import select as real_select
 
-    def select_with_traces(train, meta, method, config, progress):
-        scores = real_select(train, meta, "random", config, progress)
+    def select_with_traces(train, meta, method, config, progress, groups=None):
+        scores = real_select(train, meta, "random", config, progress, groups=groups)
         scores.diagnostics = {"step": [0, 10, 20], "loss": [3.0, 2.0, 1.5], "mean_w": [0.5, 0.6, 0.65]}
         return scores
 

@@ -1,0 +1,112 @@
+"""What a flow run shows in the Prefect UI: a table (row accounting, per-task mean weights), a Markdown
+report (headline figures, plots linked by path) and a progress bar that moves while the sampler runs.
+
+Artifacts are a view, never the record (the record is the run's files), so a failure to create one is
+logged and the run goes on.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.logging import get_run_logger
+
+PROGRESS_EVERY_S = 2.0  # at most one API call per this many seconds from the sampler's callback
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower())).strip("-")
+
+
+def _log_failure(what: str, error: Exception) -> None:
+    try:
+        get_run_logger().warning("could not create the %s artifact: %s", what, error)
+    except Exception:  # noqa: BLE001 - no run context: nothing to log to
+        pass
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else round(value, 4)
+    return value
+
+
+def flat_counts(counts: dict) -> dict:
+    """{"kept_rows": 7, "dropped_by_reason": {"duplicate": 1}} -> {"kept_rows": 7, "dropped (duplicate)": 1}."""
+    flat = {}
+    for name, value in counts.items():
+        if isinstance(value, dict):
+            flat.update({f"dropped ({reason})": n for reason, n in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def throttled_progress(key: str, description: str,
+                       every_s: float = PROGRESS_EVERY_S) -> Callable[[int, int, dict], None]:
+    """A `progress(step, total, diag)` callback that creates a progress artifact on its first call and
+    updates it at most every `every_s` seconds (always on the last step), with the latest diagnostics."""
+    state: dict[str, Any] = {"id": None, "last": 0.0, "broken": False}
+
+    def progress(step: int, total: int, diag: dict) -> None:
+        if state["broken"]:
+            return
+        now = time.monotonic()
+        last_step = total > 0 and step >= total
+        if state["id"] is not None and not last_step and now - state["last"] < every_s:
+            return
+        percent = 100.0 * min(step, total) / total if total else 0.0
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in (diag or {}).items()
+                          if isinstance(v, (int, float)) and k != "step")
+        text = f"{description}: step {step}/{total}" + (f" ({shown})" if shown else "")
+        try:
+            if state["id"] is None:
+                state["id"] = create_progress_artifact(percent, key=key, description=text)
+            else:
+                update_progress_artifact(state["id"], percent, description=text)
+        except Exception as error:  # noqa: BLE001 - the sampler must not die for a UI widget
+            state["broken"] = True
+            _log_failure("progress", error)
+        state["last"] = now
+
+    return progress
+
+
+def curation_table(summary: dict, key: str) -> None:
+    """Row accounting (input = kept + dropped, by reason) and per-task mean weights as one table."""
+    rows = [{"section": "rows", "name": name, "value": _fmt(value), "kept": "", "mean_weight": ""}
+            for name, value in flat_counts(summary["counts"]).items()]
+    for group in summary.get("groups", []):
+        rows.append({"section": f"per {group['column']}", "name": group["group"], "value": group["rows"],
+                     "kept": group["kept"], "mean_weight": _fmt(group["mean_weight"])})
+    try:
+        create_table_artifact(rows, key=key, description=f"Row accounting and mean weights: {summary['out_dir']}")
+    except Exception as error:  # noqa: BLE001
+        _log_failure("table", error)
+
+
+def markdown_report(markdown: str, key: str, description: str) -> None:
+    try:
+        create_markdown_artifact(markdown, key=key, description=description)
+    except Exception as error:  # noqa: BLE001
+        _log_failure("markdown", error)
+
+
+def table(rows: list[dict], key: str, description: str) -> None:
+    try:
+        create_table_artifact(rows, key=key, description=description)
+    except Exception as error:  # noqa: BLE001
+        _log_failure("table", error)
+
+
+def plot_links(out_dir: str | Path) -> list[str]:
+    """Markdown links (by absolute path) to the PNG plots of a run folder: the UI cannot show local files."""
+    return [f"- [{png.name}]({png.resolve().as_uri()}) — `{png.resolve()}`"
+            for png in sorted(Path(out_dir).glob("*.png"))]

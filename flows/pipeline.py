@@ -1,0 +1,244 @@
+"""The Prefect flows: `curate`, `filter`, `tune`, `curate-then-tune`. Each takes one `RunConfig`.
+
+A flow validates what it needs, runs coarse cached tasks (flows.tasks), writes a summary next to the run's
+outputs and publishes artifacts (flows.artifacts). A stage answered from the cache whose output files have
+since been deleted is re-run with `refresh_cache`, so a cache hit never hands on paths that do not exist.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.states import State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dpsel.config import RunConfig
+from dpsel.data import expand_paths
+from dpsel.io import write_json_atomic, write_text_atomic
+from flows import artifacts
+from flows.tasks import combine_filter_summaries, curate_stage, filter_shard, tune_stage
+
+FILTER_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+# ---- stage plumbing ------------------------------------------------------------------------------------
+
+def _outputs_exist(summary: dict) -> bool:
+    return all(Path(path).exists() for path in summary.get("paths", {}).values())
+
+
+def _settle(task, state: State, kwargs: dict) -> tuple[dict, str]:
+    """(result, state name) of a finished stage; a cached result whose files are gone is recomputed."""
+    result = state.result()
+    if state.name == "Cached" and not _outputs_exist(result):
+        state = task.with_options(refresh_cache=True)(**kwargs, return_state=True)
+        result = state.result()
+    return result, state.name
+
+
+def run_stage(task, **kwargs) -> tuple[dict, str]:
+    """Run one stage task; returns its JSON summary and its final state name ('Completed' or 'Cached')."""
+    return _settle(task, task(**kwargs, return_state=True), kwargs)
+
+
+def _curate_kwargs(config: RunConfig, out: Path) -> dict:
+    return dict(train=config.data.train, meta=config.data.meta, out=os.fspath(out),
+                method=config.curate.method, budget=config.curate.budget, threshold=config.curate.threshold,
+                select_config=config.select_config().to_dict(), truth=config.data.truth)
+
+
+def _out(config: RunConfig) -> Path:
+    return Path(config.out)
+
+
+# ---- headline figures and reports ----------------------------------------------------------------------
+
+def overall_auroc(auroc: Any) -> float | None:
+    """The single selection AUROC of a curation summary (None without truth)."""
+    if isinstance(auroc, (int, float)):
+        return float(auroc)
+    if isinstance(auroc, dict):
+        for key in ("overall", "auroc", "all"):
+            if isinstance(auroc.get(key), (int, float)):
+                return float(auroc[key])
+    return None
+
+
+def kept_fraction(counts: dict) -> float:
+    total = counts.get("input_rows") or 0
+    return counts.get("kept_rows", 0) / total if total else float("nan")
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def curation_headline(summary: dict) -> dict:
+    counts = summary["counts"]
+    return {"method": summary.get("method"), "input rows": counts.get("input_rows"),
+            "kept rows": counts.get("kept_rows"), "kept fraction": kept_fraction(counts),
+            "selection AUROC": overall_auroc(summary.get("auroc"))}
+
+
+def _markdown_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(row.get(name)) for name in header) + " |" for row in rows]
+    return lines + [""]
+
+
+def curation_markdown(summary: dict, title: str) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"- **{label}**: {_fmt(value)}" for label, value in curation_headline(summary).items()]
+    where = f"Outputs in `{summary['out_dir']}`"
+    if "report" in summary.get("paths", {}):
+        where += f"; full report: `{summary['paths']['report']}`"
+    lines += ["", where]
+    lines += ["", "## Rows", ""] + _markdown_table([{"count": k, "rows": v} for k, v in artifacts.flat_counts(summary["counts"]).items()])
+    groups = [{k: g[k] for k in ("column", "group", "rows", "kept", "mean_weight")} for g in summary.get("groups", [])]
+    if groups:
+        lines += ["## Mean weight per group", ""] + _markdown_table(groups)
+    links = artifacts.plot_links(summary["out_dir"])
+    if links:
+        lines += ["## Plots", ""] + links + [""]
+    return "\n".join(lines)
+
+
+def comparison_rows(tuned: dict[str, dict]) -> list[dict]:
+    return [{"training set": name, "eval_loss": result["metrics"].get("eval_loss"),
+             "eval_exact_match": result["metrics"].get("eval_exact_match"),
+             "train_loss": result["metrics"].get("train_loss"),
+             "seconds": result["metrics"].get("seconds"), "adapter": result["paths"]["adapter"]}
+            for name, result in tuned.items()]
+
+
+def pipeline_markdown(curated: dict, tuned: dict[str, dict]) -> str:
+    lines = ["# Curate, then tune", ""]
+    lines += [f"- **{label}**: {_fmt(value)}" for label, value in curation_headline(curated).items()]
+    for name, result in tuned.items():
+        metrics = result["metrics"]
+        if "eval_loss" not in metrics:
+            continue  # no eval set given
+        lines.append(f"- **eval loss / exact match ({name})**: {_fmt(metrics.get('eval_loss'))} / "
+                     f"{_fmt(metrics.get('eval_exact_match'))}")
+    lines += ["", "## Fine-tuning", ""] + _markdown_table(comparison_rows(tuned))
+    lines += ["## Curation", "", f"Outputs in `{curated['out_dir']}`; report `{curated['paths'].get('report')}`", ""]
+    links = artifacts.plot_links(curated["out_dir"])
+    if links:
+        lines += ["## Plots", ""] + links + [""]
+    return "\n".join(lines)
+
+
+def _publish_curation(summary: dict, prefix: str, title: str) -> None:
+    artifacts.curation_table(summary, key=artifacts.artifact_key(prefix, "rows"))
+    artifacts.markdown_report(curation_markdown(summary, title), key=artifacts.artifact_key(prefix, "report"),
+                              description=title)
+
+
+# ---- flows -------------------------------------------------------------------------------------------
+
+@flow(name="curate")
+def curate_flow(config: RunConfig) -> dict:
+    """Data-point selection: scores, curated rows, manifest, report and scorer in `config.out`."""
+    config.require("data.train", "data.meta", "out", flow="curate")
+    summary, state = run_stage(curate_stage, **_curate_kwargs(config, _out(config)))
+    _publish_curation(summary, "curate", f"Curation ({summary.get('method')})")
+    return {"curate": summary, "stages": {"curate": state}}
+
+
+@flow(name="filter", task_runner=ThreadPoolTaskRunner(max_workers=FILTER_WORKERS))
+def filter_flow(config: RunConfig) -> dict:
+    """Score every shard of `data.inputs` with a saved scorer, one task per shard; per-shard outputs in
+    OUT/shards/, totals in OUT/summary.json. Duplicates are detected within a shard, not across shards."""
+    config.require("data.scorer", "data.inputs", "out", flow="filter")
+    out = _out(config)
+    shards = [file.url for file in expand_paths(config.data.inputs)]
+    shard_outs = [os.fspath(out / "shards" / f"{i:05d}-{Path(url).stem}") for i, url in enumerate(shards)]
+    futures = filter_shard.map(scorer=unmapped(config.data.scorer), shard=shards, out=shard_outs,
+                               threshold=unmapped(config.curate.threshold))
+    results, states = [], []
+    for future, shard, shard_out in zip(futures, shards, shard_outs):
+        future.wait()
+        kwargs = dict(scorer=config.data.scorer, shard=shard, out=shard_out, threshold=config.curate.threshold)
+        result, state = _settle(filter_shard, future.state, kwargs)
+        results.append(result)
+        states.append(state)
+    summary = combine_filter_summaries(results, os.fspath(out))
+    _publish_curation(summary, "filter", f"Filter ({len(shards)} shard(s))")
+    return {"filter": summary, "stages": {"filter-shard": states}}
+
+
+@flow(name="tune")
+def tune_flow(config: RunConfig) -> dict:
+    """Fine-tune on `data.train` (evaluated on `data.eval` when given): adapter/ and metrics.json in OUT."""
+    config.require("data.train", "out", flow="tune")
+    result, state = run_stage(tune_stage, data=config.data.train, out=os.fspath(_out(config)),
+                              options=config.tune_options(), eval_path=config.data.eval)
+    artifacts.table(comparison_rows({"train": result}), key="tune-metrics",
+                    description=f"Fine-tuning ({config.tune.method})")
+    return {"tune": result, "stages": {"tune": state}}
+
+
+@flow(name="curate-then-tune")
+def curate_then_tune_flow(config: RunConfig, compare: bool = False) -> dict:
+    """Curate, fine-tune on the curated rows and — with `compare` — also on all rows (no weights), with the
+    same steps and seed, so the two eval figures differ only by the data. Layout: OUT/curate/,
+    OUT/tune-curated/, OUT/tune-uncurated/, OUT/summary.json, OUT/report.md."""
+    config.require("data.train", "data.meta", "out", flow="curate-then-tune")
+    out = _out(config)
+    curated, curate_state = run_stage(curate_stage, **_curate_kwargs(config, out / "curate"))
+    _publish_curation(curated, "curate", f"Curation ({curated.get('method')})")
+
+    options = config.tune_options()
+    tuned: dict[str, dict] = {}
+    stages = {"curate": curate_state}
+    tuned["curated"], stages["tune-curated"] = run_stage(
+        tune_stage, data=curated["paths"]["curated"], out=os.fspath(out / "tune-curated"), options=options,
+        eval_path=config.data.eval)
+    if compare:
+        # The uncurated rows have no dpsel_weight column: the baseline is plain fine-tuning on everything.
+        baseline = {**options, "weights_column": None}
+        tuned["uncurated"], stages["tune-uncurated"] = run_stage(
+            tune_stage, data=config.data.train, out=os.fspath(out / "tune-uncurated"), options=baseline,
+            eval_path=config.data.eval)
+
+    markdown = pipeline_markdown(curated, tuned)
+    report = write_text_atomic(markdown + "\n", out / "report.md")
+    summary = {"curate": curated, "tune": tuned, "stages": stages, "headline": curation_headline(curated),
+               "report": os.fspath(report)}
+    write_json_atomic(summary, out / "summary.json")
+    artifacts.table(comparison_rows(tuned), key="curate-then-tune-comparison",
+                    description="Fine-tuning on curated vs uncurated rows")
+    artifacts.markdown_report(markdown, key="curate-then-tune-report", description="Curate, then tune")
+    return summary
+
+
+FLOWS = {"curate": curate_flow, "filter": filter_flow, "tune": tune_flow, "curate_then_tune": curate_then_tune_flow}
+
+
+def describe(name: str, summary: dict) -> str:
+    """A few plain lines for the terminal: where the outputs are and the headline figures."""
+    name = name.replace("-", "_")
+    if name == "tune":
+        result = summary["tune"]
+        metrics = {k: result["metrics"].get(k) for k in ("train_loss", "eval_loss", "eval_exact_match")}
+        return (f"tune: adapter {result['paths']['adapter']}\n"
+                + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if v is not None))
+    if name == "curate_then_tune":
+        lines = [f"report: {summary['report']}"]
+        lines += [f"{label}: {_fmt(value)}" for label, value in summary["headline"].items()]
+        for set_name, result in summary["tune"].items():
+            lines.append(f"{set_name}: eval_loss={_fmt(result['metrics'].get('eval_loss'))} "
+                         f"eval_exact_match={_fmt(result['metrics'].get('eval_exact_match'))}")
+        return "\n".join(lines)
+    stage = summary[name]
+    lines = [f"{name}: outputs in {stage['out_dir']}"]
+    lines += [f"{label}: {_fmt(value)}" for label, value in curation_headline(stage).items() if value is not None]
+    return "\n".join(lines)

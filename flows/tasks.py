@@ -1,0 +1,122 @@
+"""Coarse Prefect tasks: one per stage (curate, tune) or per shard (filter). They take and return paths and
+small JSON summaries, never rows or tensors, so results persist cheaply and the cache stays small.
+
+Every stage is cached by `flows.cache.content_cache_key` (input bytes + options + code version); results are
+persisted as JSON. Stages that read or write files retry on transient I/O errors only — a bad input
+(DpselInputError) or a bug fails at once instead of re-running a long sampler.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from dpsel.io import write_json_atomic
+from flows.artifacts import artifact_key, throttled_progress
+from flows.cache import content_cache_key
+
+IO_RETRIES = 2
+IO_RETRY_DELAY_S = 3
+# OSErrors that a retry cannot fix: the file is not there or not ours to read.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def retry_on_transient_io(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry network/filesystem hiccups, not bad input or bugs."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, (OSError, TimeoutError)) and not isinstance(error, _PERMANENT_OS_ERRORS)
+
+
+_STAGE_OPTIONS = dict(persist_result=True, result_serializer="json", retries=IO_RETRIES,
+                      retry_delay_seconds=IO_RETRY_DELAY_S, retry_condition_fn=retry_on_transient_io)
+
+
+def _as_str_paths(paths: dict[str, Any]) -> dict[str, str]:
+    return {name: os.fspath(path) for name, path in paths.items()}
+
+
+def manifest_groups(manifest: dict) -> list[dict]:
+    """The manifest's per-`task`/`source` statistics as flat rows (column, group, rows, kept, mean_weight...)."""
+    return [{"column": column, "group": name, **stats}
+            for column, by_value in (manifest.get("groups") or {}).items() for name, stats in by_value.items()]
+
+
+def curation_summary(result: Any) -> dict:
+    """A CurationResult as a small JSON summary (what flows pass on and Prefect persists)."""
+    return {"out_dir": os.fspath(result.out_dir), "paths": _as_str_paths(result.paths),
+            "counts": dict(result.counts), "auroc": result.auroc, "method": result.manifest.get("method"),
+            "groups": manifest_groups(result.manifest)}
+
+
+@task(name="curate", cache_key_fn=content_cache_key("train", "meta", "truth"), **_STAGE_OPTIONS)
+def curate_stage(train: Any, meta: Any, out: str, method: str, budget: float | None, threshold: float | None,
+                 select_config: dict, truth: str | None = None) -> dict:
+    """Select rows of `train` with the trusted `meta` set; writes the curation outputs into `out`."""
+    from dpsel.curate import curate
+    from dpsel.select.base import SelectConfig
+
+    progress = throttled_progress(artifact_key("curate-progress"), f"{method} selection")
+    result = curate(train, meta, out, method=method, budget=budget, threshold=threshold,
+                    config=SelectConfig(**select_config), progress=progress, truth=truth)
+    return curation_summary(result)
+
+
+@task(name="filter-shard", cache_key_fn=content_cache_key("scorer", "shard"), **_STAGE_OPTIONS)
+def filter_shard(scorer: str, shard: str, out: str, threshold: float | None = None) -> dict:
+    """Score one shard with a saved scorer and keep what passes; outputs go to the shard's own folder."""
+    from dpsel.curate import filter_rows
+
+    result = filter_rows(scorer, [shard], out, threshold=threshold)
+    return {**curation_summary(result), "shard": shard}
+
+
+@task(name="filter-summary", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S,
+      retry_condition_fn=retry_on_transient_io)
+def combine_filter_summaries(shards: list[dict], out: str) -> dict:
+    """Totals over shards (counts summed key by key) written to OUT/summary.json."""
+    totals: dict[str, Any] = {}
+    for shard in shards:
+        _add_counts(totals, shard["counts"])
+    summary = {"out_dir": out, "counts": totals, "shards": shards, "groups": _merge_groups(shards)}
+    summary["paths"] = {"summary": os.fspath(write_json_atomic(summary, Path(out) / "summary.json"))}
+    return summary
+
+
+def _add_counts(into: dict, counts: dict) -> None:
+    """Sum row counts key by key, nested ones (dropped_by_reason) too."""
+    for name, value in counts.items():
+        if isinstance(value, dict):
+            _add_counts(into.setdefault(name, {}), value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            into[name] = into.get(name, 0) + value
+
+
+def _merge_groups(shards: list[dict]) -> list[dict]:
+    """Per-group rows over all shards; the mean weight re-weighted by each shard's scored rows."""
+    merged: dict[tuple[str, str], dict] = {}
+    for shard in shards:
+        for group in shard.get("groups", []):
+            into = merged.setdefault((group["column"], group["group"]),
+                                     {"column": group["column"], "group": group["group"], "rows": 0,
+                                      "scored": 0, "kept": 0, "_weight_sum": 0.0})
+            into["rows"] += group["rows"]
+            into["scored"] += group["scored"]
+            into["kept"] += group["kept"]
+            if group["scored"]:
+                into["_weight_sum"] += group["mean_weight"] * group["scored"]
+    for row in merged.values():
+        row["mean_weight"] = row.pop("_weight_sum") / row["scored"] if row["scored"] else float("nan")
+        row["kept_fraction"] = row["kept"] / row["rows"] if row["rows"] else 0.0
+    return list(merged.values())
+
+
+@task(name="tune", cache_key_fn=content_cache_key("data", "eval_path"), **_STAGE_OPTIONS)
+def tune_stage(data: Any, out: str, options: dict, eval_path: Any = None) -> dict:
+    """Fine-tune on `data` (curated or not); writes OUT/adapter/ and OUT/metrics.json."""
+    from dpsel.tuning import tune_parquet
+
+    metrics = tune_parquet(data, out, eval_path=eval_path, **options)
+    return {"out_dir": out, "metrics": metrics,
+            "paths": {"adapter": os.fspath(Path(out) / "adapter"), "metrics": os.fspath(Path(out) / "metrics.json")}}
