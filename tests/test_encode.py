@@ -212,3 +212,9 @@ def test_sequence_nll_matches_the_models_own_loss(byte_tokenizer, chat):
             single = collate([example], byte_tokenizer.pad_token_id)
             loss = model(input_ids=single["input_ids"], labels=single["labels"]).loss
             torch.testing.assert_close(nll[row], loss, rtol=1e-4, atol=1e-5)
+
+
+def test_ids_beyond_the_byte_vocabulary_decode_to_nothing(byte_tokenizer):
+    """The tiny model's padded vocabulary (320) exceeds the tokenizer's (259): stray ids must not crash decoding."""
+    ids = byte_tokenizer.encode("ab") + [284, 319] + byte_tokenizer.encode("c")
+    assert byte_tokenizer.decode(ids) == "abc"
