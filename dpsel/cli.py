@@ -19,9 +19,7 @@ from dpsel.errors import DpselInputError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Bayesian data-point selection for instruction tuning, then QLoRA/SURM fine-tuning.")
 
-DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 SeedOpt = typer.Option(0, "--seed", help="Random seed; seeded CPU runs are reproducible bit for bit.")
-ModelOpt = typer.Option("tiny", "--model", help="'tiny' (built in), a local directory, or a hub id.")
 
 
 def _fail(code: int, message: str) -> None:
@@ -46,12 +44,6 @@ def handle_errors(command: Callable) -> Callable:
                 traceback.print_exc()
             _fail(1, f"internal error: {type(error).__name__}: {error} (set DPSEL_DEBUG=1 for the traceback)")
     return wrapper
-
-
-def _check_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise DpselInputError(f"--device must be auto, cpu or cuda, not {device!r}")
-    return device
 
 
 @app.command()
@@ -80,46 +72,56 @@ def validate(paths: list[str] = typer.Argument(..., help="Parquet files, folders
     typer.echo(validate_paths(paths).render())
 
 
-def _select_config(model, steps, seed, device, variant, weight_param, batch_size, max_length):
-    from dpsel.select.base import SelectConfig
-    return SelectConfig(model=model, device=_check_device(device), seed=seed, steps=steps, variant=variant,
-                        weight_param=weight_param, batch_size=batch_size, max_length=max_length)
+ConfigOpt = typer.Option(None, "--config", help="Run config YAML (see configs/demo.yaml); options given here override it.")
+
+
+def _run_config(config: Optional[Path], stage: str, options: dict):
+    """The run's settings: defaults < the --config file < options given on the command line."""
+    from dpsel.config import RunConfig
+    base = RunConfig.from_yaml(config) if config else RunConfig()
+    return base.with_overrides(options, stage=stage)
 
 
 def _print_curation(result) -> None:
     counts = result.counts
     typer.echo(f"kept {counts['kept_rows']} of {counts['input_rows']} rows -> {result.out_dir}")
     if getattr(result, "auroc", None):
-        typer.echo(f"AUROC vs truth: {result.auroc}")
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in result.auroc.items())
+        typer.echo(f"AUROC vs truth: {shown}")
 
 
 @app.command()
 @handle_errors
-def curate(train: list[str] = typer.Option(..., "--train", help="Training set (file, folder or glob); repeatable."),
-           meta: list[str] = typer.Option(..., "--meta", help="Small trusted meta set; repeatable."),
-           out: Path = typer.Option(..., "--out"),
-           method: str = typer.Option("bads", "--method", help="bads | l2rw | loss | ifd | random | all"),
+def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Training set (file, folder or glob); repeatable."),
+           meta: Optional[list[str]] = typer.Option(None, "--meta", help="Small trusted meta set; repeatable."),
+           out: Optional[Path] = typer.Option(None, "--out"),
+           method: Optional[str] = typer.Option(None, "--method", help="bads (default) | l2rw | loss | ifd | random | all"),
            budget: Optional[float] = typer.Option(None, "--budget", help="Fraction of rows to keep (default 0.7)."),
            threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum mean weight to keep."),
            per_task: bool = typer.Option(False, "--per-task", help="Apply the budget within each `task` group."),
-           model: str = ModelOpt,
+           model: Optional[str] = typer.Option(None, "--model", help="'tiny' (default, built in), a local directory, or a hub id."),
            steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (method default if unset)."),
-           seed: int = SeedOpt, device: str = DeviceOpt,
-           variant: str = typer.Option("default", "--variant", help="bads: default | paper"),
-           weight_param: str = typer.Option("logits", "--weight-param", help="bads: logits | amortized"),
-           batch_size: int = typer.Option(16, "--batch-size"),
-           max_length: int = typer.Option(256, "--max-length"),
-           truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report.")):
+           seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0); seeded CPU runs are reproducible."),
+           device: Optional[str] = typer.Option(None, "--device", help="auto (default) | cpu | cuda"),
+           variant: Optional[str] = typer.Option(None, "--variant", help="bads: default | paper"),
+           weight_param: Optional[str] = typer.Option(None, "--weight-param", help="bads: logits | amortized"),
+           batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+           max_length: Optional[int] = typer.Option(None, "--max-length"),
+           truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report."),
+           config: Optional[Path] = ConfigOpt):
     """Score every training row by data-point selection and keep the best."""
     from dpsel.curate import curate as run_curate
     from dpsel.progress import progress_reporter
-    from dpsel.select import METHODS
-    if method not in METHODS:
-        raise DpselInputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    config = _select_config(model, steps, seed, device, variant, weight_param, batch_size, max_length)
-    with progress_reporter(f"curate[{method}]") as progress:
-        result = run_curate(train, meta, out, method=method, budget=budget, threshold=threshold,
-                            per_group=per_task, config=config, progress=progress, truth=truth)
+    run = _run_config(config, "curate", {
+        "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
+        "threshold": threshold, "model": model, "steps": steps, "seed": seed, "device": device, "truth": truth,
+        "curate.select.variant": variant, "curate.select.weight_param": weight_param,
+        "curate.select.batch_size": batch_size, "curate.select.max_length": max_length})
+    run.require("data.train", "data.meta", "out", flow="curate")
+    with progress_reporter(f"curate[{run.curate.method}]") as progress:
+        result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
+                            budget=run.curate.budget, threshold=run.curate.threshold, per_group=per_task,
+                            config=run.select_config(), progress=progress, truth=run.data.truth)
     _print_curation(result)
 
 
@@ -138,30 +140,37 @@ def filter_cmd(scorer: Path = typer.Option(..., "--scorer", help="A curation run
 
 @app.command()
 @handle_errors
-def tune(data: list[str] = typer.Option(..., "--data", help="Instruction set to train on; repeatable."),
-         out: Path = typer.Option(..., "--out"),
-         method: str = typer.Option("lora", "--method", help="lora | qlora | surm-* | qsurm-* | c3a | lokr | full"),
-         model: str = ModelOpt,
+def tune(data: Optional[list[str]] = typer.Option(None, "--data", help="Instruction set to train on; repeatable."),
+         out: Optional[Path] = typer.Option(None, "--out"),
+         method: Optional[str] = typer.Option(None, "--method", help="lora (default) | qlora | surm-* | qsurm-* | c3a | lokr | full"),
+         model: Optional[str] = typer.Option(None, "--model", help="'tiny' (default, built in), a local directory, or a hub id."),
          weights_column: Optional[str] = typer.Option(None, "--weights-column",
                                                       help="Per-row loss weights, e.g. dpsel_weight."),
          eval_path: Optional[str] = typer.Option(None, "--eval", help="Clean eval set: eval loss and exact-match."),
-         steps: int = typer.Option(200, "--steps"), seed: int = SeedOpt, device: str = DeviceOpt,
+         steps: Optional[int] = typer.Option(None, "--steps"),
+         seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+         device: Optional[str] = typer.Option(None, "--device", help="auto (default) | cpu | cuda"),
          lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (method default if unset)."),
-         r: int = typer.Option(8, "--r", help="LoRA rank (LoRA-family methods)."),
-         batch_size: int = typer.Option(16, "--batch-size"),
-         max_length: int = typer.Option(256, "--max-length")):
+         r: Optional[int] = typer.Option(None, "--r", help="LoRA rank (LoRA-family methods)."),
+         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+         max_length: Optional[int] = typer.Option(None, "--max-length"),
+         config: Optional[Path] = ConfigOpt):
     """Parameter-efficient fine-tuning (LoRA, QLoRA, SURM, C3A, LoKr) on an instruction set."""
     from peft_train.adapters import METHODS
     from dpsel.tuning import tune_parquet
-    if method not in METHODS:
-        raise DpselInputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    metrics = tune_parquet(data, out, method=method, model=model, weights_column=weights_column,
-                           eval_path=eval_path, steps=steps, seed=seed, device=_check_device(device), lr=lr,
-                           r=r, batch_size=batch_size, max_length=max_length)
+    run = _run_config(config, "tune", {
+        "train": data or None, "out": out, "method": method, "model": model, "weights_column": weights_column,
+        "eval": eval_path, "steps": steps, "seed": seed, "device": device, "lr": lr, "r": r,
+        "tune.batch_size": batch_size, "tune.max_length": max_length})
+    run.require("data.train", "out", flow="tune")
+    if run.tune.method not in METHODS:
+        raise DpselInputError(f"--method must be one of {', '.join(METHODS)}, not {run.tune.method!r}")
+    out_dir = Path(run.out)
+    metrics = tune_parquet(run.data.train, out_dir, eval_path=run.data.eval, **run.tune_options())
     shown = {k: metrics[k] for k in ("method", "trainable_params", "train_loss", "eval_loss", "eval_exact_match")
              if k in metrics}
     typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
-    typer.echo(f"adapter: {out / 'adapter'}")
+    typer.echo(f"adapter: {out_dir / 'adapter'}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

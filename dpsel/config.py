@@ -137,6 +137,11 @@ class RunConfig(_Section):
                 continue
             section, field = _locate(key, stage)
             target = merged if section is None else merged[section]
+            *parents, field = field.split(".")  # `curate.select.max_length` reaches into nested sections
+            for parent in parents:
+                if not isinstance(target.get(parent), dict):
+                    raise DpselInputError(f"unknown run option {key!r}")
+                target = target[parent]
             if isinstance(value, Path):
                 value = os.fspath(value)
             if isinstance(value, tuple):

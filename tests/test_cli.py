@@ -1,4 +1,6 @@
 """The CLI's contract: sub-commands, exit codes (0 ok, 2 bad input/arguments, 1 internal) and messages."""
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -53,3 +55,24 @@ def test_bad_arguments_are_exit_2(tmp_path):
 def test_extra_flow_options_parse():
     assert _parse_extra_options(["--train", "a.parquet", "--steps=5", "--compare"]) == {
         "train": "a.parquet", "steps": "5", "compare": True}
+
+
+def test_curate_reads_a_run_config_and_options_override_it(tmp_path):
+    data = tmp_path / "data"
+    assert runner.invoke(app, ["synth", "--out", str(data), "--rows", "80", "--meta-rows", "20",
+                               "--test-rows", "10"]).exit_code == 0
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  train: {data / 'train.parquet'}\n  meta: {data / 'meta.parquet'}\n"
+                      f"curate:\n  method: all\n  select:\n    max_length: 64\nout: {tmp_path / 'from-file'}\n")
+    result = runner.invoke(app, ["curate", "--config", str(config), "--method", "random", "--budget", "0.5",
+                                 "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
+    assert manifest["method"] == "random" and not (tmp_path / "from-file").exists()
+    counts = manifest["counts"]
+    assert counts["kept_rows"] == round(0.5 * (counts["input_rows"] - counts["dropped_by_reason"]["duplicate"]))
+
+
+def test_curate_without_inputs_names_what_is_missing(tmp_path):
+    result = runner.invoke(app, ["curate", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "data.train" in result.output
