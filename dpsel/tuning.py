@@ -1,0 +1,232 @@
+"""`dpsel tune`: an instruction set in Parquet → peft_train's training loop → `OUT/adapter/`, `OUT/metrics.json`.
+
+This module owns everything Parquet- and user-facing (reading, checking the weights column, naming the bad
+row, writing outputs); the model work is peft_train's (models, adapters, train).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dpsel.errors import DpselInputError
+
+METRICS_FILE = "metrics.json"
+ADAPTER_DIR = "adapter"
+TASK_COLUMN = "task"
+
+# Learning rates when none is given, for short runs on small models: full fine-tuning moves every weight, so
+# it wants a smaller step than the adapters; C3A's circulant kernels want much larger ones. The benchmark's
+# sweep (benchmarks/results/tune.md, 150 steps on a pretrained tiny base) found 1e-2 best for LoRA and SURM,
+# 3e-2 for LoKr, 3e-3 for full and >= 0.9 for C3A; larger bases usually want smaller steps (LoRA ~2e-4).
+DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "qlora": 3e-3, "c3a": 1e-1, "lokr": 1e-2}
+DEFAULT_SURM_LR = 1e-2
+
+
+def default_lr(method: str) -> float:
+    if method in DEFAULT_LR:
+        return DEFAULT_LR[method]
+    if method.startswith(("surm-", "qsurm-")):
+        return DEFAULT_SURM_LR
+    return DEFAULT_LR["lora"]
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_arguments(method: str, steps: int, batch_size: int, max_length: int, lr: float | None, r: int) -> None:
+    from peft_train.adapters import METHODS
+
+    if method not in METHODS:
+        raise DpselInputError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    for name, value, minimum in (("steps", steps, 1), ("batch_size", batch_size, 1), ("max_length", max_length, 8),
+                                 ("r", r, 1)):
+        if not isinstance(value, (int, np.integer)) or value < minimum:
+            raise DpselInputError(f"{name} must be an integer >= {minimum}, not {value!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise DpselInputError(f"lr must be a positive number, not {lr!r}")
+
+
+def _file_of(frame: pd.DataFrame, index: int) -> str | None:
+    return str(frame["dpsel_file"].iloc[index]) if "dpsel_file" in frame.columns else None
+
+
+def read_weights(frame: pd.DataFrame, column: str, rows: np.ndarray) -> np.ndarray:
+    """The per-row loss weights of `rows` (positions in `frame`): numeric, finite, >= 0, not all zero."""
+    if column not in frame.columns:
+        available = ", ".join(c for c in frame.columns if not c.startswith("dpsel_") or c == "dpsel_weight")
+        raise DpselInputError(f"weights column not found; columns are: {available}", column=column,
+                              file=_file_of(frame, 0) if len(frame) else None)
+    values = frame[column]
+    if not (pd.api.types.is_numeric_dtype(values) or values.isna().all()) or pd.api.types.is_bool_dtype(values):
+        raise DpselInputError(f"weights must be numbers, found {values.dtype}", column=column)
+    weights = values.to_numpy(dtype=float, na_value=np.nan)[rows]
+    bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+    if bad.size:
+        row = int(rows[bad[0]])
+        raise DpselInputError(f"weight {frame[column].iloc[row]!r} is not a finite number >= 0 "
+                              f"({bad.size} such row(s))", column=column, row=row, file=_file_of(frame, row))
+    if not (weights > 0).any():
+        raise DpselInputError("every weight is 0: nothing to train on", column=column)
+    return weights
+
+
+def _usable_rows(instruction_set, what: str) -> np.ndarray:
+    rows = np.flatnonzero(instruction_set.usable_mask())
+    if rows.size == 0:
+        files = ", ".join(f.url for f in instruction_set.files)
+        raise DpselInputError(f"no usable row in the {what} set (every row is invalid or a duplicate)", file=files)
+    return rows
+
+
+def _read_eval(eval_path) -> tuple[list, list | None, int]:
+    from dpsel.data import read_instruction_set
+
+    eval_set = read_instruction_set(eval_path)
+    rows = _usable_rows(eval_set, "eval")
+    messages = eval_set.messages(eval_set.usable_mask())
+    tasks = None
+    if TASK_COLUMN in eval_set.frame.columns:
+        tasks = [str(t) for t in eval_set.frame[TASK_COLUMN].iloc[rows]]
+    return messages, tasks, len(rows)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _load_base(model: str, method: str, device: str):
+    from peft_train.adapters import needs_4bit
+    from peft_train.models import load_model
+
+    try:
+        return load_model(model, quant="nf4" if needs_4bit(method) else None, device=device)
+    except (OSError, ValueError) as error:  # missing directory, unknown hub id offline, bad device
+        raise DpselInputError(f"cannot load model {model!r}: {error}") from None
+
+
+def _save(model, tokenizer, method: str, base_name: str, adapter_dir: Path) -> None:
+    """`full` writes a whole model directory (load_model reads it); adapters write a PEFT adapter directory."""
+    from dpsel.outputs import replace_dir_atomic
+    from peft_train.models import save_model
+
+    def build(tmp: Path) -> None:
+        if method == "full":
+            save_model(model, tokenizer, tmp)
+        else:
+            for peft_config in model.peft_config.values():  # "tiny" is built in memory (4-bit: via a temp dir)
+                peft_config.base_model_name_or_path = base_name
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)  # so the adapter directory alone says how its text was tokenised
+
+    replace_dir_atomic(adapter_dir, build)
+
+
+def _parameter_counts(model) -> tuple[int, int]:
+    from peft_train.adapters import count_parameters
+
+    counts = count_parameters(model)
+    if isinstance(counts, dict):
+        return int(counts["trainable"]), int(counts["total"])
+    trainable, total = counts
+    return int(trainable), int(total)
+
+
+# ----------------------------------------------------------------------------- tune
+
+
+def tune_parquet(
+    data: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    method: str = "lora",
+    model: str = "tiny",
+    weights_column: str | None = None,
+    eval_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    steps: int = 200,
+    seed: int = 0,
+    device: str = "auto",
+    lr: float | None = None,
+    batch_size: int = 16,
+    max_length: int = 256,
+    r: int = 8,
+    progress: bool = True,
+    max_new_tokens: int = 64,
+) -> dict:
+    """Fine-tune `model` with `method` on the usable rows of `data`; write `OUT/adapter/` and `OUT/metrics.json`.
+
+    `weights_column` (e.g. `dpsel_weight` from `dpsel curate`) weights each row's loss; rows of weight 0 are
+    not trained on. Invalid and duplicate rows (see dpsel.data) are left out and counted. Returns the metrics.
+    """
+    import torch
+
+    from dpsel.data import read_instruction_set
+    from dpsel.io import write_json_atomic
+    from peft_train.adapters import build_adapter
+    from peft_train.train import TrainConfig, train
+
+    started = time.perf_counter()
+    _check_arguments(method, steps, batch_size, max_length, lr, r)
+    train_set = read_instruction_set(data)
+    rows = _usable_rows(train_set, "training")
+    weights = read_weights(train_set.frame, weights_column, rows) if weights_column else None
+    messages = train_set.messages(train_set.usable_mask())
+    eval_messages, eval_tasks, eval_rows = _read_eval(eval_path) if eval_path is not None else (None, None, 0)
+
+    base, tokenizer = _load_base(model, method, device)
+    torch.manual_seed(seed)  # the adapter's initialisation is random too
+    tuned = build_adapter(base, method, r=r)
+    config = TrainConfig(steps=steps, lr=lr if lr is not None else default_lr(method), batch_size=batch_size,
+                         max_length=max_length, seed=seed, device=device, max_new_tokens=max_new_tokens)
+    result = train(tuned, tokenizer, messages, None if weights is None else weights.tolist(), config,
+                   progress=progress)
+    evaluation = None
+    if eval_messages:
+        from peft_train.train import evaluate
+
+        evaluation = evaluate(tuned, tokenizer, eval_messages, max_new_tokens=max_new_tokens, tasks=eval_tasks,
+                              batch_size=config.eval_batch_size, max_length=max_length)
+
+    out_dir = Path(out)
+    _save(tuned, tokenizer, method, model, out_dir / ADAPTER_DIR)
+    trainable, total = _parameter_counts(tuned)
+    counts = train_set.counts()
+    metrics = {
+        "method": method,
+        "model": model,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_loss": result.train_loss,
+        "initial_train_loss": result.losses[0],
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "memory_measure": result.memory_measure,
+        "seconds": time.perf_counter() - started,
+        "train_seconds": result.seconds,
+        "steps": result.steps,
+        "lr": config.lr,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "r": r,
+        "seed": seed,
+        "device": str(next(tuned.parameters()).device),
+        "optimizer": result.optimizer,
+        "weights_column": weights_column,
+        "input_rows": counts.get("input_rows", len(train_set)),
+        "trained_rows": result.n_rows,
+        "skipped_rows": result.n_skipped,
+        "dropped_rows": int(len(train_set) - rows.size),
+        "truncated_rows": result.n_truncated,
+        "losses": result.losses,
+    }
+    if evaluation is not None:
+        metrics["eval_loss"] = evaluation["eval_loss"]
+        metrics["eval_exact_match"] = evaluation["eval_exact_match"]
+        metrics["eval_rows"] = eval_rows
+        if "per_task" in evaluation:
+            metrics["eval_per_task"] = evaluation["per_task"]
+    write_json_atomic(metrics, out_dir / METRICS_FILE)
+    return metrics

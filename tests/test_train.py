@@ -1,0 +1,239 @@
+"""peft_train.train: the weighted loss, the training loop, evaluation, optimizer choice, memory accounting."""
+import math
+
+import pytest
+import torch
+
+from peft_train.encode import collate, encode_all, per_example_nll
+from peft_train.models import build_tiny_model
+from peft_train.train import (
+    TrainConfig,
+    choose_optimizer_name,
+    evaluate,
+    model_memory_bytes,
+    row_losses,
+    train,
+    weighted_loss,
+)
+
+
+def _conversation(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices: a second thread buys nothing, and on a shared CPU it costs a lot of waiting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ROWS = [_conversation(f"What is {i} plus {i}?", str(2 * i)) for i in range(12)]
+
+
+def _small_model():
+    return build_tiny_model(seed=0, num_hidden_layers=1)
+
+
+def _batch(tokenizer, rows=ROWS[:4]):
+    encoded = encode_all(rows, tokenizer, max_length=64)
+    return collate(encoded.examples, tokenizer.pad_token_id)
+
+
+def _grads(model, batch, weights) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    weighted_loss(per_example_nll(logits, batch["labels"]), weights).backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _perturb_labels(batch, row: int) -> dict:
+    labels = batch["labels"].clone()
+    response = labels[row] != -100
+    labels[row, response] = (labels[row, response] + 7) % 256 + 3  # other bytes, still valid ids
+    return {**batch, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- weighted loss
+
+
+def test_weighted_loss_is_the_weighted_mean():
+    nll = torch.tensor([1.0, 2.0, 4.0])
+    assert weighted_loss(nll, torch.tensor([1.0, 0.0, 3.0])).item() == pytest.approx((1 + 12) / 4)
+
+
+def test_unit_weights_equal_the_unweighted_loss_and_gradients(byte_tokenizer):
+    model = _small_model()
+    batch = _batch(byte_tokenizer)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    nll = per_example_nll(logits, batch["labels"])
+    assert torch.allclose(weighted_loss(nll, torch.ones(4)), weighted_loss(nll, None))
+    for with_ones, plain in zip(_grads(model, batch, torch.ones(4)), _grads(model, batch, None)):
+        assert torch.allclose(with_ones, plain, atol=1e-7)
+
+
+def test_zero_weight_rows_contribute_nothing(byte_tokenizer):
+    model = _small_model()
+    batch = _batch(byte_tokenizer)
+    weights = torch.tensor([1.0, 0.0, 2.0, 0.0])
+    reference = _grads(model, batch, weights)
+    # perturbing a weight-0 row's labels changes no gradient ...
+    for a, b in zip(reference, _grads(model, _perturb_labels(batch, 1), weights)):
+        assert torch.equal(a, b)
+    # ... while perturbing a weighted row's labels does (so the check above can fail)
+    changed = _grads(model, _perturb_labels(batch, 0), weights)
+    assert any(not torch.allclose(a, b) for a, b in zip(reference, changed))
+
+
+def test_non_finite_loss_of_a_zero_weight_row_does_not_leak():
+    nll = torch.tensor([1.0, float("nan"), float("inf")], requires_grad=True)
+    loss = weighted_loss(nll, torch.tensor([2.0, 0.0, 0.0]))
+    loss.backward()
+    assert loss.item() == pytest.approx(1.0)
+    assert nll.grad.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_all_zero_weights_give_zero_loss_and_gradient():
+    nll = torch.tensor([1.0, 3.0], requires_grad=True)
+    loss = weighted_loss(nll, torch.zeros(2))
+    loss.backward()
+    assert loss.item() == 0.0 and nll.grad.abs().sum().item() == 0.0
+
+
+def test_weights_must_match_the_batch():
+    with pytest.raises(ValueError, match="shape"):
+        weighted_loss(torch.ones(3), torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def _train(weights=None, seed=0, steps=12, rows=ROWS):
+    model = _small_model()
+    config = TrainConfig(steps=steps, lr=3e-3, batch_size=4, max_length=64, seed=seed, device="cpu", warmup=0.0)
+    return model, train(model, _tokenizer(), rows, weights, config, progress=False)
+
+
+def _tokenizer():
+    from peft_train.tokenizer import ByteTokenizer
+
+    return ByteTokenizer()
+
+
+def test_training_lowers_the_loss_and_reports():
+    model, result = _train(steps=15)
+    assert result.steps == 15 and len(result.losses) == 15
+    assert result.train_loss < result.losses[0] - 0.5
+    assert result.seconds > 0 and result.optimizer == "adamw"
+    assert result.memory_measure == "tensor_accounting"
+    # weights + grads + two AdamW moments (fp32) at least, plus saved activations
+    assert result.peak_memory_bytes > 4 * model_memory_bytes(model)
+    assert not model.training
+
+
+def test_training_is_seeded():
+    _, first = _train(seed=3, steps=5)
+    _, again = _train(seed=3, steps=5)
+    _, other = _train(seed=4, steps=5)
+    assert first.losses == again.losses
+    assert first.losses != other.losses
+
+
+def test_zero_weight_rows_are_left_out():
+    weights = [1.0] * 6 + [0.0] * 6
+    _, result = _train(weights=weights, steps=3)
+    assert (result.n_rows, result.n_skipped) == (6, 6)
+
+
+def test_zero_weight_rows_do_not_change_training():
+    """Training on 6 rows equals training on those 6 plus 6 rows of weight 0 with garbage answers."""
+    junk = [_conversation(q[0]["content"], "#$%^&*") for q in ROWS[6:]]
+    _, only_kept = _train(rows=ROWS[:6], steps=4)
+    _, with_zero = _train(rows=ROWS[:6] + junk, weights=[1.0] * 6 + [0.0] * 6, steps=4)
+    assert only_kept.losses == with_zero.losses
+
+
+def test_bad_weights_are_rejected():
+    with pytest.raises(ValueError, match="row 2"):
+        _train(weights=[1.0, 1.0, -1.0] + [1.0] * 9, steps=1)
+    with pytest.raises(ValueError, match="12 conversations"):
+        _train(weights=[1.0], steps=1)
+    with pytest.raises(ValueError, match="no row to train on"):
+        _train(weights=[0.0] * 12, steps=1)
+
+
+def test_frozen_model_is_rejected():
+    model = _small_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        train(model, _tokenizer(), ROWS, config=TrainConfig(steps=1, device="cpu"), progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=0), dict(lr=-1.0), dict(warmup=1.5),
+                                 dict(optimizer="sgd")])
+def test_config_is_checked(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)
+
+
+def test_paged_adamw_only_for_a_4bit_base_on_cuda():
+    auto = TrainConfig()
+    assert choose_optimizer_name(auto, torch.device("cuda"), quantized_4bit=True) == "paged_adamw"
+    assert choose_optimizer_name(auto, torch.device("cuda"), quantized_4bit=False) == "adamw"
+    assert choose_optimizer_name(auto, torch.device("cpu"), quantized_4bit=True) == "adamw"
+    with pytest.raises(ValueError, match="CUDA"):
+        choose_optimizer_name(TrainConfig(optimizer="paged_adamw"), torch.device("cpu"), quantized_4bit=True)
+
+
+def test_model_memory_counts_every_parameter_once():
+    model = _small_model()
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert model_memory_bytes(model) == sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluate_exact_match_and_per_task():
+    """A model taught one fixed answer generates it for every prompt: exact match 1 there, 0 elsewhere."""
+    rows = [_conversation(f"Say it, please ({i}).", "ok") for i in range(8)]
+    model = _small_model()
+    config = TrainConfig(steps=40, lr=1e-2, batch_size=8, max_length=64, device="cpu", warmup=0.0)
+    train(model, _tokenizer(), rows, config=config, progress=False)
+    held_out = [_conversation("Say it, please (99).", "ok"), _conversation("Say it, please (98).", "no")]
+    metrics = evaluate(model, _tokenizer(), held_out, max_new_tokens=8, tasks=["same", "other"])
+    assert metrics["eval_exact_match"] == pytest.approx(0.5)
+    assert metrics["per_task"]["same"]["eval_exact_match"] == 1.0
+    assert metrics["per_task"]["other"]["eval_exact_match"] == 0.0
+    assert metrics["per_task"]["same"]["eval_loss"] < metrics["per_task"]["other"]["eval_loss"]
+    losses = row_losses(model, _tokenizer(), held_out)
+    assert metrics["eval_loss"] == pytest.approx(sum(losses) / 2)
+
+
+def test_evaluate_loss_matches_the_training_loss_definition(byte_tokenizer):
+    model = _small_model().eval()
+    batch = _batch(byte_tokenizer)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = per_example_nll(logits, batch["labels"]).mean().item()
+    metrics = evaluate(model, byte_tokenizer, ROWS[:4], exact_match=False)
+    assert "eval_exact_match" not in metrics
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert math.isfinite(metrics["eval_loss"])
+
+
+def test_train_with_eval_messages_reports_eval():
+    model = _small_model()
+    config = TrainConfig(steps=4, batch_size=4, max_length=64, device="cpu", eval_every=2, max_new_tokens=4)
+    result = train(model, _tokenizer(), ROWS, config=config, eval_messages=ROWS[:3], progress=False)
+    assert set(result.eval) >= {"eval_loss", "eval_exact_match"}
+    assert [entry["step"] for entry in result.eval_trace] == [2]
+
+
+def test_progress_is_plain_lines_without_a_terminal(capsys):
+    model = _small_model()
+    config = TrainConfig(steps=2, batch_size=4, max_length=64, device="cpu", log_every=1)
+    train(model, _tokenizer(), ROWS[:4], config=config, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training: step")]
+    assert [line.split()[2] for line in lines] == ["1/2", "2/2"]
