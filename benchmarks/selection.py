@@ -2,9 +2,15 @@
 its curated set buys downstream, and what a step costs. Not a test; writes results/selection.{json,md}.
 
     python benchmarks/selection.py                         # CPU, tiny model, 3,000 rows, every method
+    python benchmarks/selection.py --base random            # the same from a random-init tiny model
     python benchmarks/selection.py --device cuda --model-size base --methods bads --rows 2000
         # a random-init ~100M-parameter Llama (hidden 768 × 12 layers, ~113M) on a 4-bit NF4 base + LoRA:
         # steps/s and peak GPU memory of bads vs a plain step
+
+`--base pretrained` (default) first pretrains the tiny model on a clean `dpsel.synth.make_rows` corpus drawn with
+another seed, every task family, no prompt shared with the benchmark's train/meta/test rows (cached under
+benchmarks/cache/, keyed by its settings): it stands in for the pretrained LLM a real user curates with.
+Selection and the downstream trainings all start from that base.
 
 Duplicates are exact copies, removed by dedup before selection (as `dpsel curate` does), so they are reported as
 handled by dedup rather than scored. AUROC: clean = positive, higher weight = cleaner.
@@ -163,13 +169,14 @@ def run_method(name: str, data: dict, args, progress_every: float = 30.0) -> dic
 
 
 def downstream(name: str, keep: np.ndarray, data: dict, args) -> dict:
-    """Train a fresh tiny model on the kept rows, the same steps for every arm; eval on the clean test set."""
+    """Train the base (random-init or pretrained tiny) on the kept rows, the same steps for every arm; eval on the
+    clean test set."""
     import torch
     from peft_train.adapters import build_adapter
     from peft_train.models import load_model
     from peft_train.train import TrainConfig, evaluate, train
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model("tiny", device="cpu")
+    model, tokenizer = load_model(args.model_path, device="cpu")
     model = build_adapter(model, "full")
     rows = [m for m, k in zip(data["train"], keep) if k]
     config = TrainConfig(steps=args.train_steps, lr=args.train_lr, batch_size=16, max_length=args.max_length,
@@ -199,6 +206,97 @@ def build_sized_model(size: str, workdir: Path) -> str:
     print(f"model {size}: {params / 1e6:.1f}M parameters", flush=True)
     path = workdir / f"model-{size}"
     save_model(model, ByteTokenizer(), path)
+    return str(path)
+
+
+def benchmark_prompts(workdir: Path) -> set[tuple[str, str]]:
+    """(instruction, input) of every train/meta/test row, which the pretraining corpus must not contain."""
+    prompts = set()
+    for name in ("train", "meta", "test"):
+        table = pd.read_parquet(workdir / f"{name}.parquet")
+        prompts.update(zip(table.instruction, table.input))
+    return prompts
+
+
+def pretraining_rows(args, exclude: set[tuple[str, str]]) -> list:
+    from dpsel.normalize import alpaca_to_messages
+    from dpsel.synth import make_rows
+    rows = make_rows(args.pretrain_rows, rng=args.pretrain_seed)
+    kept = [r for r in rows if (r["instruction"], r["input"]) not in exclude]
+    return [alpaca_to_messages(r["instruction"], r["output"], r["input"]) for r in kept]
+
+
+def pretrain_settings(args, exclude: set[tuple[str, str]]) -> dict:
+    import hashlib
+    digest = hashlib.sha256("\n".join(sorted("\t".join(p) for p in exclude)).encode()).hexdigest()[:16]
+    return {"rows": args.pretrain_rows, "seed": args.pretrain_seed, "steps": args.pretrain_steps,
+            "seconds": args.pretrain_seconds, "lr": args.pretrain_lr, "batch_size": args.pretrain_batch_size,
+            "max_length": args.max_length, "excluded_prompts": digest, "model": "tiny", "version": 1}
+
+
+def pretrain_tiny(rows: list, settings: dict, device: str) -> tuple[object, dict]:
+    """Full fine-tune of the random-init tiny model on `rows`: AdamW + cosine over `steps`, stopped early when
+    `seconds` run out (the bound on CPU; a GPU finishes the steps)."""
+    import math
+    import torch
+    from peft_train.encode import collate, encode_all, length_grouped_batches, per_example_nll
+    from peft_train.models import build_tiny_model
+    from peft_train.tokenizer import ByteTokenizer
+    torch.manual_seed(settings["seed"])
+    tokenizer, model = ByteTokenizer(), build_tiny_model(seed=0).to(device)
+    examples = encode_all(rows, tokenizer, settings["max_length"], progress=False).examples
+    steps, batch_size = settings["steps"], settings["batch_size"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
+    warmup = max(1, steps // 50)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    started, step, losses = time.perf_counter(), 0, []
+    lengths, epoch = [len(e) for e in examples], 0
+    while step < steps and time.perf_counter() - started < settings["seconds"]:
+        epoch += 1
+        for idx in length_grouped_batches(lengths, batch_size, seed=settings["seed"] + epoch):
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], 0).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            loss = per_example_nll(logits, batch["labels"]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            step += 1
+            if step % 500 == 0:
+                print(f"  [pretrain] step {step}/{steps} loss {np.mean(losses[-100:]):.3f} "
+                      f"{time.perf_counter() - started:.0f}s", flush=True)
+            if step >= steps or time.perf_counter() - started >= settings["seconds"]:
+                break
+    info = {"steps_done": step, "epochs": epoch, "seconds": time.perf_counter() - started, "device": device,
+            "final_loss": float(np.mean(losses[-100:])), "rows": len(examples)}
+    return model.cpu().eval(), info
+
+
+def pretrained_base(args, synth_dir: Path) -> str:
+    """The cached pretrained tiny base for these settings, pretrained now if absent; returns its directory."""
+    import hashlib
+    from peft_train.models import save_model
+    from peft_train.tokenizer import ByteTokenizer
+    exclude = benchmark_prompts(synth_dir)
+    settings = pretrain_settings(args, exclude)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(args.cache) / f"pretrained-tiny-{key}"
+    done = path / "pretrain.json"
+    if done.is_file():
+        args.pretrain_info = json.loads(done.read_text())
+        print(f"pretrained base: reusing {path}", flush=True)
+        return str(path)
+    rows = pretraining_rows(args, exclude)
+    print(f"pretraining the tiny base on {len(rows)} clean rows (seed {args.pretrain_seed})", flush=True)
+    model, info = pretrain_tiny(rows, settings, args.pretrain_device)
+    save_model(model, ByteTokenizer(), path)
+    args.pretrain_info = {"settings": settings, **info}
+    done.write_text(json.dumps(args.pretrain_info, indent=2) + "\n")
+    print(f"pretrained base: {path} {info}", flush=True)
     return str(path)
 
 
@@ -234,7 +332,17 @@ def fmt(v, digits=3):
 
 def markdown(report: dict) -> str:
     a = report["args"]
-    lines = [f"# Selection benchmark", "",
+    base = a.get("base", "random") if a["model_size"] == "tiny" else "random"
+    if base == "pretrained" and report.get("pretrain"):
+        p = report["pretrain"]
+        base_text = (f"Base: the tiny model **pretrained** for {p['steps_done']} steps ({p['epochs']} epochs, "
+                     f"{p['seconds']:.0f} s on {p['device']}, final loss {p['final_loss']:.3f}) on {p['rows']} clean "
+                     f"`make_rows` rows drawn with seed {p['settings']['seed']}, prompt-disjoint from this benchmark's "
+                     "rows: a stand-in for the pretrained LLM a real user curates with (the random-init tiny model "
+                     "cannot tell an arithmetic slip from a right answer). Selection and downstream start from it.")
+    else:
+        base_text = "Base: the tiny model at **random init** (no pretraining)."
+    lines = [f"## Selection benchmark, {base} base", "", base_text, "",
              f"`dpsel synth` data: {a['rows']} training rows, {a['noise']:.0%} corrupted, {a['meta_rows']} meta rows, "
              f"model `{a['model_size']}` on `{a['device']}`, {a['steps']} selection steps, seed {a['seed']}. "
              f"Dedup removed {report['dedup']['removed']} rows before selection "
@@ -252,7 +360,7 @@ def markdown(report: dict) -> str:
                      + f" | {fmt(r['precision_kept'])} | {fmt(t.get('step_ratio_vs_plain'), 2)} | "
                        f"{fmt(t.get('seconds_per_step'), 3)} | {fmt(r['seconds'], 1)} | {r['peak_memory_bytes'] / 2**20:.0f} |")
     if report.get("downstream"):
-        lines += ["", f"Downstream: a fresh tiny model trained {a['train_steps']} steps on each set, evaluated on the clean "
+        lines += ["", f"Downstream: the base model (full fine-tune) trained {a['train_steps']} steps on each set, evaluated on the clean "
                   "test set (exact match = greedy answer equals the reference).", "",
                   "| trained on | rows | eval loss | exact match | vs oracle loss |", "|---|---|---|---|---|"]
         oracle = next((d["eval_loss"] for d in report["downstream"] if d["arm"] == "oracle (clean only)"), None)
@@ -284,6 +392,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--downstream-methods", default="bads,loss")
     parser.add_argument("--extra", default="{}", help="JSON merged into SelectConfig.extra for every method")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default="pretrained", choices=("pretrained", "random"),
+                        help="tiny model only: pretrain it on clean synth rows first (cached), or start random-init")
+    parser.add_argument("--pretrain-seconds", type=float, default=150.0, help="wall-clock bound on pretraining")
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--pretrain-rows", type=int, default=20000)
+    parser.add_argument("--pretrain-seed", type=int, default=1001, help="must differ from --seed")
+    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
+    parser.add_argument("--pretrain-batch-size", type=int, default=32)
+    parser.add_argument("--pretrain-device", default="cpu")
+    parser.add_argument("--pretrain-only", action="store_true", help="build the cached base and stop")
+    parser.add_argument("--cache", default=str(ROOT / "benchmarks" / "cache"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -303,6 +422,15 @@ def main(argv=None) -> dict:
         if args.model_size != "tiny":
             args.extra = json.dumps({"quant": "nf4", **json.loads(args.extra)})
         data = make_data(args, workdir / "synth")
+        args.pretrain_info = None
+        if args.model_size == "tiny" and args.base == "pretrained":
+            if args.pretrain_seed == args.seed:
+                parser.error("--pretrain-seed must differ from --seed")
+            args.model_path = pretrained_base(args, workdir / "synth")
+            # θ = the whole tiny model, as for the random-init base (a directory would otherwise get LoRA)
+            args.extra = json.dumps({"theta": "full", **json.loads(args.extra)})
+            if args.pretrain_only:
+                return {"base": args.model_path, "pretrain": args.pretrain_info}
         results = [run_method(name, data, args) for name in names]
     report = {"args": vars(args), "dedup": data["dedup"], "methods": [], "downstream": [], "notes": []}
     for r in results:
@@ -316,10 +444,28 @@ def main(argv=None) -> dict:
     report["notes"] = target_checks(report)
     report["seconds"] = time.perf_counter() - started
     report["args"].pop("model_path", None)
-    (out / "selection.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    (out / "selection.md").write_text(markdown(report))
+    report["pretrain"] = report["args"].pop("pretrain_info", None)
+    runs = saved_runs(out / "selection.json")
+    runs[report["args"].get("base", "random") if args.model_size == "tiny" else args.model_size] = report
+    (out / "selection.json").write_text(json.dumps({"runs": runs}, indent=2, default=float) + "\n")
+    (out / "selection.md").write_text(full_markdown(runs))
     print(markdown(report))
     return report
+
+
+def saved_runs(path: Path) -> dict:
+    """Earlier runs kept in selection.json, one per base (a file from before bases were tracked is random-init)."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return saved["runs"] if "runs" in saved else {"random": saved}
+
+
+def full_markdown(runs: dict) -> str:
+    order = sorted(runs, key=lambda k: (k != "pretrained", k != "random", k))
+    head = ["# Selection benchmark", "",
+            "One section per base model, newest run of each (`python benchmarks/selection.py --base pretrained|random`)."]
+    return "\n".join(head) + "\n\n" + "\n".join(markdown(runs[k]) for k in order)
 
 
 if __name__ == "__main__":

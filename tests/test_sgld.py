@@ -1,7 +1,6 @@
 """The SGLD sampler draws from a known posterior, and the log joint + sampler find planted label noise."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -136,7 +135,6 @@ def test_bads_finds_planted_label_noise(weight_param):
 
     from dpsel.select.bads import BadsSettings, run_sampler
 
-    started = time.perf_counter()
     problem = _LogisticProblem()
     problem.fit_meta()  # θ₀: anchored at a meta-fitted θ, the default variant's choice
     settings = BadsSettings.for_variant("default", {"steps": 400, "lr_theta": 1e-2, "lr_phi": 1e-2,
@@ -151,4 +149,3 @@ def test_bads_finds_planted_label_noise(weight_param):
     assert auroc >= 0.9, auroc
     assert np.all((result.weight_mean >= 0) & (result.weight_mean <= 1)) and np.all(result.weight_std >= 0)
     assert result.weight_mean[~clean].mean() < result.weight_mean[clean].mean()
-    assert time.perf_counter() - started < 30

@@ -67,16 +67,15 @@ class SGLD(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr = self.current_lr(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["row_sparse"]:
-                    rows = self._visited.get(id(p))
-                    if rows is None:
-                        raise RuntimeError("row-sparse SGLD parameter stepped without set_visited(param, rows)")
-                    self._step_rows(p, rows, group, lr)
-                else:
-                    self._step_dense(p, group, lr)
+            stepped = [p for p in group["params"] if p.grad is not None]
+            if not group["row_sparse"]:
+                if stepped:
+                    self._step_dense(stepped, group, lr)
+            for p in stepped if group["row_sparse"] else ():
+                rows = self._visited.get(id(p))
+                if rows is None:
+                    raise RuntimeError("row-sparse SGLD parameter stepped without set_visited(param, rows)")
+                self._step_rows(p, rows, group, lr)
             group["step"] = group.get("step", 0) + 1
         self._visited.clear()
         return loss
@@ -105,11 +104,45 @@ class SGLD(Optimizer):
         state["seen"][rows] = True
         return 1.0 / (sub.sqrt() + group["eps"])
 
-    def _step_dense(self, p: torch.Tensor, group: dict, lr: float) -> None:
-        grad = p.grad
-        g = self._preconditioner(p, grad, group)
-        noise_std = torch.sqrt(torch.as_tensor(2.0 * lr * group["temperature"]) * g) if group["temperature"] > 0 else 0.0
-        p.add_(-lr * g * grad + noise_std * self._noise(p))
+    def _dense_preconditioners(self, params: list, grads: list, group: dict) -> list[torch.Tensor]:
+        """G = 1 / (sqrt(V) + eps) for every dense parameter at once (foreach ops: one launch per op, not per
+        tensor, which is what a LoRA's ~170 small tensors make the GPU wait on)."""
+        fresh, running = [], []
+        for p, grad in zip(params, grads):
+            state = self.state[p]
+            if "square_avg" not in state:
+                state["square_avg"] = torch.zeros_like(p)
+                state["seen"] = torch.zeros((), dtype=torch.bool, device=p.device)
+            (running if bool(state["seen"]) else fresh).append((state, grad))
+        # First visit initialises V with g² (no bias toward 0, which would make G huge early on).
+        for state, grad in fresh:
+            torch.mul(grad, grad, out=state["square_avg"])
+            state["seen"].fill_(True)
+        if running:
+            avgs, gs = [s["square_avg"] for s, _ in running], [g for _, g in running]
+            torch._foreach_mul_(avgs, group["alpha"])
+            torch._foreach_addcmul_(avgs, gs, gs, value=1 - group["alpha"])
+        out = torch._foreach_sqrt([self.state[p]["square_avg"] for p in params])
+        torch._foreach_add_(out, group["eps"])
+        torch._foreach_reciprocal_(out)
+        return out
+
+    def _step_dense(self, params: list, group: dict, lr: float) -> None:
+        grads = [p.grad for p in params]
+        temperature = group["temperature"]
+        if group["precondition"]:
+            g = self._dense_preconditioners(params, grads, group)
+            update = torch._foreach_mul(grads, g)
+            torch._foreach_mul_(update, -lr)
+            if temperature > 0:
+                std = torch._foreach_mul(g, 2.0 * lr * temperature)
+                torch._foreach_sqrt_(std)
+                torch._foreach_addcmul_(update, std, [self._noise(p) for p in params])
+        else:
+            update = torch._foreach_mul(grads, -lr)
+            if temperature > 0:
+                torch._foreach_add_(update, [self._noise(p) for p in params], alpha=(2.0 * lr * temperature) ** 0.5)
+        torch._foreach_add_(params, update)
 
     def _step_rows(self, p: torch.Tensor, rows: torch.Tensor, group: dict, lr: float) -> None:
         grad = p.grad[rows]
