@@ -29,7 +29,7 @@ def demo_config(out: Path, device: str = "auto", seed: int = 0) -> RunConfig:
         "data": {"train": str(data / "train.parquet"), "meta": str(data / "meta.parquet"),
                  "eval": str(data / "test.parquet"), "truth": str(data / "truth.parquet")},
         "curate": {"method": "bads", "budget": 0.7, "steps": 150,
-                   "select": {"batch_size": 16, "meta_batch_size": 16, "max_length": 128,
+                   "select": {"batch_size": 16, "meta_batch_size": 4, "max_length": 128,
                               "variant": "default", "weight_param": "logits",
                               # stop the meta reference fit 2 evaluations after its best (default 4): same
                               # reference, about a quarter less time
@@ -37,7 +37,7 @@ def demo_config(out: Path, device: str = "auto", seed: int = 0) -> RunConfig:
         # Full fine-tuning: the tiny model starts from random weights, where a rank-8 LoRA learns too little in
         # a CPU-minutes budget to tell the two training sets apart (measured: eval loss 4.99 vs 5.01 after
         # 100 steps, order flipping with the learning rate); full fine-tuning gets 2.69 vs 2.76.
-        "tune": {"method": "full", "steps": 100, "batch_size": 16, "max_length": 128},
+        "tune": {"method": "full", "steps": 300, "batch_size": 16, "max_length": 128},
         "model": "tiny", "device": device, "seed": seed, "out": str(out),
     }, source="dpsel.demo")
 
