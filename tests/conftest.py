@@ -31,3 +31,12 @@ def chat() -> list[dict]:
         {"role": "user", "content": "Capital of France?"},
         {"role": "assistant", "content": "Paris."},
     ]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: a second thread buys nothing, and on a shared CPU it costs a lot of waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,7 @@ from peft_train.models import load_model
 FAST = dict(steps=30, batch_size=4, max_length=64, device="cpu", progress=False, max_new_tokens=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: a second thread buys nothing, and on a shared CPU it costs a lot of waiting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(n: int, offset: int = 0) -> list[dict]:
