@@ -240,4 +240,6 @@ def _input_error(err: ValidationError, source: str | None) -> DpselInputError:
     if first["type"] == "extra_forbidden":
         why = "unknown field (check the spelling; see configs/demo.yaml for the known ones)"
     more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    if source is not None and not source.endswith((".yaml", ".yml")) and not os.path.exists(source):
+        return DpselInputError(f"{source}: field {field}: {why}{more}")  # not a file: e.g. command-line options
     return DpselInputError(f"field {field}: {why}{more}", file=source)
