@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -75,13 +74,6 @@ def validate(paths: list[str] = typer.Argument(..., help="Parquet files, folders
 ConfigOpt = typer.Option(None, "--config", help="Run config YAML (see configs/demo.yaml); options given here override it.")
 
 
-def _run_config(config: Optional[Path], stage: str, options: dict):
-    """The run's settings: defaults < the --config file < options given on the command line."""
-    from dpsel.config import RunConfig
-    base = RunConfig.from_yaml(config) if config else RunConfig()
-    return base.with_overrides(options, stage=stage)
-
-
 def _print_curation(result) -> None:
     counts = result.counts
     typer.echo(f"kept {counts['kept_rows']} of {counts['input_rows']} rows -> {result.out_dir}")
@@ -110,13 +102,14 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report."),
            config: Optional[Path] = ConfigOpt):
     """Score every training row by data-point selection and keep the best."""
+    from dpsel.config import RunConfig
     from dpsel.curate import curate as run_curate
     from dpsel.progress import progress_reporter
-    run = _run_config(config, "curate", {
+    run = RunConfig.load(config, {
         "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
         "threshold": threshold, "model": model, "steps": steps, "seed": seed, "device": device, "truth": truth,
         "curate.select.variant": variant, "curate.select.weight_param": weight_param,
-        "curate.select.batch_size": batch_size, "curate.select.max_length": max_length})
+        "curate.select.batch_size": batch_size, "curate.select.max_length": max_length}, stage="curate")
     run.require("data.train", "data.meta", "out", flow="curate")
     with progress_reporter(f"curate[{run.curate.method}]") as progress:
         result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
@@ -157,11 +150,12 @@ def tune(data: Optional[list[str]] = typer.Option(None, "--data", help="Instruct
          config: Optional[Path] = ConfigOpt):
     """Parameter-efficient fine-tuning (LoRA, QLoRA, SURM, C3A, LoKr) on an instruction set."""
     from peft_train.adapters import METHODS
+    from dpsel.config import RunConfig
     from dpsel.tuning import tune_parquet
-    run = _run_config(config, "tune", {
+    run = RunConfig.load(config, {
         "train": data or None, "out": out, "method": method, "model": model, "weights_column": weights_column,
         "eval": eval_path, "steps": steps, "seed": seed, "device": device, "lr": lr, "r": r,
-        "tune.batch_size": batch_size, "tune.max_length": max_length})
+        "tune.batch_size": batch_size, "tune.max_length": max_length}, stage="tune")
     run.require("data.train", "out", flow="tune")
     if run.tune.method not in METHODS:
         raise DpselInputError(f"--method must be one of {', '.join(METHODS)}, not {run.tune.method!r}")

@@ -122,6 +122,16 @@ class RunConfig(_Section):
                                   file=str(path))
         return cls.from_mapping(data, source=str(path))
 
+    @classmethod
+    def load(cls, config: "RunConfig | str | os.PathLike | None" = None,
+             overrides: Mapping[str, Any] | None = None, *, stage: str | None = None) -> "RunConfig":
+        """The run's settings: defaults < a RunConfig or YAML file < overrides (CLI options, flow parameters)."""
+        if isinstance(config, RunConfig):
+            base = config
+        else:
+            base = cls.from_yaml(config) if config is not None else cls()
+        return base.with_overrides(overrides or {}, stage=stage)
+
     # ---- overrides -----------------------------------------------------------------------------------
 
     def with_overrides(self, overrides: Mapping[str, Any], *, stage: str | None = None) -> "RunConfig":

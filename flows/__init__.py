@@ -26,30 +26,18 @@ def use_project_prefect_home(cwd: str | os.PathLike | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def load_run_config(config: Any = None, overrides: dict[str, Any] | None = None, *, stage: str | None = None):
-    """A RunConfig from a RunConfig, a YAML path or None (defaults), with CLI-style overrides applied."""
-    from dpsel.config import RunConfig
-
-    if isinstance(config, RunConfig):
-        base = config
-    elif config is not None:
-        base = RunConfig.from_yaml(config)
-    else:
-        base = RunConfig()
-    return base.with_overrides(overrides or {}, stage=stage)
-
-
 def run_flow(name: str, config: Any = None, *, echo: bool = True, **options: Any) -> dict:
     """Run the flow `name` (curate | filter | tune | curate_then_tune) on `config` (a YAML path or a
     RunConfig) with `options` overriding it; prints where the outputs are and returns the flow's summary."""
     use_project_prefect_home()
+    from dpsel.config import RunConfig
     from dpsel.errors import DpselInputError
 
     name = name.replace("-", "_")
     if name not in FLOW_NAMES:
         raise DpselInputError(f"unknown flow {name!r}; choose one of {', '.join(n.replace('_', '-') for n in FLOW_NAMES)}")
     flow_options = {key: options.pop(key) for key in _FLOW_OPTIONS.get(name, ()) if key in options}
-    run_config = load_run_config(config, options, stage=_STAGE_OF[name])
+    run_config = RunConfig.load(config, options, stage=_STAGE_OF[name])
 
     from flows.pipeline import FLOWS, describe
 
