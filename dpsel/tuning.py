@@ -100,13 +100,10 @@ def _read_eval(eval_path) -> tuple[list, list | None, int]:
 
 
 def _load_base(model: str, method: str, device: str):
+    from dpsel.loading import load_model
     from peft_train.adapters import needs_4bit
-    from peft_train.models import load_model
 
-    try:
-        return load_model(model, quant="nf4" if needs_4bit(method) else None, device=device)
-    except (OSError, ValueError) as error:  # missing directory, unknown hub id offline, bad device
-        raise DpselInputError(f"cannot load model {model!r}: {error}") from None
+    return load_model(model, quant="nf4" if needs_4bit(method) else None, device=device)
 
 
 def _save(model, tokenizer, method: str, base_name: str, adapter_dir: Path) -> None:
