@@ -18,6 +18,7 @@ peft_train knows nothing of Parquet or dpsel: it takes conversations (lists of `
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -480,13 +481,42 @@ def _default_save_steps(config: TrainConfig, n_rows: int) -> int:
     return max(1, total // 10)
 
 
-def last_checkpoint(checkpoint_dir: str | Path | None) -> str | None:
-    """The newest ``checkpoint-N`` folder Trainer wrote under ``checkpoint_dir`` (None when there is none)."""
-    if checkpoint_dir is None or not Path(checkpoint_dir).is_dir():
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
+def _is_complete(checkpoint: Path) -> bool:
+    # Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG states)
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
-    return get_last_checkpoint(str(checkpoint_dir))
+
+def _checkpoints(checkpoint_dir: str | Path | None) -> list[Path]:
+    if checkpoint_dir is None or not Path(checkpoint_dir).is_dir():
+        return []
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = [p for p in Path(checkpoint_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
+    return sorted((p for p in found if p.name.rsplit("-", 1)[-1].isdigit()), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+
+
+def last_checkpoint(checkpoint_dir: str | Path | None) -> str | None:
+    """The newest complete ``checkpoint-N`` folder under ``checkpoint_dir`` (None when there is none).
+
+    A process killed while saving leaves a folder without ``trainer_state.json``; that one is not complete.
+    """
+    complete = [p for p in _checkpoints(checkpoint_dir) if _is_complete(p)]
+    return str(complete[-1]) if complete else None
+
+
+def discard_incomplete_checkpoints(checkpoint_dir: str | Path | None) -> list[str]:
+    """Delete checkpoint folders a kill left half-written (Trainer would take the newest folder for the latest)."""
+    import shutil
+
+    removed = [p for p in _checkpoints(checkpoint_dir) if not _is_complete(p)]
+    for folder in removed:
+        print(f"training: removing incomplete checkpoint {folder}", file=sys.stderr, flush=True)
+        shutil.rmtree(folder)
+    return [str(p) for p in removed]
 
 
 def _step_losses(log_history: list[dict]) -> list[float]:
@@ -535,6 +565,8 @@ def train(
         raise ValueError("the model has no trainable parameter (build an adapter first, or use method 'full')")
     optimizer_name = choose_optimizer_name(config, device, quantized)
     config.save_steps = _default_save_steps(config, len(examples))
+    if resume:
+        discard_incomplete_checkpoints(checkpoint_dir)
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
 
     meter = _MemoryMeter(model, device)
