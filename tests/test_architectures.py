@@ -195,3 +195,65 @@ def test_architecture_matrix(family, method, data, tmp_path, tmp_path_factory):
 @pytest.mark.parametrize("family", SLOW_FAMILIES)
 def test_architecture_matrix_more_families(family, method, data, tmp_path, tmp_path_factory):
     _run_cell(family, method, data, tmp_path, tmp_path_factory)
+
+
+def _curate(family: str, data, tmp_path, tmp_path_factory):
+    from dpsel.curate import curate
+    from dpsel.select.base import SelectConfig
+
+    config = SelectConfig(model=checkpoint(family, tmp_path_factory), device="cpu", steps=2, batch_size=8,
+                          max_length=64, extra={"ref_steps": 3, "ref_eval_every": 3})
+    return curate(data / "train.parquet", data / "meta.parquet", tmp_path, method="loss", budget=0.5, config=config)
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_curate_runs_on_each_family(family, data, tmp_path, tmp_path_factory):
+    _curate(family, data, tmp_path, tmp_path_factory)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["input_rows"] == 16 == counts["kept_rows"] + counts["dropped_rows"]
+    assert len(pd.read_parquet(tmp_path / "scores.parquet")) == 16
+
+
+@pytest.mark.slow
+@on_demand
+@pytest.mark.parametrize("family", SLOW_FAMILIES)
+def test_curate_runs_on_more_families(family, data, tmp_path, tmp_path_factory):
+    _curate(family, data, tmp_path, tmp_path_factory)
+    assert (tmp_path / "manifest.json").is_file()
+
+
+def _broken_checkpoints(tmp_path, tmp_path_factory) -> dict:
+    import shutil
+
+    source = checkpoint("llama", tmp_path_factory)
+    broken = {}
+    for name, drop in (("no-tokenizer", ("tokenizer.json", "tokenizer_config.json")),
+                       ("no-weights", ("model.safetensors",))):
+        shutil.copytree(source, tmp_path / name)
+        for file in drop:
+            (tmp_path / name / file).unlink()
+        broken[name] = tmp_path / name
+    remote = tmp_path / "remote-code"
+    shutil.copytree(source, remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "m.M"}}))
+    return {**broken, "remote-code": remote}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"), ("no-tokenizer", "has no tokenizer"), ("no-weights", "has no weights"),
+    ("remote-code", "needs its own Python code"), ("hub-offline", "hub is offline"),
+])
+def test_unloadable_models_are_bad_input_for_curate_and_tune(case, message, data, tmp_path, tmp_path_factory):
+    from dpsel.curate import curate
+    from dpsel.select.base import SelectConfig
+
+    broken = _broken_checkpoints(tmp_path, tmp_path_factory) if case not in ("missing", "hub-offline") else {}
+    source = {"missing": str(tmp_path / "nowhere"), "hub-offline": "some-org/not-cached-model"}.get(case) or str(
+        broken[case])
+    with pytest.raises(DpselInputError, match=message):
+        curate(data / "train.parquet", data / "meta.parquet", tmp_path / "c", method="loss",
+               config=SelectConfig(model=source, device="cpu", steps=1))
+    with pytest.raises(DpselInputError, match=message):
+        tune_parquet(data / "train.parquet", tmp_path / "t", model=source, steps=1, device="cpu", progress=False)
