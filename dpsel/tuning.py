@@ -145,9 +145,13 @@ def _run_fingerprint(settings: dict, messages: list, weights) -> dict:
 
 
 def _prepare_checkpoints(folder: Path, fingerprint: dict, resume: bool) -> bool:
-    """Make `folder` ready for this run; True when it holds checkpoints of this very run to resume from."""
+    """Make `folder` ready for this run; True when it holds checkpoints of this very run to resume from.
+
+    Under torchrun / accelerate launch only rank 0 deletes or writes; the other ranks come to the same answer
+    from what they read (they read only where rank 0 leaves the folder alone).
+    """
     from dpsel.io import write_json_atomic
-    from peft_train.train import last_checkpoint
+    from peft_train.train import last_checkpoint, launched_rank
 
     run_file = folder / RUN_FILE
     if resume and last_checkpoint(folder) is not None and run_file.is_file():
@@ -158,6 +162,8 @@ def _prepare_checkpoints(folder: Path, fingerprint: dict, resume: bool) -> bool:
                                   "in the way; re-run with --no-resume to start over (it deletes them)",
                                   file=str(folder))
         return True
+    if launched_rank() != 0:
+        return False
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)

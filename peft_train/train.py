@@ -373,7 +373,8 @@ def _callbacks(config: TrainConfig, progress: bool, tokenizer, eval_messages, st
         last = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = _Progress(state.max_steps, progress, config.log_every, done=state.global_step)
+            enabled = progress and state.is_world_process_zero  # one progress line per step, not one per rank
+            self.bar = _Progress(state.max_steps, enabled, config.log_every, done=state.global_step)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.last = time.perf_counter()
@@ -508,6 +509,13 @@ def last_checkpoint(checkpoint_dir: str | Path | None) -> str | None:
     return str(complete[-1]) if complete else None
 
 
+def launched_rank() -> int:
+    """This process's global rank under torchrun / accelerate launch (0 when run as a single process)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 def discard_incomplete_checkpoints(checkpoint_dir: str | Path | None) -> list[str]:
     """Delete checkpoint folders a kill left half-written (Trainer would take the newest folder for the latest)."""
     import shutil
@@ -565,7 +573,7 @@ def train(
         raise ValueError("the model has no trainable parameter (build an adapter first, or use method 'full')")
     optimizer_name = choose_optimizer_name(config, device, quantized)
     config.save_steps = _default_save_steps(config, len(examples))
-    if resume:
+    if resume and launched_rank() == 0:  # one process deletes; every rank then picks the same complete one
         discard_incomplete_checkpoints(checkpoint_dir)
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
 
