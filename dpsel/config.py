@@ -79,8 +79,8 @@ class TuneConfig(_Section):
     epochs: float | None = Field(default=None, gt=0.0)      # passes over the rows, instead of steps
     grad_accum: int | None = Field(default=None, ge=1)     # micro-batches per optimizer step
     save_steps: int | None = Field(default=None, ge=1)     # steps between checkpoints (OUT/checkpoints/)
-    resume: bool = True                                    # a re-run with the same settings resumes a killed one
-    report_to: str = "none"                                # none | tensorboard | wandb | mlflow | trackio | all
+    resume: bool | None = None                             # unset: True, a re-run resumes a killed one
+    report_to: str | None = None                           # unset: none | tensorboard | wandb | mlflow | trackio
 
 
 class RunConfig(_Section):
