@@ -257,3 +257,22 @@ def test_unloadable_models_are_bad_input_for_curate_and_tune(case, message, data
                config=SelectConfig(model=source, device="cpu", steps=1))
     with pytest.raises(DpselInputError, match=message):
         tune_parquet(data / "train.parquet", tmp_path / "t", model=source, steps=1, device="cpu", progress=False)
+
+
+def test_cli_exit_codes_for_unloadable_models_and_refused_methods(data, tmp_path, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from dpsel.cli import app
+
+    runner = CliRunner()
+    missing = str(tmp_path / "no-model-here")
+    for command in (["curate", "--meta", str(data / "meta.parquet"), "--method", "loss"], ["tune", "--steps", "1"]):
+        result = runner.invoke(app, [*command, "--data" if command[0] == "tune" else "--train",
+                                     str(data / "train.parquet"), "--out", str(tmp_path / command[0]),
+                                     "--model", missing, "--device", "cpu"])
+        assert result.exit_code == 2, result.output
+        assert f"model folder {missing} does not exist" in result.output
+    result = runner.invoke(app, ["tune", "--data", str(data / "train.parquet"), "--out", str(tmp_path / "c3a"),
+                                 "--model", checkpoint("gpt2", tmp_path_factory), "--method", "c3a", "--steps", "1",
+                                 "--device", "cpu"])
+    assert result.exit_code == 2 and "cannot wrap Conv1D" in result.output and "c_attn" in result.output
