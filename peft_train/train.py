@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -572,7 +572,7 @@ def train(
     if not params:
         raise ValueError("the model has no trainable parameter (build an adapter first, or use method 'full')")
     optimizer_name = choose_optimizer_name(config, device, quantized)
-    config.save_steps = _default_save_steps(config, len(examples))
+    config = replace(config, save_steps=_default_save_steps(config, len(examples)))  # the caller's stays as given
     if resume and launched_rank() == 0:  # one process deletes; every rank then picks the same complete one
         discard_incomplete_checkpoints(checkpoint_dir)
     resume_from = last_checkpoint(checkpoint_dir) if resume else None
