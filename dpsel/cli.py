@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import typer
 
+from dpsel import signals
 from dpsel.errors import DpselInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,19 +31,32 @@ def handle_errors(command: Callable) -> Callable:
     """Bad input -> exit 2 with a message naming file/column/row; anything else -> exit 1, no traceback."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        signals.install()
         try:
             return command(*args, **kwargs)
         except typer.Exit:
             raise
         except DpselInputError as error:
             _fail(2, str(error))
+        except signals.Terminated:
+            _fail(143, "terminated (SIGTERM); re-run the same command to resume where a checkpoint exists")
         except KeyboardInterrupt:
             _fail(130, "interrupted")
+        except OSError as error:  # permissions, full disk, a missing file: the user's to fix -> exit 2
+            from dpsel.outputs import output_error
+            mapped = output_error(error)
+            if mapped is error and not isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+                _internal(error)
+            _fail(2, str(mapped) if mapped is not error else f"file {error.filename}: {error.strerror or error}")
         except Exception as error:  # internal failure: short message, traceback only on request
-            if os.environ.get("DPSEL_DEBUG"):
-                traceback.print_exc()
-            _fail(1, f"internal error: {type(error).__name__}: {error} (set DPSEL_DEBUG=1 for the traceback)")
+            _internal(error)
     return wrapper
+
+
+def _internal(error: Exception) -> None:
+    if os.environ.get("DPSEL_DEBUG"):
+        traceback.print_exc()
+    _fail(1, f"internal error: {type(error).__name__}: {error} (set DPSEL_DEBUG=1 for the traceback)")
 
 
 @app.command()

@@ -142,6 +142,7 @@ class RunConfig(_Section):
         `tune`; plain ones go to `stage` ("curate" or "tune"), which must then be given.
         """
         merged = self.model_dump(by_alias=False)
+        _check_exclusive(overrides, stage)
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -215,6 +216,14 @@ _PLAIN_KEYS: dict[str, tuple[str | None, str]] = {
 _SHARED_KEYS = ("method", "steps")
 _EXCLUSIVE_RULES = {"budget": "threshold", "threshold": "budget"}
 _SECTIONS = ("data", "curate", "tune")
+
+
+def _check_exclusive(overrides: Mapping[str, Any], stage: str | None) -> None:
+    """Budget and threshold given together (CLI, flow options) is an error, not "the last one wins"."""
+    given = {_locate(key, stage)[1].split(".")[-1] for key, value in overrides.items() if value is not None}
+    both = [name for name in _EXCLUSIVE_RULES if name in given]
+    if len(both) > 1:
+        raise DpselInputError("give either --budget or --threshold, not both")
 
 
 def _locate(key: str, stage: str | None) -> tuple[str | None, str]:

@@ -97,11 +97,8 @@ def make_rule(method: str, budget: float | None, threshold: float | None,
         raise DpselInputError("give either --budget or --threshold, not both")
     if threshold is not None and (task_budgets or per_group):
         raise DpselInputError("per-group budgets cannot be combined with --threshold")
-    if threshold is not None:
-        threshold = float(threshold)
-        if not math.isfinite(threshold):
-            raise DpselInputError(f"--threshold must be a finite number, got {threshold}")
-        return SelectionRule(threshold=threshold)
+    if threshold is not None:  # weights are in [0, 1]: any other threshold keeps all or nothing
+        return SelectionRule(threshold=_check_fraction(threshold, "--threshold"))
     if budget is None:
         budget = 1.0 if method == "all" else DEFAULT_BUDGET
     budget = _check_fraction(budget, "--budget")

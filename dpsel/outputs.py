@@ -213,15 +213,15 @@ _ENVIRONMENT_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "operatio
 
 
 def output_error(error: OSError, path: Path | str | None = None) -> Exception:
-    """A write that failed for a reason the user must fix (permissions, full disk) as an input error naming
-    the path (CLI exit 2); any other OSError is returned unchanged."""
+    """A read or write that failed for a reason the user must fix (permissions, full disk) as an input error
+    naming the path (CLI exit 2); any other OSError is returned unchanged."""
     reason = _ENVIRONMENT_ERRNOS.get(error.errno or 0)
     if reason is None and "No space left on device" in str(error):
         reason = _ENVIRONMENT_ERRNOS[errno.ENOSPC]
     if reason is None:
         return error
     where = error.filename or path
-    return DpselInputError(f"cannot write there: {reason}; free space or fix permissions, then re-run",
+    return DpselInputError(f"{reason}; fix the permissions or free some space, then re-run",
                            file=os.fspath(where) if where else None)
 
 

@@ -5,7 +5,9 @@ mean weight per `task`/`source` (where such a column exists), and the sampler tr
 """
 from __future__ import annotations
 
+import html
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,20 +109,35 @@ def plot_traces(diagnostics: dict[str, list[float]], path: Path) -> Path | None:
     return _save_figure(fig, path)
 
 
+_ANSI_SEQUENCE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|.)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~#])")
+
+
+def escape(text) -> str:
+    """A user value (a task name, a prompt) made safe for one line of Markdown that may be rendered as HTML:
+    terminal escape sequences and control characters removed (newlines and tabs become spaces), HTML
+    special characters as entities, Markdown punctuation backslash-escaped. Hand-written: no library does
+    all three for inline Markdown."""
+    text = _ANSI_SEQUENCE.sub("", str(text))
+    text = _CONTROL.sub(lambda m: " " if m.group() in "\t\n\r\u2028\u2029" else "", text)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
+
+
 def _fmt(value) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
+    return escape(value)
 
 
 def _markdown_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_fmt(r.get(k, "")).replace("|", "\\|") for k in head) + " |" for r in rows]
+    lines = ["| " + " | ".join(escape(h) for h in head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in head) + " |" for r in rows]
     return lines + [""]
 
 
@@ -136,7 +153,7 @@ def _examples(data: ReportData) -> list[str]:
     for title, picks in (("Highest weight", order[:EXAMPLES_SHOWN]), ("Lowest weight", order[::-1][:EXAMPLES_SHOWN])):
         lines += [f"### {title}", "", "| row | weight | kept | text |", "|---|---|---|---|"]
         for i in picks:
-            text = data.previews[i].replace("|", "\\|").replace("\n", " ")[:EXAMPLE_CHARS]
+            text = escape(data.previews[i][:EXAMPLE_CHARS])
             lines.append(f"| {i} | {data.weights[i]:.3f} | {bool(data.kept[i])} | {text} |")
         lines.append("")
     return lines
