@@ -490,7 +490,7 @@ def _report_data(run: _Run, counts: dict, cutoff: float | None, run_id: str) -> 
 # ------------------------------------------------------------------------------------------------
 # Public entry points
 # ------------------------------------------------------------------------------------------------
-@locks_out
+@locks_out("train", "meta", "truth")
 def curate(train, meta, out, *, method: str = "bads", budget: float | None = None,
            threshold: float | None = None, task_budgets: dict[str, float] | None = None,
            per_group: bool = False, group_column: str = "task", config: SelectConfig | None = None,
@@ -576,7 +576,7 @@ def _read_selection(scorer_dir: Path) -> dict:
         raise DpselInputError(f"unreadable selection file ({exc})", file=str(path)) from exc
 
 
-@locks_out
+@locks_out("inputs")
 def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budget: float | None = None,
                 progress: ProgressFn | None = None) -> CurationResult:
     """Score new rows with a curation run's saved scorer and keep those that pass.
@@ -586,8 +586,8 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
     """
     started = time.perf_counter()
     scorer_dir = Path(scorer_dir)
-    if budget is not None and threshold is not None:
-        raise DpselInputError("give either --budget or --threshold, not both")
+    if budget is not None or threshold is not None:  # the same checks as curate, before the scorer loads
+        make_rule("filter", budget, threshold, None, False, "task")
     scorer = load_scorer(scorer_dir)
     selection = _read_selection(scorer_dir)
     out = Path(out)

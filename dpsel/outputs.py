@@ -74,19 +74,25 @@ def check_outputs_do_not_overwrite_inputs(out_dir: Path, input_files: list[str],
         if clash:
             raise DpselInputError(f"--out {out_dir} would overwrite input {clash[0]} (as {name}); "
                                   "choose another output directory", file=str(clash[0]))
-    inside = sorted(p for p in local_inputs if out in p.parents)
-    if inside:
-        raise DpselInputError(f"--out {out_dir} is an input folder (it holds input {inside[0]}); dpsel never "
-                              "writes into an input folder: choose another output directory", file=str(inside[0]))
-    for spec in input_specs or []:
-        folder = Path(os.fspath(spec))
-        if "://" in os.fspath(spec) or not folder.is_dir():
-            continue
-        folder = folder.resolve()
-        if out == folder or folder in out.parents:
-            raise DpselInputError(f"--out {out_dir} is inside the input folder {folder}, which is scanned "
+    check_out_outside_inputs(out_dir, [*input_files, *(input_specs or [])])
+
+
+def check_out_outside_inputs(out_dir: Path, specs: list) -> None:
+    """Refuse an OUT that holds an input file (the run folder is swapped as a whole) or that is, or lies
+    inside, an input folder (scanned recursively: the run's own outputs would be read as input next time).
+    Cheap (no data read), so it runs before OUT's lock file is created beside OUT."""
+    out = Path(out_dir).resolve()
+    for spec in specs:
+        if not isinstance(spec, (str, os.PathLike)) or "://" in os.fspath(spec):
+            continue  # in-memory data or a URL: nothing local to protect
+        path = Path(os.fspath(spec))
+        if path.is_file() and out in path.resolve().parents:
+            raise DpselInputError(f"--out {out_dir} is an input folder (it holds input {path}); dpsel never "
+                                  "writes into an input folder: choose another output directory", file=str(path))
+        if path.is_dir() and (out == path.resolve() or path.resolve() in out.parents):
+            raise DpselInputError(f"--out {out_dir} is inside the input folder {path}, which is scanned "
                                   "recursively: the run's own outputs would be read as input next time; "
-                                  "choose an output directory outside it", file=str(folder))
+                                  "choose an output directory outside it", file=str(path))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,7 +201,9 @@ def verify_run(out_dir: Path) -> list[str]:
         elif file_sha256(path) != digest:
             problems.append(f"{relative} differs from the manifest's record")
     for name in (SCORES_FILE, CURATED_FILE):
-        if (out_dir / name).is_file() and run_id_of_parquet(out_dir / name) != run_id:
+        if any(p.startswith(name) for p in problems) or not (out_dir / name).is_file():
+            continue
+        if run_id_of_parquet(out_dir / name) != run_id:
             problems.append(f"{name} is from run {run_id_of_parquet(out_dir / name)}, the manifest from {run_id}")
     return problems
 

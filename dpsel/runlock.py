@@ -61,16 +61,29 @@ def run_lock(out_dir: Path) -> Iterator[None]:
         lock.release()
 
 
-def locks_out(function: Callable) -> Callable:
-    """Decorator: run `function` holding the lock of its `out` argument (and clean what dead runs left)."""
-    signature = inspect.signature(function)
+def locks_out(*input_params: str) -> Callable[[Callable], Callable]:
+    """Decorator: run the function holding the lock of its `out` argument, after checking that `out` is
+    not inside one of the inputs named by `input_params` (the lock file must not land in an input folder),
+    and clean what dead runs left beside `out`."""
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
 
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        from dpsel.outputs import clean_stale
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            from dpsel.outputs import check_out_outside_inputs, clean_stale
 
-        out_dir = Path(signature.bind(*args, **kwargs).arguments["out"])
-        with run_lock(out_dir):
-            clean_stale(out_dir)
-            return function(*args, **kwargs)
-    return wrapper
+            arguments = signature.bind(*args, **kwargs).arguments
+            out_dir = Path(arguments["out"])
+            specs = [spec for name in input_params for spec in _as_list(arguments.get(name))]
+            check_out_outside_inputs(out_dir, specs)
+            with run_lock(out_dir):
+                clean_stale(out_dir)
+                return function(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
