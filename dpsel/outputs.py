@@ -87,8 +87,9 @@ def check_out_outside_inputs(out_dir: Path, specs: list) -> None:
             continue  # in-memory data or a URL: nothing local to protect
         path = Path(os.fspath(spec))
         if path.is_file() and out in path.resolve().parents:
-            raise DpselInputError(f"--out {out_dir} is an input folder (it holds input {path}); dpsel never "
-                                  "writes into an input folder: choose another output directory", file=str(path))
+            raise DpselInputError(f"--out {out_dir} holds input {path}: the run would overwrite or move it "
+                                  "(dpsel never writes into an input folder); choose another output directory",
+                                  file=str(path))
         if path.is_dir() and (out == path.resolve() or path.resolve() in out.parents):
             raise DpselInputError(f"--out {out_dir} is inside the input folder {path}, which is scanned "
                                   "recursively: the run's own outputs would be read as input next time; "
