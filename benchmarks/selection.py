@@ -41,6 +41,7 @@ VARIANTS = {
     "bads-base-anchor": ("bads", {}, {"anchor": "base"}),
     "bads-no-group-norm": ("bads", {}, {"centre_losses": "global"}),
     "bads-plain-sgld": ("bads", {}, {"precondition": False, "lr_theta": 1e-5}),
+    "bads-visits": ("bads", {}, {"posterior_pass": False}),  # ablation: weights from visits only (the old form)
     "l2rw": ("l2rw", {}, {}),
     "loss": ("loss", {}, {}),
     "ifd": ("ifd", {}, {}),
@@ -161,6 +162,8 @@ def run_method(name: str, data: dict, args, progress_every: float = 30.0) -> dic
               "timings": {k: float(v) for k, v in scores.timings.items()},
               "kept": int(keep.sum()), "precision_kept": float(clean[keep].mean()),
               "recall_clean": float(keep[clean].mean())}
+    if scores.coverage:
+        result["coverage"] = scores.coverage
     if name != "all":
         result["auroc"] = auroc_report(w, data["kinds"])
     result["_keep"] = keep
