@@ -248,6 +248,7 @@ class SamplerResult:
     visits: np.ndarray | None = None          # per row: minibatch visits after burn-in
     under_visited: np.ndarray | None = None   # rows whose weight is not yet backed by enough draws (caller decides)
     coverage: dict = field(default_factory=dict)
+    alternatives: dict[str, np.ndarray] = field(default_factory=dict)  # other per-row estimates from this run
 
 
 def coverage_summary(visits: np.ndarray, steps: int, burn_in: int, scored_by: dict[str, int]) -> dict:
@@ -368,15 +369,19 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
                 progress(step + 1, steps, record)
     visits_np = visits.numpy()
     under_visited = np.zeros(n, dtype=bool)
+    alternatives: dict[str, np.ndarray] = {}
     if weight_param == "amortized":
         # w_i = g_φ(e_i): every row's weight is recorded at every step after burn-in, visited or not.
         mean, std = moments.mean().numpy(), moments.std().numpy()
         scored_by = {"weight_network_draws": n}
     elif settings.posterior_pass:
         pass_started = time.perf_counter()
-        mean, std = posterior_pass(problem, theta, theta_draws, prior_a, prior_b, groups, settings)
+        mean, std, theta_loss = posterior_pass(problem, theta, theta_draws, prior_a, prior_b, groups, settings)
         timings["posterior_pass_seconds"] = time.perf_counter() - pass_started
         scored_by = {"posterior_pass": n}
+        # Ablations from the same run: the visit averages alone (unvisited rows at their prior), and θ's
+        # standardised loss alone (no prior).
+        alternatives = {"visits_only": moments.mean(fallback=prior_mean).numpy(), "theta_loss_only": -theta_loss}
     else:
         # A row seen fewer than min_visits times after burn-in has no posterior of its own worth the name: the
         # caller scores it another way (select_bads: the weight network) and the coverage record says so.
@@ -389,12 +394,12 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
         timings["step_ratio_vs_plain"] = timings["seconds_per_step"] / timings["plain_step_seconds"]
     coverage = coverage_summary(visits_np, steps, burn_in, scored_by)
     return SamplerResult(np.clip(mean, 0, 1), std, diag, timings, weights, phi_samples, visits_np, under_visited,
-                         coverage)
+                         coverage, alternatives)
 
 
 def posterior_pass(problem: SelectionProblem, theta: list[torch.Tensor], theta_draws: list[list[torch.Tensor]],
                    prior_a: torch.Tensor, prior_b: torch.Tensor, groups: torch.Tensor,
-                   settings: BadsSettings) -> tuple[np.ndarray, np.ndarray]:
+                   settings: BadsSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Posterior mean and std of every row's weight from the kept θ draws, visited or not.
 
     Given θ the weights are conditionally independent: p(w_i | θ, D) ∝ Beta(w_i; a_i, b_i)·exp(−ρ ℓ̃_i(θ) w_i).
@@ -405,6 +410,7 @@ def posterior_pass(problem: SelectionProblem, theta: list[torch.Tensor], theta_d
     current = [t.detach().clone() for t in theta]
     first = torch.zeros(problem.n_train, dtype=torch.float64)
     second = torch.zeros_like(first)
+    standardised_loss = torch.zeros_like(first)
     try:
         for draw in theta_draws:
             _load(theta, draw)
@@ -414,6 +420,7 @@ def posterior_pass(problem: SelectionProblem, theta: list[torch.Tensor], theta_d
             baseline.update(losses, groups)
             centre, scale = baseline.normalise(losses, groups)
             tilt = settings.rho * (losses - centre) / scale
+            standardised_loss += ((losses - centre) / scale).double()
             for rows in torch.arange(problem.n_train).split(4096):  # the quadrature is [rows, grid]: bound it
                 m1, m2 = conditional_weight_moments(prior_a[rows], prior_b[rows], tilt[rows])
                 first[rows] += m1
@@ -422,7 +429,7 @@ def posterior_pass(problem: SelectionProblem, theta: list[torch.Tensor], theta_d
         _load(theta, current)
     k = max(len(theta_draws), 1)
     mean = first / k
-    return mean.numpy(), (second / k - mean * mean).clamp(min=0).sqrt().numpy()
+    return mean.numpy(), (second / k - mean * mean).clamp(min=0).sqrt().numpy(), (standardised_loss / k).numpy()
 
 
 @torch.no_grad()
@@ -615,7 +622,8 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
     diagnostics["reference_heldout_loss"] = [v for _, v in ref.trace]
     cfg = config.to_dict()
     cfg["bads"] = asdict(settings)
-    return Scores("bads", weight_mean, weight_std, cfg, diagnostics, timings, scorer, coverage=result.coverage)
+    return Scores("bads", weight_mean, weight_std, cfg, diagnostics, timings, scorer, coverage=result.coverage,
+                  alternatives=dict(result.alternatives, reference_loss_only=-ref_nll))
 
 
 # ----------------------------------------------------------------------------------------------- scorer

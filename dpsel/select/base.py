@@ -47,6 +47,8 @@ class Scores:
     # How every row got its weight (sampler methods): visits per row after burn-in (min/median/max), rows never
     # visited, and how rows with too few visits were scored. curate copies it into manifest.json.
     coverage: dict = field(default_factory=dict)
+    # Other per-row estimates the same run produced (ablations for the benchmark; higher = keep; not saved).
+    alternatives: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
         self.weight_mean = np.asarray(self.weight_mean, dtype=np.float64)
