@@ -43,6 +43,7 @@ class BadsSettings:
     posterior_pass: bool = True       # score every row under θ draws after the run (Rao-Blackwellised, below)
     theta_draws: int = 4              # θ snapshots kept after burn-in for the posterior pass
     ref_fraction: float = 0.5         # meta reference fit capped at this fraction of the run (ref_steps overrides)
+    refresh_prior: str = "min"        # posterior pass: "min" (prior from reference and θ, see posterior_pass) | "none"
     min_visits: int = 2               # without the posterior pass: rows visited fewer times get the weight net
     beta: float = 0.7                 # prior expected kept fraction
     kappa: float = 6.0                # prior concentration a + b
@@ -376,12 +377,15 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
         scored_by = {"weight_network_draws": n}
     elif settings.posterior_pass:
         pass_started = time.perf_counter()
-        mean, std, theta_loss = posterior_pass(problem, theta, theta_draws, prior_a, prior_b, groups, settings)
+        passed = posterior_pass(problem, theta, theta_draws, prior_mean, groups, settings)
+        mean, std = passed["mean"], passed["std"]
         timings["posterior_pass_seconds"] = time.perf_counter() - pass_started
         scored_by = {"posterior_pass": n}
-        # Ablations from the same run: the visit averages alone (unvisited rows at their prior), and θ's
-        # standardised loss alone (no prior).
-        alternatives = {"visits_only": moments.mean(fallback=prior_mean).numpy(), "theta_loss_only": -theta_loss}
+        # Ablations from the same run: the visit averages alone (unvisited rows at their prior), θ's
+        # standardised loss alone (no prior), and the posterior pass without the refreshed prior.
+        alternatives = {"visits_only": moments.mean(fallback=prior_mean).numpy(),
+                        "theta_loss_only": -passed["theta_loss"],
+                        "posterior_pass_reference_prior": passed["reference_prior_mean"]}
     else:
         # A row seen fewer than min_visits times after burn-in has no posterior of its own worth the name: the
         # caller scores it another way (select_bads: the weight network) and the coverage record says so.
@@ -398,19 +402,22 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
 
 
 def posterior_pass(problem: SelectionProblem, theta: list[torch.Tensor], theta_draws: list[list[torch.Tensor]],
-                   prior_a: torch.Tensor, prior_b: torch.Tensor, groups: torch.Tensor,
-                   settings: BadsSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   prior_mean: torch.Tensor, groups: torch.Tensor, settings: BadsSettings) -> dict[str, np.ndarray]:
     """Posterior mean and std of every row's weight from the kept θ draws, visited or not.
 
     Given θ the weights are conditionally independent: p(w_i | θ, D) ∝ Beta(w_i; a_i, b_i)·exp(−ρ ℓ̃_i(θ) w_i).
     So E[w_i | D] = E_θ[E[w_i | θ]] is estimated by averaging that 1-D conditional's moments over the θ draws
     (Rao-Blackwellisation over every row), with ℓ̃ centred and scaled on the whole pool's losses under each draw.
-    This is also where θ earns its keep: it has trained on the w-weighted pool, not only the meta rows.
+
+    `refresh_prior="min"` (default variant) refreshes the empirical-Bayes prior from θ before that average: θ has
+    trained on the w-weighted pool, so it knows each task's answers far better than the meta-only reference (it
+    flags swapped, garbled and cut answers the reference misses), but it has also learnt boilerplate the pool
+    repeats (refusals), which the reference still flags. A row keeps a high prior mean only if *both* find it
+    typical of its task: a_i/(a_i+b_i) = min(EB mean from the reference, EB mean from θ's losses). Measured as
+    the ablation `bads[posterior_pass_reference_prior]` in benchmarks/results/selection.md.
     """
     current = [t.detach().clone() for t in theta]
-    first = torch.zeros(problem.n_train, dtype=torch.float64)
-    second = torch.zeros_like(first)
-    standardised_loss = torch.zeros_like(first)
+    tilts, standardised = [], torch.zeros(problem.n_train, dtype=torch.float64)
     try:
         for draw in theta_draws:
             _load(theta, draw)
@@ -419,17 +426,37 @@ def posterior_pass(problem: SelectionProblem, theta: list[torch.Tensor], theta_d
                                      settings.standardise_losses)
             baseline.update(losses, groups)
             centre, scale = baseline.normalise(losses, groups)
-            tilt = settings.rho * (losses - centre) / scale
-            standardised_loss += ((losses - centre) / scale).double()
-            for rows in torch.arange(problem.n_train).split(4096):  # the quadrature is [rows, grid]: bound it
-                m1, m2 = conditional_weight_moments(prior_a[rows], prior_b[rows], tilt[rows])
-                first[rows] += m1
-                second[rows] += m2
+            standardised += ((losses - centre) / scale).double()
+            tilts.append(settings.rho * (losses - centre) / scale)
     finally:
         _load(theta, current)
-    k = max(len(theta_draws), 1)
+    theta_loss = (standardised / max(len(tilts), 1)).numpy()
+    out = {"theta_loss": theta_loss}
+    out["reference_prior_mean"], _ = _average_conditionals(prior_mean, tilts, settings.kappa)
+    if settings.refresh_prior == "min":
+        theta_prior = torch.as_tensor(empirical_bayes_mean(theta_loss, groups.numpy(), settings.beta,
+                                                           settings.eb_gamma))
+        prior_mean = torch.minimum(prior_mean.double(), theta_prior)
+    elif settings.refresh_prior != "none":
+        from dpsel.errors import DpselInputError
+        raise DpselInputError(f"unknown refresh_prior {settings.refresh_prior!r}; use 'min' or 'none'")
+    out["mean"], out["std"] = _average_conditionals(prior_mean, tilts, settings.kappa)
+    return out
+
+
+def _average_conditionals(prior_mean: torch.Tensor, tilts: list[torch.Tensor], kappa: float):
+    """Mean and std of w over the θ draws: the average of each draw's exact 1-D conditional moments."""
+    a, b = beta_prior_params(prior_mean.float(), kappa)
+    first = torch.zeros(len(prior_mean), dtype=torch.float64)
+    second = torch.zeros_like(first)
+    for tilt in tilts:
+        for rows in torch.arange(len(first)).split(4096):  # the quadrature is [rows, grid]: bound its memory
+            m1, m2 = conditional_weight_moments(a[rows], b[rows], tilt[rows])
+            first[rows] += m1
+            second[rows] += m2
+    k = max(len(tilts), 1)
     mean = first / k
-    return mean.numpy(), (second / k - mean * mean).clamp(min=0).sqrt().numpy(), (standardised_loss / k).numpy()
+    return mean.numpy(), (second / k - mean * mean).clamp(min=0).sqrt().numpy()
 
 
 @torch.no_grad()
