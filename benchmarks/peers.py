@@ -29,7 +29,7 @@ def answer_of(messages) -> str:
 
 def _char_ngrams():
     from sklearn.feature_extraction.text import HashingVectorizer
-    return HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=2 ** 18, alternate_sign=False,
+    return HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=2 ** 16, alternate_sign=False,
                              norm="l2")
 
 
