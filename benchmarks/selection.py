@@ -433,7 +433,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache", default=str(ROOT / "benchmarks" / "cache"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--merge", default=None,
+                        help="comma list of selection.json files from runs on disjoint seeds (same settings): "
+                             "combine their per-seed results into one report under --out, run nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_reports([Path(p) for p in args.merge.split(",")], Path(args.out))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     torch.set_num_threads(args.threads)
@@ -481,6 +486,31 @@ def main(argv=None) -> dict:
     (out / "selection.md").write_text(full_markdown(runs))
     print(multi_seed_markdown(report))
     return report
+
+
+def merge_reports(paths: list[Path], out: Path) -> dict:
+    """One report from several single-process runs over disjoint seeds (run side by side to use both cores)."""
+    merged: dict = {}
+    for path in paths:
+        for key, report in saved_runs(path).items():
+            if "per_seed" not in report:
+                continue
+            if key not in merged:
+                merged[key] = {**report, "per_seed": [], "seeds": []}
+            merged[key]["per_seed"] += report["per_seed"]
+            merged[key]["seeds"] += report["seeds"]
+            merged[key]["seconds"] = max(merged[key].get("seconds", 0), report["seconds"])
+    for report in merged.values():
+        report["summary"] = summarise(report["per_seed"])
+        report["notes"] = multi_seed_targets(report["summary"])
+        report["args"]["seeds"] = ",".join(map(str, report["seeds"]))
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {**saved_runs(out / "selection.json"), **merged}
+    (out / "selection.json").write_text(json.dumps({"runs": runs}, indent=2, default=float) + "\n")
+    (out / "selection.md").write_text(full_markdown(runs))
+    for report in merged.values():
+        print(multi_seed_markdown(report))
+    return merged
 
 
 def run_seed(names: list[str], peers: list[str], data: dict, args) -> dict:
