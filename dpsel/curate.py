@@ -393,6 +393,7 @@ class _Run:
     started: float
     group_column: str | None = None
     truth: dict | None = None
+    coverage: dict | None = None       # how every row got its weight (visits after burn-in; Scores.coverage)
     extra_manifest: dict = field(default_factory=dict)   # e.g. meta rows dropped as duplicates
 
 
@@ -453,6 +454,7 @@ def _write_files(stage: Path, out: Path, run: _Run, run_id: str) -> CurationResu
         "timings": timings,
         "groups": group_stats,
         "truth": run.truth,
+        "coverage": run.coverage,
         "outputs": {name: path.name for name, path in paths.items()},
         **run.extra_manifest,
         # sha256 of every other file of this run: with run_id, what `dpsel.outputs.verify_run` checks
@@ -546,7 +548,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
                diagnostics=scores.diagnostics, timings={"read_s": read_s, "select_s": select_s,
                                                         "method": dict(scores.timings)},
                started=started, group_column=group_column if groups is not None else None, truth=truth_info,
-               extra_manifest={"meta_duplicates_dropped": meta_duplicates})
+               coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates})
     return _write_run(out, run)
 
 
