@@ -372,3 +372,13 @@ def test_children_die_with_a_killed_parent(tmp_path):
     parent.kill()
     parent.wait()
     child.wait(timeout=20)  # raises psutil.TimeoutExpired if the child outlived its parent
+
+
+def test_long_group_names_keep_plots_small(tmp_path):
+    """Found by the hostile suite: a 5,000-character task name made the bar plot 4 GB and two minutes."""
+    import matplotlib.image
+    from dpsel.report import plot_group_weights
+    path = plot_group_weights("task", [{"group": "x" * 5000, "mean_weight": 0.5},
+                                       {"group": "$\\frac{", "mean_weight": 0.2}], tmp_path / "p.png")
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width < 2000 and height < 2000
