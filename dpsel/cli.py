@@ -115,6 +115,8 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            batch_size: Optional[int] = typer.Option(None, "--batch-size"),
            max_length: Optional[int] = typer.Option(None, "--max-length"),
            truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report."),
+           restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint of an interrupted run "
+                                        "into this --out and start from zero (default: resume it)."),
            config: Optional[Path] = ConfigOpt):
     """Score every training row by data-point selection and keep the best."""
     from dpsel.config import RunConfig
@@ -129,7 +131,7 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
     with progress_reporter(f"curate[{run.curate.method}]") as progress:
         result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
                             budget=run.curate.budget, threshold=run.curate.threshold, per_group=per_task,
-                            config=run.select_config(), progress=progress, truth=run.data.truth)
+                            config=run.select_config(), progress=progress, truth=run.data.truth, restart=restart)
     _print_curation(result)
 
 

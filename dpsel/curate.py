@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import dpsel
+from dpsel import checkpoint
 from dpsel.data import InstructionSet, read_instruction_set
 from dpsel.errors import DpselInputError
 from dpsel.outputs import (SELECTION_FILE, begin_staging, check_outputs_do_not_overwrite_inputs, curated_table,
@@ -496,7 +497,7 @@ def _report_data(run: _Run, counts: dict, cutoff: float | None, run_id: str) -> 
 def curate(train, meta, out, *, method: str = "bads", budget: float | None = None,
            threshold: float | None = None, task_budgets: dict[str, float] | None = None,
            per_group: bool = False, group_column: str = "task", config: SelectConfig | None = None,
-           progress: ProgressFn | None = None, truth=None) -> CurationResult:
+           progress: ProgressFn | None = None, truth=None, restart: bool = False) -> CurationResult:
     """Score every training row with `method` against the trusted `meta` set and keep the best.
 
     Keeps the top `budget` fraction of the usable rows (default 0.7; `all` keeps everything) or the rows with
@@ -530,8 +531,10 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     groups = train_rows.group_values(group_column)
     # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
     usable_groups = None if groups is None else list(groups[train_rows.usable])
-    scores = select(train_rows.data.messages(train_rows.usable), meta_rows.data.messages(meta_rows.usable), method,
-                    config, progress, groups=usable_groups)
+    checkpoints = _open_checkpoints(out, method, config, train_rows, meta_rows, restart)
+    with checkpoint.active(checkpoints):
+        scores = select(train_rows.data.messages(train_rows.usable), meta_rows.data.messages(meta_rows.usable),
+                        method, config, progress, groups=usable_groups)
     _check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
     select_s = time.perf_counter() - select_start
     weights, stds = spread_scores(train_rows, scores.weight_mean, scores.weight_std)
@@ -548,8 +551,20 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
                diagnostics=scores.diagnostics, timings={"read_s": read_s, "select_s": select_s,
                                                         "method": dict(scores.timings)},
                started=started, group_column=group_column if groups is not None else None, truth=truth_info,
-               coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates})
-    return _write_run(out, run)
+               coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates,
+                                                                 "resumed_from_checkpoint": checkpoints.resumed})
+    result = _write_run(out, run)
+    checkpoints.discard()  # published: nothing left to resume
+    return result
+
+
+def _open_checkpoints(out: Path, method: str, config: SelectConfig, train_rows: _Rows, meta_rows: _Rows,
+                      restart: bool) -> checkpoint.Checkpoints:
+    """This run's checkpoints beside `out`; a checkpoint of a run with another config or input is refused."""
+    fingerprint = {"dpsel_version": dpsel.__version__, "method": method, "config": config.to_dict(),
+                   "inputs": {name: [f.sha256 for f in rows.data.files]
+                              for name, rows in (("train", train_rows), ("meta", meta_rows))}}
+    return checkpoint.Checkpoints.open(out, fingerprint, restart=restart)
 
 
 def _filter_rule(selection: dict, threshold: float | None, budget: float | None, scorer_dir: Path,

@@ -227,6 +227,12 @@ class GroupBaseline:
                 self.mean[g] = k * self.mean[g] + (1 - k) * m
                 self.var[g] = k * self.var[g] + (1 - k) * (v + (m - self.mean[g]) ** 2)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.mean, self.var = state["mean"].clone(), state["var"].clone()
+
     def normalise(self, losses: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(centre, scale) per row, detached."""
         if self.mode == "none":
@@ -267,8 +273,12 @@ def _quantiles(w: torch.Tensor) -> list[float]:
 def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size: int, meta_batch_size: int,
                 seed: int, prior_mean: torch.Tensor, theta0: list[torch.Tensor] | None = None,
                 features: torch.Tensor | None = None, weight_param: str = "logits",
-                progress: ProgressFn | None = None, measure_plain_steps: int = 0) -> SamplerResult:
-    """Joint SGLD over θ and the weights; posterior mean/std of every weight from running averages after burn-in."""
+                progress: ProgressFn | None = None, measure_plain_steps: int = 0,
+                checkpoint=None) -> SamplerResult:
+    """Joint SGLD over θ and the weights; posterior mean/std of every weight from running averages after burn-in.
+
+    `checkpoint` (a `dpsel.checkpoint.Checkpoints`): resume from its `sampler` stage when there is one, and
+    save the whole sampler state there whenever it says one is due."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n, m = problem.n_train, problem.n_meta
@@ -313,7 +323,53 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
     batches: list[list[int]] = []
     phi_samples: list[dict] = []
     step_time = 0.0
-    for step in range(steps):
+
+    def snapshot(next_step: int) -> tuple[dict, dict]:
+        """The loop's whole state after a step: tensors (safetensors) and JSON."""
+        from dpsel.checkpoint import flatten
+        opt = optimizer.state_dict()
+        tensors = {**flatten("theta", [t.detach() for t in theta]), **flatten("w", [p.detach() for p in weights.params()]),
+                   **flatten("moments", moments.state_dict()), **flatten("baseline", baseline.state_dict()),
+                   **flatten("noise_rng", optimizer.rng_state()), "torch_rng": torch.get_rng_state(), "visits": visits}
+        for idx, param_state in opt["state"].items():
+            tensors.update(flatten(f"opt.{idx}", param_state))
+        for i, draw in enumerate(theta_draws):
+            tensors.update(flatten(f"draw.{i}", draw))
+        for i, sample in enumerate(phi_samples):
+            tensors.update(flatten(f"phi.{i}", sample))
+        state = {"step": next_step, "param_groups": opt["param_groups"], "opt_state": sorted(opt["state"]),
+                 "numpy_rng": rng.bit_generator.state, "batches": [list(map(int, b)) for b in batches],
+                 "diag": diag, "step_time": step_time, "draws": len(theta_draws), "phi": len(phi_samples)}
+        return tensors, state
+
+    def restore(tensors: dict, state: dict) -> int:
+        from dpsel.checkpoint import unflatten
+
+        def listed(prefix: str) -> list[torch.Tensor]:
+            items = unflatten(prefix, tensors)
+            return [items[str(i)] for i in range(len(items))]
+        with torch.no_grad():
+            for target, value in zip([*theta, *weights.params()], [*listed("theta"), *listed("w")]):
+                target.copy_(value)
+        moments.load_state_dict(unflatten("moments", tensors))
+        baseline.load_state_dict(unflatten("baseline", tensors))
+        optimizer.load_state_dict({"state": {i: unflatten(f"opt.{i}", tensors) for i in state["opt_state"]},
+                                   "param_groups": state["param_groups"]})
+        optimizer.set_rng_state(unflatten("noise_rng", tensors))
+        torch.set_rng_state(tensors["torch_rng"])
+        visits.copy_(tensors["visits"])
+        rng.bit_generator.state = state["numpy_rng"]
+        batches[:] = state["batches"]
+        diag.update(state["diag"])
+        theta_draws[:] = [listed(f"draw.{i}") for i in range(state["draws"])]
+        phi_samples[:] = [unflatten(f"phi.{i}", tensors) for i in range(state["phi"])]
+        return int(state["step"])
+
+    start_step, saved = 0, checkpoint.load("sampler") if checkpoint is not None else None
+    if saved is not None:
+        start_step, step_time = restore(*saved), float(saved[1]["step_time"])
+        checkpoint.resumed["sampler"] = {"from_step": start_step, "steps": steps}
+    for step in range(start_step, steps):
         if not batches:
             batches = problem.train_batches(batch_size, int(rng.integers(2**31)))
         train_idx = np.asarray(batches.pop(0))
@@ -368,6 +424,8 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
                 diag[k].append(float(v))
             if progress:
                 progress(step + 1, steps, record)
+        if checkpoint is not None and checkpoint.due() and step < steps - 1:
+            checkpoint.save("sampler", *snapshot(step + 1))
     visits_np = visits.numpy()
     under_visited = np.zeros(n, dtype=bool)
     alternatives: dict[str, np.ndarray] = {}
@@ -576,7 +634,8 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
                 progress: ProgressFn | None = None, groups=None) -> Scores:
     """Fit the meta reference (θ₀, features, empirical-Bayes prior), then sample (θ, w) by SGLD."""
     from dpsel.select.features import FeatureStats, distil_weight_net, row_features
-    from dpsel.select.lm import EncodedRows, build_lm, fit_reference, score_nll, seed_all
+    from dpsel.checkpoint import current as current_checkpoints, flatten, unflatten
+    from dpsel.select.lm import EncodedRows, ReferenceFit, build_lm, fit_reference, score_nll, seed_all
 
     started = time.perf_counter()
     settings = BadsSettings.for_variant(config.variant, config.extra)
@@ -593,9 +652,21 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
 
     ref_started = time.perf_counter()
     run_steps = settings.resolve_steps(len(train_rows), config.batch_size)
-    ref = fit_reference(lm, meta_rows, reference_budget(config, run_steps, settings.ref_fraction), progress)
-    ref_state = lm.theta_state()
-    raw_features = row_features(lm, train_rows)
+    checkpoint = current_checkpoints()
+    saved = checkpoint.load("reference") if checkpoint is not None else None
+    if saved is None:
+        ref = fit_reference(lm, meta_rows, reference_budget(config, run_steps, settings.ref_fraction), progress)
+        ref_state = lm.theta_state()
+        raw_features = row_features(lm, train_rows)
+        if checkpoint is not None:
+            checkpoint.save("reference", {**flatten("theta", ref_state), "features": torch.as_tensor(raw_features)},
+                            {k: v for k, v in asdict(ref).items() if k != "state"})
+    else:  # resumed: the fitted reference and the features it gave (safetensors + JSON)
+        ref_state, raw_features = unflatten("theta", saved[0]), saved[0]["features"].numpy()
+        ref = ReferenceFit(state=ref_state, **saved[1])
+        lm.load_theta(ref_state)
+        lm.model.eval()
+        checkpoint.resumed["reference"] = {"steps": ref.steps}
     ref_nll = raw_features[:, 0]
     stats = FeatureStats.fit(raw_features)
     features = torch.as_tensor(stats.apply(raw_features), dtype=torch.float32)
@@ -613,7 +684,7 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
     result = run_sampler(problem, settings, batch_size=config.batch_size, meta_batch_size=config.meta_batch_size,
                          seed=config.seed, prior_mean=prior_mean, theta0=theta0, features=features,
                          weight_param=config.weight_param, progress=progress,
-                         measure_plain_steps=int(config.extra.get("measure_plain_steps", 0)))
+                         measure_plain_steps=int(config.extra.get("measure_plain_steps", 0)), checkpoint=checkpoint)
     lm.model.eval()
 
     weight_mean, weight_std = result.weight_mean, result.weight_std
