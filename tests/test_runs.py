@@ -382,3 +382,24 @@ def test_long_group_names_keep_plots_small(tmp_path):
                                        {"group": "$\\frac{", "mean_weight": 0.2}], tmp_path / "p.png")
     height, width = matplotlib.image.imread(path).shape[:2]
     assert width < 2000 and height < 2000
+
+
+def test_crafted_pickle_in_a_scorer_folder_is_refused_without_running(data, tmp_path):
+    """No pickle or remote code: a scorer file that unpickles to a code call is exit 2, and the call never runs."""
+    import pickle
+    run = tmp_path / "run"
+    curate(data["train"], data["meta"], run, method="random")
+    scorer = run / "scorer"
+    info = json.loads((scorer / "scorer.json").read_text())
+    (scorer / "scorer.json").write_text(json.dumps({**info, "kind": "loss"}))
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (scorer / "reference.pt").write_bytes(pickle.dumps(Evil()))
+    result = runner.invoke(app, ["filter", "--scorer", str(scorer), "--in", str(data["train"]),
+                                 "--out", str(tmp_path / "f")])
+    assert result.exit_code == 2, result.output
+    assert "refused" in result.output and not marker.exists()

@@ -7,6 +7,7 @@ similarity to the meta rows, RDS+), `random`, `all`.
 from __future__ import annotations
 
 import importlib
+import pickle
 from pathlib import Path
 
 from dpsel.errors import DpselInputError
@@ -71,7 +72,11 @@ def load_scorer(directory: str | Path) -> Scorer:
     kind = read_scorer_meta(directory).get("kind")
     if kind not in _SCORER_IMPL:
         raise DpselInputError(f"unknown scorer kind {kind!r} in scorer.json", file=str(directory))
-    return _resolve(_SCORER_IMPL, kind).load(directory)
+    try:
+        return _resolve(_SCORER_IMPL, kind).load(directory)
+    except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a crafted file: no code ran
+        raise DpselInputError("a scorer file holds more than tensors and plain data (a crafted pickle?); "
+                              "refused without running it", file=str(directory)) from error
 
 
 __all__ = ["METHODS", "select", "load_scorer", "SelectConfig", "Scores", "Scorer", "Messages", "ProgressFn"]
