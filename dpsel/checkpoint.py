@@ -13,16 +13,16 @@ changed, and `--restart` discards the checkpoint. Stages reach the active checkp
 (a context variable the curation sets), so the selection methods' signatures need not change.
 
 Saving only reads the state, so when it happens cannot change the result: a resumed run ends bit-identical
-to an uninterrupted one on CPU. DPSEL_CHECKPOINT_EVERY_S (default 60) sets how often the sampler saves.
+to an uninterrupted one on CPU. DPSEL_CHECKPOINT_EVERY_S (default 60) sets how often the sampler saves;
+SIGTERM during sampling saves one at the end of the current step before the run stops.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpsel import signals
 from dpsel.errors import DpselInputError
 from dpsel.io import file_sha256, write_json_atomic
 
@@ -108,6 +109,17 @@ class Checkpoints:
                           self.directory / f"{stage}.json")
         self._last_save = time.monotonic()
 
+    def after_step(self, stage: str, snapshot: Callable[[], tuple[dict, dict]]) -> None:
+        """Called by a loop after each complete step: save `snapshot()` when one is due or SIGTERM arrived
+        (then stop: `Terminated`). SIGTERM waits for the step to finish from the first call until `loop_done`."""
+        signals.defer(True)
+        if self.due() or signals.pending():
+            self.save(stage, *snapshot())
+        signals.raise_if_pending()
+
+    def loop_done(self) -> None:
+        signals.defer(False)
+
     def load(self, stage: str) -> tuple[dict[str, torch.Tensor], dict] | None:
         """The saved (tensors, state) of `stage`, or None when there is none (or a kill interrupted its save)."""
         state_path = self.directory / f"{stage}.json"
@@ -136,6 +148,7 @@ def active(checkpoints: Checkpoints | None) -> Iterator[Checkpoints | None]:
         yield checkpoints
     finally:
         _current.reset(token)
+        signals.defer(False)  # a loop that raised before `loop_done` must not leave SIGTERM deferred
 
 
 # ---- helpers for the stages: flat tensor dicts and RNG states (safetensors holds only tensors) -----------
@@ -149,6 +162,3 @@ def unflatten(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     start = prefix + "."
     return {key[len(start):]: value for key, value in tensors.items() if key.startswith(start)}
 
-
-def fingerprint_hash(fingerprint: dict) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()

@@ -16,7 +16,7 @@ dpsel's are carried over to the new folder; dpsel's own files are replaced as a 
 from __future__ import annotations
 
 import errno
-import hashlib
+import glob
 import json
 import logging
 import os
@@ -130,7 +130,8 @@ def clean_stale(out_dir: Path) -> list[str]:
     if not out_dir.parent.is_dir():
         return []
     done = []
-    olds = sorted(out_dir.parent.glob(f".{out_dir.name}{OLD_TAG}*"))
+    name = glob.escape(out_dir.name)  # an OUT named like a pattern ("run[1]") matches only itself
+    olds = sorted(out_dir.parent.glob(f".{name}{OLD_TAG}*"))
     if olds and not out_dir.exists():
         os.replace(olds[-1], out_dir)
         done.append(f"restored {olds[-1].name}")
@@ -140,7 +141,7 @@ def clean_stale(out_dir: Path) -> list[str]:
             _carry_user_entries(old, out_dir)
         shutil.rmtree(old, ignore_errors=True)
         done.append(f"removed {old.name}")
-    for stage in out_dir.parent.glob(f".{out_dir.name}{STAGING_TAG}*"):
+    for stage in out_dir.parent.glob(f".{name}{STAGING_TAG}*"):
         shutil.rmtree(stage, ignore_errors=True)
         done.append(f"removed {stage.name}")
     if out_dir.is_dir():

@@ -110,3 +110,21 @@ def test_checkpoint_refuses_changed_input_and_loads_no_pickle(tmp_path):
     # --restart: the old checkpoint (of another input) is discarded, not refused
     restarted = Checkpoints.open(out, {"inputs": {"train": ["bbb"]}}, restart=True)
     assert restarted.load("stage") is None
+
+
+def test_sigterm_mid_sampling_saves_a_checkpoint_then_exits_143(small, tmp_path):
+    """SIGTERM is Ctrl-C plus a checkpoint: the step in progress finishes, the sampler state is saved even
+    though no periodic save was due, and the run exits 143 with a message."""
+    out, steps = tmp_path / "run", 400
+    process = subprocess.Popen(_command(small, out, "--steps", str(steps)), env=_env("1e9"),
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # progress lines: "curate[bads]: step/total ..." (the reference fit has its own total)
+        if f"/{steps} " in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    stderr = process.stderr.read()
+    process.wait(timeout=300)
+    assert process.returncode == 143, stderr
+    assert "terminated" in stderr
+    saved = json.loads((checkpoint_dir(out) / "sampler.json").read_text())["state"]
+    assert 0 < saved["step"] < steps and not out.exists()

@@ -424,8 +424,10 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
                 diag[k].append(float(v))
             if progress:
                 progress(step + 1, steps, record)
-        if checkpoint is not None and checkpoint.due() and step < steps - 1:
-            checkpoint.save("sampler", *snapshot(step + 1))
+        if checkpoint is not None and step < steps - 1:
+            checkpoint.after_step("sampler", lambda: snapshot(step + 1))
+    if checkpoint is not None:
+        checkpoint.loop_done()
     visits_np = visits.numpy()
     under_visited = np.zeros(n, dtype=bool)
     alternatives: dict[str, np.ndarray] = {}
