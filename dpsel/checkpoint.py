@@ -62,8 +62,9 @@ def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 class Checkpoints:
     """The checkpoint folder of one OUT: stage name -> (tensors, JSON state)."""
 
-    def __init__(self, directory: Path, every_s: float | None = None):
+    def __init__(self, directory: Path, fingerprint: dict, every_s: float | None = None):
         self.directory = Path(directory)
+        self.fingerprint = fingerprint
         self.every_s = float(os.environ.get("DPSEL_CHECKPOINT_EVERY_S", DEFAULT_EVERY_S)) if every_s is None \
             else every_s
         self.resumed: dict[str, Any] = {}   # stage -> what was resumed (for the manifest)
@@ -84,15 +85,14 @@ class Checkpoints:
             except ValueError:
                 saved = {"unreadable": True}
             changed = _changes(saved, fingerprint)
-            if changed:
+            if changed and not any(directory.glob("*.safetensors")):  # nothing saved yet: nothing to resume
+                shutil.rmtree(directory)
+            elif changed:
                 raise DpselInputError(
                     f"a checkpoint of an interrupted run is in {directory}, but this run differs from it in: "
                     f"{', '.join(changed[:8])}; re-run the same command to resume it, or add --restart to "
                     "discard it and start from zero", file=str(directory))
-        else:
-            directory.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(fingerprint, saved_path)
-        return cls(directory)
+        return cls(directory, fingerprint)
 
     # ---- stages ---------------------------------------------------------------------------------------
 
@@ -101,6 +101,9 @@ class Checkpoints:
 
     def save(self, stage: str, tensors: dict[str, torch.Tensor], state: dict) -> None:
         """Tensors to `<stage>.safetensors`, then the state (naming the tensors' sha256) to `<stage>.json`."""
+        if not (self.directory / FINGERPRINT_FILE).exists():  # created on the first save: no empty folders
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.fingerprint, self.directory / FINGERPRINT_FILE)
         tensor_path = self.directory / f"{stage}.safetensors"
         tmp = tensor_path.with_name(f".{tensor_path.name}.tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
