@@ -90,3 +90,9 @@ def test_rds_ranks_off_domain_rows_below_on_domain():
     new_off, _ = scores.scorer.score([_qa("Traduis « bonjour » en allemand, s'il te plaît.", "Guten Tag, mein Freund.")])
     new_on, _ = scores.scorer.score([_qa("What is 41 + 7?", "48")])
     assert new_off[0] < new_on[0]
+
+
+def test_epochs_option_reaches_the_selection_config():
+    from dpsel.config import RunConfig
+    run = RunConfig.load(None, {"epochs": 1.5, "method": "rds"}, stage="curate")
+    assert run.select_config().epochs == 1.5 and run.curate.method == "rds"
