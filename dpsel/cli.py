@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import typer
 
+from dpsel import signals
 from dpsel.errors import DpselInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,19 +31,32 @@ def handle_errors(command: Callable) -> Callable:
     """Bad input -> exit 2 with a message naming file/column/row; anything else -> exit 1, no traceback."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        signals.install()
         try:
             return command(*args, **kwargs)
         except typer.Exit:
             raise
         except DpselInputError as error:
             _fail(2, str(error))
+        except signals.Terminated:
+            _fail(143, "terminated (SIGTERM); re-run the same command to resume where a checkpoint exists")
         except KeyboardInterrupt:
             _fail(130, "interrupted")
+        except OSError as error:  # permissions, full disk, a missing file: the user's to fix -> exit 2
+            from dpsel.outputs import output_error
+            mapped = output_error(error)
+            if mapped is error and not isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+                _internal(error)
+            _fail(2, str(mapped) if mapped is not error else f"file {error.filename}: {error.strerror or error}")
         except Exception as error:  # internal failure: short message, traceback only on request
-            if os.environ.get("DPSEL_DEBUG"):
-                traceback.print_exc()
-            _fail(1, f"internal error: {type(error).__name__}: {error} (set DPSEL_DEBUG=1 for the traceback)")
+            _internal(error)
     return wrapper
+
+
+def _internal(error: Exception) -> None:
+    if os.environ.get("DPSEL_DEBUG"):
+        traceback.print_exc()
+    _fail(1, f"internal error: {type(error).__name__}: {error} (set DPSEL_DEBUG=1 for the traceback)")
 
 
 @app.command()
@@ -87,12 +101,13 @@ def _print_curation(result) -> None:
 def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Training set (file, folder or glob); repeatable."),
            meta: Optional[list[str]] = typer.Option(None, "--meta", help="Small trusted meta set; repeatable."),
            out: Optional[Path] = typer.Option(None, "--out"),
-           method: Optional[str] = typer.Option(None, "--method", help="bads (default) | l2rw | loss | ifd | random | all"),
+           method: Optional[str] = typer.Option(None, "--method", help="bads (default) | l2rw | loss | ifd | rds | random | all"),
            budget: Optional[float] = typer.Option(None, "--budget", help="Fraction of rows to keep (default 0.7)."),
            threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum mean weight to keep."),
            per_task: bool = typer.Option(False, "--per-task", help="Apply the budget within each `task` group."),
            model: Optional[str] = typer.Option(None, "--model", help="'tiny' (default, built in), a local directory, or a hub id."),
            steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (method default if unset)."),
+           epochs: Optional[float] = typer.Option(None, "--epochs", help="bads/l2rw: passes over the pool after burn-in (--steps overrides)."),
            seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0); seeded CPU runs are reproducible."),
            device: Optional[str] = typer.Option(None, "--device", help="auto (default) | cpu | cuda"),
            variant: Optional[str] = typer.Option(None, "--variant", help="bads: default | paper"),
@@ -100,6 +115,8 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            batch_size: Optional[int] = typer.Option(None, "--batch-size"),
            max_length: Optional[int] = typer.Option(None, "--max-length"),
            truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report."),
+           restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint of an interrupted run "
+                                        "into this --out and start from zero (default: resume it)."),
            config: Optional[Path] = ConfigOpt):
     """Score every training row by data-point selection and keep the best."""
     from dpsel.config import RunConfig
@@ -107,14 +124,14 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
     from dpsel.progress import progress_reporter
     run = RunConfig.load(config, {
         "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
-        "threshold": threshold, "model": model, "steps": steps, "seed": seed, "device": device, "truth": truth,
+        "threshold": threshold, "model": model, "steps": steps, "epochs": epochs, "seed": seed, "device": device, "truth": truth,
         "curate.select.variant": variant, "curate.select.weight_param": weight_param,
         "curate.select.batch_size": batch_size, "curate.select.max_length": max_length}, stage="curate")
     run.require("data.train", "data.meta", "out", flow="curate")
     with progress_reporter(f"curate[{run.curate.method}]") as progress:
         result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
                             budget=run.curate.budget, threshold=run.curate.threshold, per_group=per_task,
-                            config=run.select_config(), progress=progress, truth=run.data.truth)
+                            config=run.select_config(), progress=progress, truth=run.data.truth, restart=restart)
     _print_curation(result)
 
 

@@ -20,7 +20,7 @@ from dpsel.select.base import SelectConfig
 PathSpec = str | list[str]  # a file, a folder of shards, a glob or an fsspec URL; or several of them
 
 # Selection methods, as in dpsel.select.METHODS (repeated so reading a config never imports the methods).
-CURATE_METHODS = ("bads", "l2rw", "loss", "ifd", "random", "all")
+CURATE_METHODS = ("bads", "l2rw", "loss", "ifd", "rds", "random", "all")
 
 
 class _Section(BaseModel):
@@ -52,6 +52,7 @@ class CurateConfig(_Section):
     budget: float | None = Field(default=None, gt=0.0, le=1.0)     # keep this top fraction
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # or keep weight >= threshold
     steps: int | None = Field(default=None, ge=1)                  # None: the method's default
+    epochs: float | None = Field(default=None, gt=0.0)             # bads/l2rw passes after burn-in; steps overrides
     select: SelectParams = Field(default_factory=SelectParams)
 
     @field_validator("method")
@@ -147,6 +148,7 @@ class RunConfig(_Section):
         `tune`; plain ones go to `stage` ("curate" or "tune"), which must then be given.
         """
         merged = self.model_dump(by_alias=False)
+        _check_exclusive(overrides, stage)
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -189,6 +191,7 @@ class RunConfig(_Section):
         """The `SelectConfig` the curation stage passes to `dpsel.select.select`."""
         params = self.curate.select
         return SelectConfig(model=self.model, device=self.device, seed=self.seed, steps=self.curate.steps,
+                            epochs=self.curate.epochs,
                             batch_size=params.batch_size, meta_batch_size=params.meta_batch_size,
                             max_length=params.max_length, variant=params.variant,
                             weight_param=params.weight_param, extra=dict(params.extra))
@@ -215,13 +218,21 @@ _PLAIN_KEYS: dict[str, tuple[str | None, str]] = {
     "train": ("data", "train"), "meta": ("data", "meta"), "eval": ("data", "eval"),
     "eval_path": ("data", "eval"), "test": ("data", "eval"), "truth": ("data", "truth"),
     "scorer": ("data", "scorer"), "inputs": ("data", "inputs"), "in": ("data", "inputs"),
-    "budget": ("curate", "budget"), "threshold": ("curate", "threshold"),
+    "budget": ("curate", "budget"), "threshold": ("curate", "threshold"), "epochs": ("curate", "epochs"),
     "lr": ("tune", "lr"), "r": ("tune", "r"), "weights_column": ("tune", "weights_column"),
     "model": (None, "model"), "device": (None, "device"), "seed": (None, "seed"), "out": (None, "out"),
 }
 _SHARED_KEYS = ("method", "steps")
 _EXCLUSIVE_RULES = {"budget": "threshold", "threshold": "budget"}
 _SECTIONS = ("data", "curate", "tune")
+
+
+def _check_exclusive(overrides: Mapping[str, Any], stage: str | None) -> None:
+    """Budget and threshold given together (CLI, flow options) is an error, not "the last one wins"."""
+    given = {_locate(key, stage)[1].split(".")[-1] for key, value in overrides.items() if value is not None}
+    both = [name for name in _EXCLUSIVE_RULES if name in given]
+    if len(both) > 1:
+        raise DpselInputError("give either --budget or --threshold, not both")
 
 
 def _locate(key: str, stage: str | None) -> tuple[str | None, str]:

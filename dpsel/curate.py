@@ -8,7 +8,9 @@ Selection only ever sees the usable rows (valid and first occurrence of their co
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,15 +19,19 @@ from pathlib import Path
 import numpy as np
 
 import dpsel
+from dpsel import checkpoint
 from dpsel.data import InstructionSet, read_instruction_set
 from dpsel.errors import DpselInputError
-from dpsel.outputs import (SELECTION_FILE, check_outputs_do_not_overwrite_inputs, curated_table, output_paths,
-                           scores_table, write_manifest, write_scorer, write_tables)
+from dpsel.outputs import (SELECTION_FILE, begin_staging, check_outputs_do_not_overwrite_inputs, curated_table,
+                           file_records, new_run_id, output_error, output_paths, publish, scores_table,
+                           write_manifest, write_scorer, write_tables)
+from dpsel.runlock import locks_out
 from dpsel.report import GROUP_COLUMNS, ReportData, group_summary, write_report
 from dpsel.select import load_scorer, select
 from dpsel.select.base import ProgressFn, SelectConfig
 
 DEFAULT_BUDGET = 0.7
+log = logging.getLogger(__name__)
 
 REASON_INVALID = "invalid"
 REASON_DUPLICATE = "duplicate"
@@ -92,11 +98,8 @@ def make_rule(method: str, budget: float | None, threshold: float | None,
         raise DpselInputError("give either --budget or --threshold, not both")
     if threshold is not None and (task_budgets or per_group):
         raise DpselInputError("per-group budgets cannot be combined with --threshold")
-    if threshold is not None:
-        threshold = float(threshold)
-        if not math.isfinite(threshold):
-            raise DpselInputError(f"--threshold must be a finite number, got {threshold}")
-        return SelectionRule(threshold=threshold)
+    if threshold is not None:  # weights are in [0, 1]: any other threshold keeps all or nothing
+        return SelectionRule(threshold=_check_fraction(threshold, "--threshold"))
     if budget is None:
         budget = 1.0 if method == "all" else DEFAULT_BUDGET
     budget = _check_fraction(budget, "--budget")
@@ -222,6 +225,19 @@ def _as_path_list(paths) -> list[str]:
     return [str(p) for p in paths]
 
 
+def _drop_meta_duplicates(rows: _Rows) -> dict:
+    """Exact duplicates in the trusted meta set are common and harmless: score against the first copy only,
+    and say so (log + manifest). Returns {"count", "rows": [{file, row, first}]} for the manifest."""
+    first = rows.first_occurrence()
+    dropped = [{"file": rows.files[i], "row": int(rows.file_rows[i]), "duplicate_of_row": int(first[i])}
+               for i, reason in enumerate(rows.reasons) if reason == REASON_DUPLICATE]
+    if dropped:
+        rows.reasons = ["" if r == REASON_DUPLICATE else r for r in rows.reasons]
+        log.warning("meta set: %d exact duplicate row(s) dropped (first: file %s row %d)", len(dropped),
+                    dropped[0]["file"], dropped[0]["row"])
+    return {"count": len(dropped), "rows": dropped[:100]}
+
+
 def _require_all_usable(rows: _Rows, what: str) -> None:
     """The meta set is trusted: a bad or repeated row there is the user's error, not something to drop."""
     for i, reason in enumerate(rows.reasons):
@@ -285,11 +301,10 @@ def count_rows(reasons: list[str], usable: np.ndarray) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Truth (synth): AUROC of the weights against known corruptions
 # ------------------------------------------------------------------------------------------------
-def truth_auroc(truth_path, rows: _Rows, weights: np.ndarray, keep: np.ndarray) -> dict:
-    """AUROC of the mean weight for clean (positive) vs corrupted rows, overall and per corruption kind,
-    over the rows the method scored; plus the kept fraction of every kind over all rows."""
+def load_truth(truth_path, rows: _Rows) -> tuple[str, np.ndarray]:
+    """Read and check a truth file against the training rows (before the work starts): its path and the
+    corruption kind of every row, in row order."""
     import pandas as pd
-    from sklearn.metrics import roc_auc_score
 
     path = str(truth_path)
     try:
@@ -307,7 +322,15 @@ def truth_auroc(truth_path, rows: _Rows, weights: np.ndarray, keep: np.ndarray) 
     if len(mismatch):
         raise DpselInputError("truth dpsel_id differs from the training row's id (another data set?)",
                               file=path, column="dpsel_id", row=int(mismatch[0]))
-    kind = truth["kind"].astype(str).to_numpy()
+    return path, truth["kind"].astype(str).to_numpy()
+
+
+def truth_auroc(truth_path, rows: _Rows, weights: np.ndarray, keep: np.ndarray) -> dict:
+    """AUROC of the mean weight for clean (positive) vs corrupted rows, overall and per corruption kind,
+    over the rows the method scored; plus the kept fraction of every kind over all rows."""
+    from sklearn.metrics import roc_auc_score
+
+    path, kind = load_truth(truth_path, rows)
     clean = kind == "clean"
 
     def auroc(mask: np.ndarray) -> float | None:
@@ -371,6 +394,8 @@ class _Run:
     started: float
     group_column: str | None = None
     truth: dict | None = None
+    coverage: dict | None = None       # how every row got its weight (visits after burn-in; Scores.coverage)
+    extra_manifest: dict = field(default_factory=dict)   # e.g. meta rows dropped as duplicates
 
 
 def _selection_record(run: _Run, cutoff: float | None, group_cutoffs: dict) -> dict:
@@ -380,27 +405,44 @@ def _selection_record(run: _Run, cutoff: float | None, group_cutoffs: dict) -> d
 
 
 def _write_run(out: Path, run: _Run) -> CurationResult:
+    """Write every file into a staging folder beside `out` (manifest last), then publish it as `out` in one
+    swap (dpsel.outputs): a reader never sees a folder that mixes two runs."""
+    run_id = new_run_id()
+    stage = begin_staging(out, run_id)
+    try:
+        result = _write_files(stage, out, run, run_id)
+        publish(stage, out, run_id)
+    except BaseException as error:
+        shutil.rmtree(stage, ignore_errors=True)
+        mapped = output_error(error, stage) if isinstance(error, OSError) else error
+        if mapped is error:
+            raise
+        raise mapped from error
+    return result
+
+
+def _write_files(stage: Path, out: Path, run: _Run, run_id: str) -> CurationResult:
     write_start = time.perf_counter()
     groups = run.rows.group_values(run.group_column) if run.group_column else None
     cutoff, group_cutoffs = effective_thresholds(run.weights, run.keep, groups)
     reasons, details = final_reasons(run.rows, run.keep, run.weights, run.rule, cutoff)
     counts = count_rows(reasons, run.rows.usable)
-    out.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out)
 
     ids = run.rows.ids
-    write_tables(out, scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
-                                   run.rows.file_rows),
-                 curated_table(run.rows.data.table, ids, run.weights, run.keep))
-    selection = _selection_record(run, cutoff, group_cutoffs)
-    write_scorer(out, run.scorer, selection)
+    write_tables(stage, scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
+                                     run.rows.file_rows),
+                 curated_table(run.rows.data.table, ids, run.weights, run.keep), run_id=run_id)
+    selection = {**_selection_record(run, cutoff, group_cutoffs), "run_id": run_id}
+    write_scorer(stage, run.scorer, selection)
 
     group_stats = _group_stats(run.rows, run.weights, run.keep, run.group_column)
-    report_paths = write_report(out, _report_data(run, counts, cutoff))
-    paths.update({k: v for k, v in report_paths.items() if k != "report"})
+    report_paths = write_report(stage, _report_data(run, counts, cutoff, run_id))
+    paths.update({k: out / v.relative_to(stage) for k, v in report_paths.items() if k != "report"})
     timings = {**run.timings, "write_s": time.perf_counter() - write_start,
                "total_s": time.perf_counter() - run.started}
     manifest = {
+        "run_id": run_id,
         "dpsel_version": dpsel.__version__,
         "command": run.command,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -413,15 +455,19 @@ def _write_run(out: Path, run: _Run) -> CurationResult:
         "timings": timings,
         "groups": group_stats,
         "truth": run.truth,
+        "coverage": run.coverage,
         "outputs": {name: path.name for name, path in paths.items()},
+        **run.extra_manifest,
+        # sha256 of every other file of this run: with run_id, what `dpsel.outputs.verify_run` checks
+        "files": file_records(stage),
     }
-    write_manifest(out, manifest)
+    write_manifest(stage, manifest)  # last: the completion marker
     return CurationResult(out_dir=out, paths=paths, counts=counts, manifest=manifest,
                           auroc=run.truth["auroc"] if run.truth else None)
 
 
-def _report_data(run: _Run, counts: dict, cutoff: float | None) -> ReportData:
-    headline = {"command": run.command, "method": run.method, "input rows": counts["input_rows"],
+def _report_data(run: _Run, counts: dict, cutoff: float | None, run_id: str) -> ReportData:
+    headline = {"command": run.command, "run id": run_id, "method": run.method, "input rows": counts["input_rows"],
                 "kept rows": counts["kept_rows"],
                 "kept fraction of usable rows": counts["kept_rows"] / max(counts["usable_rows"], 1)}
     headline.update({f"dropped ({reason})": n for reason, n in counts["dropped_by_reason"].items()})
@@ -447,10 +493,11 @@ def _report_data(run: _Run, counts: dict, cutoff: float | None) -> ReportData:
 # ------------------------------------------------------------------------------------------------
 # Public entry points
 # ------------------------------------------------------------------------------------------------
+@locks_out("train", "meta", "truth")
 def curate(train, meta, out, *, method: str = "bads", budget: float | None = None,
            threshold: float | None = None, task_budgets: dict[str, float] | None = None,
            per_group: bool = False, group_column: str = "task", config: SelectConfig | None = None,
-           progress: ProgressFn | None = None, truth=None) -> CurationResult:
+           progress: ProgressFn | None = None, truth=None, restart: bool = False) -> CurationResult:
     """Score every training row with `method` against the trusted `meta` set and keep the best.
 
     Keeps the top `budget` fraction of the usable rows (default 0.7; `all` keeps everything) or the rows with
@@ -465,9 +512,13 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     out = Path(out)
     train_rows = _read_rows(train)
     meta_rows = _read_rows(meta)
+    meta_duplicates = _drop_meta_duplicates(meta_rows)
     _require_all_usable(meta_rows, "meta")
     input_files = [f.path for r in (train_rows, meta_rows) for f in r.data.files]
-    check_outputs_do_not_overwrite_inputs(out, input_files + ([str(truth)] if truth else []))
+    check_outputs_do_not_overwrite_inputs(out, input_files + ([str(truth)] if truth else []),
+                                          _as_path_list(train) + _as_path_list(meta))
+    if truth is not None:
+        load_truth(truth, train_rows)  # a wrong truth file fails now, not after the work
     if rule.uses_groups and train_rows.group_values(group_column) is None:
         raise DpselInputError("per-group budgets need this column in the training set", column=group_column,
                               file=", ".join(f.path for f in train_rows.data.files))
@@ -480,8 +531,10 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     groups = train_rows.group_values(group_column)
     # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
     usable_groups = None if groups is None else list(groups[train_rows.usable])
-    scores = select(train_rows.data.messages(train_rows.usable), meta_rows.data.messages(), method, config,
-                    progress, groups=usable_groups)
+    checkpoints = _open_checkpoints(out, method, config, train_rows, meta_rows, restart)
+    with checkpoint.active(checkpoints):
+        scores = select(train_rows.data.messages(train_rows.usable), meta_rows.data.messages(meta_rows.usable),
+                        method, config, progress, groups=usable_groups)
     _check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
     select_s = time.perf_counter() - select_start
     weights, stds = spread_scores(train_rows, scores.weight_mean, scores.weight_std)
@@ -497,8 +550,21 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
                inputs=inputs, weights=weights, stds=stds, keep=keep, rule=rule, scorer=scores.scorer,
                diagnostics=scores.diagnostics, timings={"read_s": read_s, "select_s": select_s,
                                                         "method": dict(scores.timings)},
-               started=started, group_column=group_column if groups is not None else None, truth=truth_info)
-    return _write_run(out, run)
+               started=started, group_column=group_column if groups is not None else None, truth=truth_info,
+               coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates,
+                                                                 "resumed_from_checkpoint": checkpoints.resumed})
+    result = _write_run(out, run)
+    checkpoints.discard()  # published: nothing left to resume
+    return result
+
+
+def _open_checkpoints(out: Path, method: str, config: SelectConfig, train_rows: _Rows, meta_rows: _Rows,
+                      restart: bool) -> checkpoint.Checkpoints:
+    """This run's checkpoints beside `out`; a checkpoint of a run with another config or input is refused."""
+    fingerprint = {"dpsel_version": dpsel.__version__, "method": method, "config": config.to_dict(),
+                   "inputs": {name: [f.sha256 for f in rows.data.files]
+                              for name, rows in (("train", train_rows), ("meta", meta_rows))}}
+    return checkpoint.Checkpoints.open(out, fingerprint, restart=restart)
 
 
 def _filter_rule(selection: dict, threshold: float | None, budget: float | None, scorer_dir: Path,
@@ -527,6 +593,7 @@ def _read_selection(scorer_dir: Path) -> dict:
         raise DpselInputError(f"unreadable selection file ({exc})", file=str(path)) from exc
 
 
+@locks_out("inputs")
 def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budget: float | None = None,
                 progress: ProgressFn | None = None) -> CurationResult:
     """Score new rows with a curation run's saved scorer and keep those that pass.
@@ -536,13 +603,13 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
     """
     started = time.perf_counter()
     scorer_dir = Path(scorer_dir)
-    if budget is not None and threshold is not None:
-        raise DpselInputError("give either --budget or --threshold, not both")
+    if budget is not None or threshold is not None:  # the same checks as curate, before the scorer loads
+        make_rule("filter", budget, threshold, None, False, "task")
     scorer = load_scorer(scorer_dir)
     selection = _read_selection(scorer_dir)
     out = Path(out)
     rows = _read_rows(inputs)
-    check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files])
+    check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], _as_path_list(inputs))
     group_column = selection.get("group_column") or "task"
     groups = rows.group_values(group_column)
     rule = _filter_rule(selection, threshold, budget, scorer_dir, groups is not None)

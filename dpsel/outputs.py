@@ -1,16 +1,29 @@
 """The files of a curation run (`curate`, `filter`): scores.parquet, curated.parquet, manifest.json,
 scorer/ (report.md and its plots come from `dpsel.report`).
 
-Every file is written atomically (temp file + `os.replace`); scorer/ is built in a temp directory and
-swapped in, so a crashed run leaves either the old or the new scorer, never a mix. Inputs are never
-written to: `check_outputs_do_not_overwrite_inputs` refuses an OUT that would clobber an input file.
-An existing OUT directory is reused: dpsel's own files in it are replaced, anything else is left alone.
+One consistent run folder: a run writes everything into a staging folder beside OUT
+(`.OUT.dpsel-staging-<run id>`), `manifest.json` last, then publishes it by swapping folders (old OUT
+aside, staging in, old removed). A reader sees the old complete run, no folder for an instant, or the new
+complete run — never a mix. `manifest.json` is the completion marker: it carries the run id, which the
+Parquet files (schema metadata), scorer/selection.json and report.md also carry, and the sha256 of every
+other file (`verify_run` checks them). Temp folders of a dead run are cleaned by the next run into the
+same OUT (`clean_stale`, called with the OUT's lock held — see `dpsel.runlock`).
+
+Inputs are never written to: `check_outputs_do_not_overwrite_inputs` refuses an OUT that is an input
+folder, holds an input file, or lies inside an input folder. Files in an existing OUT that are not
+dpsel's are carried over to the new folder; dpsel's own files are replaced as a whole.
 """
 from __future__ import annotations
 
+import errno
+import glob
+import json
+import logging
 import os
+import secrets
 import shutil
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +31,9 @@ import numpy as np
 import pyarrow as pa
 
 from dpsel.errors import DpselInputError
-from dpsel.io import write_json_atomic, write_parquet_atomic
+from dpsel.io import file_sha256, write_json_atomic, write_parquet_atomic
+
+log = logging.getLogger(__name__)
 
 SCORES_FILE = "scores.parquet"
 CURATED_FILE = "curated.parquet"
@@ -26,6 +41,12 @@ MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.md"
 SCORER_DIR = "scorer"
 SELECTION_FILE = "selection.json"  # in scorer/: the selection rule and effective threshold of the run
+RUN_ID_KEY = "dpsel_run_id"        # Parquet schema metadata key (and JSON field) naming the run
+STAGING_TAG = ".dpsel-staging-"    # .OUT.dpsel-staging-<run id>: a run being written
+OLD_TAG = ".dpsel-old-"            # .OUT.dpsel-old-<run id>: the previous run, during the swap
+# dpsel's own entries of a run folder: replaced as a whole by the next run (anything else is the user's).
+DPSEL_ENTRIES = {"scores.parquet", "curated.parquet", "manifest.json", "report.md", "scorer",
+                 "weights_hist.png", "traces.png", "weights_by_task.png", "weights_by_source.png"}
 
 # The columns dpsel adds; an input column of the same name is replaced by the fresh value.
 SCORE_COLUMNS = ("dpsel_id", "dpsel_weight", "dpsel_weight_std", "dpsel_kept", "dpsel_reason",
@@ -38,11 +59,14 @@ def output_paths(out_dir: Path) -> dict[str, Path]:
             "scorer": out_dir / SCORER_DIR}
 
 
-def check_outputs_do_not_overwrite_inputs(out_dir: Path, input_files: list[str]) -> None:
-    """Refuse an OUT that is a file, or whose dpsel files would replace one of the inputs (checked before
-    any expensive work, so a typo in --out fails fast)."""
+def check_outputs_do_not_overwrite_inputs(out_dir: Path, input_files: list[str],
+                                          input_specs: list[str] | None = None) -> None:
+    """Refuse an OUT that is a file, that would replace an input, that holds an input file (the run folder
+    is swapped as a whole), or that lies inside an input folder (a recursive scan of that folder would
+    read the run's own outputs next time). Checked before any expensive work, so a typo fails fast."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DpselInputError("--out must be a directory, but a file of that name exists", file=str(out_dir))
+    out = out_dir.resolve()
     local_inputs = {Path(p).resolve() for p in input_files if "://" not in str(p)}
     for name, path in output_paths(out_dir).items():
         target = path.resolve()
@@ -50,6 +74,165 @@ def check_outputs_do_not_overwrite_inputs(out_dir: Path, input_files: list[str])
         if clash:
             raise DpselInputError(f"--out {out_dir} would overwrite input {clash[0]} (as {name}); "
                                   "choose another output directory", file=str(clash[0]))
+    check_out_outside_inputs(out_dir, [*input_files, *(input_specs or [])])
+
+
+def check_out_outside_inputs(out_dir: Path, specs: list) -> None:
+    """Refuse an OUT that holds an input file (the run folder is swapped as a whole) or that is, or lies
+    inside, an input folder (scanned recursively: the run's own outputs would be read as input next time).
+    Cheap (no data read), so it runs before OUT's lock file is created beside OUT."""
+    out = Path(out_dir).resolve()
+    for spec in specs:
+        if not isinstance(spec, (str, os.PathLike)) or "://" in os.fspath(spec):
+            continue  # in-memory data or a URL: nothing local to protect
+        path = Path(os.fspath(spec))
+        if path.is_file() and out in path.resolve().parents:
+            raise DpselInputError(f"--out {out_dir} holds input {path}: the run would overwrite or move it "
+                                  "(dpsel never writes into an input folder); choose another output directory",
+                                  file=str(path))
+        if path.is_dir() and (out == path.resolve() or path.resolve() in out.parents):
+            raise DpselInputError(f"--out {out_dir} is inside the input folder {path}, which is scanned "
+                                  "recursively: the run's own outputs would be read as input next time; "
+                                  "choose an output directory outside it", file=str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# One consistent run folder: staging, publish, stale cleanup, verification
+# ------------------------------------------------------------------------------------------------
+def new_run_id() -> str:
+    """Sortable and unique enough for one OUT: UTC time plus 32 random bits."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
+
+
+def staging_dir(out_dir: Path, run_id: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}{STAGING_TAG}{run_id}"
+
+
+def _is_dpsel_temp(name: str) -> bool:
+    """Temp files and folders of dpsel's atomic writers (`.NAME.xxxx.tmp`, `.scorer.xxxx.old`)."""
+    return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".old"))
+
+
+def _carry_user_entries(source: Path, target: Path) -> None:
+    """Move what the user put in the previous run folder (not dpsel's files) into the new one."""
+    for entry in sorted(source.iterdir()):
+        if entry.name in DPSEL_ENTRIES or _is_dpsel_temp(entry.name) or (target / entry.name).exists():
+            continue
+        os.replace(entry, target / entry.name)
+
+
+def clean_stale(out_dir: Path) -> list[str]:
+    """Remove what dead runs left beside (and inside) OUT; call with OUT's lock held, so nothing found is live.
+
+    A run killed between the two renames of `publish` leaves no OUT and the previous run aside: it is put
+    back. Returns the names removed or restored (for the log)."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    done = []
+    name = glob.escape(out_dir.name)  # an OUT named like a pattern ("run[1]") matches only itself
+    olds = sorted(out_dir.parent.glob(f".{name}{OLD_TAG}*"))
+    if olds and not out_dir.exists():
+        os.replace(olds[-1], out_dir)
+        done.append(f"restored {olds[-1].name}")
+        olds = olds[:-1]
+    for old in olds:
+        if out_dir.is_dir():
+            _carry_user_entries(old, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        done.append(f"removed {old.name}")
+    for stage in out_dir.parent.glob(f".{name}{STAGING_TAG}*"):
+        shutil.rmtree(stage, ignore_errors=True)
+        done.append(f"removed {stage.name}")
+    if out_dir.is_dir():
+        for entry in out_dir.iterdir():
+            if _is_dpsel_temp(entry.name):
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                done.append(f"removed {out_dir.name}/{entry.name}")
+    if done:
+        log.warning("cleaned up after an earlier interrupted run in %s: %s", out_dir, "; ".join(done))
+    return done
+
+
+def begin_staging(out_dir: Path, run_id: str) -> Path:
+    """Create the run's staging folder (this also proves OUT's parent is writable, before the work)."""
+    stage = staging_dir(out_dir, run_id)
+    try:
+        stage.mkdir(parents=True)
+    except OSError as error:
+        raise output_error(error, stage) from error
+    return stage
+
+
+def publish(stage: Path, out_dir: Path, run_id: str) -> Path:
+    """Swap the finished staging folder in as OUT (see module docstring); the previous run is removed."""
+    old = out_dir.parent / f".{out_dir.name}{OLD_TAG}{run_id}"
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(stage, out_dir)
+    if old.exists():
+        _carry_user_entries(old, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def file_records(folder: Path, skip: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[str, str]:
+    """{relative path: sha256} of every dpsel file of a run folder (the manifest itself excepted)."""
+    records = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and relative.parts[0] in DPSEL_ENTRIES and str(relative) not in skip:
+            records[str(relative)] = file_sha256(path)
+    return records
+
+
+def verify_run(out_dir: Path) -> list[str]:
+    """Problems that make OUT not one complete run ([] when it is): no manifest, a file missing, changed or
+    from another run (sha256 and run id against the manifest)."""
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return [f"{manifest_path} missing: not a finished run"]
+    manifest = json.loads(manifest_path.read_text())
+    run_id = manifest.get("run_id")
+    problems = []
+    for relative, digest in (manifest.get("files") or {}).items():
+        path = out_dir / relative
+        if not path.is_file():
+            problems.append(f"{relative} missing")
+        elif file_sha256(path) != digest:
+            problems.append(f"{relative} differs from the manifest's record")
+    for name in (SCORES_FILE, CURATED_FILE):
+        if any(p.startswith(name) for p in problems) or not (out_dir / name).is_file():
+            continue
+        if run_id_of_parquet(out_dir / name) != run_id:
+            problems.append(f"{name} is from run {run_id_of_parquet(out_dir / name)}, the manifest from {run_id}")
+    return problems
+
+
+def run_id_of_parquet(path: Path) -> str | None:
+    import pyarrow.parquet as pq
+    metadata = pq.read_schema(path).metadata or {}
+    value = metadata.get(RUN_ID_KEY.encode())
+    return value.decode() if value else None
+
+
+_ENVIRONMENT_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                       errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+                       errno.EDQUOT: "disk quota exceeded"}
+
+
+def output_error(error: OSError, path: Path | str | None = None) -> Exception:
+    """A read or write that failed for a reason the user must fix (permissions, full disk) as an input error
+    naming the path (CLI exit 2); any other OSError is returned unchanged."""
+    reason = _ENVIRONMENT_ERRNOS.get(error.errno or 0)
+    if reason is None and "No space left on device" in str(error):
+        reason = _ENVIRONMENT_ERRNOS[errno.ENOSPC]
+    if reason is None:
+        return error
+    where = error.filename or path
+    return DpselInputError(f"{reason}; fix the permissions or free some space, then re-run",
+                           file=os.fspath(where) if where else None)
 
 
 def scores_table(ids: list[str], weights: np.ndarray, stds: np.ndarray, kept: np.ndarray,
@@ -81,9 +264,16 @@ def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept:
     return table
 
 
-def write_tables(out_dir: Path, scores: pa.Table, curated: pa.Table) -> None:
-    write_parquet_atomic(scores, out_dir / SCORES_FILE)
-    write_parquet_atomic(curated, out_dir / CURATED_FILE)
+def with_run_id(table: pa.Table, run_id: str | None) -> pa.Table:
+    """The table with the run id in its schema metadata (so a Parquet file names the run that wrote it)."""
+    if run_id is None:
+        return table
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), RUN_ID_KEY.encode(): run_id.encode()})
+
+
+def write_tables(out_dir: Path, scores: pa.Table, curated: pa.Table, run_id: str | None = None) -> None:
+    write_parquet_atomic(with_run_id(scores, run_id), out_dir / SCORES_FILE)
+    write_parquet_atomic(with_run_id(curated, run_id), out_dir / CURATED_FILE)
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:

@@ -5,7 +5,9 @@ mean weight per `task`/`source` (where such a column exists), and the sampler tr
 """
 from __future__ import annotations
 
+import html
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +78,7 @@ def group_summary(values: np.ndarray, weights: np.ndarray, kept: np.ndarray,
 
 
 def plot_group_weights(column: str, summary: list[dict], path: Path) -> Path:
-    names = [r["group"] for r in summary]
+    names = [plot_label(r["group"]) for r in summary]
     means = [r["mean_weight"] for r in summary]
     fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(names) + 2), 4))
     ax.bar(range(len(names)), means, color="#264653")
@@ -107,20 +109,42 @@ def plot_traces(diagnostics: dict[str, list[float]], path: Path) -> Path | None:
     return _save_figure(fig, path)
 
 
+_ANSI_SEQUENCE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|.)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~#])")
+
+
+def escape(text) -> str:
+    """A user value (a task name, a prompt) made safe for one line of Markdown that may be rendered as HTML:
+    terminal escape sequences and control characters removed (newlines and tabs become spaces), HTML
+    special characters as entities, Markdown punctuation backslash-escaped. Hand-written: no library does
+    all three for inline Markdown."""
+    text = _ANSI_SEQUENCE.sub("", str(text))
+    text = _CONTROL.sub(lambda m: " " if m.group() in "\t\n\r\u2028\u2029" else "", text)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def plot_label(text, limit: int = 40) -> str:
+    """A user value as a plot label: control characters out, at most `limit` characters (a 5,000-character
+    task name once made one bar plot take two minutes and 4 GB), `$` literal (no mathtext)."""
+    text = _CONTROL.sub(" ", _ANSI_SEQUENCE.sub("", str(text))).replace("$", r"\$")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _fmt(value) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
+    return escape(value)
 
 
 def _markdown_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_fmt(r.get(k, "")).replace("|", "\\|") for k in head) + " |" for r in rows]
+    lines = ["| " + " | ".join(escape(h) for h in head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in head) + " |" for r in rows]
     return lines + [""]
 
 
@@ -136,7 +160,7 @@ def _examples(data: ReportData) -> list[str]:
     for title, picks in (("Highest weight", order[:EXAMPLES_SHOWN]), ("Lowest weight", order[::-1][:EXAMPLES_SHOWN])):
         lines += [f"### {title}", "", "| row | weight | kept | text |", "|---|---|---|---|"]
         for i in picks:
-            text = data.previews[i].replace("|", "\\|").replace("\n", " ")[:EXAMPLE_CHARS]
+            text = escape(data.previews[i][:EXAMPLE_CHARS])
             lines.append(f"| {i} | {data.weights[i]:.3f} | {bool(data.kept[i])} | {text} |")
         lines.append("")
     return lines

@@ -41,6 +41,9 @@ def run_flow(name: str, config: Any = None, *, echo: bool = True, **options: Any
 
     from flows.pipeline import FLOWS, describe
 
+    if not os.environ.get("PREFECT_API_URL"):  # an embedded server will be started: it dies with us
+        from flows.lifeline import tie_children_to_this_process
+        tie_children_to_this_process()
     summary = FLOWS[name](config=run_config, **flow_options)
     if echo:
         print(describe(name, summary))

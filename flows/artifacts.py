@@ -17,6 +17,8 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 from prefect.logging import get_run_logger
 
+from dpsel.report import escape
+
 PROGRESS_EVERY_S = 2.0  # at most one API call per this many seconds from the sampler's callback
 
 
@@ -84,7 +86,7 @@ def curation_table(summary: dict, key: str) -> None:
     rows = [{"section": "rows", "name": name, "value": _fmt(value), "kept": "", "mean_weight": ""}
             for name, value in flat_counts(summary["counts"]).items()]
     for group in summary.get("groups", []):
-        rows.append({"section": f"per {group['column']}", "name": group["group"], "value": group["rows"],
+        rows.append({"section": f"per {group['column']}", "name": escape(group["group"]), "value": group["rows"],
                      "kept": group["kept"], "mean_weight": _fmt(group["mean_weight"])})
     try:
         create_table_artifact(rows, key=key, description=f"Row accounting and mean weights: {summary['out_dir']}")

@@ -39,19 +39,20 @@ def _canonical(value: Any) -> Any:
 
 
 def _tree_hashes(folder: Path) -> list[tuple[str, str]]:
-    """(relative path, sha256) of every file below a local folder that is not a Parquet dataset."""
+    """(relative path, sha256) of every file below a local folder."""
     return [(str(path.relative_to(folder)), file_sha256(path))
             for path in sorted(folder.rglob("*")) if path.is_file()]
 
 
 def content_fingerprint(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list:
-    """Hashes of every file `spec` names: Parquet files/shard folders/globs via `expand_paths`; a local folder
-    without Parquet files (a scorer directory) file by file."""
+    """Hashes of every file `spec` names: Parquet files/globs/remote folders via `expand_paths`; a local folder
+    file by file, every file (a scorer directory holds seen.parquet but also selection.json and the weight
+    model: hashing only the Parquet part would reuse a stale result after the scorer changed)."""
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     fingerprint = []
     for one in specs:
         local = Path(os.fspath(one))
-        if local.is_dir() and not any(local.rglob("*.parquet")):
+        if local.is_dir():
             fingerprint.append([os.fspath(one), _tree_hashes(local)])
             continue
         fingerprint.append([os.fspath(one), [file_sha256(f.path, fs=f.fs) for f in expand_paths(one)]])

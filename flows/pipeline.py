@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from dpsel.config import RunConfig
 from dpsel.data import expand_paths
 from dpsel.io import write_json_atomic, write_text_atomic
+from dpsel.report import escape
 from flows import artifacts
 from flows.tasks import combine_filter_summaries, curate_stage, filter_shard, tune_stage
 
@@ -89,8 +90,8 @@ def _markdown_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(row.get(name)) for name in header) + " |" for row in rows]
+    lines = ["| " + " | ".join(escape(name) for name in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(escape(_fmt(row.get(name))) for name in header) + " |" for row in rows]
     return lines + [""]
 
 

@@ -8,6 +8,7 @@ A row's score is its batch-normalised weight B·w_i averaged over its visits, ma
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -57,13 +58,15 @@ def select_l2rw(train: list[Messages], meta: list[Messages], config: SelectConfi
                 progress: ProgressFn | None = None, groups=None) -> Scores:
     from peft_train.encode import length_grouped_batches
     from dpsel.normalize import row_id
-    from dpsel.select.bads import measure_plain_step, LMProblem
+    from dpsel.select.bads import coverage_summary, measure_plain_step, LMProblem
     from dpsel.select.lm import EncodedRows, batch_nll, build_lm, fit_reference, seed_all
     from dpsel.select.sgld import RunningMoments
 
     started = time.perf_counter()
     extra = config.extra
-    steps = int(config.steps or extra.get("steps", 600))
+    # Run length in passes over the pool (default one: every row visited), unless steps are given.
+    steps = int(config.steps or extra.get("steps")
+                or math.ceil(float(config.epochs or extra.get("epochs", 1.0)) * math.ceil(len(train) / config.batch_size)))
     inner_lr = float(extra.get("l2rw_inner_lr", 1e-2))
     seed_all(config.seed)
     lm = build_lm(config)
@@ -118,7 +121,10 @@ def select_l2rw(train: list[Messages], meta: list[Messages], config: SelectConfi
                    seconds_per_step=step_time / steps, reference_seconds=ref_seconds)
     if "plain_step_seconds" in timings:
         timings["step_ratio_vs_plain"] = timings["seconds_per_step"] / timings["plain_step_seconds"]
-    return Scores("l2rw", mean, std, config.to_dict(), diag, timings, scorer)
+    visits = moments.count.numpy().astype(int)
+    coverage = coverage_summary(visits, steps, 0, {"visits": int(visited.sum()),
+                                                   "never_visited_left_at_0.5": int((~visited).sum())})
+    return Scores("l2rw", mean, std, config.to_dict(), diag, timings, scorer, coverage=coverage)
 
 
 class L2rwScorer(SeenTableScorer):

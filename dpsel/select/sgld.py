@@ -39,6 +39,20 @@ class SGLD(Optimizer):
         self.generator: torch.Generator | None = None  # set for reproducible noise independent of global RNG
         self._device_generators: dict[str, torch.Generator] = {}
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The noise generators' states (`state_dict` holds the preconditioner, not these): for checkpoints."""
+        states = {} if self.generator is None else {"cpu": self.generator.get_state()}
+        states.update({key: generator.get_state() for key, generator in self._device_generators.items()})
+        return states
+
+    def set_rng_state(self, states: dict[str, torch.Tensor]) -> None:
+        for key, state in states.items():
+            if key == "cpu":
+                self.generator = self.generator or torch.Generator()
+                self.generator.set_state(state)
+            else:
+                self._device_generators.setdefault(key, torch.Generator(device=key)).set_state(state)
+
     def set_visited(self, param: torch.Tensor, rows: torch.Tensor) -> None:
         """Rows of a row-sparse parameter that this step's minibatch touched (unique indices)."""
         self._visited[id(param)] = rows
@@ -161,6 +175,12 @@ class RunningMoments:
         self.count = torch.zeros(n, dtype=dtype)
         self.total = torch.zeros(n, dtype=dtype)
         self.total_sq = torch.zeros(n, dtype=dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count, "total": self.total, "total_sq": self.total_sq}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.count, self.total, self.total_sq = (state[k].clone() for k in ("count", "total", "total_sq"))
 
     def update(self, values: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         values = values.detach().to(self.total.dtype).cpu()

@@ -1,0 +1,167 @@
+"""Checkpoints of a curation run's long stages, so a killed run resumes where it stopped.
+
+Where: `.OUT.dpsel-checkpoint/` beside OUT (not inside: OUT is swapped as a whole when the run publishes),
+removed once the run has published. What: per stage (`reference`: the meta-fitted reference and the row
+features; `sampler`: θ, the weights, the optimizer's preconditioner state, running moments, baselines,
+visit counts, RNG states, the step), tensors in a safetensors file and everything else in a JSON file — no
+pickle, so loading a checkpoint can never run code. The JSON is written after the tensors and names their
+sha256, so a kill between the two writes leaves the previous checkpoint, never a mix.
+
+A run refuses to resume a checkpoint made by a different run: `fingerprint.json` holds the method, the
+selection config and the inputs' content hashes; a changed one is an input error (exit 2) naming what
+changed, and `--restart` discards the checkpoint. Stages reach the active checkpoint through `current()`
+(a context variable the curation sets), so the selection methods' signatures need not change.
+
+Saving only reads the state, so when it happens cannot change the result: a resumed run ends bit-identical
+to an uninterrupted one on CPU. DPSEL_CHECKPOINT_EVERY_S (default 60) sets how often the sampler saves;
+SIGTERM during sampling saves one at the end of the current step before the run stops.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpsel import signals
+from dpsel.errors import DpselInputError
+from dpsel.io import file_sha256, write_json_atomic
+
+CHECKPOINT_TAG = ".dpsel-checkpoint"
+FINGERPRINT_FILE = "fingerprint.json"
+DEFAULT_EVERY_S = 60.0
+
+_current: ContextVar["Checkpoints | None"] = ContextVar("dpsel_checkpoints", default=None)
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}{CHECKPOINT_TAG}"
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two fingerprints."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+class Checkpoints:
+    """The checkpoint folder of one OUT: stage name -> (tensors, JSON state)."""
+
+    def __init__(self, directory: Path, fingerprint: dict, every_s: float | None = None):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.every_s = float(os.environ.get("DPSEL_CHECKPOINT_EVERY_S", DEFAULT_EVERY_S)) if every_s is None \
+            else every_s
+        self.resumed: dict[str, Any] = {}   # stage -> what was resumed (for the manifest)
+        self._last_save = time.monotonic()
+
+    @classmethod
+    def open(cls, out_dir: Path, fingerprint: dict, *, restart: bool = False) -> "Checkpoints":
+        """The checkpoints of OUT for a run with this `fingerprint` (JSON-able). A checkpoint left by a run
+        with another fingerprint is refused (exit 2) unless `restart` discards it."""
+        directory = checkpoint_dir(out_dir)
+        fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk
+        if restart and directory.exists():
+            shutil.rmtree(directory)
+        saved_path = directory / FINGERPRINT_FILE
+        if saved_path.exists():
+            try:
+                saved = json.loads(saved_path.read_text())
+            except ValueError:
+                saved = {"unreadable": True}
+            changed = _changes(saved, fingerprint)
+            if changed and not any(directory.glob("*.safetensors")):  # nothing saved yet: nothing to resume
+                shutil.rmtree(directory)
+            elif changed:
+                raise DpselInputError(
+                    f"a checkpoint of an interrupted run is in {directory}, but this run differs from it in: "
+                    f"{', '.join(changed[:8])}; re-run the same command to resume it, or add --restart to "
+                    "discard it and start from zero", file=str(directory))
+        return cls(directory, fingerprint)
+
+    # ---- stages ---------------------------------------------------------------------------------------
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last_save >= self.every_s
+
+    def save(self, stage: str, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Tensors to `<stage>.safetensors`, then the state (naming the tensors' sha256) to `<stage>.json`."""
+        if not (self.directory / FINGERPRINT_FILE).exists():  # created on the first save: no empty folders
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.fingerprint, self.directory / FINGERPRINT_FILE)
+        tensor_path = self.directory / f"{stage}.safetensors"
+        tmp = tensor_path.with_name(f".{tensor_path.name}.tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, tensor_path)
+        write_json_atomic({"stage": stage, "tensors_sha256": file_sha256(tensor_path), "state": state},
+                          self.directory / f"{stage}.json")
+        self._last_save = time.monotonic()
+
+    def after_step(self, stage: str, snapshot: Callable[[], tuple[dict, dict]]) -> None:
+        """Called by a loop after each complete step: save `snapshot()` when one is due or SIGTERM arrived
+        (then stop: `Terminated`). SIGTERM waits for the step to finish from the first call until `loop_done`."""
+        signals.defer(True)
+        if self.due() or signals.pending():
+            self.save(stage, *snapshot())
+        signals.raise_if_pending()
+
+    def loop_done(self) -> None:
+        signals.defer(False)
+
+    def load(self, stage: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The saved (tensors, state) of `stage`, or None when there is none (or a kill interrupted its save)."""
+        state_path = self.directory / f"{stage}.json"
+        tensor_path = self.directory / f"{stage}.safetensors"
+        if not (state_path.exists() and tensor_path.exists()):
+            return None
+        record = json.loads(state_path.read_text())
+        if record.get("tensors_sha256") != file_sha256(tensor_path):
+            return None  # tensors newer than the state (killed between the two writes): not resumable
+        return load_file(str(tensor_path)), record["state"]
+
+    def discard(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def current() -> Checkpoints | None:
+    """The active run's checkpoints (None outside a checkpointed run: tests, benchmarks, the Python API
+    without `out`)."""
+    return _current.get()
+
+
+@contextmanager
+def active(checkpoints: Checkpoints | None) -> Iterator[Checkpoints | None]:
+    token = _current.set(checkpoints)
+    try:
+        yield checkpoints
+    finally:
+        _current.reset(token)
+        signals.defer(False)  # a loop that raised before `loop_done` must not leave SIGTERM deferred
+
+
+# ---- helpers for the stages: flat tensor dicts and RNG states (safetensors holds only tensors) -----------
+
+def flatten(prefix: str, tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+    return {f"{prefix}.{key}": value for key, value in items}
+
+
+def unflatten(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    start = prefix + "."
+    return {key[len(start):]: value for key, value in tensors.items() if key.startswith(start)}
+
