@@ -104,14 +104,14 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
     """Score every training row by data-point selection and keep the best."""
     from dpsel.config import RunConfig
     from dpsel.curate import curate as run_curate
-    from dpsel.progress import progress_reporter
+    from dpsel.progress import default_phase_of, progress_reporter
     run = RunConfig.load(config, {
         "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
         "threshold": threshold, "model": model, "steps": steps, "seed": seed, "device": device, "truth": truth,
         "curate.select.variant": variant, "curate.select.weight_param": weight_param,
         "curate.select.batch_size": batch_size, "curate.select.max_length": max_length}, stage="curate")
     run.require("data.train", "data.meta", "out", flow="curate")
-    with progress_reporter(f"curate[{run.curate.method}]") as progress:
+    with progress_reporter(f"curate[{run.curate.method}]", default_phase=default_phase_of(run.curate.method)) as progress:
         result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
                             budget=run.curate.budget, threshold=run.curate.threshold, per_group=per_task,
                             config=run.select_config(), progress=progress, truth=run.data.truth)

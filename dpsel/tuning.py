@@ -154,18 +154,21 @@ def tune_parquet(
     batch_size: int = 16,
     max_length: int = 256,
     r: int = 8,
-    progress: bool = True,
+    progress=True,
     max_new_tokens: int = 64,
 ) -> dict:
     """Fine-tune `model` with `method` on the usable rows of `data`; write `OUT/adapter/` and `OUT/metrics.json`.
 
     `weights_column` (e.g. `dpsel_weight` from `dpsel curate`) weights each row's loss; rows of weight 0 are
     not trained on. Invalid and duplicate rows (see dpsel.data) are left out and counted. Returns the metrics.
+    `progress`: True draws dpsel's reporter (training, eval loss, answer generation), False nothing, or a
+    `progress(step, total, diag)` callback to feed.
     """
     import torch
 
     from dpsel.data import read_instruction_set
     from dpsel.io import write_json_atomic
+    from dpsel.progress import reporting
     from peft_train.adapters import build_adapter
     from peft_train.train import TrainConfig, train
 
@@ -182,14 +185,15 @@ def tune_parquet(
     tuned = build_adapter(base, method, r=r)
     config = TrainConfig(steps=steps, lr=lr if lr is not None else default_lr(method), batch_size=batch_size,
                          max_length=max_length, seed=seed, device=device, max_new_tokens=max_new_tokens)
-    result = train(tuned, tokenizer, messages, None if weights is None else weights.tolist(), config,
-                   progress=progress)
     evaluation = None
-    if eval_messages:
-        from peft_train.train import evaluate
+    with reporting(progress, f"tune[{method}]", default_phase="training") as reporter:
+        result = train(tuned, tokenizer, messages, None if weights is None else weights.tolist(), config,
+                       progress=reporter or False)
+        if eval_messages:
+            from peft_train.train import evaluate
 
-        evaluation = evaluate(tuned, tokenizer, eval_messages, max_new_tokens=max_new_tokens, tasks=eval_tasks,
-                              batch_size=config.eval_batch_size, max_length=max_length)
+            evaluation = evaluate(tuned, tokenizer, eval_messages, max_new_tokens=max_new_tokens, tasks=eval_tasks,
+                                  batch_size=config.eval_batch_size, max_length=max_length, progress=reporter)
 
     out_dir = Path(out)
     _save(tuned, tokenizer, method, model, out_dir / ADAPTER_DIR)

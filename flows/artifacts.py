@@ -49,34 +49,36 @@ def flat_counts(counts: dict) -> dict:
     return flat
 
 
-def throttled_progress(key: str, description: str,
-                       every_s: float = PROGRESS_EVERY_S) -> Callable[[int, int, dict], None]:
-    """A `progress(step, total, diag)` callback that creates a progress artifact on its first call and
-    updates it at most every `every_s` seconds (always on the last step), with the latest diagnostics."""
+def progress_artifact_sink(key: str, every_s: float = PROGRESS_EVERY_S) -> Callable[[Any], None]:
+    """A `dpsel.progress` sink: creates a progress artifact on the first event and updates it at most every
+    `every_s` seconds (always when a phase ends) with the event's text (phase, count, rate, ETA)."""
     state: dict[str, Any] = {"id": None, "last": 0.0, "broken": False}
 
-    def progress(step: int, total: int, diag: dict) -> None:
+    def sink(event) -> None:
         if state["broken"]:
             return
         now = time.monotonic()
-        last_step = total > 0 and step >= total
-        if state["id"] is not None and not last_step and now - state["last"] < every_s:
+        if state["id"] is not None and not event.finished and now - state["last"] < every_s:
             return
-        percent = 100.0 * min(step, total) / total if total else 0.0
-        shown = ", ".join(f"{k}={v:.3g}" for k, v in (diag or {}).items()
-                          if isinstance(v, (int, float)) and k != "step")
-        text = f"{description}: step {step}/{total}" + (f" ({shown})" if shown else "")
         try:
             if state["id"] is None:
-                state["id"] = create_progress_artifact(percent, key=key, description=text)
+                state["id"] = create_progress_artifact(100.0 * event.fraction, key=key, description=event.text())
             else:
-                update_progress_artifact(state["id"], percent, description=text)
+                update_progress_artifact(state["id"], 100.0 * event.fraction, description=event.text())
         except Exception as error:  # noqa: BLE001 - the sampler must not die for a UI widget
             state["broken"] = True
             _log_failure("progress", error)
         state["last"] = now
 
-    return progress
+    return sink
+
+
+def throttled_progress(key: str, description: str,
+                       every_s: float = PROGRESS_EVERY_S) -> Callable[[int, int, dict], None]:
+    """A `progress(step, total, diag)` callback feeding only the Prefect progress artifact."""
+    from dpsel.progress import Progress
+
+    return Progress(description, [progress_artifact_sink(key, every_s)])
 
 
 def curation_table(summary: dict, key: str) -> None:
