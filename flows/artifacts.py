@@ -51,14 +51,15 @@ def flat_counts(counts: dict) -> dict:
 
 def progress_artifact_sink(key: str, every_s: float = PROGRESS_EVERY_S) -> Callable[[Any], None]:
     """A `dpsel.progress` sink: creates a progress artifact on the first event and updates it at most every
-    `every_s` seconds (always when a phase ends) with the event's text (phase, count, rate, ETA)."""
+    `every_s` seconds (always on a phase's last step) with the event's text (phase, count, rate, ETA)."""
     state: dict[str, Any] = {"id": None, "last": 0.0, "broken": False}
 
     def sink(event) -> None:
         if state["broken"]:
             return
         now = time.monotonic()
-        if state["id"] is not None and not event.finished and now - state["last"] < every_s:
+        last_step = event.finished or event.step >= event.total
+        if state["id"] is not None and not last_step and now - state["last"] < every_s:
             return
         try:
             if state["id"] is None:
