@@ -229,3 +229,29 @@ def reporting(progress, title: str, default_phase: str = "sampler") -> Iterator[
 def announce(message: str, stream=None) -> None:
     """A timestamped one-liner for the start of a stage (what is about to happen)."""
     print(f"{timestamp()} {message}", file=stream or sys.stderr, flush=True)
+
+
+def set_verbosity(verbose: bool = False) -> None:
+    """Quiet by default: only dpsel's progress and results. Libraries' INFO logs, transformers' own progress
+    bars ("Loading weights", "Writing model shards") and their FutureWarnings show only with `verbose`.
+    Prefect reads its level from the environment when first imported, so this runs before any flow; a
+    level the user set (PREFECT_LOGGING_LEVEL) is kept."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("dpsel").setLevel(logging.INFO if verbose else logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.set_verbosity_info()
+        hf_logging.enable_progress_bar()
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for module in ("transformers", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    # peft saving an adapter of the built-in model (no hub config to compare the vocabulary with)
+    warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
