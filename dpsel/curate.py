@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -570,3 +572,14 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
                timings={"read_s": read_s, "score_s": score_s}, started=started,
                group_column=group_column if groups is not None else None)
     return _write_run(out, run)
+
+
+class _CallableModule(types.ModuleType):
+    """`dpsel.curate(train, meta, out=...)`: this module, called, is the Python API's `dpsel.api.curate`."""
+
+    def __call__(self, *args, **kwargs):
+        from dpsel.api import curate as api_curate
+        return api_curate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,6 +1,9 @@
 """What a newcomer meets first: --help on every option, one set of defaults for CLI, config and Python."""
 import inspect
 
+import pyarrow.parquet as pq
+import pytest
+
 import typer.main
 
 from dpsel.cli import app
@@ -21,3 +24,95 @@ def test_flow_help_lists_the_options_it_accepts():
     epilog = _commands()["flow"].epilog
     for option in ("--compare", "--train", "--out", "--budget", "--tune-steps", "--curate.select.batch-size"):
         assert option in epilog
+
+
+# ---- one set of defaults -------------------------------------------------------------------------------
+
+def test_cli_config_and_python_share_the_selection_defaults():
+    from dpsel.config import RunConfig, SelectParams
+    from dpsel.select.base import SelectConfig
+
+    library = SelectConfig()
+    assert RunConfig().select_config() == library          # a config file with nothing set / the CLI's unset options
+    from_cli = RunConfig.load(None, {"batch_size": None, "max_length": None}, stage="curate").select_config()
+    assert from_cli == library
+    for name in SelectParams.model_fields:
+        if name != "extra":
+            assert getattr(SelectParams(), name) == getattr(library, name), name
+    assert library.meta_batch_size == 4
+
+
+def test_python_api_options_are_the_cli_defaults():
+    import dpsel.api as api
+
+    # every CLI option of curate/tune that is not a path is a keyword of the API, unset by default
+    for fn in (api.curate, api.tune):
+        params = inspect.signature(fn).parameters
+        assert "options" in params and params["config"].default is None
+
+
+# ---- the Python API -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from dpsel.synth import generate
+
+    return generate(tmp_path_factory.mktemp("api-synth"), rows=30, noise=0.3, seed=2, meta_rows=8, test_rows=6)
+
+
+def _as(kind: str, path):
+    table = pq.read_table(path)
+    if kind == "path":
+        return str(path)
+    if kind == "pandas":
+        return table.to_pandas()
+    if kind == "arrow":
+        return table
+    import datasets
+    return datasets.Dataset(table)
+
+
+@pytest.mark.parametrize("kind", ["path", "pandas", "arrow", "datasets"])
+def test_curate_takes_paths_frames_tables_and_datasets(synth, tmp_path, kind):
+    import dpsel
+
+    result = dpsel.curate(_as(kind, synth["train"]), _as(kind, synth["meta"]), out=tmp_path / "run",
+                          truth=synth["truth"], method="random", budget=0.5, progress=False)
+    assert list(result.scores.columns[:5]) == ["dpsel_id", "dpsel_weight", "dpsel_weight_std", "dpsel_kept",
+                                               "dpsel_reason"]
+    assert len(result.scores) == 30 and result.counts["kept_rows"] == result.scores["dpsel_kept"].sum()
+    assert result.paths["curated"].exists() and len(result.curated()) == result.counts["kept_rows"]
+    assert result.manifest["inputs"]["train"]["rows"] == 30
+    assert result.auroc is not None
+    if kind != "path":  # in-memory rows are written once, beside the outputs, and the manifest names them
+        assert result.manifest["inputs"]["train"]["paths"] == [str(tmp_path / "run" / "inputs" / "train.parquet")]
+
+
+def test_curate_module_stays_a_module(synth, tmp_path):
+    import dpsel
+    import dpsel.curate as module
+
+    assert dpsel.curate is module and callable(module.curate) and hasattr(module, "apply_rule")
+
+
+def test_filter_and_tune_take_in_memory_data(synth, tmp_path):
+    import datasets
+
+    import dpsel
+
+    run = dpsel.curate(synth["train"], synth["meta"], out=tmp_path / "cur", method="loss", steps=5,
+                       max_length=64, device="cpu", extra={"ref_steps": 4, "ref_eval_every": 2}, progress=False)
+    new_rows = pq.read_table(synth["test"]).to_pandas()
+    filtered = dpsel.filter(run.paths["scorer"], new_rows, out=tmp_path / "filtered")
+    assert len(filtered.scores) == len(new_rows)
+    tuned = dpsel.tune(datasets.Dataset.from_pandas(run.curated()), out=tmp_path / "tuned", steps=2,
+                       batch_size=4, max_length=48, device="cpu", eval=new_rows, progress=False)
+    assert tuned.paths["adapter"].is_dir() and tuned.metrics["steps"] == 2 and "eval_loss" in tuned.metrics
+
+
+def test_api_names_an_unsupported_input_type(tmp_path):
+    import dpsel
+    from dpsel.errors import DpselInputError
+
+    with pytest.raises(DpselInputError, match="meta: expected a path, a pandas DataFrame"):
+        dpsel.curate(str(tmp_path / "train.parquet"), {"rows": 1}, out=tmp_path / "o")
