@@ -23,7 +23,7 @@ from dpsel.data import InstructionSet, read_instruction_set
 from dpsel.errors import DpselInputError
 from dpsel.outputs import (SELECTION_FILE, check_outputs_do_not_overwrite_inputs, curated_table, output_paths,
                            scores_table, write_manifest, write_scorer, write_tables)
-from dpsel.report import GROUP_COLUMNS, ReportData, group_summary, write_report
+from dpsel.report import GROUP_COLUMNS, ReportData, group_summary, kept_fraction, stage_seconds, write_report
 from dpsel.select import load_scorer, select
 from dpsel.select.base import ProgressFn, SelectConfig
 
@@ -393,7 +393,7 @@ def _write_run(out: Path, run: _Run) -> CurationResult:
     ids = run.rows.ids
     write_tables(out, scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
                                    run.rows.file_rows),
-                 curated_table(run.rows.data.table, ids, run.weights, run.keep))
+                 curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.data.messages()))
     selection = _selection_record(run, cutoff, group_cutoffs)
     write_scorer(out, run.scorer, selection)
 
@@ -412,6 +412,7 @@ def _write_run(out: Path, run: _Run) -> CurationResult:
         "seed": run.config.get("seed"),
         "selection": {k: v for k, v in selection.items() if k not in ("config", "dpsel_version", "method")},
         "counts": counts,
+        "kept_fraction": kept_fraction(counts),  # of input rows, as in report.md and the artifacts
         "timings": timings,
         "groups": group_stats,
         "truth": run.truth,
@@ -424,8 +425,8 @@ def _write_run(out: Path, run: _Run) -> CurationResult:
 
 def _report_data(run: _Run, counts: dict, cutoff: float | None) -> ReportData:
     headline = {"command": run.command, "method": run.method, "input rows": counts["input_rows"],
-                "kept rows": counts["kept_rows"],
-                "kept fraction of usable rows": counts["kept_rows"] / max(counts["usable_rows"], 1)}
+                "usable rows": counts["usable_rows"], "kept rows": counts["kept_rows"],
+                "kept fraction (of input rows)": kept_fraction(counts)}
     headline.update({f"dropped ({reason})": n for reason, n in counts["dropped_by_reason"].items()})
     headline["selection rule"] = run.rule.kind + (f" {run.rule.budget}" if run.rule.threshold is None
                                                   else f" {run.rule.threshold}")
@@ -433,7 +434,7 @@ def _report_data(run: _Run, counts: dict, cutoff: float | None) -> ReportData:
     if run.truth:
         headline["AUROC (clean vs corrupted)"] = run.truth["auroc"]["overall"] if run.truth["auroc"]["overall"] \
             is not None else float("nan")
-    headline["seconds"] = time.perf_counter() - run.started
+    headline[f"{run.command} seconds (manifest timings)"] = stage_seconds(run.timings)
     tables = {}
     if run.truth:
         tables["Against the truth file"] = [

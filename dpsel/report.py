@@ -39,6 +39,22 @@ class ReportData:
     tables: dict[str, list[dict]] = field(default_factory=dict)   # section title -> rows
 
 
+def kept_fraction(counts: dict) -> float:
+    """THE kept fraction, everywhere (report, manifest, artifacts, demo): kept rows over input rows. Usable
+    rows (valid, first occurrence) are shown beside it, so `kept / usable` can be read off too."""
+    total = counts.get("input_rows") or 0
+    return counts.get("kept_rows", 0) / total if total else float("nan")
+
+
+def stage_seconds(timings: dict) -> float | None:
+    """THE timing of a run's main work, everywhere: the selection (curate) or scoring (filter) seconds as the
+    manifest's `timings` records them (reading and writing are listed there separately)."""
+    for key in ("select_s", "score_s"):
+        if isinstance(timings.get(key), (int, float)):
+            return float(timings[key])
+    return None
+
+
 def _save_figure(fig, path: Path) -> Path:
     try:
         _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))

@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from dpsel.config import RunConfig
 from dpsel.data import expand_paths
 from dpsel.io import write_json_atomic, write_text_atomic
+from dpsel.report import kept_fraction, stage_seconds
 from flows import artifacts
 from flows.tasks import combine_filter_summaries, curate_stage, filter_shard, tune_stage
 
@@ -67,11 +68,6 @@ def overall_auroc(auroc: Any) -> float | None:
     return None
 
 
-def kept_fraction(counts: dict) -> float:
-    total = counts.get("input_rows") or 0
-    return counts.get("kept_rows", 0) / total if total else float("nan")
-
-
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -81,8 +77,10 @@ def _fmt(value: Any) -> str:
 def curation_headline(summary: dict) -> dict:
     counts = summary["counts"]
     return {"method": summary.get("method"), "input rows": counts.get("input_rows"),
-            "kept rows": counts.get("kept_rows"), "kept fraction": kept_fraction(counts),
-            "selection AUROC": overall_auroc(summary.get("auroc"))}
+            "usable rows": counts.get("usable_rows"), "kept rows": counts.get("kept_rows"),
+            "kept fraction (of input rows)": kept_fraction(counts),
+            "selection AUROC": overall_auroc(summary.get("auroc")),
+            "selection seconds": stage_seconds(summary.get("timings") or {})}
 
 
 def _markdown_table(rows: list[dict]) -> list[str]:

@@ -47,7 +47,7 @@ def curation_summary(result: Any) -> dict:
     """A CurationResult as a small JSON summary (what flows pass on and Prefect persists)."""
     return {"out_dir": os.fspath(result.out_dir), "paths": _as_str_paths(result.paths),
             "counts": dict(result.counts), "auroc": result.auroc, "method": result.manifest.get("method"),
-            "groups": manifest_groups(result.manifest)}
+            "groups": manifest_groups(result.manifest), "timings": result.manifest.get("timings", {})}
 
 
 @task(name="curate", cache_key_fn=content_cache_key("train", "meta", "truth"), **_STAGE_OPTIONS)
