@@ -51,11 +51,7 @@ class ProgressEvent:
     elapsed_s: float                # since the phase started
     diag: dict = field(default_factory=dict)
     finished: bool = False          # the phase is over (it may have stopped before `total`, e.g. early stopping)
-
-    @property
-    def rate(self) -> float | None:
-        """Steps per second over the phase so far."""
-        return self.step / self.elapsed_s if self.elapsed_s > 0 and self.step > 0 else None
+    rate: float | None = None       # steps per second, measured between this phase's updates (None: too early)
 
     @property
     def eta_s(self) -> float | None:
@@ -107,7 +103,8 @@ class Progress:
         self._total = 0
         self._step = 0
         self._diag: dict = {}
-        self._started = 0.0
+        self._started = time.monotonic()      # a phase starts when the one before it ends (or at creation)
+        self._first: tuple[int, float] | None = None  # the phase's first update: where its rate is measured from
 
     def __call__(self, step: int, total: int, diag: dict | None = None) -> None:
         diag = dict(diag or {})
@@ -115,22 +112,30 @@ class Progress:
         if name != self._phase or total != self._total:
             self.start_phase(name, total)
         self._step, self._diag = int(step), diag
+        if self._first is None:
+            self._first = (self._step, time.monotonic())
         self._emit(finished=False)
 
     def start_phase(self, name: str, total: int) -> None:
         """End the current phase (if any) and start `name` with a fixed `total` of steps."""
         self.end_phase()
-        self._phase, self._total, self._step, self._diag = name, int(total), 0, {}
-        self._started = time.monotonic()
+        self._phase, self._total, self._step, self._diag, self._first = name, int(total), 0, {}, None
 
     def end_phase(self) -> None:
         if self._phase is not None:
             self._emit(finished=True)
+            self._started = time.monotonic()
         self._phase = None
 
+    def _rate(self, now: float) -> float | None:
+        if self._first is None or self._step <= self._first[0] or now <= self._first[1]:
+            return None
+        return (self._step - self._first[0]) / (now - self._first[1])
+
     def _emit(self, finished: bool) -> None:
+        now = time.monotonic()
         event = ProgressEvent(self.title, phase_label(self._phase or self.default_phase), self._step, self._total,
-                              time.monotonic() - self._started, self._diag, finished)
+                              now - self._started, self._diag, finished, self._rate(now))
         for sink in self.sinks:
             sink(event)
 
