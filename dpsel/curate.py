@@ -23,7 +23,8 @@ from dpsel.data import InstructionSet, read_instruction_set
 from dpsel.errors import DpselInputError
 from dpsel.outputs import (SELECTION_FILE, check_outputs_do_not_overwrite_inputs, curated_table, output_paths,
                            scores_table, write_manifest, write_scorer, write_tables)
-from dpsel.report import GROUP_COLUMNS, ReportData, group_summary, kept_fraction, stage_seconds, write_report
+from dpsel.report import (GROUP_COLUMNS, ReportData, group_summary, kept_fraction, read_truth_kinds,
+                          stage_seconds, write_report)
 from dpsel.select import load_scorer, select
 from dpsel.select.base import ProgressFn, SelectConfig
 
@@ -444,7 +445,9 @@ def _report_data(run: _Run, counts: dict, cutoff: float | None) -> ReportData:
     groups = {c: v for c in GROUP_COLUMNS if (v := run.rows.group_values(c)) is not None}
     return ReportData(title=f"dpsel {run.command}: {run.method}", headline=headline, weights=run.weights,
                       kept=run.keep, usable=run.rows.usable, groups=groups,
-                      diagnostics=run.diagnostics or {}, previews=run.rows.previews(), tables=tables)
+                      diagnostics=run.diagnostics or {}, previews=run.rows.previews(), tables=tables,
+                      truth_kinds=read_truth_kinds(run.truth["path"], run.rows.n) if run.truth else None,
+                      config=run.config)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -116,3 +116,24 @@ def test_api_names_an_unsupported_input_type(tmp_path):
 
     with pytest.raises(DpselInputError, match="meta: expected a path, a pandas DataFrame"):
         dpsel.curate(str(tmp_path / "train.parquet"), {"rows": 1}, out=tmp_path / "o")
+
+
+# ---- validate a folder that holds more than instruction sets -------------------------------------------
+
+def test_validate_folder_skips_known_outputs_only(tmp_path):
+    import shutil
+
+    from dpsel.data import validate_paths
+    from dpsel.errors import DpselInputError
+    from dpsel.synth import generate
+
+    paths = generate(tmp_path / "synth", rows=20, meta_rows=5, test_rows=5, seed=3)
+    summary = validate_paths([str(tmp_path / "synth")])
+    assert summary.rows == 30 and len(summary.skipped) == 1 and "truth.parquet" in summary.skipped[0]
+    assert "skipped" in summary.render()
+    with pytest.raises(DpselInputError, match="no recognised columns") as named:
+        validate_paths([str(paths["truth"])])            # named explicitly: checked, and it is not one
+    assert "truth.parquet" in str(named.value)
+    shutil.copy(paths["truth"], tmp_path / "synth" / "labels.parquet")
+    with pytest.raises(DpselInputError, match="labels.parquet"):  # an unknown file: it says which one broke it
+        validate_paths([str(tmp_path / "synth")])
