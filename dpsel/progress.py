@@ -109,12 +109,15 @@ class Progress:
     def __call__(self, step: int, total: int, diag: dict | None = None) -> None:
         diag = dict(diag or {})
         name = str(diag.get("phase") or self.default_phase)
-        if name != self._phase or total != self._total:
+        if self._phase is None or name != self._phase or total != self._total:
             self.start_phase(name, total)
         self._step, self._diag = int(step), diag
         if self._first is None:
             self._first = (self._step, time.monotonic())
-        self._emit(finished=False)
+        if self._total and self._step >= self._total:
+            self.end_phase()  # the last step ends the phase: one "done" line, not a 100% line and then "done"
+        else:
+            self._emit(finished=False)
 
     def start_phase(self, name: str, total: int) -> None:
         """End the current phase (if any) and start `name` with a fixed `total` of steps."""

@@ -89,6 +89,10 @@ def plot_weight_histogram(data: ReportData, path: Path) -> Path:
             label=[f"kept ({kept.sum():,})", f"dropped by weight ({(~kept).sum():,})"])
     ax.set_xlabel("posterior mean weight (higher = keep)")
     ax.set_ylabel("rows")
+    if kept.any():
+        cutoff = float(weights[kept].min())
+        for panel in axes.flat:
+            panel.axvline(cutoff, color="black", ls="--", lw=1, label=f"lowest kept weight {cutoff:.2f}")
     ax.set_title("Where the kept/dropped line falls", fontsize=11)
     ax.legend(fontsize=9)
     if data.truth_kinds is not None:
@@ -146,8 +150,8 @@ def plot_group_weights(column: str, summary: list[dict], path: Path, overall: fl
     ax.errorbar(x, means, yerr=half, fmt="o", color="#264653", ecolor="#8aa1b1", capsize=4, label="group mean ± 95% CI")
     if overall is not None:
         ax.axhline(overall, color="#e76f51", ls="--", lw=1.2, label=f"all scored rows: {overall:.3f}")
-    ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
-                  fontsize=8)
+    crowded = len(names) > 14  # beyond this the two-line labels no longer fit side by side
+    ax.set_xticks(x, names, rotation=45 if crowded else 0, ha="right" if crowded else "center", fontsize=8)
     finite = np.isfinite(means)
     if finite.any():
         low, high = float(np.min((means - half)[finite])), float(np.max((means + half)[finite]))
@@ -230,16 +234,15 @@ def plot_traces(data: "ReportData", path: Path) -> Path | None:
         if name == "reference_heldout_loss":
             ax.set_xlabel("reference-fit evaluation (on held-out meta rows)", fontsize=8)
         else:
-            ax.set_xlabel("sampler step", fontsize=8)
+            ax.set_xlabel("sampler step" + (f" (dashed: burn-in ends at {burn_in:.0f})" if burn_in is not None else ""),
+                          fontsize=8)
             if burn_in is not None:
                 ax.axvline(burn_in, color="#e76f51", ls="--", lw=1)
-                ax.text(burn_in, 0.98, " burn-in ends", transform=ax.get_xaxis_transform(), fontsize=7,
-                        color="#e76f51", va="top")
         ax.set_title(label, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("Sampler traces (after the dashed line the weights are averaged)", fontsize=11)
+    fig.suptitle("Sampler traces: the weights are averaged after burn-in (dashed line)", fontsize=11)
     fig.tight_layout()
     return _save_figure(fig, path)
 
@@ -257,7 +260,7 @@ def _readable_ylim(ax, trace: np.ndarray) -> None:
         return
     low, high = float(finite.min()), float(finite.max())
     centre = (low + high) / 2
-    half = max((high - low) / 2 * 1.15, 0.05 * abs(centre), 0.05)
+    half = max((high - low) / 2 * 1.15, 0.05 * abs(centre)) or 1.0
     ax.set_ylim(centre - half, centre + half)
 
 

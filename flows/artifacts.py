@@ -6,6 +6,7 @@ logged and the run goes on.
 """
 from __future__ import annotations
 
+import base64
 import math
 import re
 import time
@@ -109,7 +110,18 @@ def table(rows: list[dict], key: str, description: str) -> None:
         _log_failure("table", error)
 
 
+EMBED_LIMIT_BYTES = 2_000_000  # a larger PNG is linked by path rather than embedded
+
+
 def plot_links(out_dir: str | Path) -> list[str]:
-    """Markdown links (by absolute path) to the PNG plots of a run folder: the UI cannot show local files."""
-    return [f"- [{png.name}]({png.resolve().as_uri()}) — `{png.resolve()}`"
-            for png in sorted(Path(out_dir).glob("*.png"))]
+    """The run folder's PNG plots as Markdown images embedded as data URIs (the Prefect UI cannot open
+    local `file://` links), each with its path; a PNG over EMBED_LIMIT_BYTES is named by path only."""
+    lines = []
+    for png in sorted(Path(out_dir).glob("*.png")):
+        data = png.read_bytes()
+        if len(data) > EMBED_LIMIT_BYTES:
+            lines.append(f"- `{png.resolve()}` ({len(data):,} bytes: too large to embed)")
+            continue
+        lines += [f"**{png.name}** — `{png.resolve()}`", "",
+                  f"![{png.stem}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})", ""]
+    return lines

@@ -103,6 +103,7 @@ def test_curate_flow_writes_outputs_and_artifacts(prefect_server, synth, tmp_pat
     assert table and "input_rows" in table[0].data and "mean_weight" in table[0].data
     report = _artifacts("curate-report")
     assert report and "kept fraction" in report[0].data and "weights_hist.png" in report[0].data
+    assert "](data:image/png;base64," in report[0].data  # embedded: the UI cannot open local file links
 
 
 def test_curate_cache_hits_when_unchanged_and_misses_when_input_changes(prefect_server, synth, tmp_path,

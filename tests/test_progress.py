@@ -35,8 +35,8 @@ def test_off_a_terminal_lines_are_timestamped_throttled_and_name_the_phase():
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ tune\[lora\] · ", line) for line in lines)
     # first update and end of each phase only (the hour-long throttle hides the rest)
     assert [line.split(" · ")[1] for line in lines] == [
-        "fine-tuning 1/10 (10%)", "fine-tuning 10/10 (100%)", "generating eval answers 4/4 (100%)",
-        "generating eval answers 4/4 (100%)"]
+        "fine-tuning 1/10 (10%)", "fine-tuning 10/10 (100%)", "generating eval answers 4/4 (100%)"]
+    assert all(" · done in " in line for line in lines[1:])
 
 
 def test_line_sink_throttles_within_a_phase():
