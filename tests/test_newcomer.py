@@ -1,6 +1,7 @@
 """What a newcomer meets first: --help on every option, one set of defaults for CLI, config and Python."""
 import inspect
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -137,3 +138,39 @@ def test_validate_folder_skips_known_outputs_only(tmp_path):
     shutil.copy(paths["truth"], tmp_path / "synth" / "labels.parquet")
     with pytest.raises(DpselInputError, match="labels.parquet"):  # an unknown file: it says which one broke it
         validate_paths([str(tmp_path / "synth")])
+
+
+# ---- the report explains itself -----------------------------------------------------------------------
+
+def test_convergence_check_tells_drift_from_noise():
+    from dpsel.report import convergence, convergence_words
+
+    rng = np.random.default_rng(0)
+    steps = list(range(0, 400, 10))
+    stationary = convergence(list(0.6 + 0.01 * rng.standard_normal(len(steps))), steps, burn_in=100)
+    drifting = convergence(list(np.linspace(0.5, 0.8, len(steps))), steps, burn_in=100)
+    assert stationary["draws"] == 30 and stationary["converged"]
+    assert not drifting["converged"] and "NOT stable" in convergence_words("mean weight", drifting)
+    assert "too few" in convergence_words("x", convergence([0.1, 0.2, 0.3], [0, 10, 20], burn_in=0))
+
+
+def test_report_states_convergence_splits_by_truth_and_lists_its_plots(tmp_path):
+    from dpsel.report import ReportData, group_summary, write_report
+
+    rng = np.random.default_rng(1)
+    n = 60
+    weights = rng.uniform(size=n)
+    kinds = np.where(np.arange(n) % 3 == 0, "wrong", "clean")
+    steps = [float(s) for s in range(0, 200, 10)]
+    data = ReportData(title="t", headline={"kept": 1}, weights=weights, kept=weights > 0.4,
+                      usable=np.ones(n, bool), groups={"task": np.array(["a", "b"] * 30)},
+                      diagnostics={"step": steps, "mean_weight": list(0.5 + 0.01 * rng.standard_normal(20)),
+                                   "meta_loss": list(2 + 0.1 * rng.standard_normal(20))},
+                      truth_kinds=kinds, config={"bads": {"burn_in": 0.25, "steps": 200}})
+    paths = write_report(tmp_path, data)
+    text = paths["report"].read_text()
+    assert "## Did the sampler converge?" in text and "split-R̂" in text
+    assert "split by truth kind" in text and "## Plots in this folder" in text
+    assert {"plot_hist", "plot_task", "plot_traces"} <= set(paths)
+    summary = group_summary(data.groups["task"], weights, data.kept, data.usable)
+    assert all(row["ci95"] > 0 for row in summary)
