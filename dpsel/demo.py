@@ -39,8 +39,8 @@ class DemoSize:
 FULL = DemoSize(rows=3000, noise=0.3, meta_rows=200, test_rows=300, overrides={}, minutes=4.5)
 # --quick: a tenth of the rows and a third of the steps; same method and models, so the same code runs.
 QUICK = DemoSize(rows=600, noise=0.3, meta_rows=100, test_rows=60, minutes=1.0, overrides={
-    "curate.steps": 60, "tune.steps": 80, "curate.select.max_length": 96, "tune.max_length": 96,
-    "curate.select.extra": {"ref_patience": 2, "ref_steps": 150}})
+    "curate.steps": 60, "tune.steps": 60, "curate.select.max_length": 96, "tune.max_length": 96,
+    "curate.select.extra": {"ref_patience": 2, "ref_steps": 100}})
 
 
 def demo_config(out: Path, device: str = "auto", seed: int = 0, size: DemoSize = FULL) -> RunConfig:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow, get_run_logger, unmapped
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -49,6 +49,16 @@ def _curate_kwargs(config: RunConfig, out: Path) -> dict:
     return dict(train=config.data.train, meta=config.data.meta, out=os.fspath(out),
                 method=config.curate.method, budget=config.curate.budget, threshold=config.curate.threshold,
                 select_config=config.select_config().to_dict(), truth=config.data.truth)
+
+
+def landing_folder_is_empty(inputs) -> bool:
+    """True when `inputs` is one local folder path (no glob, no URL) that is missing or holds no Parquet file."""
+    if not isinstance(inputs, (str, os.PathLike)) or "://" in os.fspath(inputs) or any(c in os.fspath(inputs) for c in "*?["):
+        return False
+    folder = Path(inputs)
+    if folder.suffix == ".parquet":
+        return False  # a file: missing is an error, not an empty landing folder
+    return not folder.exists() or (folder.is_dir() and not any(folder.rglob("*.parquet")))
 
 
 def _out(config: RunConfig) -> Path:
@@ -157,6 +167,13 @@ def filter_flow(config: RunConfig) -> dict:
     OUT/shards/, totals in OUT/summary.json. Duplicates are detected within a shard, not across shards."""
     config.require("data.scorer", "data.inputs", "out", flow="filter")
     out = _out(config)
+    if landing_folder_is_empty(config.data.inputs):
+        # A scheduled filter over a landing folder: nothing landed yet is a normal outcome, said, not an error.
+        message = f"no Parquet shards in {config.data.inputs} (missing or empty folder): nothing to filter"
+        get_run_logger().warning(message)
+        summary = combine_filter_summaries([], os.fspath(out))
+        artifacts.markdown_report(f"# Filter\n\n{message}\n", key="filter-report", description="Filter (no shards)")
+        return {"filter": {**summary, "message": message}, "stages": {"filter-shard": []}}
     shards = [file.url for file in expand_paths(config.data.inputs)]
     shard_outs = [os.fspath(out / "shards" / f"{i:05d}-{Path(url).stem}") for i, url in enumerate(shards)]
     futures = filter_shard.map(scorer=unmapped(config.data.scorer), shard=shards, out=shard_outs,
@@ -237,6 +254,6 @@ def describe(name: str, summary: dict) -> str:
                          f"eval_exact_match={_fmt(result['metrics'].get('eval_exact_match'))}")
         return "\n".join(lines)
     stage = summary[name]
-    lines = [f"{name}: outputs in {stage['out_dir']}"]
+    lines = [f"{name}: outputs in {stage['out_dir']}"] + ([stage["message"]] if stage.get("message") else [])
     lines += [f"{label}: {_fmt(value)}" for label, value in curation_headline(stage).items() if value is not None]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import pytest
 import typer.main
 
 from dpsel.cli import app
+from prefect_fixtures import prefect_server  # noqa: F401 - session fixture
 
 
 def _commands():
@@ -174,3 +175,16 @@ def test_report_states_convergence_splits_by_truth_and_lists_its_plots(tmp_path)
     assert {"plot_hist", "plot_task", "plot_traces"} <= set(paths)
     summary = group_summary(data.groups["task"], weights, data.kept, data.usable)
     assert all(row["ci95"] > 0 for row in summary)
+
+
+@pytest.mark.prefect
+def test_scheduled_filter_over_an_empty_landing_folder_succeeds_and_says_so(prefect_server, tmp_path):
+    from dpsel.config import RunConfig
+    from flows.pipeline import filter_flow
+
+    config = RunConfig.from_mapping({"data": {"scorer": str(tmp_path / "no-scorer-yet"),
+                                              "inputs": str(tmp_path / "incoming")}, "out": str(tmp_path / "out")})
+    result = filter_flow(config=config)["filter"]
+    assert "nothing to filter" in result["message"] and result["shards"] == []
+    (tmp_path / "incoming").mkdir()
+    assert filter_flow(config=config)["filter"]["shards"] == []
