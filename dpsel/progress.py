@@ -261,5 +261,6 @@ def set_verbosity(verbose: bool = False) -> None:
     hf_logging.disable_progress_bar()
     for module in ("transformers", "peft", "accelerate", "torch"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-    # peft saving an adapter of the built-in model (no hub config to compare the vocabulary with)
-    warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
+    # peft saving an adapter of the built-in model: there is no hub config to compare the vocabulary with
+    for message in ("Could not find a config file", "Unable to fetch remote file"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
