@@ -188,3 +188,20 @@ def test_scheduled_filter_over_an_empty_landing_folder_succeeds_and_says_so(pref
     assert "nothing to filter" in result["message"] and result["shards"] == []
     (tmp_path / "incoming").mkdir()
     assert filter_flow(config=config)["filter"]["shards"] == []
+
+
+def test_defaults_named_in_help_are_the_librarys():
+    import re
+
+    from dpsel.select.base import SelectConfig
+    from dpsel.tuning import tune_parquet
+
+    tune_defaults = {name: p.default for name, p in inspect.signature(tune_parquet).parameters.items()}
+    library = {("curate", "--batch-size"): SelectConfig.batch_size, ("curate", "--max-length"): SelectConfig.max_length,
+               ("tune", "--steps"): tune_defaults["steps"], ("tune", "--batch-size"): tune_defaults["batch_size"],
+               ("tune", "--max-length"): tune_defaults["max_length"]}
+    commands = _commands()
+    for (command, option), value in library.items():
+        param = next(p for p in commands[command].params if option in p.opts)
+        said = re.search(r"default (\d+)", param.help)
+        assert said and int(said.group(1)) == value, (command, option, param.help, value)
