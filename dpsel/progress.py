@@ -173,12 +173,15 @@ class RichSink:
 
     def __init__(self, stream):
         from rich.console import Console
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
             TimeElapsedColumn, TimeRemainingColumn
 
-        self._bars = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self._escape = escape  # stage titles such as "curate[bads]" are not rich markup
+
+        self._bars = RichProgress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                  TimeRemainingColumn(), TextColumn("{task.fields[diag]}"),
+                                  TimeRemainingColumn(), TextColumn("{task.fields[diag]}", markup=False),
                                   console=Console(file=stream), transient=False)
         self._tasks: dict[str, int] = {}
         self._bars.start()
@@ -186,7 +189,7 @@ class RichSink:
     def __call__(self, event: ProgressEvent) -> None:
         key = f"{event.title} · {event.phase}"
         if key not in self._tasks or event.step < self._bars.tasks[self._tasks[key]].completed:
-            self._tasks[key] = self._bars.add_task(key, total=event.total, rate="", diag="")
+            self._tasks[key] = self._bars.add_task(self._escape(key), total=event.total, rate="", diag="")
         rate = f"{event.rate:.3g} step/s" if event.rate else ""
         total = event.step if event.finished else event.total  # an early stop ends the bar where it stopped
         self._bars.update(self._tasks[key], completed=event.step, total=total, rate=rate,
