@@ -76,3 +76,17 @@ def test_trainer_callback_reports_the_trainers_steps():
     callback.on_log(None, None, None, logs={"loss": 1.5, "learning_rate": 0.01, "epoch": 0.1})
     callback.on_step_end(None, SimpleNamespace(global_step=3, max_steps=20), None)
     assert calls == [(3, 20, {"phase": "training", "loss": 1.5, "learning_rate": 0.01})]
+
+
+def test_on_a_terminal_a_bar_per_phase_names_stage_and_phase():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    with progress_reporter("curate[bads]", stream=stream) as progress:
+        progress(50, 400, {"phase": "reference"})
+        progress(150, 150, {"meta_loss": 1.2})
+    shown = stream.getvalue()
+    assert "curate[bads] · reference fit on the meta set" in shown and "curate[bads] · SGLD sampling" in shown
+    assert "150/150" in shown
