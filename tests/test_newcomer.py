@@ -205,3 +205,22 @@ def test_defaults_named_in_help_are_the_librarys():
         param = next(p for p in commands[command].params if option in p.opts)
         said = re.search(r"default (\d+)", param.help)
         assert said and int(said.group(1)) == value, (command, option, param.help, value)
+
+
+# ---- the demo -----------------------------------------------------------------------------------------
+
+def test_demo_plans_first_and_ends_with_the_margin_over_seeds(tmp_path):
+    from dpsel import demo
+
+    config = demo.demo_config(tmp_path, size=demo.QUICK)
+    assert config.curate.steps == demo.QUICK.overrides["curate.steps"] and config.data.train.startswith(str(tmp_path))
+    assert demo.demo_config(tmp_path).curate.steps > config.curate.steps  # the full demo is configs/demo.yaml
+    plan = demo.plan(config, demo.QUICK)
+    assert "600 synthetic rows" in plan[0] and plan[-1].startswith("estimate: about")
+    summary = {"report": "r.md", "headline": {"selection AUROC": 0.7, "kept rows": 7, "input rows": 10,
+                                               "usable rows": 9, "kept fraction (of input rows)": 0.7},
+               "eval_loss_by_seed": {"seeds": [0, 1, 2], "curated": [1.0, 1.1, 1.2], "uncurated": [1.1, 1.15, 1.3]}}
+    lines = demo.headline(summary)
+    assert demo.margins(summary["eval_loss_by_seed"]) == pytest.approx([0.1, 0.05, 0.1])
+    assert any("margin (uncurated - curated): +0.0833" in line and "3 of 3 seeds" in line for line in lines)
+    assert lines[-1].endswith("yes")
