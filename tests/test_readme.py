@@ -60,6 +60,7 @@ def _env(folder: Path) -> dict:
     return env
 
 
+@pytest.mark.timeout(1800)  # a dozen CLI start-ups and three small model runs: minutes on a busy 2-core machine
 def test_every_readme_command_block_runs_in_a_fresh_folder(tmp_path):
     folder = _fresh_clone(tmp_path)
     env = _env(folder)
