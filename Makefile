@@ -27,7 +27,7 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m dpsel.demo --out $(DEMO_DIR)
 
-# The same job on a tenth of the rows with fewer steps: about a minute on 2 idle cores.
+# The same job on 600 rows with fewer steps: about 1.5 min on 2 free cores (measured CPU time).
 demo-quick: venv
 	$(PY) -m dpsel.demo --quick --out $(DEMO_DIR)-quick
 
