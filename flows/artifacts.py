@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -113,11 +114,15 @@ def table(rows: list[dict], key: str, description: str) -> None:
 EMBED_LIMIT_BYTES = 2_000_000  # a larger PNG is linked by path rather than embedded
 
 
-def plot_links(out_dir: str | Path) -> list[str]:
+def plot_links(out_dir: str | Path, relative_to: str | Path | None = None) -> list[str]:
     """The run folder's PNG plots as Markdown images embedded as data URIs (the Prefect UI cannot open
-    local `file://` links), each with its path; a PNG over EMBED_LIMIT_BYTES is named by path only."""
+    local `file://` links), each with its path; a PNG over EMBED_LIMIT_BYTES is named by path only.
+    With `relative_to` (a Markdown file's folder) the images are linked relative to it instead."""
     lines = []
     for png in sorted(Path(out_dir).glob("*.png")):
+        if relative_to is not None:
+            lines += [f"![{png.stem}]({os.path.relpath(png, relative_to)})", ""]
+            continue
         data = png.read_bytes()
         if len(data) > EMBED_LIMIT_BYTES:
             lines.append(f"- `{png.resolve()}` ({len(data):,} bytes: too large to embed)")

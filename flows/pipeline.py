@@ -127,7 +127,9 @@ def comparison_rows(tuned: dict[str, dict]) -> list[dict]:
             for name, result in tuned.items()]
 
 
-def pipeline_markdown(curated: dict, tuned: dict[str, dict]) -> str:
+def pipeline_markdown(curated: dict, tuned: dict[str, dict], relative_to: str | Path | None = None) -> str:
+    """The run's Markdown report: PNGs embedded (the Prefect artifact) or linked relative to `relative_to`
+    (the report.md file beside the run's folders)."""
     lines = ["# Curate, then tune", ""]
     lines += [f"- **{label}**: {_fmt(value)}" for label, value in curation_headline(curated).items()]
     for name, result in tuned.items():
@@ -138,7 +140,7 @@ def pipeline_markdown(curated: dict, tuned: dict[str, dict]) -> str:
                      f"{_fmt(metrics.get('eval_exact_match'))}")
     lines += ["", "## Fine-tuning", ""] + _markdown_table(comparison_rows(tuned))
     lines += ["## Curation", "", f"Outputs in `{curated['out_dir']}`; report `{curated['paths'].get('report')}`", ""]
-    links = artifacts.plot_links(curated["out_dir"])
+    links = artifacts.plot_links(curated["out_dir"], relative_to)
     if links:
         lines += ["## Plots", ""] + links + [""]
     return "\n".join(lines)
@@ -224,14 +226,14 @@ def curate_then_tune_flow(config: RunConfig, compare: bool = False) -> dict:
             tune_stage, data=config.data.train, out=os.fspath(out / "tune-uncurated"), options=baseline,
             eval_path=config.data.eval)
 
-    markdown = pipeline_markdown(curated, tuned)
-    report = write_text_atomic(markdown + "\n", out / "report.md")
+    report = write_text_atomic(pipeline_markdown(curated, tuned, relative_to=out) + "\n", out / "report.md")
     summary = {"curate": curated, "tune": tuned, "stages": stages, "headline": curation_headline(curated),
                "report": os.fspath(report)}
     write_json_atomic(summary, out / "summary.json")
     artifacts.table(comparison_rows(tuned), key="curate-then-tune-comparison",
                     description="Fine-tuning on curated vs uncurated rows")
-    artifacts.markdown_report(markdown, key="curate-then-tune-report", description="Curate, then tune")
+    artifacts.markdown_report(pipeline_markdown(curated, tuned), key="curate-then-tune-report",
+                              description="Curate, then tune")
     return summary
 
 

@@ -167,6 +167,7 @@ def test_curate_then_tune_compares_curated_with_uncurated(prefect_server, synth,
     assert summary["tune"]["curated"]["metrics"]["trained_rows"] < summary["tune"]["uncurated"]["metrics"]["trained_rows"]
     report = (tmp_path / "pipe" / "report.md").read_text()
     assert "eval loss / exact match (uncurated)" in report and "selection AUROC" in report
+    assert "](curate/weights_hist.png)" in report and "base64" not in report  # the file links, the artifact embeds
     assert _artifacts("curate-then-tune-comparison")
 
     # The tune flow on the same rows, options and folder is the compare stage again: a cache hit.
