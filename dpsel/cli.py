@@ -19,6 +19,14 @@ from dpsel.errors import DpselInputError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Bayesian data-point selection for instruction tuning, then QLoRA/SURM fine-tuning.")
 
+@app.callback()
+def _global_options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                                 help="Also show library logs (Prefect INFO, transformers) and warnings.")):
+    """Quiet by default: progress and results only."""
+    from dpsel.progress import set_verbosity
+    set_verbosity(verbose)
+
+
 SeedOpt = typer.Option(0, "--seed", help="Random seed; seeded CPU runs are reproducible bit for bit.")
 
 
@@ -66,8 +74,8 @@ def synth(out: Path = typer.Option(..., "--out", help="Output directory."),
           noise: float = typer.Option(0.3, "--noise", help="Corrupted fraction of the training rows."),
           seed: int = SeedOpt,
           tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated task families (default: all)."),
-          meta_rows: int = typer.Option(200, "--meta-rows"),
-          test_rows: int = typer.Option(300, "--test-rows")):
+          meta_rows: int = typer.Option(200, "--meta-rows", help="Rows of the clean, trusted meta set."),
+          test_rows: int = typer.Option(300, "--test-rows", help="Rows of the clean held-out test set.")):
     """Generate a noisy instruction set with known corruptions (train, meta, test, truth)."""
     from dpsel.synth import generate
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
@@ -100,7 +108,7 @@ def _print_curation(result) -> None:
 @handle_errors
 def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Training set (file, folder or glob); repeatable."),
            meta: Optional[list[str]] = typer.Option(None, "--meta", help="Small trusted meta set; repeatable."),
-           out: Optional[Path] = typer.Option(None, "--out"),
+           out: Optional[Path] = typer.Option(None, "--out", help="Output folder (scores, curated rows, manifest, report, scorer/)."),
            method: Optional[str] = typer.Option(None, "--method", help="bads (default) | l2rw | loss | ifd | rds | random | all"),
            budget: Optional[float] = typer.Option(None, "--budget", help="Fraction of rows to keep (default 0.7)."),
            threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum mean weight to keep."),
@@ -112,8 +120,8 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            device: Optional[str] = typer.Option(None, "--device", help="auto (default) | cpu | cuda"),
            variant: Optional[str] = typer.Option(None, "--variant", help="bads: default | paper"),
            weight_param: Optional[str] = typer.Option(None, "--weight-param", help="bads: logits | amortized"),
-           batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-           max_length: Optional[int] = typer.Option(None, "--max-length"),
+           batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training rows per sampler step (default 16)."),
+           max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per row; longer rows are cut (default 256)."),
            truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report."),
            restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint of an interrupted run "
                                         "into this --out and start from zero (default: resume it)."),
@@ -121,14 +129,14 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
     """Score every training row by data-point selection and keep the best."""
     from dpsel.config import RunConfig
     from dpsel.curate import curate as run_curate
-    from dpsel.progress import progress_reporter
+    from dpsel.progress import default_phase_of, progress_reporter
     run = RunConfig.load(config, {
         "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
         "threshold": threshold, "model": model, "steps": steps, "epochs": epochs, "seed": seed, "device": device, "truth": truth,
         "curate.select.variant": variant, "curate.select.weight_param": weight_param,
         "curate.select.batch_size": batch_size, "curate.select.max_length": max_length}, stage="curate")
     run.require("data.train", "data.meta", "out", flow="curate")
-    with progress_reporter(f"curate[{run.curate.method}]") as progress:
+    with progress_reporter(f"curate[{run.curate.method}]", default_phase=default_phase_of(run.curate.method)) as progress:
         result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
                             budget=run.curate.budget, threshold=run.curate.threshold, per_group=per_task,
                             config=run.select_config(), progress=progress, truth=run.data.truth, restart=restart)
@@ -139,7 +147,7 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
 @handle_errors
 def filter_cmd(scorer: Path = typer.Option(..., "--scorer", help="A curation run's scorer/ directory."),
                inputs: list[str] = typer.Option(..., "--in", help="New data (file, folder or glob); repeatable."),
-               out: Path = typer.Option(..., "--out"),
+               out: Path = typer.Option(..., "--out", help="Output folder (the same files as curate)."),
                threshold: Optional[float] = typer.Option(None, "--threshold",
                                                          help="Minimum weight (default: the curation run's).")):
     """Score new rows with a trained curation run's weight model and keep what passes."""
@@ -151,19 +159,19 @@ def filter_cmd(scorer: Path = typer.Option(..., "--scorer", help="A curation run
 @app.command()
 @handle_errors
 def tune(data: Optional[list[str]] = typer.Option(None, "--data", help="Instruction set to train on; repeatable."),
-         out: Optional[Path] = typer.Option(None, "--out"),
+         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (adapter/, metrics.json)."),
          method: Optional[str] = typer.Option(None, "--method", help="lora (default) | qlora | surm-* | qsurm-* | c3a | lokr | full"),
          model: Optional[str] = typer.Option(None, "--model", help="'tiny' (default, built in), a local directory, or a hub id."),
          weights_column: Optional[str] = typer.Option(None, "--weights-column",
                                                       help="Per-row loss weights, e.g. dpsel_weight."),
          eval_path: Optional[str] = typer.Option(None, "--eval", help="Clean eval set: eval loss and exact-match."),
-         steps: Optional[int] = typer.Option(None, "--steps"),
+         steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 200)."),
          seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
          device: Optional[str] = typer.Option(None, "--device", help="auto (default) | cpu | cuda"),
          lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (method default if unset)."),
          r: Optional[int] = typer.Option(None, "--r", help="LoRA rank (LoRA-family methods)."),
-         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-         max_length: Optional[int] = typer.Option(None, "--max-length"),
+         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per step (default 16)."),
+         max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per row; longer rows are cut (default 256)."),
          epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the rows (instead of --steps)."),
          grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
          save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Steps between checkpoints."),
@@ -192,7 +200,21 @@ def tune(data: Optional[list[str]] = typer.Option(None, "--data", help="Instruct
     typer.echo(f"adapter: {out_dir / 'adapter'}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+FLOW_OPTIONS_HELP = """Options after NAME override the config file (--key value, or --key=value):
+--train PATH, --meta PATH, --eval PATH, --truth PATH: data (file, folder of shards or glob).
+--scorer DIR, --in PATH: filter's scorer/ and new data.
+--out DIR: output folder.
+--method M, --steps N: the flow's stage (curate-then-tune: --curate-method, --tune-steps, ...).
+--budget F | --threshold T: curation's keep rule.
+--model NAME, --device auto|cpu|cuda, --seed S: shared settings.
+--lr F, --r N, --weights-column COL: tuning.
+--curate.select.batch-size N, --tune.max-length N, ...: any field of the config by its dotted name.
+--compare: curate-then-tune also tunes on all rows, for comparison.
+"""
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog=FLOW_OPTIONS_HELP)
 @handle_errors
 def flow(ctx: typer.Context,
          name: str = typer.Argument(..., help="curate | filter | tune | curate-then-tune"),

@@ -38,12 +38,13 @@ class DataConfig(_Section):
 
 
 class SelectParams(_Section):
-    """Selection hyperparameters: the fields of `dpsel.select.base.SelectConfig` a user may set."""
-    batch_size: int = Field(default=16, ge=1)
-    meta_batch_size: int = Field(default=16, ge=1)
-    max_length: int = Field(default=256, ge=8)
-    variant: str = "default"
-    weight_param: str = "logits"
+    """Selection hyperparameters: the fields of `dpsel.select.base.SelectConfig` a user may set, with its
+    defaults (one set of defaults for the CLI, config files and Python; tests/test_newcomer.py compares them)."""
+    batch_size: int = Field(default=SelectConfig.batch_size, ge=1)
+    meta_batch_size: int = Field(default=SelectConfig.meta_batch_size, ge=1)
+    max_length: int = Field(default=SelectConfig.max_length, ge=8)
+    variant: str = SelectConfig.variant
+    weight_param: str = SelectConfig.weight_param
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

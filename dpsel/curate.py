@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +28,8 @@ from dpsel.outputs import (SELECTION_FILE, begin_staging, check_outputs_do_not_o
                            file_records, new_run_id, output_error, output_paths, publish, scores_table,
                            write_manifest, write_scorer, write_tables)
 from dpsel.runlock import locks_out
-from dpsel.report import GROUP_COLUMNS, ReportData, group_summary, write_report
+from dpsel.report import (GROUP_COLUMNS, ReportData, group_summary, kept_fraction, read_truth_kinds,
+                          stage_seconds, write_report)
 from dpsel.select import load_scorer, select
 from dpsel.select.base import ProgressFn, SelectConfig
 
@@ -345,8 +348,8 @@ def truth_auroc(truth_path, rows: _Rows, weights: np.ndarray, keep: np.ndarray) 
         value = auroc(scored & (clean | (kind == name)))
         if value is not None:  # e.g. duplicates: never scored, so no AUROC (their kept fraction still shows)
             result[name] = value
-    kept_fraction = {name: float(keep[kind == name].mean()) for name in sorted(set(kind.tolist()))}
-    return {"path": path, "auroc": result, "kept_fraction_by_kind": kept_fraction,
+    kept_by_kind = {name: float(keep[kind == name].mean()) for name in sorted(set(kind.tolist()))}
+    return {"path": path, "auroc": result, "kept_fraction_by_kind": kept_by_kind,
             "rows_by_kind": {name: int((kind == name).sum()) for name in sorted(set(kind.tolist()))}}
 
 
@@ -432,7 +435,8 @@ def _write_files(stage: Path, out: Path, run: _Run, run_id: str) -> CurationResu
     ids = run.rows.ids
     write_tables(stage, scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
                                      run.rows.file_rows),
-                 curated_table(run.rows.data.table, ids, run.weights, run.keep), run_id=run_id)
+                 curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.data.messages()),
+                 run_id=run_id)
     selection = {**_selection_record(run, cutoff, group_cutoffs), "run_id": run_id}
     write_scorer(stage, run.scorer, selection)
 
@@ -452,6 +456,7 @@ def _write_files(stage: Path, out: Path, run: _Run, run_id: str) -> CurationResu
         "seed": run.config.get("seed"),
         "selection": {k: v for k, v in selection.items() if k not in ("config", "dpsel_version", "method")},
         "counts": counts,
+        "kept_fraction": kept_fraction(counts),  # of input rows, as in report.md and the artifacts
         "timings": timings,
         "groups": group_stats,
         "truth": run.truth,
@@ -468,8 +473,8 @@ def _write_files(stage: Path, out: Path, run: _Run, run_id: str) -> CurationResu
 
 def _report_data(run: _Run, counts: dict, cutoff: float | None, run_id: str) -> ReportData:
     headline = {"command": run.command, "run id": run_id, "method": run.method, "input rows": counts["input_rows"],
-                "kept rows": counts["kept_rows"],
-                "kept fraction of usable rows": counts["kept_rows"] / max(counts["usable_rows"], 1)}
+                "usable rows": counts["usable_rows"], "kept rows": counts["kept_rows"],
+                "kept fraction (of input rows)": kept_fraction(counts)}
     headline.update({f"dropped ({reason})": n for reason, n in counts["dropped_by_reason"].items()})
     headline["selection rule"] = run.rule.kind + (f" {run.rule.budget}" if run.rule.threshold is None
                                                   else f" {run.rule.threshold}")
@@ -477,7 +482,7 @@ def _report_data(run: _Run, counts: dict, cutoff: float | None, run_id: str) -> 
     if run.truth:
         headline["AUROC (clean vs corrupted)"] = run.truth["auroc"]["overall"] if run.truth["auroc"]["overall"] \
             is not None else float("nan")
-    headline["seconds"] = time.perf_counter() - run.started
+    headline[f"{run.command} seconds (manifest timings)"] = stage_seconds(run.timings)
     tables = {}
     if run.truth:
         tables["Against the truth file"] = [
@@ -487,7 +492,9 @@ def _report_data(run: _Run, counts: dict, cutoff: float | None, run_id: str) -> 
     groups = {c: v for c in GROUP_COLUMNS if (v := run.rows.group_values(c)) is not None}
     return ReportData(title=f"dpsel {run.command}: {run.method}", headline=headline, weights=run.weights,
                       kept=run.keep, usable=run.rows.usable, groups=groups,
-                      diagnostics=run.diagnostics or {}, previews=run.rows.previews(), tables=tables)
+                      diagnostics=run.diagnostics or {}, previews=run.rows.previews(), tables=tables,
+                      truth_kinds=read_truth_kinds(run.truth["path"], run.rows.n) if run.truth else None,
+                      config=run.config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -637,3 +644,14 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
                timings={"read_s": read_s, "score_s": score_s}, started=started,
                group_column=group_column if groups is not None else None)
     return _write_run(out, run)
+
+
+class _CallableModule(types.ModuleType):
+    """`dpsel.curate(train, meta, out=...)`: this module, called, is the Python API's `dpsel.api.curate`."""
+
+    def __call__(self, *args, **kwargs):
+        from dpsel.api import curate as api_curate
+        return api_curate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -43,6 +43,7 @@ whose job is to say whether a set is clean.
 from __future__ import annotations
 
 import os
+import posixpath
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -534,6 +535,7 @@ class ValidationSummary:
     response_chars: dict[str, int]
     duplicates: int
     groups: dict[str, dict[str, int]]                  # task/source column -> value -> rows
+    skipped: list[str] = field(default_factory=list)   # known non-instruction files in a folder (truth, scores)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -541,6 +543,7 @@ class ValidationSummary:
     def render(self) -> str:
         lines = [f"rows: {self.rows}", f"shape: {self.shape}", f"files: {len(self.files)}"]
         lines += [f"  {url}: {rows} rows" for url, rows in self.files]
+        lines += [f"  skipped {what}" for what in self.skipped]
         lines.append("columns (nulls / empty):")
         lines += [f"  {c}: {self.null_counts[c]} / {self.empty_counts[c]}" for c in self.null_counts]
         for name, stats in (("prompt chars", self.prompt_chars), ("response chars", self.response_chars)):
@@ -557,9 +560,36 @@ def _prompt_response_chars(messages: list[dict]) -> tuple[int, int]:
     return sum(len(m["content"]) for m in messages[:-1]), len(messages[-1]["content"])
 
 
+# Files dpsel itself writes beside instruction sets that are not instruction sets: synth's truth, a run's
+# scores. Inside a folder given to `validate` they are skipped (and listed); any other file is checked.
+KNOWN_NON_INSTRUCTION_FILES = {"truth.parquet": "synth truth", "scores.parquet": "curation scores"}
+
+
+def skip_known_outputs(files: list[ResolvedFile], paths) -> tuple[list[ResolvedFile], list[str]]:
+    """(files to check, skipped ones): a known non-instruction file is skipped only when a folder or glob
+    brought it in; named explicitly, it is checked (and fails, naming it)."""
+    specs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    named = {_comparable(os.fspath(spec)) for spec in specs}
+    keep, skipped = [], []
+    for file in files:
+        known = KNOWN_NON_INSTRUCTION_FILES.get(posixpath.basename(file.path))
+        if known and _comparable(file.url) not in named:
+            skipped.append(f"{file.url} ({known}, not an instruction set)")
+        else:
+            keep.append(file)
+    if not keep:
+        raise DpselInputError("no instruction-set files here, only " + "; ".join(skipped), file=str(specs[0]))
+    return keep, skipped
+
+
+def _comparable(spec: str) -> str:
+    return spec if "://" in spec else os.path.abspath(spec)
+
+
 def validate_paths(paths, batch_rows: int = 8192) -> ValidationSummary:
     """Strictly check an instruction set (raises `DpselInputError` on the first bad row) and summarise it."""
-    planned = _plan(expand_paths(paths))
+    checked, skipped = skip_known_outputs(expand_paths(paths), paths)
+    planned = _plan(checked)
     rows, duplicates = 0, 0
     nulls: Counter[str] = Counter()
     empties: Counter[str] = Counter()
@@ -588,4 +618,4 @@ def validate_paths(paths, batch_rows: int = 8192) -> ValidationSummary:
     return ValidationSummary(rows, planned[0].shape, files, dict(nulls),
                              {c: empties[c] for c in nulls}, _length_stats(prompt_lengths),
                              _length_stats(response_lengths), duplicates,
-                             {c: dict(v) for c, v in groups.items()})
+                             {c: dict(v) for c, v in groups.items()}, skipped)

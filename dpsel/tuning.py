@@ -216,7 +216,7 @@ def tune_parquet(
     batch_size: int = 16,
     max_length: int = 256,
     r: int = 8,
-    progress: bool = True,
+    progress=True,
     max_new_tokens: int = 64,
     epochs: float | None = None,
     grad_accum: int = 1,
@@ -233,11 +233,14 @@ def tune_parquet(
     checkpoints go to `OUT/checkpoints/` every `save_steps` steps (default: about ten per run); a run that was
     killed, re-run with the same settings and data, resumes from the newest one (`resume=False` starts over).
     `report_to`: none (default), tensorboard, wandb, mlflow, trackio or all (logs under `OUT/checkpoints/`).
+    `progress`: True draws dpsel's reporter (training, eval loss, answer generation), False nothing, or a
+    `progress(step, total, diag)` callback to feed.
     """
     import torch
 
     from dpsel.data import read_instruction_set
     from dpsel.io import write_json_atomic
+    from dpsel.progress import reporting
     from peft_train.models import tokenizer_defaults
     from peft_train.train import TrainConfig, train
 
@@ -263,16 +266,17 @@ def tune_parquet(
                 "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "seed": seed,
                 "weights_column": weights_column}
     resuming = _prepare_checkpoints(checkpoints, _run_fingerprint(settings, messages, weights), resume)
-    result = train(tuned, tokenizer, messages, None if weights is None else weights.tolist(), config,
-                   progress=progress, checkpoint_dir=checkpoints, resume=resuming)
-    if not result.is_main_process:  # other DDP ranks: rank 0 evaluates and writes the outputs
-        return {"method": method, "train_loss": result.train_loss, "steps": result.steps}
     evaluation = None
-    if eval_messages:
-        from peft_train.train import evaluate
+    with reporting(progress, f"tune[{method}]", default_phase="training") as reporter:
+        result = train(tuned, tokenizer, messages, None if weights is None else weights.tolist(), config,
+                       progress=reporter or False, checkpoint_dir=checkpoints, resume=resuming)
+        if not result.is_main_process:  # other DDP ranks: rank 0 evaluates and writes the outputs
+            return {"method": method, "train_loss": result.train_loss, "steps": result.steps}
+        if eval_messages:
+            from peft_train.train import evaluate
 
-        evaluation = evaluate(tuned, tokenizer, eval_messages, max_new_tokens=max_new_tokens, tasks=eval_tasks,
-                              batch_size=config.eval_batch_size, max_length=max_length)
+            evaluation = evaluate(tuned, tokenizer, eval_messages, max_new_tokens=max_new_tokens, tasks=eval_tasks,
+                                  batch_size=config.eval_batch_size, max_length=max_length, progress=reporter)
 
     _save(tuned, tokenizer, method, model, out_dir / ADAPTER_DIR)
     trainable, total = _parameter_counts(tuned)

@@ -6,7 +6,9 @@ logged and the run goes on.
 """
 from __future__ import annotations
 
+import base64
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -51,34 +53,37 @@ def flat_counts(counts: dict) -> dict:
     return flat
 
 
-def throttled_progress(key: str, description: str,
-                       every_s: float = PROGRESS_EVERY_S) -> Callable[[int, int, dict], None]:
-    """A `progress(step, total, diag)` callback that creates a progress artifact on its first call and
-    updates it at most every `every_s` seconds (always on the last step), with the latest diagnostics."""
+def progress_artifact_sink(key: str, every_s: float = PROGRESS_EVERY_S) -> Callable[[Any], None]:
+    """A `dpsel.progress` sink: creates a progress artifact on the first event and updates it at most every
+    `every_s` seconds (always on a phase's last step) with the event's text (phase, count, rate, ETA)."""
     state: dict[str, Any] = {"id": None, "last": 0.0, "broken": False}
 
-    def progress(step: int, total: int, diag: dict) -> None:
+    def sink(event) -> None:
         if state["broken"]:
             return
         now = time.monotonic()
-        last_step = total > 0 and step >= total
+        last_step = event.finished or event.step >= event.total
         if state["id"] is not None and not last_step and now - state["last"] < every_s:
             return
-        percent = 100.0 * min(step, total) / total if total else 0.0
-        shown = ", ".join(f"{k}={v:.3g}" for k, v in (diag or {}).items()
-                          if isinstance(v, (int, float)) and k != "step")
-        text = f"{description}: step {step}/{total}" + (f" ({shown})" if shown else "")
         try:
             if state["id"] is None:
-                state["id"] = create_progress_artifact(percent, key=key, description=text)
+                state["id"] = create_progress_artifact(100.0 * event.fraction, key=key, description=event.text())
             else:
-                update_progress_artifact(state["id"], percent, description=text)
+                update_progress_artifact(state["id"], 100.0 * event.fraction, description=event.text())
         except Exception as error:  # noqa: BLE001 - the sampler must not die for a UI widget
             state["broken"] = True
             _log_failure("progress", error)
         state["last"] = now
 
-    return progress
+    return sink
+
+
+def throttled_progress(key: str, description: str,
+                       every_s: float = PROGRESS_EVERY_S) -> Callable[[int, int, dict], None]:
+    """A `progress(step, total, diag)` callback feeding only the Prefect progress artifact."""
+    from dpsel.progress import Progress
+
+    return Progress(description, [progress_artifact_sink(key, every_s)])
 
 
 def curation_table(summary: dict, key: str) -> None:
@@ -108,7 +113,22 @@ def table(rows: list[dict], key: str, description: str) -> None:
         _log_failure("table", error)
 
 
-def plot_links(out_dir: str | Path) -> list[str]:
-    """Markdown links (by absolute path) to the PNG plots of a run folder: the UI cannot show local files."""
-    return [f"- [{png.name}]({png.resolve().as_uri()}) — `{png.resolve()}`"
-            for png in sorted(Path(out_dir).glob("*.png"))]
+EMBED_LIMIT_BYTES = 2_000_000  # a larger PNG is linked by path rather than embedded
+
+
+def plot_links(out_dir: str | Path, relative_to: str | Path | None = None) -> list[str]:
+    """The run folder's PNG plots as Markdown images embedded as data URIs (the Prefect UI cannot open
+    local `file://` links), each with its path; a PNG over EMBED_LIMIT_BYTES is named by path only.
+    With `relative_to` (a Markdown file's folder) the images are linked relative to it instead."""
+    lines = []
+    for png in sorted(Path(out_dir).glob("*.png")):
+        if relative_to is not None:
+            lines += [f"![{png.stem}]({os.path.relpath(png, relative_to)})", ""]
+            continue
+        data = png.read_bytes()
+        if len(data) > EMBED_LIMIT_BYTES:
+            lines.append(f"- `{png.resolve()}` ({len(data):,} bytes: too large to embed)")
+            continue
+        lines += [f"**{png.name}** — `{png.resolve()}`", "",
+                  f"![{png.stem}](data:image/png;base64,{base64.b64encode(data).decode('ascii')})", ""]
+    return lines

@@ -11,14 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow, get_run_logger, unmapped
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dpsel.config import RunConfig
 from dpsel.data import expand_paths
 from dpsel.io import write_json_atomic, write_text_atomic
-from dpsel.report import escape
+from dpsel.report import escape, kept_fraction, stage_seconds
 from flows import artifacts
 from flows.tasks import combine_filter_summaries, curate_stage, filter_shard, tune_stage
 
@@ -51,6 +51,16 @@ def _curate_kwargs(config: RunConfig, out: Path) -> dict:
                 select_config=config.select_config().to_dict(), truth=config.data.truth)
 
 
+def landing_folder_is_empty(inputs) -> bool:
+    """True when `inputs` is one local folder path (no glob, no URL) that is missing or holds no Parquet file."""
+    if not isinstance(inputs, (str, os.PathLike)) or "://" in os.fspath(inputs) or any(c in os.fspath(inputs) for c in "*?["):
+        return False
+    folder = Path(inputs)
+    if folder.suffix == ".parquet":
+        return False  # a file: missing is an error, not an empty landing folder
+    return not folder.exists() or (folder.is_dir() and not any(folder.rglob("*.parquet")))
+
+
 def _out(config: RunConfig) -> Path:
     return Path(config.out)
 
@@ -68,11 +78,6 @@ def overall_auroc(auroc: Any) -> float | None:
     return None
 
 
-def kept_fraction(counts: dict) -> float:
-    total = counts.get("input_rows") or 0
-    return counts.get("kept_rows", 0) / total if total else float("nan")
-
-
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -82,8 +87,10 @@ def _fmt(value: Any) -> str:
 def curation_headline(summary: dict) -> dict:
     counts = summary["counts"]
     return {"method": summary.get("method"), "input rows": counts.get("input_rows"),
-            "kept rows": counts.get("kept_rows"), "kept fraction": kept_fraction(counts),
-            "selection AUROC": overall_auroc(summary.get("auroc"))}
+            "usable rows": counts.get("usable_rows"), "kept rows": counts.get("kept_rows"),
+            "kept fraction (of input rows)": kept_fraction(counts),
+            "selection AUROC": overall_auroc(summary.get("auroc")),
+            "selection seconds": stage_seconds(summary.get("timings") or {})}
 
 
 def _markdown_table(rows: list[dict]) -> list[str]:
@@ -120,7 +127,9 @@ def comparison_rows(tuned: dict[str, dict]) -> list[dict]:
             for name, result in tuned.items()]
 
 
-def pipeline_markdown(curated: dict, tuned: dict[str, dict]) -> str:
+def pipeline_markdown(curated: dict, tuned: dict[str, dict], relative_to: str | Path | None = None) -> str:
+    """The run's Markdown report: PNGs embedded (the Prefect artifact) or linked relative to `relative_to`
+    (the report.md file beside the run's folders)."""
     lines = ["# Curate, then tune", ""]
     lines += [f"- **{label}**: {_fmt(value)}" for label, value in curation_headline(curated).items()]
     for name, result in tuned.items():
@@ -131,7 +140,7 @@ def pipeline_markdown(curated: dict, tuned: dict[str, dict]) -> str:
                      f"{_fmt(metrics.get('eval_exact_match'))}")
     lines += ["", "## Fine-tuning", ""] + _markdown_table(comparison_rows(tuned))
     lines += ["## Curation", "", f"Outputs in `{curated['out_dir']}`; report `{curated['paths'].get('report')}`", ""]
-    links = artifacts.plot_links(curated["out_dir"])
+    links = artifacts.plot_links(curated["out_dir"], relative_to)
     if links:
         lines += ["## Plots", ""] + links + [""]
     return "\n".join(lines)
@@ -160,6 +169,13 @@ def filter_flow(config: RunConfig) -> dict:
     OUT/shards/, totals in OUT/summary.json. Duplicates are detected within a shard, not across shards."""
     config.require("data.scorer", "data.inputs", "out", flow="filter")
     out = _out(config)
+    if landing_folder_is_empty(config.data.inputs):
+        # A scheduled filter over a landing folder: nothing landed yet is a normal outcome, said, not an error.
+        message = f"no Parquet shards in {config.data.inputs} (missing or empty folder): nothing to filter"
+        get_run_logger().warning(message)
+        summary = combine_filter_summaries([], os.fspath(out))
+        artifacts.markdown_report(f"# Filter\n\n{message}\n", key="filter-report", description="Filter (no shards)")
+        return {"filter": {**summary, "message": message}, "stages": {"filter-shard": []}}
     shards = [file.url for file in expand_paths(config.data.inputs)]
     shard_outs = [os.fspath(out / "shards" / f"{i:05d}-{Path(url).stem}") for i, url in enumerate(shards)]
     futures = filter_shard.map(scorer=unmapped(config.data.scorer), shard=shards, out=shard_outs,
@@ -210,14 +226,14 @@ def curate_then_tune_flow(config: RunConfig, compare: bool = False) -> dict:
             tune_stage, data=config.data.train, out=os.fspath(out / "tune-uncurated"), options=baseline,
             eval_path=config.data.eval)
 
-    markdown = pipeline_markdown(curated, tuned)
-    report = write_text_atomic(markdown + "\n", out / "report.md")
+    report = write_text_atomic(pipeline_markdown(curated, tuned, relative_to=out) + "\n", out / "report.md")
     summary = {"curate": curated, "tune": tuned, "stages": stages, "headline": curation_headline(curated),
                "report": os.fspath(report)}
     write_json_atomic(summary, out / "summary.json")
     artifacts.table(comparison_rows(tuned), key="curate-then-tune-comparison",
                     description="Fine-tuning on curated vs uncurated rows")
-    artifacts.markdown_report(markdown, key="curate-then-tune-report", description="Curate, then tune")
+    artifacts.markdown_report(pipeline_markdown(curated, tuned), key="curate-then-tune-report",
+                              description="Curate, then tune")
     return summary
 
 
@@ -240,6 +256,6 @@ def describe(name: str, summary: dict) -> str:
                          f"eval_exact_match={_fmt(result['metrics'].get('eval_exact_match'))}")
         return "\n".join(lines)
     stage = summary[name]
-    lines = [f"{name}: outputs in {stage['out_dir']}"]
+    lines = [f"{name}: outputs in {stage['out_dir']}"] + ([stage["message"]] if stage.get("message") else [])
     lines += [f"{label}: {_fmt(value)}" for label, value in curation_headline(stage).items() if value is not None]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import task
 
 from dpsel.io import write_json_atomic
-from flows.artifacts import artifact_key, throttled_progress
+from flows.artifacts import artifact_key, progress_artifact_sink
 from flows.cache import content_cache_key
 
 IO_RETRIES = 2
@@ -47,7 +47,7 @@ def curation_summary(result: Any) -> dict:
     """A CurationResult as a small JSON summary (what flows pass on and Prefect persists)."""
     return {"out_dir": os.fspath(result.out_dir), "paths": _as_str_paths(result.paths),
             "counts": dict(result.counts), "auroc": result.auroc, "method": result.manifest.get("method"),
-            "groups": manifest_groups(result.manifest)}
+            "groups": manifest_groups(result.manifest), "timings": result.manifest.get("timings", {})}
 
 
 @task(name="curate", cache_key_fn=content_cache_key("train", "meta", "truth"), **_STAGE_OPTIONS)
@@ -55,11 +55,13 @@ def curate_stage(train: Any, meta: Any, out: str, method: str, budget: float | N
                  select_config: dict, truth: str | None = None) -> dict:
     """Select rows of `train` with the trusted `meta` set; writes the curation outputs into `out`."""
     from dpsel.curate import curate
+    from dpsel.progress import default_phase_of, progress_reporter
     from dpsel.select.base import SelectConfig
 
-    progress = throttled_progress(artifact_key("curate-progress"), f"{method} selection")
-    result = curate(train, meta, out, method=method, budget=budget, threshold=threshold,
-                    config=SelectConfig(**select_config), progress=progress, truth=truth)
+    with progress_reporter(f"curate[{method}]", default_phase=default_phase_of(method),
+                           sinks=[progress_artifact_sink(artifact_key("curate-progress"))]) as progress:
+        result = curate(train, meta, out, method=method, budget=budget, threshold=threshold,
+                        config=SelectConfig(**select_config), progress=progress, truth=truth)
     return curation_summary(result)
 
 
@@ -115,8 +117,12 @@ def _merge_groups(shards: list[dict]) -> list[dict]:
 @task(name="tune", cache_key_fn=content_cache_key("data", "eval_path"), **_STAGE_OPTIONS)
 def tune_stage(data: Any, out: str, options: dict, eval_path: Any = None) -> dict:
     """Fine-tune on `data` (curated or not); writes OUT/adapter/ and OUT/metrics.json."""
+    from dpsel.progress import progress_reporter
     from dpsel.tuning import tune_parquet
 
-    metrics = tune_parquet(data, out, eval_path=eval_path, **options)
+    name = Path(out).name
+    with progress_reporter(f"tune[{options.get('method', 'lora')}] {name}", default_phase="training",
+                           sinks=[progress_artifact_sink(artifact_key("tune-progress", name))]) as progress:
+        metrics = tune_parquet(data, out, eval_path=eval_path, progress=progress, **options)
     return {"out_dir": out, "metrics": metrics,
             "paths": {"adapter": os.fspath(Path(out) / "adapter"), "metrics": os.fspath(Path(out) / "metrics.json")}}

@@ -39,6 +39,7 @@ from peft_train.encode import (
     per_example_nll,
 )
 from peft_train.models import resolve_device
+from peft_train.progress import ProgressFn, report
 
 LOSS_WINDOW = 10  # steps averaged into the reported final train loss (one step's loss is noisy)
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio", "all")
@@ -343,15 +344,18 @@ def _trainer_callback_base():
 class _Progress:
     """tqdm on a terminal, a plain log line every `log_every` steps otherwise (CI, schedulers, files)."""
 
-    def __init__(self, total: int, enabled: bool, log_every: int, done: int = 0):
-        self.total, self.enabled, self.log_every = total, enabled, max(1, log_every)
+    def __init__(self, total: int, enabled, log_every: int, done: int = 0):
+        # `enabled` may be a progress callback (peft_train.progress): then it alone is told, and draws nothing here
+        self.callback = enabled if callable(enabled) else None
+        self.total, self.enabled, self.log_every = total, bool(enabled) and self.callback is None, max(1, log_every)
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        if self.enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=done, desc="training", unit="step")
 
     def update(self, step: int, loss: float, lr: float) -> None:
+        report(self.callback, step, self.total, "training", loss=loss, lr=lr)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -364,7 +368,7 @@ class _Progress:
             self.bar.close()
 
 
-def _callbacks(config: TrainConfig, progress: bool, tokenizer, eval_messages, step_seconds: list[float]) -> list:
+def _callbacks(config: TrainConfig, progress: bool | ProgressFn, tokenizer, eval_messages, step_seconds: list[float]) -> list:
     """Progress lines, per-step wall time and the periodic eval loss, as Trainer callbacks."""
     base = _trainer_callback_base()
 
@@ -373,7 +377,7 @@ def _callbacks(config: TrainConfig, progress: bool, tokenizer, eval_messages, st
         last = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            enabled = progress and state.is_world_process_zero  # one progress line per step, not one per rank
+            enabled = progress if state.is_world_process_zero else False  # one progress line per step, not per rank
             self.bar = _Progress(state.max_steps, enabled, config.log_every, done=state.global_step)
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -542,7 +546,7 @@ def train(
     weights: Sequence[float] | None = None,
     config: TrainConfig | None = None,
     eval_messages: Sequence[Sequence[Mapping]] | None = None,
-    progress: bool = True,
+    progress: bool | ProgressFn = True,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     callbacks: Sequence | None = None,
@@ -635,7 +639,8 @@ def _eval_loss_only(model, tokenizer, messages, config: TrainConfig) -> dict:
 
 
 @torch.no_grad()
-def row_losses(model, tokenizer, messages, max_length: int = 512, batch_size: int = 16) -> list[float | None]:
+def row_losses(model, tokenizer, messages, max_length: int = 512, batch_size: int = 16,
+               progress: ProgressFn | None = None) -> list[float | None]:
     """Mean response-token NLL of every conversation (None where truncation left no response token)."""
     was_training = model.training
     model.eval()
@@ -650,6 +655,7 @@ def row_losses(model, tokenizer, messages, max_length: int = 512, batch_size: in
         ).logits
         for row, value in zip(batch_rows, per_example_nll(logits, batch["labels"]).tolist()):
             losses[row] = value if _has_response(encoded.examples[row]) else None
+        report(progress, sum(v is not None for v in losses), len(losses), "eval_loss")
     model.train(was_training)
     return losses
 
@@ -679,7 +685,7 @@ def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def greedy_answers(
     model, tokenizer, prompts: Sequence[Sequence[Mapping]], max_new_tokens: int = 64, batch_size: int = 16,
-    max_length: int = 512,
+    max_length: int = 512, progress: ProgressFn | None = None,
 ) -> list[str]:
     """Greedy completions of chat prompts (the assistant's next turn), decoded without special tokens."""
     was_training = model.training
@@ -699,6 +705,7 @@ def greedy_answers(
         )
         for row, tokens in zip(rows, generated[:, input_ids.shape[1] :].tolist()):
             answers[row] = tokenizer.decode(tokens, skip_special_tokens=True)
+        report(progress, min(start + batch_size, len(order)), len(order), "generate")
     model.train(was_training)
     return answers
 
@@ -724,6 +731,7 @@ def evaluate(
     tasks: Sequence[str] | None = None,
     batch_size: int = 16,
     max_length: int = 512,
+    progress: ProgressFn | None = None,
 ) -> dict:
     """``eval_loss`` (mean over rows of the response's mean token NLL) and ``eval_exact_match`` (greedy answer
     equal to the reference after stripping surrounding whitespace); with ``tasks`` (one label per row) the
@@ -732,11 +740,11 @@ def evaluate(
         raise ValueError("evaluate needs at least one conversation")
     if tasks is not None and len(tasks) != len(messages):
         raise ValueError(f"got {len(tasks)} task labels for {len(messages)} conversations")
-    losses = row_losses(model, tokenizer, messages, max_length, batch_size)
+    losses = row_losses(model, tokenizer, messages, max_length, batch_size, progress)
     matches = None
     if exact_match:
         prompts, references = zip(*(_prompt_and_reference(m) for m in messages))
-        answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size, max_length)
+        answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size, max_length, progress)
         matches = [a.strip() == r.strip() for a, r in zip(answers, references)]
     result = _summary(losses, matches, range(len(messages)))
     if tasks is not None:

@@ -203,10 +203,15 @@ def test_curated_parquet_loads_with_datasets(random_run, tmp_path):
     datasets = pytest.importorskip("datasets")
     path = random_run[0].out_dir / "curated.parquet"
     loaded = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path))
-    assert loaded.column_names == ["instruction", "output", "task", "source", "note", "dpsel_id", "dpsel_weight"]
+    assert loaded.column_names == ["instruction", "output", "task", "source", "note", "dpsel_id", "dpsel_weight",
+                                   "messages"]
     scores = _scores(random_run[0].out_dir)
     assert loaded.num_rows == int(scores.dpsel_kept.sum())
     assert loaded["dpsel_id"] == scores[scores.dpsel_kept].dpsel_id.tolist()
+    # the normalised conversation, ready for chat fine-tuning code (TRL's SFTTrainer takes `messages`)
+    first = loaded[0]
+    assert first["messages"][-1] == {"role": "assistant", "content": first["output"]}
+    assert first["messages"][-2]["role"] == "user" and first["instruction"] in first["messages"][-2]["content"]
 
 
 def test_rerun_into_same_dir_replaces_files(dirty, tmp_path):

@@ -103,6 +103,7 @@ def test_curate_flow_writes_outputs_and_artifacts(prefect_server, synth, tmp_pat
     assert table and "input_rows" in table[0].data and "mean_weight" in table[0].data
     report = _artifacts("curate-report")
     assert report and "kept fraction" in report[0].data and "weights_hist.png" in report[0].data
+    assert "](data:image/png;base64," in report[0].data  # embedded: the UI cannot open local file links
 
 
 def test_curate_cache_hits_when_unchanged_and_misses_when_input_changes(prefect_server, synth, tmp_path,
@@ -166,6 +167,7 @@ def test_curate_then_tune_compares_curated_with_uncurated(prefect_server, synth,
     assert summary["tune"]["curated"]["metrics"]["trained_rows"] < summary["tune"]["uncurated"]["metrics"]["trained_rows"]
     report = (tmp_path / "pipe" / "report.md").read_text()
     assert "eval loss / exact match (uncurated)" in report and "selection AUROC" in report
+    assert "](curate/weights_hist.png)" in report and "base64" not in report  # the file links, the artifact embeds
     assert _artifacts("curate-then-tune-comparison")
 
     # The tune flow on the same rows, options and folder is the compare stage again: a cache hit.
