@@ -42,6 +42,7 @@ whose job is to say whether a set is clean.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import Counter
@@ -59,13 +60,15 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dpsel.errors import DpselInputError
 from dpsel.io import file_sha256
-from dpsel.normalize import ID_HEX_CHARS, ROLES, alpaca_to_messages, row_id, row_ids_alpaca, row_ids_chat
+from dpsel.normalize import (ID_HEX_CHARS, ROLES, alpaca_canonical, alpaca_to_messages, chat_canonical, row_id,
+                             row_ids_alpaca, row_ids_chat, sha_ids)
 
 MAX_MESSAGE_CHARS = 100_000
 """A message longer than this (in characters) marks its row invalid: almost surely a scraping/concat bug."""
 
 Shape = Literal["alpaca", "chat"]
 REASON_INVALID, REASON_DUPLICATE = "invalid", "duplicate"
+_REASON_CODES = np.array(["", REASON_INVALID, REASON_DUPLICATE], dtype=object)   # by NormalizedBatch.codes
 ID_COLUMN = "dpsel_id"
 ADDED_COLUMNS = ("dpsel_messages", "dpsel_reason", "dpsel_detail", "dpsel_file")
 ALPACA_TEXT_COLUMNS = ("instruction", "output", "input")
@@ -336,6 +339,10 @@ def _as_text(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     return column.cast(pa.large_string())
 
 
+def _take(values: pa.Array, rows: np.ndarray, n: int) -> pa.Array:
+    return values if len(rows) == n else values.take(pa.array(rows, pa.int64()))
+
+
 def _numpy_bool(values: pa.Array) -> np.ndarray:
     return values.fill_null(False).to_numpy(zero_copy_only=False)
 
@@ -362,7 +369,8 @@ class _Rows:
     def messages(self, rows: np.ndarray) -> list[list[dict]]:
         raise NotImplementedError
 
-    def ids(self, rows: np.ndarray) -> list[str]:
+    def ids(self, rows: np.ndarray) -> pa.Array:
+        """`dpsel_id` of the clean `rows` (sorted positions), as a string array."""
         raise NotImplementedError
 
     def prompt_response_chars(self) -> tuple[np.ndarray, np.ndarray]:
@@ -391,8 +399,14 @@ class _AlpacaRows(_Rows):
                 for p, o in zip(prompts, outputs)]
 
     def ids(self, rows):
-        index = pa.array(rows, pa.int64())
-        return row_ids_alpaca(self.prompt.take(index).to_pylist(), self.output.take(index).to_pylist())
+        prompt, output = _take(self.prompt, rows, self.n), _take(self.output, rows, self.n)
+        canonical, slow = alpaca_canonical(prompt, output)
+        ids = sha_ids(canonical)
+        if slow.any():   # control characters JSON spells \u00XX: the per-row encoder
+            where = pa.array(np.flatnonzero(slow), pa.int64())
+            ids = pc.replace_with_mask(ids, pa.array(slow), pa.array(row_ids_alpaca(
+                prompt.take(where).to_pylist(), output.take(where).to_pylist()), pa.string()))
+        return ids
 
     def prompt_response_chars(self):
         return _chars(self.prompt), _chars(self.output)
@@ -443,7 +457,15 @@ class _ChatRows(_Rows):
 
     def ids(self, rows):
         index, offsets = self._items(rows)
-        return row_ids_chat(self.role.take(index).to_pylist(), self.content.take(index).to_pylist(), offsets)
+        role, content = self.role.take(index), self.content.take(index)
+        canonical, slow = chat_canonical(role, content, np.asarray(offsets))
+        ids = sha_ids(canonical)
+        if slow.any():   # control characters JSON spells \u00XX: the per-row encoder
+            redone = [row_ids_chat(role[offsets[k]:offsets[k + 1]].to_pylist(),
+                                   content[offsets[k]:offsets[k + 1]].to_pylist(),
+                                   [0, offsets[k + 1] - offsets[k]])[0] for k in np.flatnonzero(slow).tolist()]
+            ids = pc.replace_with_mask(ids, pa.array(slow), pa.array(redone, pa.string()))
+        return ids
 
     def prompt_response_chars(self):
         total = np.bincount(self.parent, weights=self.chars, minlength=self.n).astype(np.int64)
@@ -454,13 +476,6 @@ class _ChatRows(_Rows):
 
 def _normal_rows(batch, shape: Shape) -> _Rows:
     return _AlpacaRows(batch) if shape == "alpaca" else _ChatRows(batch)
-
-
-def _given_ids(batch) -> list | None:
-    """The input's own non-empty `dpsel_id` per row (None where absent), or None without the column."""
-    if ID_COLUMN not in batch.schema.names:
-        return None
-    return _as_text(batch.column(ID_COLUMN)).to_pylist()
 
 
 # ----------------------------------------------------------------------------- dedup
@@ -480,17 +495,17 @@ class SeenIds:
     def __len__(self) -> int:
         return len(self._hi) + len(self._other)
 
-    def first_rows(self, ids: list[str], rows: np.ndarray, register: np.ndarray) -> np.ndarray:
+    def first_rows(self, ids: pa.Array | list[str], rows: np.ndarray, register: np.ndarray) -> np.ndarray:
         """For each id: the row it was first seen on (-1 if new). Ids with `register` set that are new are
         recorded with their row (the first of them if one repeats within the batch)."""
-        ids_arr = pa.array(ids, pa.large_string())
+        ids_arr = pa.array(ids, pa.large_string()) if isinstance(ids, list) else ids.cast(pa.large_string())
         hexlike = _numpy_bool(pc.match_substring_regex(ids_arr, f"^[0-9a-f]{{{ID_HEX_CHARS}}}$"))
-        first = np.full(len(ids), -1, np.int64)
+        first = np.full(len(ids_arr), -1, np.int64)
         hex_idx = np.flatnonzero(hexlike)
         if len(hex_idx):
-            first[hex_idx] = self._hex(ids_arr.take(pa.array(hex_idx)), rows[hex_idx], register[hex_idx])
-        for k in np.flatnonzero(~hexlike):
-            key = ids[k]
+            first[hex_idx] = self._hex(_take(ids_arr, hex_idx, len(ids_arr)), rows[hex_idx], register[hex_idx])
+        for k in np.flatnonzero(~hexlike).tolist():
+            key = ids_arr[k].as_py()
             if key in self._other:
                 first[k] = self._other[key]
             elif register[k]:
@@ -498,9 +513,8 @@ class SeenIds:
         return first
 
     def _hex(self, ids: pa.Array, rows: np.ndarray, register: np.ndarray) -> np.ndarray:
-        data = ids.buffers()[2].to_pybytes()
         offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset:ids.offset + len(ids) + 1]
-        raw = bytes.fromhex(data[offsets[0]:offsets[-1]].decode("ascii"))
+        raw = bytes.fromhex(memoryview(ids.buffers()[2])[offsets[0]:offsets[-1]].tobytes().decode("ascii"))
         keys = np.frombuffer(raw, np.dtype([("hi", ">u8"), ("lo", ">u2")]))
         hi, lo = keys["hi"].astype(np.uint64), keys["lo"].astype(np.uint16)
         first = self._lookup(hi, lo)
@@ -542,46 +556,79 @@ class SeenIds:
 
 # ----------------------------------------------------------------------------- streaming
 class NormalizedBatch:
-    """A record batch of one file, as read (`batch`), with each row's id and verdict; `messages` (Python
-    dicts) are built only when asked for."""
+    """A record batch of one file, as read (`batch`), with each row's id and verdict as arrays (`id_array`,
+    `codes`: 0 usable, 1 invalid, 2 duplicate; `detail_array`) and, built on first use, as lists (`ids`,
+    `reasons`, `details`, `problems`, `messages`)."""
 
     def __init__(self, file: ResolvedFile, shape: Shape, batch: pa.RecordBatch, start_row: int,
-                 start_row_in_file: int, rows: _Rows, ids: list[str], problems: list[RowProblem | None],
+                 start_row_in_file: int, rows: _Rows, id_array: pa.Array, row_problems: dict[int, RowProblem],
                  overrides: dict[int, list[dict]], first_seen: np.ndarray | None):
         self.file, self.shape, self.batch = file, shape, batch
         self.start_row, self.start_row_in_file = start_row, start_row_in_file
-        self.ids, self.problems = ids, problems
+        self.id_array, self.row_problems = id_array, row_problems
         self._rows, self._overrides = rows, overrides
-        self.usable = np.array([p is None for p in problems], dtype=bool)
-        duplicate = self.usable & (first_seen >= 0) if first_seen is not None else np.zeros(len(ids), bool)
-        self.usable &= ~duplicate
-        self.reasons = [REASON_INVALID if p is not None else REASON_DUPLICATE if d else ""
-                        for p, d in zip(problems, duplicate)]
-        self.details = [p.detail if p is not None else f"same content as input row {f}" if d else ""
-                        for p, d, f in zip(problems, duplicate,
-                                           first_seen if first_seen is not None else duplicate)]
-        self._messages: list[list[dict]] | None = None
+        n = batch.num_rows
+        self.codes = np.zeros(n, np.int8)
+        self.codes[list(row_problems)] = 1
+        details = {k: p.detail for k, p in row_problems.items()}
+        if first_seen is not None:
+            duplicate = np.flatnonzero((self.codes == 0) & (first_seen >= 0))
+            self.codes[duplicate] = 2
+            details.update({k: f"same content as input row {first_seen[k]}" for k in duplicate.tolist()})
+        self.usable = self.codes == 0
+        self.detail_array = _sparse_strings(n, details)
 
     @property
     def num_rows(self) -> int:
         return self.batch.num_rows
 
-    @property
+    @functools.cached_property
+    def ids(self) -> list[str]:
+        return self.id_array.to_pylist()
+
+    @functools.cached_property
+    def reasons(self) -> list[str]:
+        return _REASON_CODES[self.codes].tolist()
+
+    @functools.cached_property
+    def details(self) -> list[str]:
+        return self.detail_array.to_pylist()
+
+    @functools.cached_property
+    def problems(self) -> list[RowProblem | None]:
+        return [self.row_problems.get(k) for k in range(self.num_rows)]
+
+    @functools.cached_property
     def messages(self) -> list[list[dict]]:
         """Normalised messages of every row (invalid rows: as far as they could be read)."""
-        if self._messages is None:
-            self._messages = _messages_with_overrides(self._rows, np.arange(self.num_rows), self._overrides)
-        return self._messages
+        return _messages_with_overrides(self._rows, np.arange(self.num_rows), self._overrides)
 
     def usable_messages(self) -> list[list[dict]]:
         """Messages of the usable rows only (valid, first occurrence), without building the others."""
         return _messages_with_overrides(self._rows, np.flatnonzero(self.usable), self._overrides)
+
+    def first_error(self) -> DpselInputError | None:
+        """The strict-mode error for the first invalid row, if any."""
+        if not self.row_problems:
+            return None
+        offset = min(self.row_problems)
+        return self.error_for(offset, self.row_problems[offset])
 
     def error_for(self, offset: int, problem: RowProblem) -> DpselInputError:
         """The strict-mode error for the row at `offset` in this batch."""
         row = self.start_row + offset
         return DpselInputError(f"{problem.detail} (input row {row}; row {self.start_row_in_file + offset} "
                                f"of this file)", file=self.file.url, column=problem.column, row=row)
+
+
+def _sparse_strings(n: int, values: dict[int, str]) -> pa.Array:
+    """A string array of n empty strings, with `values` at their positions."""
+    empty = pa.array(np.full(n, "", dtype=object), pa.string()) if n else pa.array([], pa.string())
+    if not values:
+        return empty
+    mask = np.zeros(n, dtype=bool)
+    mask[list(values)] = True
+    return pc.replace_with_mask(empty, pa.array(mask), pa.array([values[k] for k in sorted(values)], pa.string()))
 
 
 def _messages_with_overrides(rows: _Rows, wanted: np.ndarray, overrides: dict[int, list[dict]]
@@ -610,19 +657,30 @@ def _check_utf8(batch: pa.RecordBatch, file: ResolvedFile, start_row: int, start
     raise DpselInputError("column data failed Arrow validation", file=file.url)
 
 
-def _verdicts(batch: pa.RecordBatch, rows: _Rows) -> tuple[list[str], list, dict[int, list[dict]]]:
+def _verdicts(batch: pa.RecordBatch, rows: _Rows
+              ) -> tuple[pa.Array, dict[int, RowProblem], dict[int, list[dict]]]:
     """Ids and problems of every row: clean rows in bulk, the others through `reference_row`."""
     n = batch.num_rows
-    given = _given_ids(batch)
-    ids: list = given if given is not None else [None] * n
-    problems: list[RowProblem | None] = [None] * n
+    ids = pa.nulls(n, pa.string())
+    has_given = np.zeros(n, dtype=bool)
+    if ID_COLUMN in batch.schema.names:    # the input's own non-empty ids win
+        given = _as_text(batch.column(ID_COLUMN))
+        has_given = _numpy_bool(pc.greater(pc.binary_length(given), 0))
+        ids = given.cast(pa.string())
+    problems: dict[int, RowProblem] = {}
     overrides: dict[int, list[dict]] = {}
-    for k in np.flatnonzero(~rows.clean).tolist():
-        messages, problems[k], ids[k] = reference_row(rows.shape, batch.slice(k, 1).to_pylist()[0])
-        overrides[k] = messages
-    to_hash = np.flatnonzero(rows.clean & np.array([not i for i in ids], dtype=bool))
-    for k, rid in zip(to_hash.tolist(), rows.ids(to_hash)):
-        ids[k] = rid
+    slow = np.flatnonzero(~rows.clean)
+    slow_ids = []
+    for k in slow.tolist():
+        overrides[k], problem, rid = reference_row(rows.shape, batch.slice(k, 1).to_pylist()[0])
+        slow_ids.append(rid)
+        if problem is not None:
+            problems[k] = problem
+    to_hash = rows.clean & ~has_given
+    if to_hash.any():
+        ids = pc.replace_with_mask(ids, pa.array(to_hash), rows.ids(np.flatnonzero(to_hash)))
+    if len(slow):
+        ids = pc.replace_with_mask(ids, pa.array(~rows.clean), pa.array(slow_ids, pa.string()))
     return ids, problems, overrides
 
 
@@ -658,7 +716,8 @@ def _iter_planned(planned: list[_PlannedFile], batch_rows: int, mark_duplicates:
             ids, problems, overrides = _verdicts(batch, rows)
             first_seen = None
             if mark_duplicates:
-                valid = np.array([p is None for p in problems], dtype=bool)
+                valid = np.ones(batch.num_rows, dtype=bool)
+                valid[list(problems)] = False
                 first_seen = seen.first_rows(ids, start + np.arange(batch.num_rows), valid)
             yield NormalizedBatch(plan.file, plan.shape, batch, start, in_file, rows, ids, problems, overrides,
                                   first_seen)
@@ -753,7 +812,6 @@ def _concat(tables: list[pa.Table], urls: list[str]) -> pa.Table:
         raise DpselInputError(f"shards have incompatible column types ({exc})", file=", ".join(urls)) from exc
 
 
-_REASON_CODES = np.array(["", REASON_INVALID, REASON_DUPLICATE], dtype=object)
 
 
 def read_instruction_set(paths, batch_rows: int = 65536) -> InstructionSet:
@@ -765,9 +823,9 @@ def read_instruction_set(paths, batch_rows: int = 65536) -> InstructionSet:
     file_of = {p.file.url: i for i, p in enumerate(planned)}
     for nb in _iter_planned(planned, batch_rows):
         tables.append(pa.Table.from_batches([nb.batch]))
-        ids.append(pa.array(nb.ids, pa.string()))
-        codes.append(np.array([0 if not r else 1 if r == REASON_INVALID else 2 for r in nb.reasons], np.int8))
-        details.append(pa.array(nb.details, pa.string()))
+        ids.append(nb.id_array)
+        codes.append(nb.codes)
+        details.append(nb.detail_array)
         file_index.append(np.full(nb.num_rows, file_of[nb.file.url], np.int32))
         file_rows.append(nb.start_row_in_file + np.arange(nb.num_rows, dtype=np.int64))
         overrides.update({nb.start_row + k: m for k, m in nb._overrides.items()})
@@ -885,9 +943,9 @@ def validate_paths(paths, batch_rows: int = 8192) -> ValidationSummary:
     for name in dict.fromkeys(n for p in planned for n in p.schema.names):
         nulls[name] += 0    # list every column, even one only in a shard with no rows
     for nb in _iter_planned(planned, batch_rows):
-        for offset, problem in enumerate(nb.problems):
-            if problem is not None:
-                raise nb.error_for(offset, problem)
+        error = nb.first_error()
+        if error is not None:
+            raise error
         for name in nb.batch.schema.names:
             nulls[name] += nb.batch.column(name).null_count
             empties[name] += _empty_count(nb.batch.column(name))
@@ -897,7 +955,7 @@ def validate_paths(paths, batch_rows: int = 8192) -> ValidationSummary:
         prompt, response = nb._rows.prompt_response_chars()
         prompt_lengths.update(_value_counts(prompt))
         response_lengths.update(_value_counts(response))
-        duplicates += nb.reasons.count(REASON_DUPLICATE)
+        duplicates += int((nb.codes == 2).sum())
         rows += nb.num_rows
     files = [(p.file.url, p.rows) for p in planned]
     return ValidationSummary(rows, planned[0].shape, files, dict(nulls),
