@@ -45,6 +45,16 @@ def handle_errors(command: Callable) -> Callable:
     return wrapper
 
 
+@app.callback()
+@handle_errors
+def _global_options(threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="Torch intra-op threads for any command (default: DPSEL_THREADS, "
+        "OMP_NUM_THREADS, else the cores this process may use; idle threads wait passively).")):
+    """Bayesian data-point selection for instruction tuning, then QLoRA/SURM fine-tuning."""
+    from dpsel.threads import configure_threads
+    configure_threads(threads)   # before any command imports torch (dpsel.threads explains why)
+
+
 @app.command()
 @handle_errors
 def synth(out: Path = typer.Option(..., "--out", help="Output directory."),

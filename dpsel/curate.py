@@ -21,7 +21,6 @@ from dpsel.data import InstructionSet, read_instruction_set
 from dpsel.errors import DpselInputError
 from dpsel.outputs import (SELECTION_FILE, check_outputs_do_not_overwrite_inputs, curated_table, output_paths,
                            scores_table, write_manifest, write_scorer, write_tables)
-from dpsel.report import GROUP_COLUMNS, ReportData, group_summary, write_report
 from dpsel.select import load_scorer, select
 from dpsel.select.base import ProgressFn, SelectConfig
 
@@ -189,14 +188,14 @@ class _Rows:
         """A column's values as strings (missing -> "(none)"), or None when the input lacks it."""
         if column not in self.data.original_columns:
             return None
-        values = self.data.frame[column].tolist()
+        values = self.data.table.column(column).to_pylist()
         return np.array(["(none)" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
                          for v in values], dtype=object)
 
     def previews(self) -> list[str]:
         """Short text per row for the report's examples: last user prompt -> response."""
         out = []
-        for messages in self.data.frame["dpsel_messages"].tolist():
+        for messages in self.data.messages():
             user = next((m["content"] for m in reversed(messages or []) if m.get("role") == "user"), "") or ""
             answer = (messages[-1].get("content") if messages else "") or ""
             out.append(f"{user.strip()[:70]} → {answer.strip()[:50]}")
@@ -204,16 +203,9 @@ class _Rows:
 
 
 def _read_rows(paths) -> _Rows:
-    data = read_instruction_set(_as_path_list(paths))
-    frame = data.frame
-    file_rows = np.concatenate([np.arange(f.rows) for f in data.files]) if data.files else np.zeros(0, np.int64)
-    if len(file_rows) != len(frame):  # a file's footer row count disagreed with its data
-        file_rows = np.arange(len(frame))
-    reasons = frame["dpsel_reason"].tolist()
-    return _Rows(data=data, ids=frame["dpsel_id"].astype(str).tolist(), reasons=reasons,
-                 details=frame["dpsel_detail"].fillna("").astype(str).tolist(),
-                 files=frame["dpsel_file"].astype(str).tolist(), file_rows=file_rows.astype(np.int64),
-                 usable=np.array([r == "" for r in reasons], dtype=bool))
+    data = read_instruction_set(_as_path_list(paths))   # columnar: no pandas frame is built
+    return _Rows(data=data, ids=data.id_list(), reasons=data.reasons.tolist(), details=data.details.to_pylist(),
+                 files=data.file_paths().tolist(), file_rows=data.file_rows, usable=data.usable_mask())
 
 
 def _as_path_list(paths) -> list[str]:
@@ -338,6 +330,7 @@ def _inputs_entry(paths, rows: _Rows) -> dict:
 def _group_stats(rows: _Rows, weights: np.ndarray, keep: np.ndarray, extra_column: str | None) -> dict:
     """Per task/source (and the grouping column): rows, mean weight, kept share, and the share of the total
     weight mass (the mixture weight of that group under weighted fine-tuning)."""
+    from dpsel.report import GROUP_COLUMNS, group_summary   # plotting is imported only when a run is written
     columns = [c for c in dict.fromkeys([*GROUP_COLUMNS, extra_column]) if c]
     total_mass = float(weights[rows.usable].sum()) or 1.0
     stats = {}
@@ -380,6 +373,7 @@ def _selection_record(run: _Run, cutoff: float | None, group_cutoffs: dict) -> d
 
 
 def _write_run(out: Path, run: _Run) -> CurationResult:
+    from dpsel.report import write_report   # plotting is imported only when a report is written
     write_start = time.perf_counter()
     groups = run.rows.group_values(run.group_column) if run.group_column else None
     cutoff, group_cutoffs = effective_thresholds(run.weights, run.keep, groups)
@@ -420,7 +414,8 @@ def _write_run(out: Path, run: _Run) -> CurationResult:
                           auroc=run.truth["auroc"] if run.truth else None)
 
 
-def _report_data(run: _Run, counts: dict, cutoff: float | None) -> ReportData:
+def _report_data(run: _Run, counts: dict, cutoff: float | None):
+    from dpsel.report import GROUP_COLUMNS, ReportData
     headline = {"command": run.command, "method": run.method, "input rows": counts["input_rows"],
                 "kept rows": counts["kept_rows"],
                 "kept fraction of usable rows": counts["kept_rows"] / max(counts["usable_rows"], 1)}
