@@ -522,6 +522,26 @@ def _read_selection(scorer_dir: Path) -> dict:
         raise DpselInputError(f"unreadable selection file ({exc})", file=str(path)) from exc
 
 
+SCORE_CHUNK_ROWS = 8192   # rows tokenised and scored at a time: memory bounded by the chunk, not the input
+
+
+def _score_in_chunks(scorer, rows: _Rows, usable_idx: np.ndarray,
+                     progress: ProgressFn | None) -> tuple[np.ndarray, np.ndarray]:
+    """The scorer's weights for the usable rows, a chunk of rows at a time (messages built per chunk)."""
+    mean, std = np.zeros(len(usable_idx)), np.zeros(len(usable_idx))
+    for start in range(0, len(usable_idx), SCORE_CHUNK_ROWS):
+        part = usable_idx[start:start + SCORE_CHUNK_ROWS]
+        chunk = np.zeros(rows.n, dtype=bool)
+        chunk[part] = True
+        m, s = scorer.score(rows.data.messages(chunk), [rows.ids[i] for i in part])
+        mean[start:start + len(part)], std[start:start + len(part)] = m, s
+        if progress is not None:
+            progress(start + len(part), len(usable_idx), {"rows": float(start + len(part))})
+    if progress is not None and not len(usable_idx):
+        progress(1, 1, {"rows": 0.0})
+    return mean, std
+
+
 def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budget: float | None = None,
                 progress: ProgressFn | None = None) -> CurationResult:
     """Score new rows with a curation run's saved scorer and keep those that pass.
@@ -545,14 +565,8 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
 
     score_start = time.perf_counter()
     usable_idx = np.flatnonzero(rows.usable)
-    if len(usable_idx):
-        mean, std = scorer.score(rows.data.messages(rows.usable), [rows.ids[i] for i in usable_idx])
-        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-    else:
-        mean, std = np.zeros(0), np.zeros(0)
+    mean, std = _score_in_chunks(scorer, rows, usable_idx, progress)
     _check_weights(mean, std, f"scorer {scorer_dir}")
-    if progress is not None:
-        progress(1, 1, {"rows": float(len(usable_idx))})
     score_s = time.perf_counter() - score_start
     weights, stds = spread_scores(rows, mean, std)
     keep = apply_rule(rule, weights, rows.usable, groups)
