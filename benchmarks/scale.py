@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Streaming reads hold one row group: pools are written as Spark/HF `datasets` write them (tens of
+# thousands of rows per group), not as one group of the whole file.
+ROW_GROUP_ROWS = 65_536
 RESULTS = ROOT / "benchmarks" / "results"
 WORDS = ("the a of to and in explain list name give write short answer colour number city river why how "
          "which first small large warm cold animal plant country language sentence word summarise translate "
@@ -37,7 +39,13 @@ WORDS = ("the a of to and in explain list name give write short answer colour nu
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
+    """This process's peak RSS (VmHWM: reset by exec, unlike getrusage's ru_maxrss, which a child started by
+    fork + exec inherits from its parent)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def current_rss() -> int:
@@ -68,7 +76,7 @@ def make_pool(path: Path, rows: int, seed: int = 0) -> Path:
     context = pc.if_else(pa.array(rng.random(rows) < 0.3), sentences(6, "."), pa.nulls(rows, pa.string()))
     table = pa.table({"instruction": instruction, "input": context, "output": sentences(12, "."),
                       "task": pa.array(np.char.mod("t%d", rng.integers(0, 8, rows)))})
-    pq.write_table(table.take(pa.array(index)), path)
+    pq.write_table(table.take(pa.array(index)), path, row_group_size=ROW_GROUP_ROWS)
     return path
 
 
@@ -179,7 +187,12 @@ def case_adapter_step(path: Path, work: Path) -> dict:
     return {"seconds": 0.0, "base_rss": 0, **out}
 
 
-CASES = {"ceiling": case_ceiling, "validate": case_validate, "read": case_read, "filter-data": case_filter_data,
+def case_make_pool(path: Path, work: Path) -> dict:
+    make_pool(path, int(path.stem.split("-")[-1]))
+    return {"seconds": 0.0, "base_rss": 0}
+
+
+CASES = {"make-pool": case_make_pool, "ceiling": case_ceiling, "validate": case_validate, "read": case_read, "filter-data": case_filter_data,
          "filter-model": case_filter_model, "adapter-step": case_adapter_step}
 
 
@@ -224,6 +237,9 @@ def markdown(report: dict) -> str:
     if report.get("flatness"):
         lines += ["", "Peak RSS growth from the middle to the largest size: "
                   + ", ".join(f"{k} {v}×" for k, v in report["flatness"].items())]
+    if report.get("marginal_bytes_per_row"):
+        lines += ["", "Bytes per extra row (peak RSS slope between the two largest sizes): "
+                  + ", ".join(f"{k} {v}" for k, v in report["marginal_bytes_per_row"].items())]
     model = report.get("filter_model")
     if model:
         lines += ["", f"`filter` with the built-in model (bads scorer) on {model['rows']:,} rows: "
@@ -259,7 +275,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     table, by_case = [], {}
     for rows in args.sizes:
-        pool = make_pool(work / f"pool-{rows}.parquet", rows)
+        pool = work / f"pool-{rows}.parquet"
+        run_child("make-pool", pool, work, args.threads)   # in a child: the parent stays small
         results = {case: run_child(case, pool, work, args.threads) for case in args.cases}
         for case in args.cases:
             row = summarise(rows, case, results[case], results["ceiling"])
@@ -272,8 +289,13 @@ def main() -> None:
         middle, largest = sorted(args.sizes)[-2:]
         report["flatness"] = {case: round(r[largest]["peak_rss_mb"] / r[middle]["peak_rss_mb"], 2)
                               for case, r in by_case.items()}
+        # the cost of one more row, free of fixed and first-batch costs: peak RSS slope between the two sizes
+        report["marginal_bytes_per_row"] = {
+            case: round((r[largest]["peak_rss_mb"] - r[middle]["peak_rss_mb"]) * 2**20 / (largest - middle), 1)
+            for case, r in by_case.items()}
     if args.filter_rows:
-        pool = make_pool(work / f"pool-{args.filter_rows}.parquet", args.filter_rows)
+        pool = work / f"pool-{args.filter_rows}.parquet"
+        run_child("make-pool", pool, work, args.threads)
         model = run_child("filter-model", pool, work, args.threads)
         report["filter_model"] = {"rows": args.filter_rows, "filter_rows_per_s": args.filter_rows / model["seconds"],
                                   "raw_forward_rows_per_s": model["raw_forward_rows_per_s"],
