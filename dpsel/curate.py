@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -178,11 +179,8 @@ class _Rows:
 
     def first_occurrence(self) -> np.ndarray:
         """For each row, the index of the first usable row with its id (-1 for invalid rows)."""
-        first: dict[str, int] = {}
-        for i in np.flatnonzero(self.usable):
-            first.setdefault(self.ids[i], int(i))
-        return np.array([first.get(key, -1) if reason != REASON_INVALID else -1
-                         for key, reason in zip(self.ids, self.reasons)], dtype=np.int64)
+        first = np.where(self.usable, np.arange(self.n), self.data.duplicate_of)   # from the data layer's dedup
+        return first.astype(np.int64)
 
     def group_values(self, column: str) -> np.ndarray | None:
         """A column's values as strings (missing -> "(none)"), or None when the input lacks it."""
@@ -192,14 +190,29 @@ class _Rows:
         return np.array(["(none)" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
                          for v in values], dtype=object)
 
-    def previews(self) -> list[str]:
+    def previews(self) -> "_Previews":
         """Short text per row for the report's examples: last user prompt -> response."""
-        out = []
-        for messages in self.data.messages():
-            user = next((m["content"] for m in reversed(messages or []) if m.get("role") == "user"), "") or ""
-            answer = (messages[-1].get("content") if messages else "") or ""
-            out.append(f"{user.strip()[:70]} → {answer.strip()[:50]}")
-        return out
+        return _Previews(self.data)
+
+
+class _Previews(Sequence):
+    """Preview text of any row, built when the report asks for it (it shows a few rows, not a million)."""
+
+    def __init__(self, data: InstructionSet):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> str:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        row = np.zeros(len(self), dtype=bool)
+        row[index] = True
+        messages = self.data.messages(row)[0]
+        user = next((m["content"] for m in reversed(messages or []) if m.get("role") == "user"), "") or ""
+        answer = (messages[-1].get("content") if messages else "") or ""
+        return f"{user.strip()[:70]} → {answer.strip()[:50]}"
 
 
 def _read_rows(paths) -> _Rows:

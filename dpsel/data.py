@@ -559,9 +559,10 @@ class SeenIds:
         return first
 
     def _insert(self, hi, lo, rows) -> None:
-        hi, lo, rows = (np.concatenate([a, b]) for a, b in ((self._hi, hi), (self._lo, lo), (self._row, rows)))
-        order = np.argsort(hi, kind="stable")          # two sorted runs: a linear merge
-        self._hi, self._lo, self._row = hi[order], lo[order], rows[order]
+        """Insert new keys (sorted by `hi`) keeping the arrays sorted; peak memory: old + new arrays."""
+        at = np.searchsorted(self._hi, hi, "right")
+        self._hi, self._lo, self._row = (np.insert(a, at, b) for a, b in ((self._hi, hi), (self._lo, lo),
+                                                                          (self._row, rows)))
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -586,6 +587,7 @@ class NormalizedBatch:
             self.codes[duplicate] = 2
             details.update({k: f"same content as input row {first_seen[k]}" for k in duplicate.tolist()})
         self.usable = self.codes == 0
+        self.duplicate_of = np.where(self.codes == 2, first_seen if first_seen is not None else -1, -1)
         self.detail_array = _sparse_strings(n, details)
 
     @property
@@ -763,6 +765,7 @@ class InstructionSet:
     details: pa.Array
     file_index: np.ndarray
     file_rows: np.ndarray
+    duplicate_of: np.ndarray          # int64: for a duplicate, the input row it repeats; -1 otherwise
     overrides: dict[int, list[dict]] = field(default_factory=dict, repr=False)   # reference-path messages
     _frame: pd.DataFrame | None = field(default=None, repr=False)
 
@@ -828,7 +831,7 @@ def read_instruction_set(paths, batch_rows: int = 65536) -> InstructionSet:
     """Read the whole input into an `InstructionSet` (see the module docstring for what raises)."""
     planned = _plan(expand_paths(paths))
     tables = [p.schema.empty_table() for p in planned]   # keeps columns of files with no rows
-    ids, codes, details, file_index, file_rows = [], [], [], [], []
+    ids, codes, details, file_index, file_rows, duplicate_of = [], [], [], [], [], []
     overrides: dict[int, list[dict]] = {}
     file_of = {p.file.url: i for i, p in enumerate(planned)}
     for nb in _iter_planned(planned, batch_rows):
@@ -838,6 +841,7 @@ def read_instruction_set(paths, batch_rows: int = 65536) -> InstructionSet:
         details.append(nb.detail_array)
         file_index.append(np.full(nb.num_rows, file_of[nb.file.url], np.int32))
         file_rows.append(nb.start_row_in_file + np.arange(nb.num_rows, dtype=np.int64))
+        duplicate_of.append(nb.duplicate_of)
         overrides.update({nb.start_row + k: m for k, m in nb._overrides.items()})
     table = _concat(tables, [p.file.url for p in planned])
     files = [FileInfo(p.file.url, p.rows, file_sha256(p.file.path, p.file.fs)) for p in planned]
@@ -850,7 +854,7 @@ def read_instruction_set(paths, batch_rows: int = 65536) -> InstructionSet:
         reasons=_REASON_CODES[joined(codes, np.zeros(0, np.int8))],
         details=pa.concat_arrays(details) if details else pa.array([], pa.string()),
         file_index=joined(file_index, np.zeros(0, np.int32)), file_rows=joined(file_rows, np.zeros(0, np.int64)),
-        overrides=overrides)
+        duplicate_of=joined(duplicate_of, np.zeros(0, np.int64)), overrides=overrides)
 
 
 # ----------------------------------------------------------------------------- validation summary
@@ -940,7 +944,7 @@ class ValidationSummary:
         return "\n".join(lines)
 
 
-def validate_paths(paths, batch_rows: int = 8192) -> ValidationSummary:
+def validate_paths(paths, batch_rows: int = 65536) -> ValidationSummary:
     """Strictly check an instruction set (raises `DpselInputError` on the first bad row) and summarise it.
     Streams: memory is one batch plus ~18 bytes per distinct row (the duplicate check)."""
     planned = _plan(expand_paths(paths))

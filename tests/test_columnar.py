@@ -129,6 +129,8 @@ def test_columnar_path_matches_the_per_row_reference_on_hostile_input(tmp_path, 
     assert data.messages() == expected
     assert data.messages(data.usable_mask()) == [m for m, r in zip(expected, data.reasons) if r == ""]
     assert data.counts()["input_rows"] == sum(data.counts()[k] for k in ("usable", "invalid", "duplicate"))
+    assert data.duplicate_of.tolist() == [int(d.rsplit(" ", 1)[1]) if r == "duplicate" else -1
+                                          for _, r, d in pinned]
 
 
 def test_invalid_row_in_validate_names_the_same_row_as_the_reference(tmp_path):
