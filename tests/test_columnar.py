@@ -229,3 +229,17 @@ def test_streaming_validate_gives_the_same_summary_as_before_on_shards(tmp_path,
     assert summary["shape"] == shape
     assert [(Path(url).name, rows) for url, rows in summary["files"]] == [(f"part-{i}.parquet", 7) for i in range(3)]
     assert {k: summary[k] for k in PINNED_SUMMARIES[shape]} == PINNED_SUMMARIES[shape]
+
+
+def test_other_arrow_spellings_of_the_columns_give_the_same_rows(tmp_path):
+    """large_list / large_string / dictionary-encoded roles, and a control character JSON spells \\u0001."""
+    item = pa.struct([("role", pa.dictionary(pa.int8(), pa.string())), ("content", pa.large_string())])
+    rows = [_m(("user", "q"), ("assistant", "a")), None, _m(("user", "x\x01"), ("assistant", "b")),
+            _m(("system", "s"), ("user", "q"), ("assistant", "a"))]
+    table = pa.table({"messages": pa.array(rows, pa.list_(item)).cast(pa.large_list(item))})
+    path = write(table, tmp_path / "c.parquet")
+    assert columnar(path) == reference(pq.read_table(path), "chat")
+    alpaca = pa.table({"instruction": pa.array(["q\x01", "q"], pa.large_string()),
+                       "output": pa.array(["a", "b"]).dictionary_encode()})
+    path = write(alpaca, tmp_path / "a.parquet")
+    assert columnar(path) == reference(pq.read_table(path), "alpaca")
