@@ -95,7 +95,8 @@ def configure_threads(threads: int | None = None, root: Path = CGROUP_ROOT) -> T
     torch_loaded = "torch" in sys.modules
     if not torch_loaded:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        os.environ["OMP_NUM_THREADS"] = str(count)   # also caps the pools of numpy/MKL loaded after this
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):   # torch reads both when it loads (the lower wins)
+            os.environ[name] = str(count)
         wait = os.environ["OMP_WAIT_POLICY"]
     else:
         wait = f"{os.environ.get('OMP_WAIT_POLICY', 'runtime default')} (torch was already imported)"

@@ -8,6 +8,7 @@ so the Python work of batch assembly is off the critical path.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,7 +64,6 @@ def forward_rows(model: torch.nn.Module, make_batch: Callable[[np.ndarray], dict
 
 def raw_forward_seconds(model: torch.nn.Module, batches: list[dict]) -> float:
     """Seconds the model alone takes on already-built batches (inference mode): the ceiling for scoring."""
-    import time
     model.eval()
     with torch.inference_mode():
         start = time.perf_counter()
