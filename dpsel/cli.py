@@ -20,11 +20,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Bayesian data-point selection for instruction tuning, then QLoRA/SURM fine-tuning.")
 
 @app.callback()
-def _global_options(verbose: bool = typer.Option(False, "--verbose", "-v",
-                                                 help="Also show library logs (Prefect INFO, transformers) and warnings.")):
+def _global_options(
+        verbose: bool = typer.Option(False, "--verbose", "-v",
+                                     help="Also show library logs (Prefect INFO, transformers) and warnings."),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", min=1, help="Torch intra-op threads for any command (default: DPSEL_THREADS, "
+            "OMP_NUM_THREADS, else the cores this process may use; idle threads wait passively).")):
     """Quiet by default: progress and results only."""
     from dpsel.progress import set_verbosity
+    from dpsel.threads import configure_threads
     set_verbosity(verbose)
+    configure_threads(threads)   # before any command imports torch (dpsel.threads explains why)
 
 
 SeedOpt = typer.Option(0, "--seed", help="Random seed; seeded CPU runs are reproducible bit for bit.")

@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,8 +29,6 @@ from dpsel.outputs import (SELECTION_FILE, begin_staging, check_outputs_do_not_o
                            file_records, new_run_id, output_error, output_paths, publish, scores_table,
                            write_manifest, write_scorer, write_tables)
 from dpsel.runlock import locks_out
-from dpsel.report import (GROUP_COLUMNS, ReportData, group_summary, kept_fraction, read_truth_kinds,
-                          stage_seconds, write_report)
 from dpsel.select import load_scorer, select
 from dpsel.select.base import ProgressFn, SelectConfig
 
@@ -185,41 +184,46 @@ class _Rows:
 
     def first_occurrence(self) -> np.ndarray:
         """For each row, the index of the first usable row with its id (-1 for invalid rows)."""
-        first: dict[str, int] = {}
-        for i in np.flatnonzero(self.usable):
-            first.setdefault(self.ids[i], int(i))
-        return np.array([first.get(key, -1) if reason != REASON_INVALID else -1
-                         for key, reason in zip(self.ids, self.reasons)], dtype=np.int64)
+        first = np.where(self.usable, np.arange(self.n), self.data.duplicate_of)   # from the data layer's dedup
+        return first.astype(np.int64)
 
     def group_values(self, column: str) -> np.ndarray | None:
         """A column's values as strings (missing -> "(none)"), or None when the input lacks it."""
         if column not in self.data.original_columns:
             return None
-        values = self.data.frame[column].tolist()
+        values = self.data.table.column(column).to_pylist()
         return np.array(["(none)" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
                          for v in values], dtype=object)
 
-    def previews(self) -> list[str]:
+    def previews(self) -> "_Previews":
         """Short text per row for the report's examples: last user prompt -> response."""
-        out = []
-        for messages in self.data.frame["dpsel_messages"].tolist():
-            user = next((m["content"] for m in reversed(messages or []) if m.get("role") == "user"), "") or ""
-            answer = (messages[-1].get("content") if messages else "") or ""
-            out.append(f"{user.strip()[:70]} → {answer.strip()[:50]}")
-        return out
+        return _Previews(self.data)
+
+
+class _Previews(Sequence):
+    """Preview text of any row, built when the report asks for it (it shows a few rows, not a million)."""
+
+    def __init__(self, data: InstructionSet):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> str:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        row = np.zeros(len(self), dtype=bool)
+        row[index] = True
+        messages = self.data.messages(row)[0]
+        user = next((m["content"] for m in reversed(messages or []) if m.get("role") == "user"), "") or ""
+        answer = (messages[-1].get("content") if messages else "") or ""
+        return f"{user.strip()[:70]} → {answer.strip()[:50]}"
 
 
 def _read_rows(paths) -> _Rows:
-    data = read_instruction_set(_as_path_list(paths))
-    frame = data.frame
-    file_rows = np.concatenate([np.arange(f.rows) for f in data.files]) if data.files else np.zeros(0, np.int64)
-    if len(file_rows) != len(frame):  # a file's footer row count disagreed with its data
-        file_rows = np.arange(len(frame))
-    reasons = frame["dpsel_reason"].tolist()
-    return _Rows(data=data, ids=frame["dpsel_id"].astype(str).tolist(), reasons=reasons,
-                 details=frame["dpsel_detail"].fillna("").astype(str).tolist(),
-                 files=frame["dpsel_file"].astype(str).tolist(), file_rows=file_rows.astype(np.int64),
-                 usable=np.array([r == "" for r in reasons], dtype=bool))
+    data = read_instruction_set(_as_path_list(paths))   # columnar: no pandas frame is built
+    return _Rows(data=data, ids=data.id_list(), reasons=data.reasons.tolist(), details=data.details.to_pylist(),
+                 files=data.file_paths().tolist(), file_rows=data.file_rows, usable=data.usable_mask())
 
 
 def _as_path_list(paths) -> list[str]:
@@ -364,6 +368,7 @@ def _inputs_entry(paths, rows: _Rows) -> dict:
 def _group_stats(rows: _Rows, weights: np.ndarray, keep: np.ndarray, extra_column: str | None) -> dict:
     """Per task/source (and the grouping column): rows, mean weight, kept share, and the share of the total
     weight mass (the mixture weight of that group under weighted fine-tuning)."""
+    from dpsel.report import GROUP_COLUMNS, group_summary   # plotting is imported only when a run is written
     columns = [c for c in dict.fromkeys([*GROUP_COLUMNS, extra_column]) if c]
     total_mass = float(weights[rows.usable].sum()) or 1.0
     stats = {}
@@ -425,6 +430,7 @@ def _write_run(out: Path, run: _Run) -> CurationResult:
 
 
 def _write_files(stage: Path, out: Path, run: _Run, run_id: str) -> CurationResult:
+    from dpsel.report import kept_fraction, write_report   # plotting is imported only when a report is written
     write_start = time.perf_counter()
     groups = run.rows.group_values(run.group_column) if run.group_column else None
     cutoff, group_cutoffs = effective_thresholds(run.weights, run.keep, groups)
@@ -435,7 +441,7 @@ def _write_files(stage: Path, out: Path, run: _Run, run_id: str) -> CurationResu
     ids = run.rows.ids
     write_tables(stage, scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
                                      run.rows.file_rows),
-                 curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.data.messages()),
+                 curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.data.messages(run.keep)),
                  run_id=run_id)
     selection = {**_selection_record(run, cutoff, group_cutoffs), "run_id": run_id}
     write_scorer(stage, run.scorer, selection)
@@ -471,7 +477,8 @@ def _write_files(stage: Path, out: Path, run: _Run, run_id: str) -> CurationResu
                           auroc=run.truth["auroc"] if run.truth else None)
 
 
-def _report_data(run: _Run, counts: dict, cutoff: float | None, run_id: str) -> ReportData:
+def _report_data(run: _Run, counts: dict, cutoff: float | None, run_id: str):
+    from dpsel.report import GROUP_COLUMNS, ReportData, kept_fraction, read_truth_kinds, stage_seconds
     headline = {"command": run.command, "run id": run_id, "method": run.method, "input rows": counts["input_rows"],
                 "usable rows": counts["usable_rows"], "kept rows": counts["kept_rows"],
                 "kept fraction (of input rows)": kept_fraction(counts)}
@@ -600,6 +607,26 @@ def _read_selection(scorer_dir: Path) -> dict:
         raise DpselInputError(f"unreadable selection file ({exc})", file=str(path)) from exc
 
 
+SCORE_CHUNK_ROWS = 8192   # rows tokenised and scored at a time: memory bounded by the chunk, not the input
+
+
+def _score_in_chunks(scorer, rows: _Rows, usable_idx: np.ndarray,
+                     progress: ProgressFn | None) -> tuple[np.ndarray, np.ndarray]:
+    """The scorer's weights for the usable rows, a chunk of rows at a time (messages built per chunk)."""
+    mean, std = np.zeros(len(usable_idx)), np.zeros(len(usable_idx))
+    for start in range(0, len(usable_idx), SCORE_CHUNK_ROWS):
+        part = usable_idx[start:start + SCORE_CHUNK_ROWS]
+        chunk = np.zeros(rows.n, dtype=bool)
+        chunk[part] = True
+        m, s = scorer.score(rows.data.messages(chunk), [rows.ids[i] for i in part])
+        mean[start:start + len(part)], std[start:start + len(part)] = m, s
+        if progress is not None:
+            progress(start + len(part), len(usable_idx), {"rows": float(start + len(part))})
+    if progress is not None and not len(usable_idx):
+        progress(1, 1, {"rows": 0.0})
+    return mean, std
+
+
 @locks_out("inputs")
 def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budget: float | None = None,
                 progress: ProgressFn | None = None) -> CurationResult:
@@ -624,14 +651,8 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
 
     score_start = time.perf_counter()
     usable_idx = np.flatnonzero(rows.usable)
-    if len(usable_idx):
-        mean, std = scorer.score(rows.data.messages(rows.usable), [rows.ids[i] for i in usable_idx])
-        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-    else:
-        mean, std = np.zeros(0), np.zeros(0)
+    mean, std = _score_in_chunks(scorer, rows, usable_idx, progress)
     _check_weights(mean, std, f"scorer {scorer_dir}")
-    if progress is not None:
-        progress(1, 1, {"rows": float(len(usable_idx))})
     score_s = time.perf_counter() - score_start
     weights, stds = spread_scores(rows, mean, std)
     keep = apply_rule(rule, weights, rows.usable, groups)

@@ -254,18 +254,19 @@ MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string(
 
 
 def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept: np.ndarray,
-                  messages: list[list[dict]] | None = None) -> pa.Table:
+                  kept_messages: list[list[dict]] | None = None) -> pa.Table:
     """The kept rows with all original columns (schema untouched) plus `dpsel_id`, `dpsel_weight` and, where
-    the input has no `messages` column, `messages`: the normalised conversation ({role, content} list, the
-    shape TRL's SFTTrainer and chat templates take)."""
+    the input has no `messages` column, `messages`: the normalised conversation of each kept row, in order
+    (`kept_messages`; the {role, content} list shape TRL's SFTTrainer and chat templates take)."""
     keep_idx = pa.array(np.flatnonzero(kept), pa.int64())
     table = original.take(keep_idx)
     extra = {"dpsel_id": pa.array(ids, pa.string()).take(keep_idx),
              "dpsel_weight": pa.array(np.asarray(weights, np.float64)).take(keep_idx)}
-    if messages is not None and "messages" not in original.column_names:
-        kept_messages = [[{"role": m["role"], "content": m["content"]} for m in messages[i]]
-                         for i in np.flatnonzero(kept)]
-        extra["messages"] = pa.array(kept_messages, MESSAGE_TYPE)
+    if kept_messages is not None and "messages" not in original.column_names:
+        if len(kept_messages) != len(keep_idx):
+            raise ValueError(f"{len(kept_messages)} conversations for {len(keep_idx)} kept rows")
+        extra["messages"] = pa.array([[{"role": m["role"], "content": m["content"]} for m in conversation]
+                                      for conversation in kept_messages], MESSAGE_TYPE)
     for name, column in extra.items():
         if name in table.column_names:
             table = table.set_column(table.column_names.index(name), name, column)

@@ -194,11 +194,12 @@ def test_defaults_named_in_help_are_the_librarys():
     import re
 
     from dpsel.select.base import SelectConfig
-    from dpsel.tuning import tune_parquet
+    from dpsel.tuning import DEFAULT_STEPS, tune_parquet
 
     tune_defaults = {name: p.default for name, p in inspect.signature(tune_parquet).parameters.items()}
     library = {("curate", "--batch-size"): SelectConfig.batch_size, ("curate", "--max-length"): SelectConfig.max_length,
-               ("tune", "--steps"): tune_defaults["steps"], ("tune", "--batch-size"): tune_defaults["batch_size"],
+               ("tune", "--steps"): DEFAULT_STEPS,  # steps=None means DEFAULT_STEPS unless epochs is given
+               ("tune", "--batch-size"): tune_defaults["batch_size"],
                ("tune", "--max-length"): tune_defaults["max_length"]}
     commands = _commands()
     for (command, option), value in library.items():

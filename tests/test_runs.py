@@ -380,8 +380,9 @@ def test_long_group_names_keep_plots_small(tmp_path):
     """Found by the hostile suite: a 5,000-character task name made the bar plot 4 GB and two minutes."""
     import matplotlib.image
     from dpsel.report import plot_group_weights
-    path = plot_group_weights("task", [{"group": "x" * 5000, "mean_weight": 0.5},
-                                       {"group": "$\\frac{", "mean_weight": 0.2}], tmp_path / "p.png")
+    path = plot_group_weights("task", [{"group": "x" * 5000, "mean_weight": 0.5, "scored": 3, "ci95": 0.1},
+                                       {"group": "$\\frac{", "mean_weight": 0.2, "scored": 2, "ci95": 0.1}],
+                              tmp_path / "p.png")
     height, width = matplotlib.image.imread(path).shape[:2]
     assert width < 2000 and height < 2000
 

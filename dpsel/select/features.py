@@ -43,38 +43,32 @@ def _projection(hidden: int, seed: int = 1234) -> torch.Tensor:
     return torch.randn(hidden, POOL_DIM, generator=g) / hidden ** 0.5
 
 
-@torch.no_grad()
 def row_features(lm: LM, rows: EncodedRows, batch_size: int = 64) -> np.ndarray:
     """Raw features per row: response NLL under the reference, its token count, prompt length, the answer's
-    max token NLL, and a fixed projection of the answer's mean last hidden state (what the answer looks like)."""
+    max token NLL, and a fixed projection of the answer's mean last hidden state (what the answer looks like).
+    Computed in the batched scoring pass (`dpsel.select.scoring`)."""
+    from dpsel.select.scoring import forward_rows
+    return forward_rows(lm.model, lambda chunk: rows.batch(chunk, lm.device), rows.lengths, _features,
+                        batch_size=batch_size, output_hidden_states=True)
+
+
+def _features(result, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     from peft_train.encode import IGNORE_INDEX
-    order = np.argsort(-rows.lengths, kind="stable")
-    out = None
-    lm.model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = rows.batch(chunk, lm.device)
-        result = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=True, use_cache=False)
-        logits = result.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        token_nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-            reduction="none").view(labels.shape)
-        n_answer = mask.sum(1).clamp(min=1)
-        mean_nll = (token_nll * mask).sum(1) / n_answer
-        max_nll = (token_nll * mask).max(1).values
-        hidden = result.hidden_states[-1][:, :-1].float()
-        pooled = (hidden * mask[..., None]).sum(1) / n_answer[:, None]
-        projected = pooled @ _projection(hidden.shape[-1]).to(pooled.device)
-        n_prompt = (batch["attention_mask"].sum(1) - n_answer).float()
-        feats = torch.cat([mean_nll[:, None], max_nll[:, None], torch.log1p(n_answer.float())[:, None],
-                           torch.log1p(n_prompt)[:, None], projected], dim=1).double().cpu().numpy()
-        if out is None:
-            out = np.zeros((len(rows), feats.shape[1]))
-        out[chunk] = feats
-    return out
+    logits = result.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    token_nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="none").view(labels.shape)
+    n_answer = mask.sum(1).clamp(min=1)
+    mean_nll = (token_nll * mask).sum(1) / n_answer
+    max_nll = (token_nll * mask).max(1).values
+    hidden = result.hidden_states[-1][:, :-1].float()
+    pooled = (hidden * mask[..., None]).sum(1) / n_answer[:, None]
+    projected = pooled @ _projection(hidden.shape[-1]).to(pooled.device)
+    n_prompt = (batch["attention_mask"].sum(1) - n_answer).float()
+    return torch.cat([mean_nll[:, None], max_nll[:, None], torch.log1p(n_answer.float())[:, None],
+                      torch.log1p(n_prompt)[:, None], projected], dim=1)
 
 
 class WeightNet(nn.Module):

@@ -95,19 +95,13 @@ def batch_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return per_example_nll(logits, batch["labels"])
 
 
-@torch.no_grad()
 def score_nll(lm: LM, rows: EncodedRows, batch_size: int = 64, indices=None) -> np.ndarray:
-    """Mean response-token NLL of every row (no grad), batched by length to limit padding."""
-    indices = np.arange(len(rows)) if indices is None else np.asarray(indices)
-    order = indices[np.argsort(-rows.lengths[indices], kind="stable")]
-    out = np.zeros(len(rows), dtype=np.float64)
-    was_training = lm.model.training
-    lm.model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        out[chunk] = batch_nll(lm.model, rows.batch(chunk, lm.device)).double().cpu().numpy()
-    lm.model.train(was_training)
-    return out[indices]
+    """Mean response-token NLL of every row (or of `indices`, aligned with them): the batched scoring pass."""
+    from dpsel.select.scoring import forward_rows
+    values = forward_rows(lm.model, lambda chunk: rows.batch(chunk, lm.device), rows.lengths,
+                          lambda output, batch: per_example_nll(output.logits, batch["labels"]),
+                          indices=indices, batch_size=batch_size)
+    return values.reshape(-1)
 
 
 def response_only_rows(messages: list[Messages]) -> list[Messages]:

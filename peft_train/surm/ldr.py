@@ -1,4 +1,5 @@
-"""Low displacement rank SURM update: ΔW = Σ_k C(g_k) · S(h_k), circulant × skew-circulant, via FFTs."""
+"""Low displacement rank SURM update: ΔW = Σ_k C(g_k) · S(h_k), circulant × skew-circulant, via FFTs
+(per input row for a few rows, or ΔW built once per call by `ldr_matrix` for a batch)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from peft_train.surm._fft import (
     circulant_matrix,
     circular_convolve,
+    ldr_matrix,
     negacyclic_convolve,
     pad_to,
     skew_circulant_matrix,
@@ -41,6 +43,11 @@ class LDRDelta(StructuredDelta):
 
     def apply_structured(self, x: torch.Tensor) -> torch.Tensor:
         n = self.square_size
+        if x.numel() >= n * x.shape[-1]:
+            # At least n input rows (any training batch): building ΔW once (O(r·n² + n² log n), see
+            # `ldr_matrix`) and one matmul beat r FFT pairs per row, and keep only n² values for backward
+            # instead of r·n complex values per row.
+            return x @ ldr_matrix(self.g, self.h)[: self.d_out, : self.d_in].transpose(0, 1)
         x = pad_to(x, n).unsqueeze(-2)  # (..., 1, n) broadcasts over the r terms
         skewed = negacyclic_convolve(self.h, x, n)  # (..., r, n)
         terms = circular_convolve(torch.fft.rfft(self.g, n=n), skewed, n)
