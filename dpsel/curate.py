@@ -23,7 +23,7 @@ from dpsel.outputs import (SELECTION_FILE, check_outputs_do_not_overwrite_inputs
                            scores_table, write_manifest, write_scorer, write_tables)
 from dpsel.report import GROUP_COLUMNS, ReportData, group_summary, write_report
 from dpsel.select import load_scorer, select
-from dpsel.select.base import ProgressFn, SelectConfig
+from dpsel.select.base import ProgressFn, SelectConfig, read_scorer_meta
 
 DEFAULT_BUDGET = 0.7
 
@@ -204,7 +204,10 @@ class _Rows:
 
 
 def _read_rows(paths) -> _Rows:
-    data = read_instruction_set(_as_path_list(paths))
+    return _rows_from(read_instruction_set(_as_path_list(paths)))
+
+
+def _rows_from(data: InstructionSet) -> _Rows:
     frame = data.frame
     file_rows = np.concatenate([np.arange(f.rows) for f in data.files]) if data.files else np.zeros(0, np.int64)
     if len(file_rows) != len(frame):  # a file's footer row count disagreed with its data
@@ -528,24 +531,50 @@ def _read_selection(scorer_dir: Path) -> dict:
 
 
 def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budget: float | None = None,
-                progress: ProgressFn | None = None) -> CurationResult:
+                progress: ProgressFn | None = None, engine: str = "local", ray=None) -> CurationResult:
     """Score new rows with a curation run's saved scorer and keep those that pass.
 
     Default rule: the threshold the curation run stored in scorer/selection.json (its lowest kept weight,
     per group for a per-group run). Writes the same files as `curate`; scorer/ is copied into `out`.
+    `engine="ray"` reads and scores on Ray Data (`ray`: `dpsel.engines.RayOptions`); same outputs.
     """
     started = time.perf_counter()
     scorer_dir = Path(scorer_dir)
     if budget is not None and threshold is not None:
         raise DpselInputError("give either --budget or --threshold, not both")
-    scorer = load_scorer(scorer_dir)
     selection = _read_selection(scorer_dir)
     out = Path(out)
-    rows = _read_rows(inputs)
-    check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files])
+    from dpsel.engines import check_engine
+    if check_engine(engine) == "ray":
+        from dpsel.engines.ray_engine import score_with_ray
+        scored = score_with_ray(scorer_dir, inputs, ray, progress)
+        rows, scorer_kind = _rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
+        check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files])
+        mean, std = scored.weights[rows.usable], scored.stds[rows.usable]
+        timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds}
+    else:
+        rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started)
+    _check_weights(mean, std, f"scorer {scorer_dir}")
     group_column = selection.get("group_column") or "task"
     groups = rows.group_values(group_column)
     rule = _filter_rule(selection, threshold, budget, scorer_dir, groups is not None)
+    weights, stds = spread_scores(rows, mean, std)
+    keep = apply_rule(rule, weights, rows.usable, groups)
+
+    method = selection.get("method") or scorer_kind or "unknown"
+    run = _Run(command="filter", method=method, config=dict(selection.get("config") or {}), rows=rows,
+               inputs={"in": _inputs_entry(inputs, rows), "scorer": {"path": str(scorer_dir), "kind": scorer_kind}},
+               weights=weights, stds=stds, keep=keep, rule=rule, scorer=scorer_dir, diagnostics={},
+               timings=timings, started=started,
+               group_column=group_column if groups is not None else None)
+    return _write_run(out, run)
+
+
+def _score_locally(scorer_dir: Path, inputs, out: Path, progress: ProgressFn | None, started: float):
+    """The local engine's read + score: the whole input in this process, the usable rows scored at once."""
+    scorer = load_scorer(scorer_dir)
+    rows = _read_rows(inputs)
+    check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files])
     read_s = time.perf_counter() - started
 
     score_start = time.perf_counter()
@@ -555,18 +584,7 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
         mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
     else:
         mean, std = np.zeros(0), np.zeros(0)
-    _check_weights(mean, std, f"scorer {scorer_dir}")
     if progress is not None:
         progress(1, 1, {"rows": float(len(usable_idx))})
-    score_s = time.perf_counter() - score_start
-    weights, stds = spread_scores(rows, mean, std)
-    keep = apply_rule(rule, weights, rows.usable, groups)
-
-    method = selection.get("method") or getattr(scorer, "kind", "unknown")
-    run = _Run(command="filter", method=method, config=dict(selection.get("config") or {}), rows=rows,
-               inputs={"in": _inputs_entry(inputs, rows),
-                       "scorer": {"path": str(scorer_dir), "kind": getattr(scorer, "kind", None)}},
-               weights=weights, stds=stds, keep=keep, rule=rule, scorer=scorer_dir, diagnostics={},
-               timings={"read_s": read_s, "score_s": score_s}, started=started,
-               group_column=group_column if groups is not None else None)
-    return _write_run(out, run)
+    timings = {"read_s": read_s, "score_s": time.perf_counter() - score_start}
+    return rows, mean, std, timings, getattr(scorer, "kind", None)
