@@ -41,13 +41,15 @@ VARIANTS = {
     "bads-base-anchor": ("bads", {}, {"anchor": "base"}),
     "bads-no-group-norm": ("bads", {}, {"centre_losses": "global"}),
     "bads-plain-sgld": ("bads", {}, {"precondition": False, "lr_theta": 1e-5}),
+    "bads-visits": ("bads", {}, {"posterior_pass": False}),  # ablation: weights from visits only (the old form)
     "l2rw": ("l2rw", {}, {}),
     "loss": ("loss", {}, {}),
     "ifd": ("ifd", {}, {}),
+    "rds": ("rds", {}, {}),
     "random": ("random", {}, {}),
     "all": ("all", {}, {}),
 }
-DEFAULT_METHODS = "bads,bads-paper,bads-amortized,bads-no-eb,l2rw,loss,ifd,random,all"
+DEFAULT_METHODS = "bads,loss,rds,bads-paper,random"
 KINDS = ("wrong", "swapped", "garbage", "truncated", "refusal")
 
 
@@ -161,11 +163,34 @@ def run_method(name: str, data: dict, args, progress_every: float = 30.0) -> dic
               "timings": {k: float(v) for k, v in scores.timings.items()},
               "kept": int(keep.sum()), "precision_kept": float(clean[keep].mean()),
               "recall_clean": float(keep[clean].mean())}
+    if scores.coverage:
+        result["coverage"] = scores.coverage
     if name != "all":
         result["auroc"] = auroc_report(w, data["kinds"])
+    # Ablations the same bads run produced (per-task ranks, as `loss` ranks its reference losses).
+    from dpsel.select.lm import rank_normalise
+    result["_alternatives"] = {f"{name}[{alt}]": rank_normalise(v, data["tasks"]) for alt, v in scores.alternatives.items()}
     result["_keep"] = keep
     print(f"{name}: {json.dumps({k: v for k, v in result.items() if not k.startswith('_')}, default=float)}", flush=True)
     return result
+
+
+def score_result(name: str, weights: np.ndarray, seconds: float, data: dict, args) -> dict:
+    """The same record as `run_method` for scores computed outside `select` (peers, ablations)."""
+    keep = kept_mask(weights, args.budget, args.seed)
+    clean = data["kinds"] == "clean"
+    result = {"method": name, "seconds": seconds, "peak_memory_bytes": 0, "memory_measure": "not measured",
+              "timings": {}, "kept": int(keep.sum()), "precision_kept": float(clean[keep].mean()),
+              "recall_clean": float(keep[clean].mean()), "auroc": auroc_report(weights, data["kinds"]), "_keep": keep}
+    print(f"{name}: {json.dumps(result['auroc'])}", flush=True)
+    return result
+
+
+def run_peer(name: str, data: dict, args) -> dict:
+    from peers import PEERS
+    started = time.perf_counter()
+    scores = PEERS[name](data, args.seed)
+    return score_result(name, np.asarray(scores, dtype=np.float64), time.perf_counter() - started, data, args)
 
 
 def downstream(name: str, keep: np.ndarray, data: dict, args) -> dict:
@@ -391,7 +416,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-lr", type=float, default=2e-3)
     parser.add_argument("--downstream-methods", default="bads,loss")
     parser.add_argument("--extra", default="{}", help="JSON merged into SelectConfig.extra for every method")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="one data seed (see --seeds)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of data seeds; every figure is mean ± sd over them")
+    parser.add_argument("--peers", default="quality-clf,dsir,task-disagreement",
+                        help="comma list of the cheap peers in benchmarks/peers.py run on the same data")
     parser.add_argument("--base", default="pretrained", choices=("pretrained", "random"),
                         help="tiny model only: pretrain it on clean synth rows first (cached), or start random-init")
     parser.add_argument("--pretrain-seconds", type=float, default=150.0, help="wall-clock bound on pretraining")
@@ -413,44 +441,145 @@ def main(argv=None) -> dict:
     unknown = [m for m in names if m not in VARIANTS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(VARIANTS)}")
+    from peers import PEERS
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if set(peers) - set(PEERS):
+        parser.error(f"unknown peers {sorted(set(peers) - set(PEERS))}; choose from {', '.join(PEERS)}")
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    per_seed = []
     with tempfile.TemporaryDirectory(prefix="dpsel-bench-") as tmp:
         workdir = Path(tmp)
         args.model_path = build_sized_model(args.model_size, workdir)
         if args.model_size != "tiny":
             args.extra = json.dumps({"quant": "nf4", **json.loads(args.extra)})
-        data = make_data(args, workdir / "synth")
         args.pretrain_info = None
-        if args.model_size == "tiny" and args.base == "pretrained":
-            if args.pretrain_seed == args.seed:
-                parser.error("--pretrain-seed must differ from --seed")
-            args.model_path = pretrained_base(args, workdir / "synth")
-            # θ = the whole tiny model, as for the random-init base (a directory would otherwise get LoRA)
-            args.extra = json.dumps({"theta": "full", **json.loads(args.extra)})
-            if args.pretrain_only:
-                return {"base": args.model_path, "pretrain": args.pretrain_info}
-        results = [run_method(name, data, args) for name in names]
-    report = {"args": vars(args), "dedup": data["dedup"], "methods": [], "downstream": [], "notes": []}
-    for r in results:
-        report["methods"].append({k: v for k, v in r.items() if not k.startswith("_")})
+        for k, seed in enumerate(seeds):
+            args.seed = seed
+            data = make_data(args, workdir / f"synth-{seed}")
+            if k == 0 and args.model_size == "tiny" and args.base == "pretrained":
+                if args.pretrain_seed in seeds:
+                    parser.error("--pretrain-seed must differ from every data seed")
+                args.model_path = pretrained_base(args, workdir / f"synth-{seed}")
+                # θ = the whole tiny model, as for the random-init base (a directory would otherwise get LoRA)
+                args.extra = json.dumps({"theta": "full", **json.loads(args.extra)})
+                if args.pretrain_only:
+                    return {"base": args.model_path, "pretrain": args.pretrain_info}
+            per_seed.append(run_seed(names, peers, data, args))
+    args.seed = seeds[0]
+    report = {"args": vars(args), "seeds": seeds, "per_seed": per_seed, "summary": summarise(per_seed)}
+    report["notes"] = multi_seed_targets(report["summary"])
+    report["seconds"] = time.perf_counter() - started
+    report["args"].pop("model_path", None)
+    report["pretrain"] = report["args"].pop("pretrain_info", None)
+    runs = saved_runs(out / "selection.json")
+    base = report["args"].get("base", "random") if args.model_size == "tiny" else args.model_size
+    runs[f"{base}-{args.rows}"] = report
+    (out / "selection.json").write_text(json.dumps({"runs": runs}, indent=2, default=float) + "\n")
+    (out / "selection.md").write_text(full_markdown(runs))
+    print(multi_seed_markdown(report))
+    return report
+
+
+def run_seed(names: list[str], peers: list[str], data: dict, args) -> dict:
+    """Every method, its same-run ablations and every peer on one seed's data."""
+    results = []
+    for name in names:
+        result = run_method(name, data, args)
+        results.append(result)
+        results += [score_result(alt, w, 0.0, data, args) for alt, w in result["_alternatives"].items()]
+    results += [run_peer(peer, data, args) for peer in peers]
+    report = {"seed": args.seed, "dedup": data["dedup"],
+              "methods": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results], "downstream": []}
     if args.train_steps and args.model_size == "tiny":
         clean = data["kinds"] == "clean"
         arms = [("all rows", np.ones(len(clean), dtype=bool)), ("oracle (clean only)", clean)]
         arms += [(f"{r['method']} curated", r["_keep"]) for r in results
                  if r["method"] in args.downstream_methods.split(",")]
         report["downstream"] = [downstream(arm, keep, data, args) for arm, keep in arms]
-    report["notes"] = target_checks(report)
-    report["seconds"] = time.perf_counter() - started
-    report["args"].pop("model_path", None)
-    report["pretrain"] = report["args"].pop("pretrain_info", None)
-    runs = saved_runs(out / "selection.json")
-    runs[report["args"].get("base", "random") if args.model_size == "tiny" else args.model_size] = report
-    (out / "selection.json").write_text(json.dumps({"runs": runs}, indent=2, default=float) + "\n")
-    (out / "selection.md").write_text(full_markdown(runs))
-    print(markdown(report))
     return report
+
+
+def _mean_sd(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+
+
+def summarise(per_seed: list[dict]) -> list[dict]:
+    """Mean ± sample sd over the seeds, per method (in the order they ran)."""
+    order = list(dict.fromkeys(r["method"] for s in per_seed for r in s["methods"]))
+    summary = []
+    for name in order:
+        rows = [r for s in per_seed for r in s["methods"] if r["method"] == name]
+        entry = {"method": name, "seeds": len(rows), "precision_kept": _mean_sd([r["precision_kept"] for r in rows]),
+                 "seconds": _mean_sd([r["seconds"] for r in rows])}
+        if all("auroc" in r for r in rows):
+            entry["auroc"] = {k: _mean_sd([r["auroc"][k] for r in rows]) for k in rows[0]["auroc"]}
+        ratios = [r["timings"]["step_ratio_vs_plain"] for r in rows if "step_ratio_vs_plain" in r["timings"]]
+        if ratios:
+            entry["step_ratio_vs_plain"] = _mean_sd(ratios)
+        if rows[0].get("coverage"):
+            entry["coverage"] = [r["coverage"] for r in rows]
+        summary.append(entry)
+    return summary
+
+
+def multi_seed_targets(summary: list[dict]) -> list[str]:
+    """The issue's targets on the seed means: bads ≥ every peer (overall, each kind), bads ≥ loss + 0.02."""
+    by = {e["method"]: e for e in summary if "auroc" in e}
+    notes = ["Targets (checked automatically on the seed means):", ""]
+    bads, loss = by.get("bads"), by.get("loss")
+    if not bads:
+        return notes
+    others = [n for n in by if not n.startswith("bads") and n not in ("random",)]
+    for key in ["overall", *KINDS]:
+        if key not in bads["auroc"]:
+            continue
+        best = max(others, key=lambda n: by[n]["auroc"][key]["mean"], default=None)
+        if best:
+            b, o = bads["auroc"][key]["mean"], by[best]["auroc"][key]["mean"]
+            notes.append(f"- {'met' if b >= o else 'MISSED'}: bads ≥ every other method on {key} "
+                         f"(bads {b:.3f}, best other {best} {o:.3f})")
+    if loss:
+        gain = np.asarray(bads["auroc"]["overall"]["values"]) - np.asarray(loss["auroc"]["overall"]["values"])
+        ok = gain.mean() >= 0.02 and gain.mean() > gain.std(ddof=1 if len(gain) > 1 else 0)
+        notes.append(f"- {'met' if ok else 'MISSED'}: bads ≥ loss + 0.02 AUROC overall, margin above its spread "
+                     f"(paired gain {gain.mean():+.3f} ± {gain.std(ddof=1) if len(gain) > 1 else 0:.3f} over "
+                     f"{len(gain)} seeds)")
+    return notes
+
+
+def _pm(entry: dict | None, digits: int = 3) -> str:
+    return "–" if not entry else f"{entry['mean']:.{digits}f} ± {entry['sd']:.{digits}f}"
+
+
+def multi_seed_markdown(report: dict) -> str:
+    a, summary = report["args"], report["summary"]
+    base = a.get("base", "random") if a["model_size"] == "tiny" else a["model_size"]
+    lines = [f"## {a['rows']} rows, {base} base, seeds {', '.join(map(str, report['seeds']))}", "",
+             f"`dpsel synth --rows {a['rows']} --noise {a['noise']}`, {a['meta_rows']} meta rows (the trusted set every "
+             f"method and peer gets), model `{a['model_size']}` on `{a['device']}`, {a['threads']} torch thread(s), "
+             f"selection run length {'--steps ' + str(a['steps']) if a['steps'] else 'the method default (epochs)'}, "
+             f"extra {a['extra']}. Every figure: mean ± sample sd over the {len(report['seeds'])} data seeds. "
+             "`name[alt]` rows are ablations computed from the same bads run.", "",
+             "| method | AUROC | " + " | ".join(KINDS) + f" | precision@{a['budget']} | step ratio | s |",
+             "|---|" + "---|" * (len(KINDS) + 4)]
+    for e in summary:
+        au = e.get("auroc", {})
+        lines.append(f"| {e['method']} | {_pm(au.get('overall'))} | " + " | ".join(_pm(au.get(k), 2) for k in KINDS)
+                     + f" | {_pm(e['precision_kept'])} | {_pm(e.get('step_ratio_vs_plain'), 2)} | "
+                       f"{e['seconds']['mean']:.0f} |")
+    for e in summary:
+        for k, cov in enumerate(e.get("coverage", [])):
+            v = cov["visits_after_burn_in"]
+            lines.append(f"{'' if k else chr(10)}- {e['method']} seed {report['seeds'][k]}: {cov['steps']} steps, visits "
+                         f"after burn-in min {v['min']} / median {v['median']:g} / max {v['max']}, "
+                         f"{cov['rows_never_visited_after_burn_in']} rows never visited, scored by "
+                         f"{cov['rows_scored_by']}")
+    lines += ["", *report.get("notes", [])]
+    return "\n".join(lines) + "\n"
 
 
 def saved_runs(path: Path) -> dict:
@@ -462,10 +591,15 @@ def saved_runs(path: Path) -> dict:
 
 
 def full_markdown(runs: dict) -> str:
-    order = sorted(runs, key=lambda k: (k != "pretrained", k != "random", k))
+    multi = [k for k in runs if "summary" in runs[k]]
+    single = sorted((k for k in runs if k not in multi), key=lambda k: (k != "pretrained", k != "random", k))
     head = ["# Selection benchmark", "",
-            "One section per base model, newest run of each (`python benchmarks/selection.py --base pretrained|random`)."]
-    return "\n".join(head) + "\n\n" + "\n".join(markdown(runs[k]) for k in order)
+            "Newest run per (base, rows) (`python benchmarks/selection.py --base random --rows 3000 --seeds 0,1,2`); "
+            "earlier single-seed runs kept below them."]
+    body = [multi_seed_markdown(runs[k]) for k in sorted(multi, key=lambda k: (runs[k]["args"]["rows"], k))]
+    if single:
+        body += ["# Earlier single-seed runs (before issue 13)", ""] + [markdown(runs[k]) for k in single]
+    return "\n".join(head) + "\n\n" + "\n".join(body)
 
 
 if __name__ == "__main__":

@@ -87,12 +87,13 @@ def _print_curation(result) -> None:
 def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Training set (file, folder or glob); repeatable."),
            meta: Optional[list[str]] = typer.Option(None, "--meta", help="Small trusted meta set; repeatable."),
            out: Optional[Path] = typer.Option(None, "--out"),
-           method: Optional[str] = typer.Option(None, "--method", help="bads (default) | l2rw | loss | ifd | random | all"),
+           method: Optional[str] = typer.Option(None, "--method", help="bads (default) | l2rw | loss | ifd | rds | random | all"),
            budget: Optional[float] = typer.Option(None, "--budget", help="Fraction of rows to keep (default 0.7)."),
            threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum mean weight to keep."),
            per_task: bool = typer.Option(False, "--per-task", help="Apply the budget within each `task` group."),
            model: Optional[str] = typer.Option(None, "--model", help="'tiny' (default, built in), a local directory, or a hub id."),
            steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (method default if unset)."),
+           epochs: Optional[float] = typer.Option(None, "--epochs", help="bads/l2rw: passes over the pool after burn-in (--steps overrides)."),
            seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0); seeded CPU runs are reproducible."),
            device: Optional[str] = typer.Option(None, "--device", help="auto (default) | cpu | cuda"),
            variant: Optional[str] = typer.Option(None, "--variant", help="bads: default | paper"),
@@ -107,7 +108,7 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
     from dpsel.progress import progress_reporter
     run = RunConfig.load(config, {
         "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
-        "threshold": threshold, "model": model, "steps": steps, "seed": seed, "device": device, "truth": truth,
+        "threshold": threshold, "model": model, "steps": steps, "epochs": epochs, "seed": seed, "device": device, "truth": truth,
         "curate.select.variant": variant, "curate.select.weight_param": weight_param,
         "curate.select.batch_size": batch_size, "curate.select.max_length": max_length}, stage="curate")
     run.require("data.train", "data.meta", "out", flow="curate")

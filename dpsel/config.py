@@ -20,7 +20,7 @@ from dpsel.select.base import SelectConfig
 PathSpec = str | list[str]  # a file, a folder of shards, a glob or an fsspec URL; or several of them
 
 # Selection methods, as in dpsel.select.METHODS (repeated so reading a config never imports the methods).
-CURATE_METHODS = ("bads", "l2rw", "loss", "ifd", "random", "all")
+CURATE_METHODS = ("bads", "l2rw", "loss", "ifd", "rds", "random", "all")
 
 
 class _Section(BaseModel):
@@ -52,6 +52,7 @@ class CurateConfig(_Section):
     budget: float | None = Field(default=None, gt=0.0, le=1.0)     # keep this top fraction
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # or keep weight >= threshold
     steps: int | None = Field(default=None, ge=1)                  # None: the method's default
+    epochs: float | None = Field(default=None, gt=0.0)             # bads/l2rw passes after burn-in; steps overrides
     select: SelectParams = Field(default_factory=SelectParams)
 
     @field_validator("method")
@@ -184,6 +185,7 @@ class RunConfig(_Section):
         """The `SelectConfig` the curation stage passes to `dpsel.select.select`."""
         params = self.curate.select
         return SelectConfig(model=self.model, device=self.device, seed=self.seed, steps=self.curate.steps,
+                            epochs=self.curate.epochs,
                             batch_size=params.batch_size, meta_batch_size=params.meta_batch_size,
                             max_length=params.max_length, variant=params.variant,
                             weight_param=params.weight_param, extra=dict(params.extra))
@@ -208,7 +210,7 @@ _PLAIN_KEYS: dict[str, tuple[str | None, str]] = {
     "train": ("data", "train"), "meta": ("data", "meta"), "eval": ("data", "eval"),
     "eval_path": ("data", "eval"), "test": ("data", "eval"), "truth": ("data", "truth"),
     "scorer": ("data", "scorer"), "inputs": ("data", "inputs"), "in": ("data", "inputs"),
-    "budget": ("curate", "budget"), "threshold": ("curate", "threshold"),
+    "budget": ("curate", "budget"), "threshold": ("curate", "threshold"), "epochs": ("curate", "epochs"),
     "lr": ("tune", "lr"), "r": ("tune", "r"), "weights_column": ("tune", "weights_column"),
     "model": (None, "model"), "device": (None, "device"), "seed": (None, "seed"), "out": (None, "out"),
 }

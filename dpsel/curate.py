@@ -374,6 +374,7 @@ class _Run:
     started: float
     group_column: str | None = None
     truth: dict | None = None
+    coverage: dict | None = None       # how every row got its weight (visits after burn-in; Scores.coverage)
 
 
 def _selection_record(run: _Run, cutoff: float | None, group_cutoffs: dict) -> dict:
@@ -416,6 +417,7 @@ def _write_run(out: Path, run: _Run) -> CurationResult:
         "timings": timings,
         "groups": group_stats,
         "truth": run.truth,
+        "coverage": run.coverage,
         "outputs": {name: path.name for name, path in paths.items()},
     }
     write_manifest(out, manifest)
@@ -500,7 +502,8 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
                inputs=inputs, weights=weights, stds=stds, keep=keep, rule=rule, scorer=scores.scorer,
                diagnostics=scores.diagnostics, timings={"read_s": read_s, "select_s": select_s,
                                                         "method": dict(scores.timings)},
-               started=started, group_column=group_column if groups is not None else None, truth=truth_info)
+               started=started, group_column=group_column if groups is not None else None, truth=truth_info,
+               coverage=scores.coverage or None)
     return _write_run(out, run)
 
 

@@ -16,7 +16,7 @@ def _rows(n, prefix="q"):
 
 
 def test_methods_registry():
-    assert METHODS == ("bads", "l2rw", "loss", "ifd", "random", "all")
+    assert METHODS == ("bads", "l2rw", "loss", "ifd", "rds", "random", "all")
     with pytest.raises(DpselInputError):
         select(_rows(3), _rows(2), "nope")
     with pytest.raises(DpselInputError):

@@ -1,7 +1,8 @@
 """Data-point selection: one `select()` over interchangeable methods, and `load_scorer` for `dpsel filter`.
 
 Methods: `bads` (Bayesian data-point selection by SGLD, the default), `l2rw` (learning to reweight),
-`loss` (loss under a meta-fitted reference), `ifd` (instruction-following difficulty), `random`, `all`.
+`loss` (loss under a meta-fitted reference), `ifd` (instruction-following difficulty), `rds` (representation
+similarity to the meta rows, RDS+), `random`, `all`.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from dpsel.errors import DpselInputError
 from dpsel.select.base import Messages, ProgressFn, Scorer, Scores, SelectConfig, read_scorer_meta
 
-METHODS = ("bads", "l2rw", "loss", "ifd", "random", "all")
+METHODS = ("bads", "l2rw", "loss", "ifd", "rds", "random", "all")
 
 # method -> (module, function); imported lazily so `random`/`all` never pay for torch/transformers.
 _METHOD_IMPL = {
@@ -19,6 +20,7 @@ _METHOD_IMPL = {
     "l2rw": ("dpsel.select.l2rw", "select_l2rw"),
     "loss": ("dpsel.select.reference", "select_loss"),
     "ifd": ("dpsel.select.reference", "select_ifd"),
+    "rds": ("dpsel.select.rds", "select_rds"),
     "random": ("dpsel.select.baselines", "select_random"),
     "all": ("dpsel.select.baselines", "select_all"),
 }
@@ -31,6 +33,7 @@ _SCORER_IMPL = {
     "l2rw": ("dpsel.select.l2rw", "L2rwScorer"),
     "loss": ("dpsel.select.reference", "ReferenceScorer"),
     "ifd": ("dpsel.select.reference", "ReferenceScorer"),
+    "rds": ("dpsel.select.rds", "RdsScorer"),
 }
 
 

@@ -21,7 +21,8 @@ class SelectConfig:
     model: str = "tiny"
     device: str = "auto"
     seed: int = 0
-    steps: int | None = None          # None: the method's default
+    steps: int | None = None          # None: the method's default (bads, l2rw: from `epochs`)
+    epochs: float | None = None       # bads, l2rw: passes over the pool after burn-in (None: the method's default)
     batch_size: int = 16
     meta_batch_size: int = 4          # meta rows per step (the term is scaled by M/B_m): a bads step ~1.3-1.5x a plain one
     max_length: int = 256
@@ -43,6 +44,11 @@ class Scores:
     diagnostics: dict[str, list[float]] = field(default_factory=dict)  # traces keyed by name, plus "step"
     timings: dict[str, float] = field(default_factory=dict)
     scorer: "Scorer | None" = None     # scores unseen rows (dpsel filter)
+    # How every row got its weight (sampler methods): visits per row after burn-in (min/median/max), rows never
+    # visited, and how rows with too few visits were scored. curate copies it into manifest.json.
+    coverage: dict = field(default_factory=dict)
+    # Other per-row estimates the same run produced (ablations for the benchmark; higher = keep; not saved).
+    alternatives: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
         self.weight_mean = np.asarray(self.weight_mean, dtype=np.float64)
