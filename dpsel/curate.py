@@ -389,6 +389,9 @@ def _write_run(out: Path, run: _Run) -> CurationResult:
     cutoff, group_cutoffs = effective_thresholds(run.weights, run.keep, groups)
     reasons, details = final_reasons(run.rows, run.keep, run.weights, run.rule, cutoff)
     counts = count_rows(reasons, run.rows.usable)
+    from dpsel.distributed import is_writer
+    if not is_writer():  # torchrun: rank 0 writes the run; the other ranks only sampled their shard
+        return CurationResult(out_dir=out, paths={}, counts=counts, manifest={})
     out.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out)
 
