@@ -243,3 +243,25 @@ def test_run_flow_reads_a_config_file_and_applies_options(prefect_server, synth,
     assert summary["curate"]["method"] == "all"
     assert summary["curate"]["counts"]["kept_rows"] == summary["curate"]["counts"]["usable_rows"]
     assert f"curate: outputs in {tmp_path / 'run'}" in capsys.readouterr().out
+
+
+def test_filter_flow_on_ray_is_one_task_with_the_local_engines_outputs(prefect_server, ray_local, synth, tmp_path):
+    from dpsel.curate import filter_rows
+    from flows.pipeline import curate_flow, filter_flow
+
+    scored = curate_flow(_config(synth, tmp_path / "curated"))["curate"]
+    shards = tmp_path / "new"
+    shards.mkdir()
+    train = pq.read_table(synth["train"])
+    for i, start in enumerate(range(0, train.num_rows, 15)):
+        pq.write_table(train.slice(start, 15), shards / f"part-{i}.parquet")
+    config = RunConfig.from_mapping({"data": {"scorer": scored["paths"]["scorer"], "inputs": str(shards)},
+                                     "engine": "ray", "ray": {"workers": 2, "batch_size": 8},
+                                     "out": str(tmp_path / "filtered")})
+    result = filter_flow(config)
+    assert result["stages"] == {"filter": "Completed"}
+    local = filter_rows(scored["paths"]["scorer"], str(shards), tmp_path / "local")
+    for name in ("scores.parquet", "curated.parquet"):
+        assert pq.read_table(tmp_path / "filtered" / name).equals(pq.read_table(local.out_dir / name))
+    assert result["filter"]["counts"] == local.counts
+    assert _artifacts("filter-progress")
