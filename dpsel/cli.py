@@ -158,6 +158,12 @@ def tune(data: Optional[list[str]] = typer.Option(None, "--data", help="Instruct
          r: Optional[int] = typer.Option(None, "--r", help="LoRA rank (LoRA-family methods)."),
          batch_size: Optional[int] = typer.Option(None, "--batch-size"),
          max_length: Optional[int] = typer.Option(None, "--max-length"),
+         epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the rows (instead of --steps)."),
+         grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
+         save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Steps between checkpoints."),
+         resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
+                                               help="Resume a killed run from OUT/checkpoints (default) or start over."),
+         report_to: Optional[str] = typer.Option(None, "--report-to", help="none (default) | tensorboard | wandb | ..."),
          config: Optional[Path] = ConfigOpt):
     """Parameter-efficient fine-tuning (LoRA, QLoRA, SURM, C3A, LoKr) on an instruction set."""
     from peft_train.adapters import METHODS
@@ -166,7 +172,9 @@ def tune(data: Optional[list[str]] = typer.Option(None, "--data", help="Instruct
     run = RunConfig.load(config, {
         "train": data or None, "out": out, "method": method, "model": model, "weights_column": weights_column,
         "eval": eval_path, "steps": steps, "seed": seed, "device": device, "lr": lr, "r": r,
-        "tune.batch_size": batch_size, "tune.max_length": max_length}, stage="tune")
+        "tune.batch_size": batch_size, "tune.max_length": max_length, "tune.epochs": epochs,
+        "tune.grad_accum": grad_accum, "tune.save_steps": save_steps, "tune.resume": resume,
+        "tune.report_to": report_to}, stage="tune")
     run.require("data.train", "out", flow="tune")
     if run.tune.method not in METHODS:
         raise DpselInputError(f"--method must be one of {', '.join(METHODS)}, not {run.tune.method!r}")

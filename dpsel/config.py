@@ -77,6 +77,11 @@ class TuneConfig(_Section):
     weights_column: str | None = None                    # e.g. dpsel_weight for weighted fine-tuning
     batch_size: int | None = Field(default=None, ge=1)
     max_length: int | None = Field(default=None, ge=8)
+    epochs: float | None = Field(default=None, gt=0.0)      # passes over the rows, instead of steps
+    grad_accum: int | None = Field(default=None, ge=1)     # micro-batches per optimizer step
+    save_steps: int | None = Field(default=None, ge=1)     # steps between checkpoints (OUT/checkpoints/)
+    resume: bool | None = None                             # unset: True, a re-run resumes a killed one
+    report_to: str | None = None                           # unset: none | tensorboard | wandb | mlflow | trackio
 
 
 class RaySection(_Section):
@@ -218,7 +223,9 @@ class RunConfig(_Section):
         options = {"method": self.tune.method, "model": self.model, "seed": self.seed, "device": self.device,
                    "weights_column": self.tune.weights_column, "steps": self.tune.steps,
                    "lr": self.tune.lr, "r": self.tune.r, "batch_size": self.tune.batch_size,
-                   "max_length": self.tune.max_length}
+                   "max_length": self.tune.max_length, "epochs": self.tune.epochs,
+                   "grad_accum": self.tune.grad_accum, "save_steps": self.tune.save_steps,
+                   "resume": self.tune.resume, "report_to": self.tune.report_to}
         return {key: value for key, value in options.items() if value is not None or key == "weights_column"}
 
     def require(self, *dotted: str, flow: str) -> None:

@@ -5,8 +5,11 @@ row, writing outputs); the model work is peft_train's (models, adapters, train).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +21,9 @@ from dpsel.errors import DpselInputError
 
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"  # Trainer's checkpoint-N folders while a run is under way; removed when it ends
+RUN_FILE = "run.json"  # in CHECKPOINT_DIR: the settings the checkpoints belong to (a resume must match them)
+DEFAULT_STEPS = 200
 TASK_COLUMN = "task"
 
 # Learning rates when none is given, for short runs on small models: full fine-tuning moves every weight, so
@@ -39,13 +45,26 @@ def default_lr(method: str) -> float:
 # ----------------------------------------------------------------------------- input checks
 
 
-def _check_arguments(method: str, steps: int, batch_size: int, max_length: int, lr: float | None, r: int) -> None:
+def _check_arguments(method: str, steps: int | None, epochs: float | None, batch_size: int, grad_accum: int,
+                     max_length: int, lr: float | None, r: int, report_to: str) -> None:
     from peft_train.adapters import METHODS
+    from peft_train.train import REPORT_TO
 
     if method not in METHODS:
         raise DpselInputError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-    for name, value, minimum in (("steps", steps, 1), ("batch_size", batch_size, 1), ("max_length", max_length, 8),
-                                 ("r", r, 1)):
+    if steps is not None and epochs is not None:
+        raise DpselInputError("give steps or epochs, not both")
+    if epochs is not None and not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
+        raise DpselInputError(f"epochs must be a positive number, not {epochs!r}")
+    if report_to not in REPORT_TO:
+        raise DpselInputError(f"report_to must be one of {', '.join(REPORT_TO)}, not {report_to!r}")
+    if report_to not in ("none", "all"):
+        from transformers.integrations import get_available_reporting_integrations
+
+        if report_to not in get_available_reporting_integrations():
+            raise DpselInputError(f"report_to {report_to} needs its package installed (pip install {report_to})")
+    for name, value, minimum in (("steps", DEFAULT_STEPS if steps is None else steps, 1), ("batch_size", batch_size, 1),
+                                 ("grad_accum", grad_accum, 1), ("max_length", max_length, 8), ("r", r, 1)):
         if not isinstance(value, (int, np.integer)) or value < minimum:
             raise DpselInputError(f"{name} must be an integer >= {minimum}, not {value!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -100,13 +119,56 @@ def _read_eval(eval_path) -> tuple[list, list | None, int]:
 
 
 def _load_base(model: str, method: str, device: str):
+    from dpsel.loading import load_model
     from peft_train.adapters import needs_4bit
-    from peft_train.models import load_model
+
+    return load_model(model, quant="nf4" if needs_4bit(method) else None, device=device)
+
+
+def _build_adapter(base, method: str, r: int):
+    from peft_train.adapters import AdapterTargetError, build_adapter
 
     try:
-        return load_model(model, quant="nf4" if needs_4bit(method) else None, device=device)
-    except (OSError, ValueError) as error:  # missing directory, unknown hub id offline, bad device
-        raise DpselInputError(f"cannot load model {model!r}: {error}") from None
+        return build_adapter(base, method, r=r)
+    except AdapterTargetError as error:
+        raise DpselInputError(str(error)) from None
+    except ValueError as error:  # peft refusing a method on this model (a layer size, a layer type)
+        raise DpselInputError(f"method {method!r} cannot be built on this model: {error}") from None
+
+
+def _run_fingerprint(settings: dict, messages: list, weights) -> dict:
+    """What a checkpoint belongs to: the training settings and a hash of the rows and weights trained on."""
+    digest = hashlib.sha256(json.dumps(messages, sort_keys=True, default=str).encode())
+    if weights is not None:
+        digest.update(np.asarray(weights, dtype=np.float64).tobytes())
+    return {**settings, "data_sha256": digest.hexdigest()}
+
+
+def _prepare_checkpoints(folder: Path, fingerprint: dict, resume: bool) -> bool:
+    """Make `folder` ready for this run; True when it holds checkpoints of this very run to resume from.
+
+    Under torchrun / accelerate launch only rank 0 deletes or writes; the other ranks come to the same answer
+    from what they read (they read only where rank 0 leaves the folder alone).
+    """
+    from dpsel.io import write_json_atomic
+    from peft_train.train import last_checkpoint, launched_rank
+
+    run_file = folder / RUN_FILE
+    if resume and last_checkpoint(folder) is not None and run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+        if changed:
+            raise DpselInputError(f"checkpoints of an earlier run with other settings ({', '.join(changed)}) are "
+                                  "in the way; re-run with --no-resume to start over (it deletes them)",
+                                  file=str(folder))
+        return True
+    if launched_rank() != 0:
+        return False
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    write_json_atomic(fingerprint, run_file)
+    return False
 
 
 def _save(model, tokenizer, method: str, base_name: str, adapter_dir: Path) -> None:
@@ -147,7 +209,7 @@ def tune_parquet(
     model: str = "tiny",
     weights_column: str | None = None,
     eval_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    steps: int = 200,
+    steps: int | None = None,
     seed: int = 0,
     device: str = "auto",
     lr: float | None = None,
@@ -156,21 +218,33 @@ def tune_parquet(
     r: int = 8,
     progress: bool = True,
     max_new_tokens: int = 64,
+    epochs: float | None = None,
+    grad_accum: int = 1,
+    resume: bool = True,
+    save_steps: int | None = None,
+    report_to: str = "none",
 ) -> dict:
     """Fine-tune `model` with `method` on the usable rows of `data`; write `OUT/adapter/` and `OUT/metrics.json`.
 
     `weights_column` (e.g. `dpsel_weight` from `dpsel curate`) weights each row's loss; rows of weight 0 are
     not trained on. Invalid and duplicate rows (see dpsel.data) are left out and counted. Returns the metrics.
+    Length: `steps` optimizer steps (default 200) or `epochs` passes; each step sees `batch_size` ×
+    `grad_accum` rows (× processes under `accelerate launch` / `torchrun`). While it runs, Trainer
+    checkpoints go to `OUT/checkpoints/` every `save_steps` steps (default: about ten per run); a run that was
+    killed, re-run with the same settings and data, resumes from the newest one (`resume=False` starts over).
+    `report_to`: none (default), tensorboard, wandb, mlflow, trackio or all (logs under `OUT/checkpoints/`).
     """
     import torch
 
     from dpsel.data import read_instruction_set
     from dpsel.io import write_json_atomic
-    from peft_train.adapters import build_adapter
+    from peft_train.models import tokenizer_defaults
     from peft_train.train import TrainConfig, train
 
     started = time.perf_counter()
-    _check_arguments(method, steps, batch_size, max_length, lr, r)
+    _check_arguments(method, steps, epochs, batch_size, grad_accum, max_length, lr, r, report_to)
+    if steps is None and epochs is None:
+        steps = DEFAULT_STEPS
     train_set = read_instruction_set(data)
     rows = _usable_rows(train_set, "training")
     weights = read_weights(train_set.frame, weights_column, rows) if weights_column else None
@@ -179,11 +253,20 @@ def tune_parquet(
 
     base, tokenizer = _load_base(model, method, device)
     torch.manual_seed(seed)  # the adapter's initialisation is random too
-    tuned = build_adapter(base, method, r=r)
-    config = TrainConfig(steps=steps, lr=lr if lr is not None else default_lr(method), batch_size=batch_size,
-                         max_length=max_length, seed=seed, device=device, max_new_tokens=max_new_tokens)
+    tuned = _build_adapter(base, method, r)
+    config = TrainConfig(steps=steps, epochs=epochs, lr=lr if lr is not None else default_lr(method),
+                         batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed,
+                         device=device, max_new_tokens=max_new_tokens, save_steps=save_steps, report_to=report_to)
+    out_dir = Path(out)
+    checkpoints = out_dir / CHECKPOINT_DIR
+    settings = {"method": method, "model": model, "steps": steps, "epochs": epochs, "lr": config.lr, "r": r,
+                "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "seed": seed,
+                "weights_column": weights_column}
+    resuming = _prepare_checkpoints(checkpoints, _run_fingerprint(settings, messages, weights), resume)
     result = train(tuned, tokenizer, messages, None if weights is None else weights.tolist(), config,
-                   progress=progress)
+                   progress=progress, checkpoint_dir=checkpoints, resume=resuming)
+    if not result.is_main_process:  # other DDP ranks: rank 0 evaluates and writes the outputs
+        return {"method": method, "train_loss": result.train_loss, "steps": result.steps}
     evaluation = None
     if eval_messages:
         from peft_train.train import evaluate
@@ -191,7 +274,6 @@ def tune_parquet(
         evaluation = evaluate(tuned, tokenizer, eval_messages, max_new_tokens=max_new_tokens, tasks=eval_tasks,
                               batch_size=config.eval_batch_size, max_length=max_length)
 
-    out_dir = Path(out)
     _save(tuned, tokenizer, method, model, out_dir / ADAPTER_DIR)
     trainable, total = _parameter_counts(tuned)
     counts = train_set.counts()
@@ -207,8 +289,14 @@ def tune_parquet(
         "seconds": time.perf_counter() - started,
         "train_seconds": result.seconds,
         "steps": result.steps,
+        "epochs": epochs,
+        "resumed_from_step": result.resumed_from_step,
         "lr": config.lr,
         "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "report_to": report_to,
+        "trainer": "transformers.Trainer",
+        "tokenizer_defaults": tokenizer_defaults(tokenizer),
         "max_length": max_length,
         "r": r,
         "seed": seed,
@@ -229,4 +317,14 @@ def tune_parquet(
         if "per_task" in evaluation:
             metrics["eval_per_task"] = evaluation["per_task"]
     write_json_atomic(metrics, out_dir / METRICS_FILE)
+    _remove_checkpoints(checkpoints)
     return metrics
+
+
+def _remove_checkpoints(folder: Path) -> None:
+    """A finished run's checkpoints go (adapter/ and metrics.json are its outputs); report_to logs stay."""
+    for checkpoint in folder.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    (folder / RUN_FILE).unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()

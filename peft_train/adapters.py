@@ -14,6 +14,11 @@ Trainable parameters per targeted linear layer W (d_out × d_in), r = ``r``:
   for its default factor choice.
 - ``full``: every weight of the model.
 
+Layer types: ``all-linear`` targets every linear-like layer but the head — ``nn.Linear`` and its subclasses
+(bitsandbytes ``Linear4bit``, ``FalconLinear``) and transformers' ``Conv1D`` (GPT-2, weight stored transposed).
+LoRA and SURM wrap all of them; peft's C3A and LoKr wrap ``nn.Linear`` only, so on a model with ``Conv1D``
+layers they are refused (``AdapterTargetError`` naming the module), never silently narrowed or swapped.
+
 Scaling: LoRA-style s = alpha / r; ``alpha=None`` means 2·r for lora/qlora/lokr (s = 2) and r for SURM (s = 1).
 """
 
@@ -26,7 +31,8 @@ from peft import C3AConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model, p
 from torch import nn
 
 from peft_train.models import disable_bnb_cpu_repack
-from peft_train.surm import SurmConfig, register_surm
+from peft_train.surm import SurmConfig, SurmLinear, register_surm
+from peft_train.surm.layer import LINEAR_LIKE
 
 METHODS = (
     "lora",
@@ -50,6 +56,61 @@ ALL_LINEAR = "all-linear"
 ADAPTER_FORM_TARGETS = ["o_proj", "down_proj"]
 SURM_STRUCTURE_KWARGS = ("form", "kron_factor", "rank")
 C3A_DEFAULT_BLOCK_SIZE = 64
+
+
+class AdapterTargetError(ValueError):
+    """A targeted layer that the method cannot wrap; ``module`` names it."""
+
+    def __init__(self, message: str, module: str):
+        super().__init__(message)
+        self.module = module
+
+
+def _supported_layer_types(method: str) -> tuple[type, ...] | None:
+    """Layer types the method can wrap (None: leave it to peft, which knows LoRA's long list)."""
+    if method in ("c3a", "lokr"):
+        return (nn.Linear,)
+    if _surm_structure(method) is not None:
+        return LINEAR_LIKE
+    return None
+
+
+def _targeted(model: nn.Module, target_modules) -> dict[str, nn.Module]:
+    """The modules a peft config with these target_modules wraps (peft's all-linear: linear-like but the head)."""
+    if target_modules == ALL_LINEAR:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return {n: m for n, m in model.named_modules() if isinstance(m, LINEAR_LIKE) and m is not head}
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    return {n: m for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in names)}
+
+
+def check_targets(model: nn.Module, method: str, target_modules) -> None:
+    """Refuse, naming the module, a target layer the method cannot wrap (peft would fail or fall back to LoRA)."""
+    supported = _supported_layer_types(method)
+    if supported is None:
+        return
+    targets = _targeted(model, target_modules)
+    if not targets:
+        raise AdapterTargetError(f"method {method!r}: no layer matches target_modules={target_modules!r}",
+                                 str(target_modules))
+    wrong = {n: m for n, m in targets.items() if not isinstance(m, supported)}
+    if wrong:
+        name, module = next(iter(wrong.items()))
+        kinds = sorted({type(m).__name__ for m in wrong.values()})
+        allowed = ", ".join(t.__name__ for t in supported)
+        raise AdapterTargetError(
+            f"method {method!r} cannot wrap {', '.join(kinds)} layers ({len(wrong)} of them, e.g. module {name!r}); "
+            f"it supports {allowed} (and subclasses). Use lora or surm-* for this model", name)
+
+
+def _check_wrapped_as_surm(peft_model: nn.Module) -> None:
+    """Every adapter layer of a SURM model must be a SurmLinear: no silent LoRA fallback."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, SurmLinear):
+            raise AdapterTargetError(f"module {name!r} ({type(module.get_base_layer()).__name__}) got a plain LoRA "
+                                     "layer instead of SURM; SURM wraps linear layers only", name)
 
 
 def _check_method(method: str) -> str:
@@ -161,7 +222,12 @@ def build_adapter(
             model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     register_surm()
-    peft_model = get_peft_model(model, _peft_config(method, r, alpha, dropout, target_modules, structure_kwargs))
+    config = _peft_config(method, r, alpha, dropout, target_modules, structure_kwargs)
+    check_targets(model, method, config.target_modules if method.startswith(("surm-", "qsurm-")) else
+                  (ALL_LINEAR if target_modules is None else target_modules))
+    peft_model = get_peft_model(model, config)
+    if _surm_structure(method) is not None:
+        _check_wrapped_as_surm(peft_model)
     if is_4bit_model(peft_model):
         disable_bnb_cpu_repack(peft_model)
     return peft_model

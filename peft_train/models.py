@@ -1,12 +1,23 @@
 """Base models: the built-in tiny Llama, local directories and hub ids, full precision or 4-bit NF4.
 
 Tokenizers that lack a pad token get ``pad = eos``; tokenizers that lack a chat template get
-``DEFAULT_CHAT_TEMPLATE`` (``<s><|system|>\\n…\\n<|user|>\\n…\\n<|assistant|>\\n…</s>``, see tokenizer.py).
+``DEFAULT_CHAT_TEMPLATE`` (``<s><|system|>\\n…\\n<|user|>\\n…\\n<|assistant|>\\n…</s>``, see tokenizer.py);
+``tokenizer_defaults(tokenizer)`` says which of the two a loaded tokenizer got, for metrics and manifests.
+
+A source that cannot be loaded (missing folder, no tokenizer, no weights, a hub id while offline, a model that
+needs its own code) raises ``ModelLoadError`` naming the folder or id and what is missing.
+
+4-bit loads check themselves: transformers' bitsandbytes replacement quantises only exact ``nn.Linear`` and
+``Conv1D``; linear-like subclasses (Falcon's ``FalconLinear``) are quantised here when they compute exactly
+``x Wᵀ + b`` (checked on a probe input), and a load that leaves any other linear layer in full precision, or
+quantises nothing, raises ``ModelLoadError`` naming the layer types.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,6 +36,17 @@ from peft_train.tokenizer import DEFAULT_CHAT_TEMPLATE, ByteTokenizer
 
 TINY_NAME = "tiny"
 QUANT_CHOICES = (None, "nf4")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+DEFAULTS_ATTRIBUTE = "peft_train_defaults"  # set on a tokenizer by load_model: which defaults it was given
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be loaded; ``source`` is the folder or hub id at fault."""
+
+    def __init__(self, message: str, source: str):
+        super().__init__(message)
+        self.source = source
 
 # Llama-style and small enough for CPU tests. Every linear width is a multiple of 64 because the
 # bitsandbytes CPU 4-bit kernels need it; the vocabulary (259 byte-level ids) is padded up to 320.
@@ -135,15 +157,135 @@ def _load_tokenizer(name_or_path: str, trust_remote_code: bool) -> PreTrainedTok
     if Path(name_or_path).is_dir() and _is_byte_tokenizer_dir(Path(name_or_path)):
         return ByteTokenizer.from_pretrained(name_or_path)
     remote = {"trust_remote_code": True} if trust_remote_code else {}
-    return AutoTokenizer.from_pretrained(name_or_path, **remote)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, **remote)
+    except (ValueError, ImportError) as error:  # e.g. a sentencepiece model without sentencepiece installed
+        raise ModelLoadError(f"cannot load the tokenizer of {name_or_path}: {error}", name_or_path) from None
 
 
 def _complete_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    defaults = {"pad_token": "own", "chat_template": "own"}
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
+        defaults["pad_token"] = "eos"  # padded positions are masked out of attention and labels
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        defaults["chat_template"] = "peft_train default (<|role|> lines, eos after each answer)"
+    setattr(tokenizer, DEFAULTS_ATTRIBUTE, defaults)
     return tokenizer
+
+
+def tokenizer_defaults(tokenizer) -> dict:
+    """Which defaults ``load_model`` gave the tokenizer: ``pad_token`` own | eos, ``chat_template`` own | default."""
+    return dict(getattr(tokenizer, DEFAULTS_ATTRIBUTE, {"pad_token": "own", "chat_template": "own"}))
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")  # "name" or "org/name"
+
+
+def _looks_like_path(name: str) -> bool:
+    return Path(name).expanduser().exists() or not HUB_ID.match(name)
+
+
+def check_model_folder(folder: str | Path, trust_remote_code: bool = False) -> None:
+    """Raise ModelLoadError when ``folder`` cannot be a transformers checkpoint (say what is missing)."""
+    where, folder = str(folder), Path(folder).expanduser()
+    if not folder.exists():
+        raise ModelLoadError(f"model folder {where} does not exist (give 'tiny', a model folder or a hub id)", where)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model {where} is a file; give the folder that holds config.json and the weights", where)
+    names = {p.name for p in folder.iterdir()}
+    if "config.json" not in names:
+        raise ModelLoadError(f"model folder {where} has no config.json: not a transformers checkpoint", where)
+    if not names & set(TOKENIZER_FILES):
+        raise ModelLoadError(f"model folder {where} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                             "save the tokenizer next to the model (tokenizer.save_pretrained)", where)
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in names):
+        raise ModelLoadError(f"model folder {where} has no weights (*.safetensors or pytorch_model*.bin)", where)
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelLoadError(f"model folder {where} needs its own Python code (config.json has auto_map) and "
+                             "remote code is off; use a model whose architecture transformers has built in", where)
+
+
+def _check_source(name_or_path: str, trust_remote_code: bool) -> None:
+    if _looks_like_path(name_or_path):
+        check_model_folder(name_or_path, trust_remote_code)
+
+
+def _hub_error(name: str, error: OSError) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    why = "the hub is offline (HF_HUB_OFFLINE) and it is not in the local cache" if offline else str(error)
+    return ModelLoadError(f"model {name!r} is not a local folder and cannot be fetched as a hub id: {why}", name)
+
+
+# ----------------------------------------------------------------------------- 4-bit self-check
+
+
+def _is_plain_linear_map(module: torch.nn.Linear) -> bool:
+    """Does this nn.Linear subclass compute exactly x Wᵀ + b? (probe input, in its own dtype)"""
+    weight = module.weight
+    probe = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad():
+        got = module(probe)
+        expected = torch.nn.functional.linear(probe, weight, module.bias)
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+def _quantise_linear(module: torch.nn.Linear, config: BitsAndBytesConfig):
+    import bitsandbytes as bnb
+
+    device = module.weight.device
+    layer = bnb.nn.Linear4bit(
+        module.in_features, module.out_features, module.bias is not None, config.bnb_4bit_compute_dtype,
+        compress_statistics=config.bnb_4bit_use_double_quant, quant_type=config.bnb_4bit_quant_type,
+        quant_storage=config.bnb_4bit_quant_storage, device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        module.weight.data.detach().to("cpu"), requires_grad=False, quant_type=config.bnb_4bit_quant_type,
+        compress_statistics=config.bnb_4bit_use_double_quant, quant_storage=config.bnb_4bit_quant_storage,
+    )
+    if module.bias is not None:
+        layer.bias = torch.nn.Parameter(module.bias.data.detach().to("cpu"), requires_grad=False)
+    layer.source_cls = type(module)
+    return layer.to(device)  # Params4bit quantises on its move to the device
+
+
+def _float_linear_layers(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
+    """Linear-like layers left in floating point, the output head (tied to the embeddings or not) excepted."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+        and module.weight.dtype.is_floating_point
+    }
+
+
+def quantise_remaining_linear(model: PreTrainedModel, config: BitsAndBytesConfig) -> list[str]:
+    """Quantise the nn.Linear subclasses transformers left in full precision (where they are plain linear maps),
+    then check that every linear layer but the head is 4-bit; returns the names quantised here."""
+    import bitsandbytes as bnb
+
+    quantised = []
+    for name, module in _float_linear_layers(model).items():
+        if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear and _is_plain_linear_map(module):
+            model.set_submodule(name, _quantise_linear(module, config))
+            quantised.append(name)
+    left = _float_linear_layers(model)
+    n_4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    if left or n_4bit == 0:
+        kinds = sorted({type(m).__name__ for m in left.values()})
+        raise ModelLoadError(
+            f"4-bit loading quantised {n_4bit} linear layer(s) and left {len(left)} in full precision "
+            f"({', '.join(kinds) or 'no linear layer found'}; e.g. {next(iter(left), '-')}): these layer types "
+            "cannot be quantised safely, so qlora/qsurm would not train over a 4-bit base; use lora/surm-*",
+            getattr(model.config, "_name_or_path", "") or "model",
+        )
+    return quantised
 
 
 def _load_pretrained(
@@ -186,9 +328,14 @@ def load_model(
     if name_or_path == TINY_NAME:
         model, tokenizer = _load_tiny(quant, target, torch_dtype), ByteTokenizer()
     else:
-        tokenizer = _load_tokenizer(name_or_path, trust_remote_code)
-        model = _load_pretrained(name_or_path, quant, target, torch_dtype, trust_remote_code)
+        _check_source(name_or_path, trust_remote_code)
+        try:
+            tokenizer = _load_tokenizer(name_or_path, trust_remote_code)
+            model = _load_pretrained(name_or_path, quant, target, torch_dtype, trust_remote_code)
+        except OSError as error:  # not a local folder: a hub id that could not be fetched
+            raise _hub_error(name_or_path, error) from None
     if quant == "nf4":
+        quantise_remaining_linear(model, nf4_config(target))
         disable_bnb_cpu_repack(model)
     tokenizer = _complete_tokenizer(tokenizer)
     if model.config.pad_token_id is None:

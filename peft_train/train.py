@@ -1,27 +1,34 @@
-"""The training loop: (optionally weighted) response-only NLL, AdamW, warmup + schedule, progress, eval.
+"""Training on transformers' ``Trainer``: (optionally weighted) response-only NLL, checkpoints and resume,
+gradient accumulation, epochs or steps, warmup + schedule, ``report_to``, multi-GPU under ``accelerate launch``
+/ ``torchrun``.
 
-Why accelerate rather than ``transformers.Trainer``: the loop needs per-row weights carried next to each
-row, our own length-grouped batches, a per-row loss (``per_example_nll``) reduced by ``weighted_loss``, an
-optimizer picked by device and quantisation (paged AdamW only for a 4-bit base on CUDA), and a memory
-measurement around the steps. With ``Trainer`` every one of those is an override (``compute_loss``,
-``get_train_dataloader``, ``create_optimizer``, callbacks) of a class that also writes checkpoints and
-reports we do not want. accelerate's ``Accelerator`` keeps the loop a plain, readable PyTorch loop and
-still gives device placement, mixed precision and data-parallel sharding of the batches when the same
-code runs under ``accelerate launch`` / ``torchrun``.
+Why ``Trainer`` and not TRL's ``SFTTrainer``: SFTTrainer is ``Trainer`` plus dataset preparation (chat
+templating, packing, completion-only masks) that ``peft_train.encode`` already does with our own truncation
+rules, and its loss has no per-row weights; what we need from the field's trainer — checkpoints, resume,
+accumulation, schedulers, logging integrations, distributed data parallelism — is all ``Trainer``'s. So we
+subclass ``Trainer`` and override three things only: ``compute_loss`` (Σ w_i ℓ_i / Σ w_i over the rows of the
+optimizer step, ℓ_i the row's mean response-token NLL), ``get_batch_samples`` (to know Σ w over the
+accumulated micro-batches and, under DDP, over every rank) and ``_get_train_sampler`` (length-grouped batches
+whose order is a function of seed + epoch, so a resumed run sees exactly the batches an uninterrupted one
+would). What Trainer lacks and stays ours, small and separate: the memory account (``_MemoryMeter``) and the
+eval metrics (per-row eval loss, greedy exact match).
 
 peft_train knows nothing of Parquet or dpsel: it takes conversations (lists of ``{role, content}``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from peft_train.encode import (
     IGNORE_INDEX,
@@ -34,16 +41,21 @@ from peft_train.encode import (
 from peft_train.models import resolve_device
 
 LOSS_WINDOW = 10  # steps averaged into the reported final train loss (one step's loss is noisy)
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio", "all")
+# TrainConfig.optimizer -> TrainingArguments.optim
+TRAINER_OPTIM = {"adamw": "adamw_torch", "paged_adamw": "paged_adamw_32bit"}
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
+    steps: int | None = 200  # optimizer steps; None: `epochs` passes over the rows instead
+    epochs: float | None = None  # passes over the rows (used only when steps is None)
     lr: float = 1e-3
-    batch_size: int = 8
+    batch_size: int = 8  # rows per micro-batch (per device under DDP)
+    grad_accum: int = 1  # micro-batches per optimizer step
     max_length: int = 512
     seed: int = 0
-    warmup: float = 0.05  # fraction of `steps` spent warming the learning rate up linearly
+    warmup: float = 0.05  # fraction of the optimizer steps spent warming the learning rate up linearly
     scheduler: str = "cosine"  # any name `transformers.get_scheduler` knows: cosine, linear, constant_with_warmup
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0  # max global gradient norm; None turns clipping off
@@ -53,25 +65,37 @@ class TrainConfig:
     eval_every: int = 0  # steps between eval-loss measurements on `eval_messages`; 0 = only at the end
     eval_batch_size: int = 16
     max_new_tokens: int = 64  # greedy-generation budget for exact match at the end of training
+    save_steps: int | None = None  # steps between checkpoints (with a checkpoint_dir); None: about 10 per run
+    save_total_limit: int = 2  # checkpoints kept (the newest ones)
+    report_to: str = "none"  # Trainer integrations: none | tensorboard | wandb | mlflow | trackio | all
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
+        if self.steps is None and self.epochs is None:
+            raise ValueError("give steps or epochs")
+        if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"epochs must be a positive number, got {self.epochs}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ValueError(f"save_steps must be at least 1, got {self.save_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of steps in [0, 1), got {self.warmup}")
         if self.optimizer not in ("auto", "adamw", "paged_adamw"):
             raise ValueError(f"optimizer must be 'auto', 'adamw' or 'paged_adamw', got {self.optimizer!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
 
 
 @dataclass
 class TrainResult:
     train_loss: float  # mean weighted loss over the last LOSS_WINDOW steps
     losses: list[float]  # the weighted loss of every step
-    steps: int
+    steps: int  # optimizer steps, counting those done before a resume
     seconds: float  # the training steps alone (encoding and the final evaluation not included)
     peak_memory_bytes: int
     memory_measure: str  # "cuda_max_allocated" or "tensor_accounting" (see _MemoryMeter)
@@ -83,6 +107,8 @@ class TrainResult:
     step_seconds: list[float] = field(default_factory=list)  # wall time of every step (loss.item() syncs the device)
     eval: dict | None = None
     eval_trace: list[dict] = field(default_factory=list)
+    resumed_from_step: int = 0  # global step of the checkpoint this run resumed from (0: a fresh run)
+    is_main_process: bool = True  # False on the other ranks of a multi-process (DDP) run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,8 +117,13 @@ class TrainResult:
 # ----------------------------------------------------------------------------- loss
 
 
-def weighted_loss(per_row_nll: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_loss(
+    per_row_nll: torch.Tensor, weights: torch.Tensor | None = None, total_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Σ w_i ℓ_i / Σ w_i over the batch; the plain mean when ``weights`` is None.
+
+    ``total_weight`` replaces the denominator: Σ w over every micro-batch (and rank) of one optimizer step, so
+    the micro-batches' losses add up to the step's weighted mean.
 
     Rows with w = 0 are masked out before the product, so even a non-finite ℓ_i of such a row cannot leak
     into the loss or its gradient; a batch whose weights sum to 0 gives a loss of 0 (and zero gradients).
@@ -104,7 +135,8 @@ def weighted_loss(per_row_nll: torch.Tensor, weights: torch.Tensor | None = None
         raise ValueError(f"weights shape {tuple(weights.shape)} != per-row loss shape {tuple(per_row_nll.shape)}")
     active = weights > 0
     contributions = torch.where(active, per_row_nll, torch.zeros_like(per_row_nll)) * weights
-    return contributions.sum() / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
+    denominator = weights.sum() if total_weight is None else total_weight.to(weights)
+    return contributions.sum() / denominator.clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -143,7 +175,8 @@ def model_memory_bytes(model: torch.nn.Module) -> int:
 
 
 def _grad_bytes(params: Sequence[torch.nn.Parameter]) -> int:
-    return _storage_bytes((p.grad for p in params if p.grad is not None), set())
+    # Trainer frees gradients between steps (zero_grad(set_to_none)); at its peak each trainable parameter has one
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -221,6 +254,29 @@ def _collate_weighted(pad_token_id: int):
     return collate_rows
 
 
+class _SeededLengthGroupedSampler(torch.utils.data.Sampler):
+    """Row order of one epoch: ``length_grouped_batches`` shuffled with seed + epoch, flattened.
+
+    A function of (seed, epoch) only, not of the global RNG, so that a run resumed mid-epoch skips into the
+    very batches the uninterrupted run saw. Every batch but the epoch's last is full (the short one is put
+    last), so the DataLoader's chunks of ``batch_size`` are exactly these batches.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        batches = length_grouped_batches(self.lengths, self.batch_size, seed=self.seed + self.epoch, shuffle=True)
+        batches.sort(key=len, reverse=True)  # stable: the full batches keep their shuffled order, the short one last
+        return iter([index for batch in batches for index in batch])
+
+
 def _check_weights(weights: Sequence[float] | None, n_rows: int) -> list[float]:
     if weights is None:
         return [1.0] * n_rows
@@ -238,21 +294,18 @@ def _has_response(example: EncodedExample) -> bool:
     return any(label != IGNORE_INDEX for label in example.labels[1:])
 
 
-def _step_batches(lengths: Sequence[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Enough length-grouped batches for `steps` steps: a fresh shuffle (seed + epoch) every epoch."""
-    batches: list[list[int]] = []
-    epoch = 0
-    while len(batches) < steps:
-        batches.extend(length_grouped_batches(lengths, batch_size, seed=seed + epoch, shuffle=True))
-        epoch += 1
-    return batches[:steps]
-
-
 def _pad_token_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
     return int(pad)
+
+
+def _prepare_examples(encoded, weights: list[float]) -> tuple[list[EncodedExample], list[float], int]:
+    keep = [i for i, ex in enumerate(encoded.examples) if weights[i] > 0 and _has_response(ex)]
+    if not keep:
+        raise ValueError("no row to train on: every row has weight 0 or no response token left after truncation")
+    return [encoded.examples[i] for i in keep], [weights[i] for i in keep], len(encoded.examples) - len(keep)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -278,27 +331,25 @@ def choose_optimizer_name(config: TrainConfig, device: torch.device, quantized_4
     return "paged_adamw" if device.type == "cuda" and quantized_4bit else "adamw"
 
 
-def build_optimizer(name: str, params, config: TrainConfig) -> torch.optim.Optimizer:
-    if name == "paged_adamw":
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+# ----------------------------------------------------------------------------- progress and callbacks
 
 
-# ----------------------------------------------------------------------------- progress
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
 
 
 class _Progress:
     """tqdm on a terminal, a plain log line every `log_every` steps otherwise (CI, schedulers, files)."""
 
-    def __init__(self, total: int, enabled: bool, log_every: int):
+    def __init__(self, total: int, enabled: bool, log_every: int, done: int = 0):
         self.total, self.enabled, self.log_every = total, enabled, max(1, log_every)
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="training", unit="step")
+            self.bar = tqdm(total=total, initial=done, desc="training", unit="step")
 
     def update(self, step: int, loss: float, lr: float) -> None:
         if self.bar is not None:
@@ -313,27 +364,171 @@ class _Progress:
             self.bar.close()
 
 
-# ----------------------------------------------------------------------------- train
+def _callbacks(config: TrainConfig, progress: bool, tokenizer, eval_messages, step_seconds: list[float]) -> list:
+    """Progress lines, per-step wall time and the periodic eval loss, as Trainer callbacks."""
+    base = _trainer_callback_base()
+
+    class Callbacks(base):
+        bar: _Progress | None = None
+        last = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            enabled = progress and state.is_world_process_zero  # one progress line per step, not one per rank
+            self.bar = _Progress(state.max_steps, enabled, config.log_every, done=state.global_step)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step_seconds.append(time.perf_counter() - self.last)
+            step = state.global_step
+            if eval_messages and config.eval_every and step % config.eval_every == 0 and step < state.max_steps:
+                # in the log history, so the trace survives a checkpoint and resume
+                state.log_history.append({"step": step, **_eval_loss_only(model, tokenizer, eval_messages, config)})
+                model.train()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and self.bar is not None:
+                self.bar.update(state.global_step, float(logs["loss"]), float(logs.get("learning_rate", 0.0)))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    return [Callbacks()]
 
 
-def _seed_everything(seed: int) -> None:
-    from accelerate.utils import set_seed
-
-    set_seed(seed)  # python, numpy, torch (and every CUDA device)
+# ----------------------------------------------------------------------------- the Trainer
 
 
-def _make_accelerator(device: torch.device):
-    from accelerate import Accelerator
+def _weighted_trainer_class():
+    from transformers import Trainer
 
-    # device_placement=False: the model stays where the caller (or a 4-bit device_map) put it; batches move.
-    return Accelerator(cpu=device.type == "cpu", device_placement=False)
+    class WeightedTrainer(Trainer):
+        """``Trainer`` with the per-row weighted response-only loss and a seed+epoch length-grouped order."""
+
+        loss_is_scaled_for_ga = True  # compute_loss divides by Σ w of the whole optimizer step
+
+        def __init__(self, *args, lengths: Sequence[int], meter: _MemoryMeter, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.lengths, self.meter = lengths, meter
+            self.step_weight: torch.Tensor | None = None
+
+        def _get_train_sampler(self, train_dataset=None):
+            return _SeededLengthGroupedSampler(self.lengths, self.args.per_device_train_batch_size, self.args.seed)
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            total = sum((b["weights"].sum() for b in batches), torch.zeros(()))
+            total = total.to(self.args.device)
+            if self.accelerator.num_processes > 1:  # DDP averages gradients over ranks: use the global Σ w
+                total = self.accelerator.reduce(total, reduction="sum")
+            self.step_weight = total
+            return batches, n_items
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            weights, labels = inputs.pop("weights"), inputs.pop("labels")
+            with self.meter.saving_activations():
+                outputs = model(**inputs, use_cache=False)
+                per_row = per_example_nll(outputs.logits, labels)
+                if model.training and self.step_weight is not None:
+                    # × ranks: DDP's gradient mean over ranks then gives Σ_all w ℓ / Σ_all w
+                    loss = weighted_loss(per_row, weights, self.step_weight) * self.accelerator.num_processes
+                else:
+                    loss = weighted_loss(per_row, weights)
+            self.meter.end_step()
+            return (loss, outputs) if return_outputs else loss
+
+    return WeightedTrainer
 
 
-def _prepare_examples(encoded, weights: list[float]) -> tuple[list[EncodedExample], list[float], int]:
-    keep = [i for i, ex in enumerate(encoded.examples) if weights[i] > 0 and _has_response(ex)]
-    if not keep:
-        raise ValueError("no row to train on: every row has weight 0 or no response token left after truncation")
-    return [encoded.examples[i] for i in keep], [weights[i] for i in keep], len(encoded.examples) - len(keep)
+def _training_arguments(config: TrainConfig, device: torch.device, optimizer_name: str, output_dir: str,
+                        save: bool):
+    from transformers import TrainingArguments
+
+    saving = {"save_strategy": "steps", "save_steps": config.save_steps or 1,
+              "save_total_limit": config.save_total_limit} if save else {"save_strategy": "no"}
+    length = {"max_steps": config.steps} if config.steps is not None else {"num_train_epochs": config.epochs}
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup,  # a float in [0, 1): a fraction of the optimizer steps
+        lr_scheduler_type=config.scheduler,
+        max_grad_norm=config.grad_clip if config.grad_clip is not None else 0.0,
+        optim=TRAINER_OPTIM[optimizer_name],
+        seed=config.seed,
+        use_cpu=device.type == "cpu",
+        report_to=config.report_to,
+        logging_strategy="steps",
+        logging_steps=1,  # every step's loss goes into the log history (and so into checkpoints)
+        disable_tqdm=True,  # our own progress: tqdm on a terminal, plain lines otherwise
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device.type == "cuda",
+        **length,
+        **saving,
+    )
+
+
+def _default_save_steps(config: TrainConfig, n_rows: int) -> int:
+    if config.save_steps is not None:
+        return config.save_steps
+    per_epoch = math.ceil(math.ceil(n_rows / config.batch_size) / config.grad_accum)
+    total = config.steps if config.steps is not None else math.ceil(config.epochs * per_epoch)
+    return max(1, total // 10)
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    # Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG states)
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _checkpoints(checkpoint_dir: str | Path | None) -> list[Path]:
+    if checkpoint_dir is None or not Path(checkpoint_dir).is_dir():
+        return []
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = [p for p in Path(checkpoint_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
+    return sorted((p for p in found if p.name.rsplit("-", 1)[-1].isdigit()), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+
+
+def last_checkpoint(checkpoint_dir: str | Path | None) -> str | None:
+    """The newest complete ``checkpoint-N`` folder under ``checkpoint_dir`` (None when there is none).
+
+    A process killed while saving leaves a folder without ``trainer_state.json``; that one is not complete.
+    """
+    complete = [p for p in _checkpoints(checkpoint_dir) if _is_complete(p)]
+    return str(complete[-1]) if complete else None
+
+
+def launched_rank() -> int:
+    """This process's global rank under torchrun / accelerate launch (0 when run as a single process)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def discard_incomplete_checkpoints(checkpoint_dir: str | Path | None) -> list[str]:
+    """Delete checkpoint folders a kill left half-written (Trainer would take the newest folder for the latest)."""
+    import shutil
+
+    removed = [p for p in _checkpoints(checkpoint_dir) if not _is_complete(p)]
+    for folder in removed:
+        print(f"training: removing incomplete checkpoint {folder}", file=sys.stderr, flush=True)
+        shutil.rmtree(folder)
+    return [str(p) for p in removed]
+
+
+def _step_losses(log_history: list[dict]) -> list[float]:
+    return [float(entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -348,16 +543,24 @@ def train(
     config: TrainConfig | None = None,
     eval_messages: Sequence[Sequence[Mapping]] | None = None,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence | None = None,
 ) -> TrainResult:
-    """Train the model's trainable parameters on the responses of ``messages``.
+    """Train the model's trainable parameters on the responses of ``messages`` with transformers' Trainer.
 
-    Each step's loss is ``weighted_loss`` of the rows' mean response-token NLL; rows with weight 0 (and rows
-    truncated down to no response token) are left out of the batches. The model is trained in place and
-    left in eval mode. With ``eval_messages`` the result carries ``evaluate``'s metrics.
+    Each optimizer step's loss is Σ w_i ℓ_i / Σ w_i over its rows (all micro-batches of an accumulation, all
+    ranks), ℓ_i the row's mean response-token NLL; rows with weight 0 (and rows truncated down to no response
+    token) are left out of the batches. With ``checkpoint_dir`` Trainer writes ``checkpoint-N`` folders there
+    every ``config.save_steps`` steps; ``resume=True`` continues from the newest one (a fresh run when there is
+    none). ``callbacks``: extra ``TrainerCallback`` objects. The model is trained in place and left in eval
+    mode. With ``eval_messages`` the result carries ``evaluate``'s metrics.
     """
     config = config or TrainConfig()
     device = resolve_device(config.device)
-    _seed_everything(config.seed)
+    from transformers import PrinterCallback, set_seed
+
+    set_seed(config.seed)  # python, numpy, torch (and every CUDA device)
     row_weights = _check_weights(weights, len(messages))
     encoded = encode_all(messages, tokenizer, config.max_length, progress=False)
     examples, example_weights, n_skipped = _prepare_examples(encoded, row_weights)
@@ -369,57 +572,39 @@ def train(
     if not params:
         raise ValueError("the model has no trainable parameter (build an adapter first, or use method 'full')")
     optimizer_name = choose_optimizer_name(config, device, quantized)
-    optimizer = build_optimizer(optimizer_name, params, config)
-
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(
-        config.scheduler, optimizer, num_warmup_steps=int(config.warmup * config.steps), num_training_steps=config.steps
-    )
-    batches = _step_batches([len(e) for e in examples], config.batch_size, config.steps, config.seed)
-    loader = DataLoader(
-        _WeightedRows(examples, example_weights), batch_sampler=batches, collate_fn=_collate_weighted(_pad_token_id(tokenizer))
-    )
-    accelerator = _make_accelerator(device)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    config = replace(config, save_steps=_default_save_steps(config, len(examples)))  # the caller's stays as given
+    if resume and launched_rank() == 0:  # one process deletes; every rank then picks the same complete one
+        discard_incomplete_checkpoints(checkpoint_dir)
+    resume_from = last_checkpoint(checkpoint_dir) if resume else None
 
     meter = _MemoryMeter(model, device)
-    bar = _Progress(config.steps, progress, config.log_every)
-    losses: list[float] = []
-    eval_trace: list[dict] = []
     step_seconds: list[float] = []
-    model.train()
-    started = last = time.perf_counter()
-    for step, batch in enumerate(loader, start=1):
-        with meter.saving_activations():
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
-            ).logits
-            loss = weighted_loss(per_example_nll(logits, batch["labels"]), batch["weights"])
-        meter.end_step()
-        accelerator.backward(loss)
-        if config.grad_clip is not None:
-            accelerator.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=False)  # keep grads allocated so the memory account sees them
-        losses.append(loss.item())
-        step_seconds.append(time.perf_counter() - last)
-        bar.update(step, losses[-1], scheduler.get_last_lr()[0])
-        if eval_messages and config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            eval_trace.append({"step": step, **_eval_loss_only(model, tokenizer, eval_messages, config)})
-            model.train()
-        last = time.perf_counter()
-    seconds = time.perf_counter() - started
-    bar.close()
-    peak = meter.peak(params, optimizer)
-    model = accelerator.unwrap_model(model)
+    with tempfile.TemporaryDirectory(prefix="peft-train-") as scratch:
+        args = _training_arguments(config, device, optimizer_name, str(checkpoint_dir or scratch),
+                                   save=checkpoint_dir is not None)
+        trainer = _weighted_trainer_class()(
+            model=model, args=args, train_dataset=_WeightedRows(examples, example_weights),
+            data_collator=_collate_weighted(_pad_token_id(tokenizer)),
+            callbacks=_callbacks(config, progress, tokenizer, eval_messages, step_seconds) + list(callbacks or []),
+            lengths=[len(e) for e in examples], meter=meter,
+        )
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+        model.train()
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=resume_from)
+        seconds = time.perf_counter() - started
+    peak = meter.peak(params, trainer.optimizer)
+    model = trainer.accelerator.unwrap_model(trainer.model)
     model.eval()
 
+    history = trainer.state.log_history
+    losses = _step_losses(history)
+    if not losses:
+        raise RuntimeError("training ran no step (the checkpoint is already at the last step?)")
     result = TrainResult(
         train_loss=float(sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:])),
         losses=losses,
-        steps=len(losses),
+        steps=int(trainer.state.global_step),
         seconds=seconds,
         peak_memory_bytes=int(peak),
         memory_measure=meter.measure,
@@ -429,7 +614,9 @@ def train(
         n_skipped=n_skipped,
         n_truncated=encoded.n_truncated,
         step_seconds=step_seconds,
-        eval_trace=eval_trace,
+        eval_trace=[entry for entry in history if "eval_loss" in entry],
+        resumed_from_step=int(Path(resume_from).name.split("-")[-1]) if resume_from else 0,
+        is_main_process=trainer.is_world_process_zero(),
     )
     if eval_messages:
         result.eval = evaluate(
@@ -437,7 +624,6 @@ def train(
             batch_size=config.eval_batch_size, max_length=config.max_length,
         )
     return result
-
 
 # ----------------------------------------------------------------------------- evaluate
 

@@ -177,3 +177,45 @@ def test_qlora_gradients_survive_an_eval_forward():
     assert _cosine(grads_after, grads_before) > 0.99
     assert _cosine(grads_before, grads_reference) > 0.99
     assert _cosine(grads_after, grads_reference) > 0.99
+
+
+# ----------------------------------------------------------------------------- layer types beyond nn.Linear
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=1, n_head=2, n_positions=64))
+
+
+@pytest.mark.parametrize("structure", ["circulant", "toeplitz"])
+def test_surm_wraps_conv1d_and_merges_with_its_transposed_weight(structure):
+    from transformers.pytorch_utils import Conv1D
+
+    from peft_train.surm import SurmLinear
+
+    model = build_adapter(_tiny_gpt2(), f"surm-{structure}", r=2)
+    wrapped = [m for m in model.modules() if isinstance(m, SurmLinear)]
+    assert len(wrapped) == 4 and all(isinstance(m.get_base_layer(), Conv1D) for m in wrapped)
+    assert not any(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in model.modules())  # no LoRA
+    _perturb_adapter(model)
+    unmerged = _logits(model)
+    torch.testing.assert_close(_logits(model.merge_and_unload()), unmerged, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["c3a", "lokr"])
+def test_methods_that_cannot_wrap_conv1d_refuse_by_module(method):
+    from peft_train.adapters import AdapterTargetError
+
+    with pytest.raises(AdapterTargetError, match=r"cannot wrap Conv1D .*'transformer\.h\.0\.attn\.c_attn'"):
+        build_adapter(_tiny_gpt2(), method)
+
+
+def test_surm_refuses_a_layer_type_it_cannot_wrap():
+    from peft_train.adapters import AdapterTargetError
+
+    with pytest.raises(AdapterTargetError, match="Embedding.*embed_tokens") as error:
+        build_adapter(build_tiny_model(), "surm-circulant", target_modules=["embed_tokens", "q_proj"])
+    assert error.value.module == "model.embed_tokens"

@@ -168,3 +168,59 @@ def test_nf4_backward_after_eval_forward_is_unchanged(nf4_tiny, token_ids):
     nf4_tiny.zero_grad(set_to_none=True)
     assert before.abs().sum() > 0
     assert F.cosine_similarity(before, after, dim=0) > 0.99
+
+
+# ----------------------------------------------------------------------------- 4-bit self-check
+
+
+class _PlainSubclass(torch.nn.Linear):  # like Falcon's FalconLinear: nn.Linear's map, its own class
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class _NotLinear(torch.nn.Linear):
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+def test_nf4_quantises_plain_linear_subclasses_and_refuses_other_leftovers(token_ids):
+    from peft_train.models import ModelLoadError, nf4_config, quantise_remaining_linear
+
+    model, _ = load_model("tiny", quant="nf4", device="cpu")
+    by_transformers = model.model.layers[0].mlp.down_proj  # the same weights, quantised by transformers
+    layer = build_tiny_model().model.layers[0].mlp.down_proj
+    plain = _PlainSubclass(layer.in_features, layer.out_features, bias=False)
+    plain.weight.data.copy_(layer.weight.data)
+    model.model.layers[0].mlp.down_proj = plain
+    assert quantise_remaining_linear(model, nf4_config(torch.device("cpu"))) == ["model.layers.0.mlp.down_proj"]
+    quantised = model.model.layers[0].mlp.down_proj
+    assert isinstance(quantised, bnb.nn.Linear4bit) and quantised.source_cls is _PlainSubclass
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(quantised(x), by_transformers(x))  # the very same NF4 quantisation
+
+    model.model.layers[0].mlp.up_proj = _NotLinear(128, 384, bias=False)
+    with pytest.raises(ModelLoadError, match="left 1 in full precision.*_NotLinear.*up_proj"):
+        quantise_remaining_linear(model, nf4_config(torch.device("cpu")))
+
+
+def test_nf4_load_that_quantises_nothing_is_refused():
+    from peft_train.models import ModelLoadError, nf4_config, quantise_remaining_linear
+
+    model = build_tiny_model()
+    for layer in model.model.layers:  # every projection becomes a type that is not a plain linear map
+        for name in PROJECTIONS:
+            parent = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+            old = getattr(parent, name)
+            setattr(parent, name, _NotLinear(old.in_features, old.out_features, bias=False))
+    with pytest.raises(ModelLoadError, match="quantised 0 linear layer"):
+        quantise_remaining_linear(model, nf4_config(torch.device("cpu")))
+
+
+@pytest.mark.parametrize("name", ["./nowhere", "/no/such/folder", "a/b/c"])
+def test_missing_model_folders_are_named(name):
+    from peft_train.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=f"model folder {name} does not exist") as error:
+        load_model(name, device="cpu")
+    assert error.value.source == name

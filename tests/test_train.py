@@ -231,3 +231,69 @@ def test_progress_is_plain_lines_without_a_terminal(capsys):
     train(model, _tokenizer(), ROWS[:4], config=config, progress=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training: step")]
     assert [line.split()[2] for line in lines] == ["1/2", "2/2"]
+
+
+# ----------------------------------------------------------------------------- Trainer: accumulation, resume
+
+
+def test_accumulated_micro_batches_add_up_to_the_steps_weighted_mean(byte_tokenizer):
+    """Two micro-batches of one optimizer step: their losses sum to Σwℓ/Σw over all four rows."""
+    from peft_train.train import _MemoryMeter, _weighted_trainer_class
+    from transformers import TrainingArguments
+
+    model = _small_model()
+    first, second = _batch(byte_tokenizer, ROWS[:2]), _batch(byte_tokenizer, ROWS[2:4])
+    first["weights"], second["weights"] = torch.tensor([1.0, 3.0]), torch.tensor([0.5, 2.0])
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", gradient_accumulation_steps=2)
+    trainer = _weighted_trainer_class()(model=model, args=args, lengths=[1], meter=_MemoryMeter(model, torch.device("cpu")))
+    batches, _ = trainer.get_batch_samples(iter([dict(first), dict(second)]), 2, torch.device("cpu"))
+    model.train()
+    with torch.no_grad():
+        summed = sum(trainer.compute_loss(model, dict(b)) for b in batches)
+        whole = _batch(byte_tokenizer, ROWS[:4])
+        logits = model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"]).logits
+        expected = weighted_loss(per_example_nll(logits, whole["labels"]), torch.tensor([1.0, 3.0, 0.5, 2.0]))
+    assert summed.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_gradient_accumulation_and_epochs_count_optimizer_steps():
+    model = _small_model()
+    config = TrainConfig(steps=None, epochs=2, lr=3e-3, batch_size=2, grad_accum=3, max_length=64, device="cpu")
+    result = train(model, _tokenizer(), ROWS, config=config, progress=False)
+    assert result.steps == 4 and len(result.losses) == 4  # 12 rows / (2 × 3) = 2 steps per epoch
+
+
+class _StopAt:
+    """A TrainerCallback that ends training after `step` steps, as a kill after a checkpoint would."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= step:
+                    control.should_training_stop = True
+
+        return Stop()
+
+
+def _trainable(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    config = dict(steps=6, lr=3e-3, batch_size=4, max_length=64, device="cpu", save_steps=2)
+    whole = _small_model()
+    full_run = train(whole, _tokenizer(), ROWS, config=TrainConfig(**config), progress=False)
+
+    interrupted = _small_model()
+    train(interrupted, _tokenizer(), ROWS, config=TrainConfig(**config), progress=False,
+          checkpoint_dir=tmp_path, callbacks=[_StopAt(4)])
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    resumed = _small_model()  # a new process: fresh weights, everything else from the checkpoint
+    result = train(resumed, _tokenizer(), ROWS, config=TrainConfig(**config), progress=False,
+                   checkpoint_dir=tmp_path, resume=True)
+    assert result.resumed_from_step == 4 and result.steps == 6
+    assert result.losses == pytest.approx(full_run.losses, rel=1e-5)
+    expected, got = _trainable(whole), _trainable(resumed)
+    assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in expected)

@@ -166,3 +166,91 @@ def test_weights_column_problems(data, tmp_path):
 def test_bad_arguments(data, tmp_path, bad):
     with pytest.raises(DpselInputError):
         tune_parquet(data / "train.parquet", tmp_path, **{**FAST, **bad})
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.fixture
+def killed_after_checkpoint(monkeypatch):
+    """tune_parquet's training dies right after it wrote checkpoint `step` (what a SIGKILL leaves behind)."""
+    real_train = train_module.train
+
+    def dying_train(*args, step, **kwargs):
+        from transformers import TrainerCallback
+
+        class Die(TrainerCallback):
+            def on_save(self, args, state, control, **kw):
+                if state.global_step >= step:
+                    raise _Killed(step)
+
+        return real_train(*args, callbacks=[Die()], **kwargs)
+
+    def kill_at(step):
+        monkeypatch.setattr(train_module, "train", lambda *a, **k: dying_train(*a, step=step, **k))
+
+    yield kill_at
+    monkeypatch.setattr(train_module, "train", real_train)
+
+
+def _adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+def test_a_killed_tune_resumes_from_its_last_checkpoint(data, tmp_path, killed_after_checkpoint, monkeypatch):
+    run = dict(method="surm-circulant", weights_column="dpsel_weight", grad_accum=2, save_steps=2,
+               **{**FAST, "steps": 6, "batch_size": 2})
+    whole = tune_parquet(data / "train.parquet", tmp_path / "whole", **run)
+    assert whole["resumed_from_step"] == 0 and not (tmp_path / "whole" / "checkpoints").exists()
+
+    killed_after_checkpoint(4)
+    with pytest.raises(_Killed):
+        tune_parquet(data / "train.parquet", tmp_path / "again", **run)
+    assert (tmp_path / "again" / "checkpoints" / "checkpoint-4").is_dir()
+    assert not (tmp_path / "again" / "metrics.json").exists()
+    monkeypatch.undo()
+
+    resumed = tune_parquet(data / "train.parquet", tmp_path / "again", **run)
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
+    assert resumed["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+    expected, got = _adapter_tensors(tmp_path / "whole"), _adapter_tensors(tmp_path / "again")
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+    assert not (tmp_path / "again" / "checkpoints").exists()  # a finished run leaves only its outputs
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(data, tmp_path, killed_after_checkpoint, monkeypatch):
+    run = dict(method="lora", save_steps=1, **{**FAST, "steps": 3})
+    killed_after_checkpoint(1)
+    with pytest.raises(_Killed):
+        tune_parquet(data / "train.parquet", tmp_path, **run)
+    monkeypatch.undo()
+    with pytest.raises(DpselInputError, match="other settings .*lr.*--no-resume"):
+        tune_parquet(data / "train.parquet", tmp_path, **{**run, "lr": 0.5})
+    fresh = tune_parquet(data / "train.parquet", tmp_path, resume=False, **{**run, "lr": 0.5})
+    assert fresh["resumed_from_step"] == 0 and fresh["steps"] == 3
+
+
+def test_epochs_and_accumulation_set_the_number_of_steps(data, tmp_path):
+    metrics = tune_parquet(data / "kept.parquet", tmp_path, method="lora", epochs=1, grad_accum=3,
+                           **{**FAST, "steps": None})
+    assert metrics["steps"] == 2 and metrics["grad_accum"] == 3  # 24 rows / (4 × 3) per step
+    assert metrics["tokenizer_defaults"] == {"pad_token": "own", "chat_template": "own"}
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=1.0), dict(steps=None, epochs=-1.0), dict(grad_accum=0),
+                                 dict(report_to="carrier-pigeon"), dict(report_to="tensorboard")])
+def test_bad_trainer_arguments(data, tmp_path, bad):
+    if bad.get("report_to") == "tensorboard":
+        from transformers.integrations import is_tensorboard_available
+
+        if is_tensorboard_available():
+            pytest.skip("tensorboard is installed here")
+    with pytest.raises(DpselInputError):
+        tune_parquet(data / "train.parquet", tmp_path, **{**FAST, **bad})

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from peft_train.encode import collate, encode_all, per_example_nll
-from peft_train.models import TINY_NAME, load_model, resolve_device
+from dpsel.loading import load_model  # maps unloadable model sources to exit 2
+from peft_train.models import TINY_NAME, resolve_device
 from dpsel.select.base import Messages, ProgressFn, SelectConfig
 
 

@@ -2,8 +2,8 @@
 
 SURM rides on peft's LoRA machinery: ``SurmConfig`` is a ``LoraConfig`` (peft_type "LORA") with three extra
 fields saved in ``adapter_config.json`` (``surm_structure``, ``surm_form``, ``surm_kron_factor``) and
-``SurmLinear`` registered as the custom module for every ``nn.Linear`` (bitsandbytes ``Linear4bit`` is a
-subclass, so 4-bit bases are covered). Plain peft would drop the extra fields when loading, hence:
+``SurmLinear`` registered as the custom module for every ``nn.Linear`` (subclasses included: bitsandbytes
+``Linear4bit``, so 4-bit bases are covered, and e.g. ``FalconLinear``) and for transformers' ``Conv1D`` (GPT-2). Plain peft would drop the extra fields when loading, hence:
 
     from peft_train.surm import register_surm
     register_surm()                      # once per process, before PeftModel.from_pretrained
@@ -19,9 +19,8 @@ from typing import Optional
 from peft import LoraConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType
-from torch import nn
 
-from peft_train.surm.layer import FORMS, SurmLinear
+from peft_train.surm.layer import FORMS, LINEAR_LIKE, SurmLinear
 from peft_train.surm.structures import check_structure
 
 
@@ -44,7 +43,7 @@ class SurmConfig(LoraConfig):
         check_structure(self.surm_structure)
         if self.surm_form not in FORMS:
             raise ValueError(f"unknown SURM form {self.surm_form!r}; expected one of {FORMS}")
-        self._register_custom_module({nn.Linear: SurmLinear})
+        self._register_custom_module({layer_type: SurmLinear for layer_type in LINEAR_LIKE})
 
     @classmethod
     def from_peft_type(cls, **kwargs):

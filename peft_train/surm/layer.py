@@ -1,4 +1,7 @@
-"""The peft tuner layer that wraps a frozen linear layer (fp or bitsandbytes 4-bit) with SURM updates.
+"""The peft tuner layer that wraps a frozen linear-like layer with SURM updates: ``nn.Linear`` and its
+subclasses (bitsandbytes ``Linear4bit``, Falcon's ``FalconLinear``, …) and transformers' ``Conv1D`` (GPT-2 style,
+weight stored transposed as d_in × d_out). ``LINEAR_LIKE`` lists what it wraps; ``config.py`` registers it for
+each, and ``peft_train.adapters`` refuses a target of any other type by name.
 
 It follows peft's LoRA layer conventions (``LoraLayer`` subclass, per-adapter ``ModuleDict``) so that peft's
 ``LoraModel`` can create, save, load, enable/disable and merge it once registered through
@@ -12,11 +15,13 @@ from typing import Any
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from peft_train.surm.adapter import structured_adapter_update
 from peft_train.surm.structures import make_structure
 
 FORMS = ("layer", "adapter")
+LINEAR_LIKE = (nn.Linear, Conv1D)  # nn.Linear covers its subclasses, Linear4bit included
 
 
 class SurmLinear(nn.Module, LoraLayer):
@@ -34,6 +39,8 @@ class SurmLinear(nn.Module, LoraLayer):
         LoraLayer.__init__(self, base_layer)
         self.lora_surm = nn.ModuleDict()
         self.surm_form: dict[str, str] = {}
+        # Conv1D keeps its weight as d_in × d_out: merging adds ΔWᵀ (peft's LoRA calls this fan_in_fan_out)
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
@@ -87,6 +94,10 @@ class SurmLinear(nn.Module, LoraLayer):
             raise ValueError("the SURM adapter form is non-linear and has no delta weight; it cannot be merged")
         return self.lora_surm[adapter_name].get_delta_weight() * self.scaling[adapter_name]
 
+    def _delta_for_base(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter_name).to(dtype)
+        return delta.T if self.fan_in_fan_out else delta
+
     def _check_mergeable(self, adapter_name: str) -> None:
         weight = self.get_base_layer().weight
         if not weight.dtype.is_floating_point:
@@ -100,7 +111,7 @@ class SurmLinear(nn.Module, LoraLayer):
                 continue
             self._check_mergeable(name)
             weight = self.get_base_layer().weight
-            merged = weight.data + self.get_delta_weight(name).to(weight.dtype)
+            merged = weight.data + self._delta_for_base(name, weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs/infs detected while merging SURM adapter {name!r}")
             weight.data = merged
@@ -110,7 +121,7 @@ class SurmLinear(nn.Module, LoraLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight = self.get_base_layer().weight
-            weight.data -= self.get_delta_weight(name).to(weight.dtype)
+            weight.data -= self._delta_for_base(name, weight.dtype)
 
     def __repr__(self) -> str:
         return "surm." + super().__repr__()
