@@ -131,15 +131,20 @@ def test_curate_cache_hits_when_unchanged_and_misses_when_input_changes(prefect_
     assert (tmp_path / "run" / "curated.parquet").exists() and len(calls) == 3
 
 
-def test_filter_flow_runs_one_task_per_shard(prefect_server, synth, tmp_path):
-    from flows.pipeline import curate_flow, filter_flow
-
-    scored = curate_flow(_config(synth, tmp_path / "curated"))["curate"]
-    shards = tmp_path / "new"
+def _training_rows_in_shards(synth, shards):
+    """The synth training rows again, as 3 shards of 15 rows."""
     shards.mkdir()
     train = pq.read_table(synth["train"])
     for i, start in enumerate(range(0, train.num_rows, 15)):
         pq.write_table(train.slice(start, 15), shards / f"part-{i}.parquet")
+    return shards, train
+
+
+def test_filter_flow_runs_one_task_per_shard(prefect_server, synth, tmp_path):
+    from flows.pipeline import curate_flow, filter_flow
+
+    scored = curate_flow(_config(synth, tmp_path / "curated"))["curate"]
+    shards, train = _training_rows_in_shards(synth, tmp_path / "new")
 
     config = RunConfig.from_mapping({"data": {"scorer": scored["paths"]["scorer"], "inputs": str(shards)},
                                      "out": str(tmp_path / "filtered")})
@@ -250,11 +255,7 @@ def test_filter_flow_on_ray_is_one_task_with_the_local_engines_outputs(prefect_s
     from flows.pipeline import curate_flow, filter_flow
 
     scored = curate_flow(_config(synth, tmp_path / "curated"))["curate"]
-    shards = tmp_path / "new"
-    shards.mkdir()
-    train = pq.read_table(synth["train"])
-    for i, start in enumerate(range(0, train.num_rows, 15)):
-        pq.write_table(train.slice(start, 15), shards / f"part-{i}.parquet")
+    shards, _ = _training_rows_in_shards(synth, tmp_path / "new")
     config = RunConfig.from_mapping({"data": {"scorer": scored["paths"]["scorer"], "inputs": str(shards)},
                                      "engine": "ray", "ray": {"workers": 2, "batch_size": 8},
                                      "out": str(tmp_path / "filtered")})
