@@ -75,7 +75,7 @@ def best_of(repeats: int, run) -> float:
 
 
 def pyarrow_copy(folder: Path, out: Path) -> None:
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     table = pq.read_table(folder)
     pq.write_table(table, out / "copy.parquet")
 

@@ -126,10 +126,13 @@ def _dataset(ray, planned, options: RayOptions, scorer_dir: str, workers: int):
         from pyarrow.fs import FSSpecHandler, PyFileSystem
         filesystem = PyFileSystem(FSSpecHandler(files[0].fs))
     ds = ray.data.read_parquet([f.path for f in files], filesystem=filesystem)
+    # Ray sizes read blocks by bytes, so shards of short rows arrive as a few big blocks, and a block goes to
+    # one actor: streaming repartition (order kept) into blocks of one batch lets every actor take work.
+    ds = ds.repartition(target_num_rows_per_block=options.batch_size)
     return ds.map_batches(ScoreBatches, batch_format="pyarrow", batch_size=options.batch_size,
                           fn_constructor_kwargs={"scorer_dir": scorer_dir, "shape": planned[0].shape,
                                                  "use_gpu": options.num_gpus > 0},
-                          concurrency=workers, num_cpus=0 if options.num_gpus else 1,
+                          compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0 if options.num_gpus else 1,
                           num_gpus=options.num_gpus or None)
 
 
