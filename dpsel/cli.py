@@ -155,10 +155,20 @@ def filter_cmd(scorer: Path = typer.Option(..., "--scorer", help="A curation run
                inputs: list[str] = typer.Option(..., "--in", help="New data (file, folder or glob); repeatable."),
                out: Path = typer.Option(..., "--out", help="Output folder (the same files as curate)."),
                threshold: Optional[float] = typer.Option(None, "--threshold",
-                                                         help="Minimum weight (default: the curation run's).")):
+                                                         help="Minimum weight (default: the curation run's)."),
+               engine: str = typer.Option("local", "--engine", help="local (one process) | ray (Ray Data)."),
+               ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                         help="Join this Ray cluster (default: a local runtime)."),
+               workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                                     help="ray: scorer actors (default: one per CPU, or per GPU)."),
+               batch_size: int = typer.Option(1024, "--batch-size", min=1, help="ray: rows per scoring batch."),
+               gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", min=0.0,
+                                                     help="ray: GPUs per scorer actor (0: CPU actors).")):
     """Score new rows with a trained curation run's weight model and keep what passes."""
     from dpsel.curate import filter_rows
-    result = filter_rows(scorer, inputs, out, threshold=threshold)
+    from dpsel.engines import RayOptions
+    ray = RayOptions(address=ray_address, workers=workers, batch_size=batch_size, num_gpus=gpus_per_worker)
+    result = filter_rows(scorer, inputs, out, threshold=threshold, engine=engine, ray=ray)
     _print_curation(result)
 
 

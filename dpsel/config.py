@@ -85,6 +85,14 @@ class TuneConfig(_Section):
     report_to: str | None = None                           # unset: none | tensorboard | wandb | mlflow | trackio
 
 
+class RaySection(_Section):
+    """`engine: ray` settings (dpsel.engines.RayOptions): no address = a local runtime for the run."""
+    address: str | None = None
+    workers: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=1024, ge=1)
+    gpus_per_worker: float = Field(default=0.0, ge=0.0)
+
+
 class RunConfig(_Section):
     """A whole run. Sections: `data`, `curate`, `tune`; shared: `model`, `device`, `seed`, `out`."""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -94,6 +102,15 @@ class RunConfig(_Section):
     device: str = "auto"
     seed: int = 0
     out: str | None = None
+    engine: str = "local"                                # filter: local | ray (Ray Data; see `ray`)
+    ray: RaySection = Field(default_factory=RaySection)
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in ("local", "ray"):
+            raise ValueError(f"engine must be local or ray, not {value!r}")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -197,6 +214,12 @@ class RunConfig(_Section):
                             max_length=params.max_length, variant=params.variant,
                             weight_param=params.weight_param, extra=dict(params.extra))
 
+    def ray_options(self):
+        """The `dpsel.engines.RayOptions` of an `engine: ray` run."""
+        from dpsel.engines import RayOptions
+        return RayOptions(address=self.ray.address, workers=self.ray.workers, batch_size=self.ray.batch_size,
+                          num_gpus=self.ray.gpus_per_worker)
+
     def tune_options(self) -> dict[str, Any]:
         """Keyword options for `dpsel.tuning.tune_parquet` (unset ones left to its defaults)."""
         options = {"method": self.tune.method, "model": self.model, "seed": self.seed, "device": self.device,
@@ -222,10 +245,12 @@ _PLAIN_KEYS: dict[str, tuple[str | None, str]] = {
     "budget": ("curate", "budget"), "threshold": ("curate", "threshold"), "epochs": ("curate", "epochs"),
     "lr": ("tune", "lr"), "r": ("tune", "r"), "weights_column": ("tune", "weights_column"),
     "model": (None, "model"), "device": (None, "device"), "seed": (None, "seed"), "out": (None, "out"),
+    "engine": (None, "engine"), "ray_address": ("ray", "address"), "ray_workers": ("ray", "workers"),
+    "ray_batch_size": ("ray", "batch_size"), "ray_gpus_per_worker": ("ray", "gpus_per_worker"),
 }
 _SHARED_KEYS = ("method", "steps")
 _EXCLUSIVE_RULES = {"budget": "threshold", "threshold": "budget"}
-_SECTIONS = ("data", "curate", "tune")
+_SECTIONS = ("data", "curate", "tune", "ray")
 
 
 def _check_exclusive(overrides: Mapping[str, Any], stage: str | None) -> None:

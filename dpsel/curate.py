@@ -30,7 +30,7 @@ from dpsel.outputs import (SELECTION_FILE, begin_staging, check_outputs_do_not_o
                            write_manifest, write_scorer, write_tables)
 from dpsel.runlock import locks_out
 from dpsel.select import load_scorer, select
-from dpsel.select.base import ProgressFn, SelectConfig
+from dpsel.select.base import ProgressFn, SelectConfig, read_scorer_meta
 
 DEFAULT_BUDGET = 0.7
 log = logging.getLogger(__name__)
@@ -221,7 +221,11 @@ class _Previews(Sequence):
 
 
 def _read_rows(paths) -> _Rows:
-    data = read_instruction_set(_as_path_list(paths))   # columnar: no pandas frame is built
+    return _rows_from(read_instruction_set(_as_path_list(paths)))
+
+
+def _rows_from(data: InstructionSet) -> _Rows:
+    """The row view curation works on, from a columnar instruction set (no pandas frame is built)."""
     return _Rows(data=data, ids=data.id_list(), reasons=data.reasons.tolist(), details=data.details.to_pylist(),
                  files=data.file_paths().tolist(), file_rows=data.file_rows, usable=data.usable_mask())
 
@@ -415,6 +419,9 @@ def _selection_record(run: _Run, cutoff: float | None, group_cutoffs: dict) -> d
 def _write_run(out: Path, run: _Run) -> CurationResult:
     """Write every file into a staging folder beside `out` (manifest last), then publish it as `out` in one
     swap (dpsel.outputs): a reader never sees a folder that mixes two runs."""
+    from dpsel.distributed import is_writer
+    if not is_writer():  # torchrun: rank 0 writes the run; the other ranks only sampled their shard
+        return CurationResult(out_dir=out, paths={}, counts={}, manifest={})
     run_id = new_run_id()
     stage = begin_staging(out, run_id)
     try:
@@ -629,42 +636,56 @@ def _score_in_chunks(scorer, rows: _Rows, usable_idx: np.ndarray,
 
 @locks_out("inputs")
 def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budget: float | None = None,
-                progress: ProgressFn | None = None) -> CurationResult:
+                progress: ProgressFn | None = None, engine: str = "local", ray=None) -> CurationResult:
     """Score new rows with a curation run's saved scorer and keep those that pass.
 
     Default rule: the threshold the curation run stored in scorer/selection.json (its lowest kept weight,
     per group for a per-group run). Writes the same files as `curate`; scorer/ is copied into `out`.
+    `engine="ray"` reads and scores on Ray Data (`ray`: `dpsel.engines.RayOptions`); same outputs.
     """
+    from dpsel.engines import check_engine
+
     started = time.perf_counter()
     scorer_dir = Path(scorer_dir)
     if budget is not None or threshold is not None:  # the same checks as curate, before the scorer loads
         make_rule("filter", budget, threshold, None, False, "task")
-    scorer = load_scorer(scorer_dir)
     selection = _read_selection(scorer_dir)
     out = Path(out)
-    rows = _read_rows(inputs)
-    check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], _as_path_list(inputs))
+    if check_engine(engine) == "ray":
+        from dpsel.engines.ray_engine import score_with_ray
+        scored = score_with_ray(scorer_dir, inputs, ray, progress)
+        rows, scorer_kind = _rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
+        check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], _as_path_list(inputs))
+        mean, std = scored.weights[rows.usable], scored.stds[rows.usable]
+        timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds}
+    else:
+        rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started)
+    _check_weights(mean, std, f"scorer {scorer_dir}")
     group_column = selection.get("group_column") or "task"
     groups = rows.group_values(group_column)
     rule = _filter_rule(selection, threshold, budget, scorer_dir, groups is not None)
-    read_s = time.perf_counter() - started
-
-    score_start = time.perf_counter()
-    usable_idx = np.flatnonzero(rows.usable)
-    mean, std = _score_in_chunks(scorer, rows, usable_idx, progress)
-    _check_weights(mean, std, f"scorer {scorer_dir}")
-    score_s = time.perf_counter() - score_start
     weights, stds = spread_scores(rows, mean, std)
     keep = apply_rule(rule, weights, rows.usable, groups)
 
-    method = selection.get("method") or getattr(scorer, "kind", "unknown")
+    method = selection.get("method") or scorer_kind or "unknown"
     run = _Run(command="filter", method=method, config=dict(selection.get("config") or {}), rows=rows,
-               inputs={"in": _inputs_entry(inputs, rows),
-                       "scorer": {"path": str(scorer_dir), "kind": getattr(scorer, "kind", None)}},
+               inputs={"in": _inputs_entry(inputs, rows), "scorer": {"path": str(scorer_dir), "kind": scorer_kind}},
                weights=weights, stds=stds, keep=keep, rule=rule, scorer=scorer_dir, diagnostics={},
-               timings={"read_s": read_s, "score_s": score_s}, started=started,
+               timings=timings, started=started,
                group_column=group_column if groups is not None else None)
     return _write_run(out, run)
+
+
+def _score_locally(scorer_dir: Path, inputs, out: Path, progress: ProgressFn | None, started: float):
+    """The local engine's read + score: the whole input in this process, scored a chunk at a time."""
+    scorer = load_scorer(scorer_dir)
+    rows = _read_rows(inputs)
+    check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], _as_path_list(inputs))
+    read_s = time.perf_counter() - started
+    score_start = time.perf_counter()
+    mean, std = _score_in_chunks(scorer, rows, np.flatnonzero(rows.usable), progress)
+    timings = {"read_s": read_s, "score_s": time.perf_counter() - score_start}
+    return rows, mean, std, timings, getattr(scorer, "kind", None)
 
 
 class _CallableModule(types.ModuleType):

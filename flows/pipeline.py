@@ -20,7 +20,7 @@ from dpsel.data import expand_paths
 from dpsel.io import write_json_atomic, write_text_atomic
 from dpsel.report import escape, kept_fraction, stage_seconds
 from flows import artifacts
-from flows.tasks import combine_filter_summaries, curate_stage, filter_shard, tune_stage
+from flows.tasks import combine_filter_summaries, curate_stage, filter_shard, filter_stage, tune_stage
 
 FILTER_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
@@ -176,6 +176,8 @@ def filter_flow(config: RunConfig) -> dict:
         summary = combine_filter_summaries([], os.fspath(out))
         artifacts.markdown_report(f"# Filter\n\n{message}\n", key="filter-report", description="Filter (no shards)")
         return {"filter": {**summary, "message": message}, "stages": {"filter-shard": []}}
+    if config.engine == "ray":
+        return _filter_on_ray(config, out)
     shards = [file.url for file in expand_paths(config.data.inputs)]
     shard_outs = [os.fspath(out / "shards" / f"{i:05d}-{Path(url).stem}") for i, url in enumerate(shards)]
     futures = filter_shard.map(scorer=unmapped(config.data.scorer), shard=shards, out=shard_outs,
@@ -190,6 +192,17 @@ def filter_flow(config: RunConfig) -> dict:
     summary = combine_filter_summaries(results, os.fspath(out))
     _publish_curation(summary, "filter", f"Filter ({len(shards)} shard(s))")
     return {"filter": summary, "stages": {"filter-shard": states}}
+
+
+def _filter_on_ray(config: RunConfig, out: Path) -> dict:
+    """`engine: ray`: one Prefect task for the stage; Ray Data does the per-shard fan-out (one output set,
+    duplicates found across shards)."""
+    from dataclasses import asdict
+    kwargs = dict(scorer=config.data.scorer, inputs=config.data.inputs, out=os.fspath(out),
+                  threshold=config.curate.threshold, ray_options=asdict(config.ray_options()))
+    summary, state = run_stage(filter_stage, **kwargs)
+    _publish_curation(summary, "filter", "Filter (Ray Data)")
+    return {"filter": summary, "stages": {"filter": state}}
 
 
 @flow(name="tune")

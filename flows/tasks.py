@@ -74,6 +74,19 @@ def filter_shard(scorer: str, shard: str, out: str, threshold: float | None = No
     return {**curation_summary(result), "shard": shard}
 
 
+@task(name="filter", cache_key_fn=content_cache_key("scorer", "inputs"), **_STAGE_OPTIONS)
+def filter_stage(scorer: str, inputs: Any, out: str, threshold: float | None, ray_options: dict) -> dict:
+    """Filter all of `inputs` as one stage on Ray Data (`engine: ray`): Ray spreads the shards over its
+    workers, so Prefect sees one task, whose progress artifact follows the rows Ray has scored."""
+    from dpsel.curate import filter_rows
+    from dpsel.engines import RayOptions
+
+    progress = throttled_progress(artifact_key("filter-progress"), "rows scored on Ray")
+    result = filter_rows(scorer, inputs, out, threshold=threshold, progress=progress, engine="ray",
+                         ray=RayOptions(**ray_options))
+    return curation_summary(result)
+
+
 @task(name="filter-summary", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S,
       retry_condition_fn=retry_on_transient_io)
 def combine_filter_summaries(shards: list[dict], out: str) -> dict:

@@ -40,3 +40,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for the whole session (Ray's start-up costs seconds): 2 CPUs for two scorer
+    actors plus one logical CPU for Ray Data's read tasks (see dpsel.engines.ray_engine.READ_CPUS).
+    Skips where `ray[data]` is not installed."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    if started:
+        ray.shutdown()

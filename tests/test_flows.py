@@ -132,15 +132,20 @@ def test_curate_cache_hits_when_unchanged_and_misses_when_input_changes(prefect_
     assert (tmp_path / "run" / "curated.parquet").exists() and len(calls) == 3
 
 
-def test_filter_flow_runs_one_task_per_shard(prefect_server, synth, tmp_path):
-    from flows.pipeline import curate_flow, filter_flow
-
-    scored = curate_flow(_config(synth, tmp_path / "curated"))["curate"]
-    shards = tmp_path / "new"
+def _training_rows_in_shards(synth, shards):
+    """The synth training rows again, as 3 shards of 15 rows."""
     shards.mkdir()
     train = pq.read_table(synth["train"])
     for i, start in enumerate(range(0, train.num_rows, 15)):
         pq.write_table(train.slice(start, 15), shards / f"part-{i}.parquet")
+    return shards, train
+
+
+def test_filter_flow_runs_one_task_per_shard(prefect_server, synth, tmp_path):
+    from flows.pipeline import curate_flow, filter_flow
+
+    scored = curate_flow(_config(synth, tmp_path / "curated"))["curate"]
+    shards, train = _training_rows_in_shards(synth, tmp_path / "new")
 
     config = RunConfig.from_mapping({"data": {"scorer": scored["paths"]["scorer"], "inputs": str(shards)},
                                      "out": str(tmp_path / "filtered")})
@@ -245,3 +250,21 @@ def test_run_flow_reads_a_config_file_and_applies_options(prefect_server, synth,
     assert summary["curate"]["method"] == "all"
     assert summary["curate"]["counts"]["kept_rows"] == summary["curate"]["counts"]["usable_rows"]
     assert f"curate: outputs in {tmp_path / 'run'}" in capsys.readouterr().out
+
+
+def test_filter_flow_on_ray_is_one_task_with_the_local_engines_outputs(prefect_server, ray_local, synth, tmp_path):
+    from dpsel.curate import filter_rows
+    from flows.pipeline import curate_flow, filter_flow
+
+    scored = curate_flow(_config(synth, tmp_path / "curated"))["curate"]
+    shards, _ = _training_rows_in_shards(synth, tmp_path / "new")
+    config = RunConfig.from_mapping({"data": {"scorer": scored["paths"]["scorer"], "inputs": str(shards)},
+                                     "engine": "ray", "ray": {"workers": 2, "batch_size": 8},
+                                     "out": str(tmp_path / "filtered")})
+    result = filter_flow(config)
+    assert result["stages"] == {"filter": "Completed"}
+    local = filter_rows(scored["paths"]["scorer"], str(shards), tmp_path / "local")
+    for name in ("scores.parquet", "curated.parquet"):
+        assert pq.read_table(tmp_path / "filtered" / name).equals(pq.read_table(local.out_dir / name))
+    assert result["filter"]["counts"] == local.counts
+    assert _artifacts("filter-progress")

@@ -24,6 +24,8 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 
+from dpsel import distributed
+from dpsel.errors import DpselInputError
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 from dpsel.select.sgld import SGLD, RunningMoments
 
@@ -276,11 +278,13 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
                 seed: int, prior_mean: torch.Tensor, theta0: list[torch.Tensor] | None = None,
                 features: torch.Tensor | None = None, weight_param: str = "logits",
                 progress: ProgressFn | None = None, measure_plain_steps: int = 0,
-                checkpoint=None) -> SamplerResult:
+                checkpoint=None, data_parallel=None) -> SamplerResult:
     """Joint SGLD over θ and the weights; posterior mean/std of every weight from running averages after burn-in.
 
     `checkpoint` (a `dpsel.checkpoint.Checkpoints`): resume from its `sampler` stage when there is one, and
-    save the whole sampler state there whenever it says one is due."""
+    save the whole sampler state there whenever it says one is due.
+    `data_parallel` (dpsel.distributed.DataParallel, under torchrun): `problem` is this rank's row shard,
+    θ's gradients are summed over ranks and θ is kept identical (see dpsel/distributed.py)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n, m = problem.n_train, problem.n_meta
@@ -394,11 +398,17 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
         total = terms["total"]
         if weight_param == "amortized":
             total = total + weights.log_prior()
+        if data_parallel is not None:
+            total = data_parallel.objective(terms, total)
         optimizer.zero_grad(set_to_none=True)
         (-total).backward()
+        if data_parallel is not None:
+            data_parallel.reduce_theta_grads(theta)
         if weight_param == "logits":
             optimizer.set_visited(weights.u, idx_t)
         optimizer.step()
+        if data_parallel is not None:
+            data_parallel.broadcast(theta)
         _sync(theta[0].device)
         step_time += time.perf_counter() - started
 
@@ -648,6 +658,9 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
     if config.steps is not None:  # --steps overrides --epochs
         settings.steps = int(config.steps)
     seed_all(config.seed)
+    dp = distributed.from_env()  # None unless launched by torchrun / accelerate with several processes
+    if dp is not None and config.weight_param != "logits":
+        raise DpselInputError("data-parallel bads needs --weight-param logits (the amortised net is shared)")
     lm = build_lm(config)
     train_rows = EncodedRows(train, lm.tokenizer, config.max_length, lm.pad_id)
     meta_rows = EncodedRows(meta, lm.tokenizer, config.max_length, lm.pad_id)
@@ -656,12 +669,16 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
 
     ref_started = time.perf_counter()
     run_steps = settings.resolve_steps(len(train_rows), config.batch_size)
-    checkpoint = current_checkpoints()
+    # Checkpoints are single-process: under torchrun every rank would write the same folder (a documented gap).
+    checkpoint = current_checkpoints() if dp is None else None
     saved = checkpoint.load("reference") if checkpoint is not None else None
     if saved is None:
         ref = fit_reference(lm, meta_rows, reference_budget(config, run_steps, settings.ref_fraction), progress)
         ref_state = lm.theta_state()
-        raw_features = row_features(lm, train_rows)
+        if dp is not None:
+            dp.broadcast(lm.theta())  # one reference for all ranks, even where GPU kernels are not deterministic
+        raw_features = row_features(lm, train_rows) if dp is None else \
+            dp.gather_rows(row_features(lm, distributed.subset_rows(train_rows, dp.shard(len(train_rows)))))
         if checkpoint is not None:
             checkpoint.save("reference", {**flatten("theta", ref_state), "features": torch.as_tensor(raw_features)},
                             {k: v for k, v in asdict(ref).items() if k != "state"})
@@ -685,10 +702,18 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
     theta0 = [t.detach().clone() for t in lm.theta()]
     lm.model.train()
     problem = LMProblem(lm, train_rows, meta_rows, group_ids)
-    result = run_sampler(problem, settings, batch_size=config.batch_size, meta_batch_size=config.meta_batch_size,
-                         seed=config.seed, prior_mean=prior_mean, theta0=theta0, features=features,
+    batch_size, seed, rows = config.batch_size, config.seed, slice(None)
+    if dp is not None:  # this rank samples its shard with its share of the global batch
+        rows = dp.shard(len(train_rows))
+        problem = LMProblem(lm, distributed.subset_rows(train_rows, rows), meta_rows, group_ids[rows])
+        batch_size, seed = dp.local_batch(config.batch_size), config.seed + dp.rank
+    result = run_sampler(problem, settings, batch_size=batch_size, meta_batch_size=config.meta_batch_size,
+                         seed=seed, prior_mean=prior_mean[rows], theta0=theta0, features=features[rows],
                          weight_param=config.weight_param, progress=progress,
-                         measure_plain_steps=int(config.extra.get("measure_plain_steps", 0)), checkpoint=checkpoint)
+                         measure_plain_steps=int(config.extra.get("measure_plain_steps", 0)), checkpoint=checkpoint,
+                         data_parallel=dp)
+    if dp is not None:
+        result = dp.gather_result(result)
     lm.model.eval()
 
     weight_mean, weight_std = result.weight_mean, result.weight_std

@@ -1,0 +1,128 @@
+"""Data-parallel `bads` under torchrun / accelerate launch, on torch.distributed (gloo on CPU, NCCL on GPU).
+
+Each rank owns a contiguous shard of the training rows and the weights (logits u_i) of those rows only: w is
+row-sparse, so it is never communicated. θ is shared: every step each rank back-propagates its shard's
+minibatch, the θ gradients are summed over ranks (all-reduce), every rank takes the same preconditioned step
+and θ is then broadcast from rank 0, so the SGLD noise (drawn per rank) is rank 0's and θ stays identical
+everywhere. The posterior summaries (and visits) are gathered back into input order, so rank 0 writes one
+`scores.parquet` with every row exactly once.
+
+Why the sum is the single-process gradient: with global batch B over N rows, a rank holds N/W rows and draws
+B/W of them, so its train term carries the same N/B scale; the θ prior and the meta term are the same on every
+rank, so each rank counts them 1/W times (`objective`). Summed over ranks that is the gradient of one
+B-row minibatch (plus W independent meta minibatches averaged). Single-process runs never touch this module.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dpsel.errors import DpselInputError
+
+
+@dataclass
+class DataParallel:
+    rank: int
+    world: int
+    device: torch.device
+
+    # -- rows ----------------------------------------------------------------------------------------
+    def shard(self, n: int) -> np.ndarray:
+        """This rank's rows: a contiguous block, so gathering in rank order restores input order."""
+        return np.array_split(np.arange(n), self.world)[self.rank]
+
+    def local_batch(self, batch_size: int) -> int:
+        if batch_size % self.world:
+            raise DpselInputError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
+                                  f"{self.world} processes")
+        return batch_size // self.world
+
+    def gather_rows(self, local: np.ndarray) -> np.ndarray:
+        """Per-row arrays of every rank's shard, concatenated in rank (= input) order."""
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, np.asarray(local))
+        return np.concatenate(parts)
+
+    # -- θ ---------------------------------------------------------------------------------------------
+    def objective(self, terms: dict[str, torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the log joint: the terms every rank computes alike count 1/W each."""
+        shared = terms["log_prior_theta"] + terms["log_meta"]
+        return total - (1.0 - 1.0 / self.world) * shared
+
+    def reduce_theta_grads(self, theta: list[torch.Tensor]) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in theta]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        _unflatten_into(flat, grads)
+        for p, g in zip(theta, grads):
+            p.grad = g
+
+    @torch.no_grad()
+    def broadcast(self, tensors: list[torch.Tensor]) -> None:
+        """Make `tensors` rank 0's on every rank (θ after each step: one shared noise draw)."""
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=0)
+        _unflatten_into(flat, tensors)
+
+    # -- results -----------------------------------------------------------------------------------------
+    def gather_result(self, result):
+        """A rank's SamplerResult over its shard -> the same over all rows (every row exactly once)."""
+        from dpsel.select.bads import coverage_summary
+        gathered = {name: self.gather_rows(getattr(result, name))
+                    for name in ("weight_mean", "weight_std", "visits", "under_visited")}
+        alternatives = {k: self.gather_rows(v) for k, v in result.alternatives.items()}
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, result.coverage["rows_scored_by"])
+        scored_by = {k: sum(p.get(k, 0) for p in parts) for k in parts[0]}
+        coverage = coverage_summary(gathered["visits"], result.coverage["steps"],
+                                    result.coverage["burn_in_steps"], scored_by)
+        n = len(gathered["visits"])
+        coverage["data_parallel"] = {"processes": self.world,
+                                     "rows_per_process": [len(part) for part in np.array_split(np.arange(n),
+                                                                                               self.world)]}
+        timings = dict(result.timings, processes=self.world)
+        return dataclasses.replace(result, **gathered, alternatives=alternatives, coverage=coverage,
+                                   timings=timings)
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def subset_rows(rows, idx: np.ndarray):
+    """An EncodedRows holding only `idx` (a rank's shard), same encoding."""
+    part = copy.copy(rows)
+    part.examples = [rows.examples[i] for i in idx]
+    part.lengths = rows.lengths[idx]
+    part.has_response = rows.has_response[idx]
+    return part
+
+
+def from_env() -> DataParallel | None:
+    """The process group torchrun / accelerate launch describe in the environment (WORLD_SIZE > 1), or None
+    for a plain single-process run. gloo on CPU; NCCL with one GPU per rank (LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DataParallel(rank=rank, world=world, device=device)
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's files: always in a single process, rank 0 under torchrun."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

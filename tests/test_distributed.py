@@ -1,0 +1,79 @@
+"""Data-parallel bads under torchrun (2 gloo processes on CPU) against one process of the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dpsel.curate import curate
+from dpsel.select.base import SelectConfig
+from dpsel.synth import generate
+
+STEPS, BATCH, MAX_LENGTH = 20, 16, 48
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> dict:
+    return generate(tmp_path_factory.mktemp("dp"), rows=128, noise=0.3, seed=0, meta_rows=24, test_rows=8)
+
+
+def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--standalone", "-m", "dpsel.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_process_bads_covers_every_row_once_and_keeps_what_one_process_keeps(pool, tmp_path, one_thread):
+    options = ["--steps", str(STEPS), "--batch-size", str(BATCH), "--max-length", str(MAX_LENGTH), "--seed", "0"]
+    done = _torchrun(["curate", "--train", str(pool["train"]), "--meta", str(pool["meta"]),
+                      "--out", str(tmp_path / "dp"), *options])
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = curate(pool["train"], pool["meta"], tmp_path / "one", method="bads",
+                    config=SelectConfig(steps=STEPS, batch_size=BATCH, max_length=MAX_LENGTH, seed=0))
+
+    two = pd.read_parquet(tmp_path / "dp" / "scores.parquet")
+    one = pd.read_parquet(single.out_dir / "scores.parquet")
+    assert list(two["dpsel_id"]) == list(one["dpsel_id"])             # every input row once, in input order
+    assert list(two["dpsel_file_row"]) == list(range(len(one)))
+    manifest = json.loads((tmp_path / "dp" / "manifest.json").read_text())
+    coverage = manifest["coverage"]
+    usable = manifest["counts"]["usable_rows"]
+    assert coverage["data_parallel"]["processes"] == 2
+    assert sum(coverage["data_parallel"]["rows_per_process"]) == usable
+    assert sum(coverage["rows_scored_by"].values()) == usable
+    assert manifest["counts"]["kept_rows"] == single.counts["kept_rows"]   # same budget, same usable rows
+    # Not bit-identical: the 2 ranks draw their own minibatches and meta rows, and the posterior pass
+    # standardises losses per shard. Measured on 400 rows / 60 steps: kept-set Jaccard 0.96, weight
+    # correlation 0.99 vs one process; one process with seed 0 vs seed 1: 0.80 and 0.83.
+    kept_one, kept_two = set(np.flatnonzero(one["dpsel_kept"])), set(np.flatnonzero(two["dpsel_kept"]))
+    assert len(kept_one & kept_two) / len(kept_one | kept_two) >= 0.8
+    assert np.corrcoef(one["dpsel_weight"], two["dpsel_weight"])[0, 1] >= 0.9
+
+
+def test_two_process_tune_writes_a_loadable_adapter(pool, tmp_path):
+    """`dpsel tune` under torchrun: Trainer's DDP over gloo; rank 0 writes one adapter that peft loads."""
+    import torch
+    from peft import PeftModel
+
+    from peft_train.models import load_model
+
+    out = tmp_path / "tuned"
+    done = _torchrun(["tune", "--data", str(pool["train"]), "--out", str(out), "--method", "lora", "--steps", "3",
+                      "--batch-size", "4", "--max-length", str(MAX_LENGTH), "--device", "cpu"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "lora" and np.isfinite(metrics["train_loss"])
+    base, _ = load_model("tiny", device="cpu")
+    model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)   # trained: lora_B starts at zero
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()

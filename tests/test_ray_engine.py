@@ -1,0 +1,81 @@
+"""`--engine ray`: Ray Data + a scorer actor pool give the local engine's outputs, byte for byte in content."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dpsel.curate import curate, filter_rows
+from dpsel.engines import RayOptions, check_engine
+from dpsel.errors import DpselInputError
+from dpsel.select.base import SelectConfig
+
+
+def _rows(lo: int, hi: int) -> list[dict]:
+    return [{"instruction": f"Add {i} and {i + 1}.", "output": str(2 * i + 1), "task": "ab"[i % 2],
+             "source": "web"} for i in range(lo, hi)]
+
+
+@pytest.fixture(scope="module")
+def loss_run(tmp_path_factory):
+    """A `loss` curation (a tiny reference model in scorer/, so unseen rows go through the model)."""
+    root = tmp_path_factory.mktemp("ray")
+    pq.write_table(pa.Table.from_pylist(_rows(0, 40)), root / "train.parquet")
+    meta = [{"instruction": f"Add {i} and 1.", "output": str(i + 1), "task": "a", "source": "trusted"}
+            for i in range(100, 110)]
+    pq.write_table(pa.Table.from_pylist(meta), root / "meta.parquet")
+    curate(root / "train.parquet", root / "meta.parquet", root / "run", method="loss",
+           config=SelectConfig(steps=20, max_length=64))
+    return root
+
+
+@pytest.fixture(scope="module")
+def four_shards(loss_run):
+    """40 new rows in 4 shards: 10 seen by the curation, 30 not; an invalid row, a duplicate inside a
+    shard and one across shards."""
+    rows = _rows(30, 70)
+    rows[3]["output"] = " "
+    rows[7] = dict(rows[2])
+    rows[25] = dict(rows[4])
+    folder = loss_run / "new"
+    folder.mkdir()
+    for k in range(4):
+        pq.write_table(pa.Table.from_pylist(rows[10 * k:10 * (k + 1)]), folder / f"part-{k}.parquet")
+    return folder
+
+
+def test_ray_filter_matches_local(ray_local, loss_run, four_shards):
+    scorer = loss_run / "run" / "scorer"
+    local = filter_rows(scorer, four_shards, loss_run / "local")
+    on_ray = filter_rows(scorer, four_shards, loss_run / "ray", engine="ray",
+                         ray=RayOptions(workers=2, batch_size=4))
+    for name in ("scores.parquet", "curated.parquet"):
+        assert pq.read_table(on_ray.out_dir / name).equals(pq.read_table(local.out_dir / name)), name
+    scores = pq.read_table(on_ray.out_dir / "scores.parquet").to_pandas()
+    assert list(scores["dpsel_reason"].iloc[[3, 7, 25]]) == ["invalid", "duplicate", "duplicate"]
+    assert scores["dpsel_detail"].iloc[25] == "same content as input row 4"   # across shards
+    left, right = (json.loads((r.out_dir / "manifest.json").read_text()) for r in (local, on_ray))
+    for key in ("inputs", "method", "config", "selection", "counts", "groups", "outputs"):
+        assert left[key] == right[key], key
+    assert right["timings"]["engine"] == "ray" and right["timings"]["ray_workers"] == 2
+    assert right["counts"]["input_rows"] == right["counts"]["kept_rows"] + right["counts"]["dropped_rows"]
+
+
+def test_unknown_engine_is_an_input_error():
+    with pytest.raises(DpselInputError, match="--engine"):
+        check_engine("spark")
+
+
+def test_engine_ray_without_ray_exits_2_with_install_hint(tmp_path):
+    # A child process where `import ray` fails: the CLI must exit 2 and say how to install it.
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from dpsel.cli import app\n"
+            f"app(['filter', '--scorer', {str(tmp_path)!r}, '--in', {str(tmp_path)!r}, '--out', "
+            f"{str(tmp_path / 'o')!r}, '--engine', 'ray'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'dpsel[ray]'" in done.stderr
