@@ -421,7 +421,7 @@ def _write_run(out: Path, run: _Run) -> CurationResult:
     swap (dpsel.outputs): a reader never sees a folder that mixes two runs."""
     from dpsel.distributed import is_writer
     if not is_writer():  # torchrun: rank 0 writes the run; the other ranks only sampled their shard
-        return CurationResult(out_dir=out, paths={}, counts={}, manifest={})
+        return CurationResult(out_dir=out, paths={}, counts=_outcome(run)[-1], manifest={})
     run_id = new_run_id()
     stage = begin_staging(out, run_id)
     try:
@@ -436,13 +436,18 @@ def _write_run(out: Path, run: _Run) -> CurationResult:
     return result
 
 
-def _write_files(stage: Path, out: Path, run: _Run, run_id: str) -> CurationResult:
-    from dpsel.report import kept_fraction, write_report   # plotting is imported only when a report is written
-    write_start = time.perf_counter()
+def _outcome(run: _Run) -> tuple:
+    """(cutoff, group cutoffs, reason and detail per row, counts) of a finished selection."""
     groups = run.rows.group_values(run.group_column) if run.group_column else None
     cutoff, group_cutoffs = effective_thresholds(run.weights, run.keep, groups)
     reasons, details = final_reasons(run.rows, run.keep, run.weights, run.rule, cutoff)
-    counts = count_rows(reasons, run.rows.usable)
+    return cutoff, group_cutoffs, reasons, details, count_rows(reasons, run.rows.usable)
+
+
+def _write_files(stage: Path, out: Path, run: _Run, run_id: str) -> CurationResult:
+    from dpsel.report import kept_fraction, write_report   # plotting is imported only when a report is written
+    write_start = time.perf_counter()
+    cutoff, group_cutoffs, reasons, details, counts = _outcome(run)
     paths = output_paths(out)
 
     ids = run.rows.ids

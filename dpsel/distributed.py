@@ -123,6 +123,12 @@ def from_env() -> DataParallel | None:
     return DataParallel(rank=rank, world=world, device=device)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun / accelerate launch set it (0 without a launcher), readable before
+    the process group exists."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def is_writer() -> bool:
     """Whether this process writes the run's files: always in a single process, rank 0 under torchrun."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -70,12 +70,15 @@ def locks_out(*input_params: str) -> Callable[[Callable], Callable]:
 
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
+            from dpsel.distributed import launched_rank
             from dpsel.outputs import check_out_outside_inputs, clean_stale
 
             arguments = signature.bind(*args, **kwargs).arguments
             out_dir = Path(arguments["out"])
             specs = [spec for name in input_params for spec in _as_list(arguments.get(name))]
             check_out_outside_inputs(out_dir, specs)
+            if launched_rank() != 0:  # under torchrun rank 0 holds the lock for the run all ranks share
+                return function(*args, **kwargs)
             with run_lock(out_dir):
                 clean_stale(out_dir)
                 return function(*args, **kwargs)

@@ -14,6 +14,16 @@ import torch  # noqa: E402
 from peft_train.tokenizer import ByteTokenizer
 
 
+def pytest_collection_modifyitems(config, items):
+    """`on_demand` tests (long extras: more architectures, real kills, launchers) run only with DPSEL_SLOW=1."""
+    if os.environ.get("DPSEL_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="on demand: set DPSEL_SLOW=1")
+    for item in items:
+        if "on_demand" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _seed_torch():
     torch.manual_seed(0)

@@ -6,7 +6,6 @@ DpselInputError (exit 2) naming the module. Fast subset: gpt2 (Conv1D), falcon (
 families are `slow` and run on demand (DPSEL_SLOW=1).
 """
 import json
-import os
 
 import pandas as pd
 import pytest
@@ -16,7 +15,6 @@ from dpsel.errors import DpselInputError
 from dpsel.tuning import tune_parquet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-on_demand = pytest.mark.skipif(not os.environ.get("DPSEL_SLOW"), reason="on demand: set DPSEL_SLOW=1")
 
 VOCAB = 320  # a multiple of 64, like every linear width here (bitsandbytes' CPU 4-bit kernels need it)
 CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
@@ -190,7 +188,7 @@ def test_architecture_matrix(family, method, data, tmp_path, tmp_path_factory):
 
 
 @pytest.mark.slow
-@on_demand
+@pytest.mark.on_demand
 @pytest.mark.parametrize("method", METHOD_CELLS)
 @pytest.mark.parametrize("family", SLOW_FAMILIES)
 def test_architecture_matrix_more_families(family, method, data, tmp_path, tmp_path_factory):
@@ -216,7 +214,7 @@ def test_curate_runs_on_each_family(family, data, tmp_path, tmp_path_factory):
 
 
 @pytest.mark.slow
-@on_demand
+@pytest.mark.on_demand
 @pytest.mark.parametrize("family", SLOW_FAMILIES)
 def test_curate_runs_on_more_families(family, data, tmp_path, tmp_path_factory):
     _curate(family, data, tmp_path, tmp_path_factory)

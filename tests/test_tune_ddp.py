@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-on_demand = pytest.mark.skipif(not os.environ.get("DPSEL_SLOW"), reason="on demand: set DPSEL_SLOW=1")
 COMMON = ["tune", "--method", "surm-circulant", "--steps", "4", "--batch-size", "2", "--max-length", "48",
           "--device", "cpu", "--weights-column", "w", "--seed", "5"]
 
@@ -26,7 +25,7 @@ def _run(launcher: list[str], data: Path, out: Path, *extra: str) -> None:
 
 
 @pytest.mark.slow
-@on_demand
+@pytest.mark.on_demand
 def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     # uneven weights: a plain per-rank mean (instead of the global Σ w) would give a different adapter
     rows = [{"instruction": f"Add {i} and {i + 1}.", "output": str(2 * i + 1), "w": [0.2, 1.0, 3.0][i % 3]}

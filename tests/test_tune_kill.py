@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 # ~2 min on a loaded 2-core machine: on demand (DPSEL_SLOW=1); tests/test_tuning.py covers the same resume
 # in-process (training dies right after a checkpoint) in the default suite.
-on_demand = pytest.mark.skipif(not os.environ.get("DPSEL_SLOW"), reason="on demand: set DPSEL_SLOW=1")
 ARGS = ["--method", "lora", "--steps", "40", "--save-steps", "4", "--batch-size", "2", "--max-length", "48",
         "--device", "cpu", "--seed", "3"]
 
@@ -38,7 +37,7 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> No
 
 
 @pytest.mark.slow
-@on_demand
+@pytest.mark.on_demand
 def test_sigkilled_tune_resumes_from_its_last_checkpoint(tmp_path):
     rows = [{"instruction": f"Add {i} and {i + 1}.", "output": str(2 * i + 1)} for i in range(24)]
     data = tmp_path / "train.parquet"
