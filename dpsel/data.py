@@ -697,6 +697,18 @@ def _verdicts(batch: pa.RecordBatch, rows: _Rows
     return ids, problems, overrides
 
 
+def rows_to_score(batch: pa.RecordBatch | pa.Table, shape: Shape) -> tuple[list[str], np.ndarray, list[list[dict]]]:
+    """(id of every row, valid mask, messages of the valid rows) of one batch, exactly as the reader computes
+    them — for engines whose workers read rows themselves (the Ray actors); duplicates are not marked here."""
+    if isinstance(batch, pa.Table):
+        batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], batch.schema)
+    rows = _normal_rows(batch, shape)
+    ids, problems, overrides = _verdicts(batch, rows)
+    valid = np.ones(batch.num_rows, dtype=bool)
+    valid[list(problems)] = False
+    return ids.to_pylist(), valid, _messages_with_overrides(rows, np.flatnonzero(valid), overrides)
+
+
 def _read_batches(planned: _PlannedFile, batch_rows: int) -> Iterator[pa.RecordBatch]:
     url = planned.file.url
     with planned.file.open() as handle:

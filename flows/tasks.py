@@ -80,10 +80,12 @@ def filter_stage(scorer: str, inputs: Any, out: str, threshold: float | None, ra
     workers, so Prefect sees one task, whose progress artifact follows the rows Ray has scored."""
     from dpsel.curate import filter_rows
     from dpsel.engines import RayOptions
+    from dpsel.progress import progress_reporter
 
-    progress = throttled_progress(artifact_key("filter-progress"), "rows scored on Ray")
-    result = filter_rows(scorer, inputs, out, threshold=threshold, progress=progress, engine="ray",
-                         ray=RayOptions(**ray_options))
+    with progress_reporter("filter[ray]", default_phase="scoring",
+                           sinks=[progress_artifact_sink(artifact_key("filter-progress"))]) as progress:
+        result = filter_rows(scorer, inputs, out, threshold=threshold, progress=progress, engine="ray",
+                             ray=RayOptions(**ray_options))
     return curation_summary(result)
 
 

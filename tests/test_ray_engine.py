@@ -59,6 +59,8 @@ def test_ray_filter_matches_local(ray_local, loss_run, four_shards):
     assert list(scores["dpsel_reason"].iloc[[3, 7, 25]]) == ["invalid", "duplicate", "duplicate"]
     assert scores["dpsel_detail"].iloc[25] == "same content as input row 4"   # across shards
     left, right = (json.loads((r.out_dir / "manifest.json").read_text()) for r in (local, on_ray))
+    for manifest in (left, right):
+        manifest["selection"].pop("run_id")   # each run has its own id (dpsel.outputs)
     for key in ("inputs", "method", "config", "selection", "counts", "groups", "outputs"):
         assert left[key] == right[key], key
     assert right["timings"]["engine"] == "ray" and right["timings"]["ray_workers"] == 2
@@ -72,9 +74,10 @@ def test_unknown_engine_is_an_input_error():
 
 def test_engine_ray_without_ray_exits_2_with_install_hint(tmp_path):
     # A child process where `import ray` fails: the CLI must exit 2 and say how to install it.
+    (tmp_path / "in").mkdir()
     code = ("import sys; sys.modules['ray'] = None\n"
             "from dpsel.cli import app\n"
-            f"app(['filter', '--scorer', {str(tmp_path)!r}, '--in', {str(tmp_path)!r}, '--out', "
+            f"app(['filter', '--scorer', {str(tmp_path)!r}, '--in', {str(tmp_path / 'in')!r}, '--out', "
             f"{str(tmp_path / 'o')!r}, '--engine', 'ray'])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2, done.stderr

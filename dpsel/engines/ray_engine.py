@@ -3,10 +3,12 @@ scores every row (`map_batches`); the driver keeps what needs the whole input at
 shards, the keep rule, the output files) and hands an `InstructionSet` plus per-row scores back to
 `dpsel.curate`, which writes exactly what the local engine writes.
 
-Where the work runs: reading and decoding Parquet (Ray read tasks), normalising rows, hashing ids and
-scoring (the actors: the scorer/ folder is loaded once per actor, on a GPU when `num_gpus` > 0) — the
-per-row cost — is spread over the cluster; the driver collects the blocks in input order
-(`preserve_order`), marks duplicates and writes. Row order is the input order (files in `expand_paths`
+Where the work runs: the driver first reads the input with the data layer (`read_instruction_set`: ids,
+verdicts and duplicates across all shards, the same code as the local engine, at tens of thousands of rows/s);
+reading and decoding Parquet again (Ray read tasks), normalising, hashing and scoring (the actors: the
+scorer/ folder is loaded once per actor, on a GPU when `num_gpus` > 0) — the per-row cost — is spread over the
+cluster; the driver collects the scores in input order (`preserve_order`), checks each row's id against its
+own and writes. Row order is the input order (files in `expand_paths`
 order, rows in file order), so `scores.parquet` is row-for-row the local engine's.
 """
 from __future__ import annotations
@@ -17,20 +19,17 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
-from dpsel.data import (ID_COLUMN, REASON_DUPLICATE, REASON_INVALID, FileInfo, InstructionSet, _normalise,
-                        _plan, _row_ids, expand_paths)
+from dpsel.data import InstructionSet, _plan, expand_paths, read_instruction_set, rows_to_score
 from dpsel.engines import RayOptions, require_ray
 from dpsel.errors import DpselInputError
-from dpsel.io import file_sha256
 from dpsel.select.base import ProgressFn
 
 # Columns the actors add to each block; the prefix keeps them apart from any user column (dpsel_id included).
 _PREFIX = "__dpsel_"
 READ_CPUS = 1   # CPUs left to Ray Data's list/read tasks when the actor pool is sized from the cluster
-_ID, _DETAIL, _WEIGHT, _STD, _MESSAGES = (f"{_PREFIX}{n}" for n in ("id", "detail", "weight", "std", "messages"))
+_ID, _WEIGHT, _STD = (f"{_PREFIX}{n}" for n in ("id", "weight", "std"))
 
 
 @contextlib.contextmanager
@@ -55,8 +54,8 @@ def ray_runtime(options: RayOptions) -> Iterator[object]:
 
 
 class ScoreBatches:
-    """One Ray actor: loads the scorer once, then turns each block of input rows into the same rows plus
-    id, validity, normalised messages and posterior weight (invalid rows: weight 0, never scored)."""
+    """One Ray actor: loads the scorer once, then turns each block of input rows into their ids and posterior
+    weights (invalid rows: weight 0, never scored), normalised exactly as the data layer's reader does."""
 
     def __init__(self, scorer_dir: str, shape: str, use_gpu: bool):
         from dpsel.select import load_scorer
@@ -66,26 +65,15 @@ class ScoreBatches:
             _move_to_gpu(self.scorer)
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        messages, problems = _normalise(block, self.shape)
-        ids = _row_ids(block, messages)
-        valid = np.array([p is None for p in problems], dtype=bool)
+        ids, valid, messages = rows_to_score(block, self.shape)
         weight, std = np.zeros(len(ids)), np.zeros(len(ids))
         if valid.any():
             idx = np.flatnonzero(valid)
             # Duplicates of earlier rows are scored too (they are only known once all blocks are in);
             # the driver then gives them their first occurrence's weight, as the local engine does.
-            mean, spread = self.scorer.score([messages[i] for i in idx], [ids[i] for i in idx])
+            mean, spread = self.scorer.score(messages, [ids[i] for i in idx])
             weight[idx], std[idx] = mean, spread
-        added = {_ID: pa.array(ids, pa.string()),
-                 _DETAIL: pa.array(["" if p is None else p.detail for p in problems], pa.string()),
-                 _WEIGHT: pa.array(weight), _STD: pa.array(std),
-                 _MESSAGES: pa.array(messages, _MESSAGES_TYPE)}
-        for name, column in added.items():
-            block = block.append_column(name, column)
-        return block
-
-
-_MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+        return pa.table({_ID: pa.array(ids, pa.string()), _WEIGHT: pa.array(weight), _STD: pa.array(std)})
 
 
 def _move_to_gpu(scorer) -> None:
@@ -136,8 +124,8 @@ def _dataset(ray, planned, options: RayOptions, scorer_dir: str, workers: int):
                           num_gpus=options.num_gpus or None)
 
 
-def _collect(ds, total_rows: int, progress: ProgressFn | None) -> pa.Table:
-    """Stream the scored blocks to the driver in order, reporting rows done through `progress`."""
+def _collect(ds, total_rows: int, progress: ProgressFn | None) -> pa.Table | None:
+    """Stream the scored blocks (id, weight, std per row) to the driver in order, reporting rows done."""
     blocks, done = [], 0
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         blocks.append(block)
@@ -146,70 +134,30 @@ def _collect(ds, total_rows: int, progress: ProgressFn | None) -> pa.Table:
             progress(done, total_rows, {"rows": float(done)})
     if not blocks:
         return None
-    try:
-        return pa.concat_tables(blocks, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise DpselInputError(f"shards have incompatible column types ({exc})",
-                              file="(the --in shards)") from exc
-
-
-def _mark_duplicates(ids: list[str], details: list[str]) -> tuple[list[str], list[str]]:
-    """The data layer's rule over the whole input: a valid row whose id an earlier valid row had is a
-    duplicate of that row (across shards too)."""
-    first_seen: dict[str, int] = {}
-    reasons, out_details = [], []
-    for i, (rid, detail) in enumerate(zip(ids, details)):
-        if detail:
-            reasons.append(REASON_INVALID)
-            out_details.append(detail)
-        elif rid in first_seen:
-            reasons.append(REASON_DUPLICATE)
-            out_details.append(f"same content as input row {first_seen[rid]}")
-        else:
-            first_seen[rid] = i
-            reasons.append("")
-            out_details.append("")
-    return reasons, out_details
-
-
-def _instruction_set(table: pa.Table, planned) -> InstructionSet:
-    """The driver's view of the scored input, shaped as `read_instruction_set` returns it."""
-    original = table.drop_columns([c for c in table.column_names if c.startswith(_PREFIX)])
-    ids = table.column(_ID).to_pylist()
-    reasons, details = _mark_duplicates(ids, table.column(_DETAIL).to_pylist())
-    frame = original.to_pandas()
-    files_col = [p.file.url for p in planned for _ in range(p.rows)]
-    for name, values in ((ID_COLUMN, ids), ("dpsel_messages", table.column(_MESSAGES).to_pylist()),
-                         ("dpsel_reason", reasons), ("dpsel_detail", details), ("dpsel_file", files_col)):
-        frame[name] = pd.Series(values, index=frame.index, dtype=object)
-    files = [FileInfo(p.file.url, p.rows, file_sha256(p.file.path, p.file.fs)) for p in planned]
-    return InstructionSet(frame, list(original.column_names), planned[0].shape, files, original)
+    return pa.concat_tables(blocks)
 
 
 def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
                    progress: ProgressFn | None = None) -> RayScored:
-    """Read and score `inputs` on Ray; every row comes back once, in input order."""
+    """Read and score `inputs` on Ray; every row comes back once, in input order.
+
+    The driver reads the input with the data layer (`read_instruction_set`: ids, verdicts, duplicates across
+    all shards, exactly as the local engine) before any Ray work, so bad input fails fast; the actors redo the
+    per-row normalisation for the rows they score, and their ids are checked against the driver's."""
     import time
     options = options or RayOptions()
     started = time.perf_counter()
-    planned = _plan(expand_paths(inputs))      # footers and shapes checked before any Ray work
-    total = sum(p.rows for p in planned)
+    data = read_instruction_set(inputs)
+    planned = _plan(expand_paths(inputs))
     with ray_runtime(options) as ray:
         workers = _worker_count(ray, options)
-        table = _collect(_dataset(ray, planned, options, str(scorer_dir), workers), total, progress)
-    if table is None:
-        table = _empty_scored(planned)
-    if table.num_rows != total:
-        raise RuntimeError(f"Ray returned {table.num_rows} rows for {total} input rows")
-    data = _instruction_set(table, planned)
+        table = _collect(_dataset(ray, planned, options, str(scorer_dir), workers), len(data), progress)
+    if table is None and not len(data):
+        return RayScored(data=data, weights=np.zeros(0), stds=np.zeros(0),
+                         seconds=time.perf_counter() - started, workers=workers)
+    if table is None or table.num_rows != len(data) or not table.column(_ID).combine_chunks().equals(data.ids):
+        got = 0 if table is None else table.num_rows
+        raise RuntimeError(f"Ray returned rows that do not match the input ({got} rows for "
+                           f"{len(data)}, or ids out of order)")
     return RayScored(data=data, weights=table.column(_WEIGHT).to_numpy(), stds=table.column(_STD).to_numpy(),
                      seconds=time.perf_counter() - started, workers=workers)
-
-
-def _empty_scored(planned) -> pa.Table:
-    schema = pa.unify_schemas([p.schema for p in planned], promote_options="permissive")
-    table = schema.empty_table()
-    for name, kind in ((_ID, pa.string()), (_DETAIL, pa.string()), (_WEIGHT, pa.float64()),
-                       (_STD, pa.float64()), (_MESSAGES, _MESSAGES_TYPE)):
-        table = table.append_column(name, pa.array([], kind))
-    return table
