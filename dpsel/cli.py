@@ -29,8 +29,8 @@ def _global_options(
     """Quiet by default: progress and results only."""
     from dpsel.progress import set_verbosity
     from dpsel.threads import configure_threads
+    configure_threads(threads)   # first: before anything imports torch (transformers does; dpsel.threads says why)
     set_verbosity(verbose)
-    configure_threads(threads)   # before any command imports torch (dpsel.threads explains why)
 
 
 SeedOpt = typer.Option(0, "--seed", help="Random seed; seeded CPU runs are reproducible bit for bit.")

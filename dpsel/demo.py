@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="also show library logs and warnings")
     args = parser.parse_args(argv)
     from dpsel.progress import announce, set_verbosity
+    from dpsel.threads import configure_threads
 
+    configure_threads()   # before torch loads: threads from the cores this process may use, waiting passively
     set_verbosity(args.verbose)
     size = QUICK if args.quick else FULL
     out = args.out or Path("runs/demo-quick" if args.quick else "runs/demo")

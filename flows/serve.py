@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("schedules", nargs="?", default="schedules.yaml", help="schedules YAML file")
     parser.add_argument("--check", action="store_true", help="validate the file and list deployments; serve nothing")
     args = parser.parse_args(argv)
+    from dpsel.progress import set_verbosity
+    from dpsel.threads import configure_threads
+
+    configure_threads()   # scheduled runs share their machine: the same thread policy as the CLI
+    set_verbosity(False)
     from flows import use_project_prefect_home
     use_project_prefect_home()
     try:
