@@ -103,6 +103,10 @@ ConfigOpt = typer.Option(None, "--config", help="Run config YAML (see configs/de
 
 
 def _print_curation(result) -> None:
+    from dpsel.distributed import other_rank_note
+    if note := other_rank_note(result.out_dir):  # torchrun: only rank 0 reports the run
+        typer.echo(note, err=True)
+        return
     counts = result.counts
     typer.echo(f"kept {counts['kept_rows']} of {counts['input_rows']} rows -> {result.out_dir}")
     if getattr(result, "auroc", None):
@@ -142,7 +146,9 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
         "curate.select.variant": variant, "curate.select.weight_param": weight_param,
         "curate.select.batch_size": batch_size, "curate.select.max_length": max_length}, stage="curate")
     run.require("data.train", "data.meta", "out", flow="curate")
-    with progress_reporter(f"curate[{run.curate.method}]", default_phase=default_phase_of(run.curate.method)) as progress:
+    from dpsel.distributed import launched_rank
+    with progress_reporter(f"curate[{run.curate.method}]", default_phase=default_phase_of(run.curate.method),
+                           terminal=launched_rank() == 0) as progress:  # torchrun: rank 0's progress only
         result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
                             budget=run.curate.budget, threshold=run.curate.threshold, per_group=per_task,
                             config=run.select_config(), progress=progress, truth=run.data.truth, restart=restart)
@@ -210,6 +216,10 @@ def tune(data: Optional[list[str]] = typer.Option(None, "--data", help="Instruct
         raise DpselInputError(f"--method must be one of {', '.join(METHODS)}, not {run.tune.method!r}")
     out_dir = Path(run.out)
     metrics = tune_parquet(run.data.train, out_dir, eval_path=run.data.eval, **run.tune_options())
+    from dpsel.distributed import other_rank_note
+    if note := other_rank_note(out_dir):  # torchrun: only rank 0 reports the run
+        typer.echo(note, err=True)
+        return
     shown = {k: metrics[k] for k in ("method", "trainable_params", "train_loss", "eval_loss", "eval_exact_match")
              if k in metrics}
     typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))

@@ -49,6 +49,29 @@ class DataParallel:
         dist.all_gather_object(parts, np.asarray(local))
         return np.concatenate(parts)
 
+    def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of `values` over every rank (every rank gets the sum)."""
+        values = values.detach().clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    # -- the whole pool ----------------------------------------------------------------------------------
+    def whole_pool(self, problem, *per_row: torch.Tensor) -> tuple:
+        """The posterior pass's inputs over the whole pool, not this rank's shard: the pass standardises each
+        row's loss by its group's mean and std and ranks it within its group, and those are statistics of the
+        pool — per shard they would score a row against its shard's neighbours only. Returns a problem whose
+        `all_losses()` gathers every rank's losses (in input order), then each per-row tensor gathered."""
+        return (PoolLosses(problem, self), *(torch.as_tensor(self.gather_rows(t.numpy())) for t in per_row))
+
+    def own_rows(self, values, n: int):
+        """This rank's rows of whole-pool results (arrays/tensors of length `n`, in dicts), the rest as is."""
+        if isinstance(values, dict):
+            return {k: self.own_rows(v, n) for k, v in values.items()}
+        if isinstance(values, (np.ndarray, torch.Tensor)) and values.ndim and len(values) == n:
+            return values[torch.as_tensor(self.shard(n))] if isinstance(values, torch.Tensor) \
+                else values[self.shard(n)]
+        return values
+
     # -- θ ---------------------------------------------------------------------------------------------
     def objective(self, terms: dict[str, torch.Tensor], total: torch.Tensor) -> torch.Tensor:
         """This rank's share of the log joint: the terms every rank computes alike count 1/W each."""
@@ -91,6 +114,18 @@ class DataParallel:
                                    timings=timings)
 
 
+class PoolLosses:
+    """A rank's selection problem seen as the whole pool's, for the posterior pass: `all_losses()` (θ is the
+    same on every rank) scores this rank's shard and gathers every rank's, in input order."""
+
+    def __init__(self, problem, data_parallel: DataParallel):
+        self.problem, self.data_parallel = problem, data_parallel
+        self.n_train = int(data_parallel.gather_rows(np.array([problem.n_train])).sum())
+
+    def all_losses(self) -> torch.Tensor:
+        return torch.as_tensor(self.data_parallel.gather_rows(self.problem.all_losses().numpy()))
+
+
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     offset = 0
     for t in tensors:
@@ -127,6 +162,20 @@ def launched_rank() -> int:
     """This process's rank as torchrun / accelerate launch set it (0 without a launcher), readable before
     the process group exists."""
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def launched_world() -> int:
+    """Processes torchrun / accelerate launch started for this run (1 without a launcher)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def other_rank_note(out) -> str | None:
+    """The one line a rank other than 0 prints instead of the run's summary (rank 0 writes and reports the
+    whole run; N copies of its summary would read as N runs); None on rank 0 and in a single process."""
+    rank = launched_rank()
+    if rank == 0:
+        return None
+    return f"rank {rank} of {launched_world()}: done with its shard; rank 0 writes and reports the run in {out}"
 
 
 def is_writer() -> bool:

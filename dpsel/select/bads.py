@@ -217,19 +217,38 @@ class GroupBaseline:
         self.var = torch.ones(n_groups)
         self.momentum, self.mode, self.standardise = momentum, mode, standardise
 
-    def update(self, losses: torch.Tensor, groups: torch.Tensor) -> None:
+    def update(self, losses: torch.Tensor, groups: torch.Tensor, pooled=None) -> None:
+        """Blend in this minibatch's per-group mean and variance. `pooled` (data-parallel runs: a sum over
+        ranks) makes them the global minibatch's, from every rank's per-group count, sum and sum of squares."""
         losses = losses.detach().float().cpu()
         if self.mode == "global":
             groups = torch.zeros_like(groups)
+        if pooled is not None:
+            self._update_pooled(losses, groups, pooled)
+            return
         for g in groups.unique():
             vals = losses[groups == g]
-            m, v = vals.mean(), vals.var(unbiased=False) if len(vals) > 1 else self.var[g]
-            if torch.isnan(self.mean[g]):
-                self.mean[g], self.var[g] = m, v if len(vals) > 1 else torch.tensor(1.0)
-            else:
-                k = self.momentum
-                self.mean[g] = k * self.mean[g] + (1 - k) * m
-                self.var[g] = k * self.var[g] + (1 - k) * (v + (m - self.mean[g]) ** 2)
+            self._blend(g, vals.mean(), vals.var(unbiased=False) if len(vals) > 1 else None)
+
+    def _update_pooled(self, losses: torch.Tensor, groups: torch.Tensor, pooled) -> None:
+        sums = torch.zeros(3, len(self.mean), dtype=torch.float64)
+        values = losses.double()
+        for row, v in enumerate((torch.ones_like(values), values, values * values)):
+            sums[row].index_add_(0, groups, v)
+        count, total, squares = pooled(sums)
+        for g in torch.nonzero(count).flatten():
+            m = total[g] / count[g]
+            self._blend(g, m.float(), (squares[g] / count[g] - m * m).clamp(min=0).float() if count[g] > 1 else None)
+
+    def _blend(self, g, m: torch.Tensor, v: torch.Tensor | None) -> None:
+        """Running mean/variance of group g; `v` None: one row, no variance of its own."""
+        if torch.isnan(self.mean[g]):
+            self.mean[g], self.var[g] = m, v if v is not None else torch.tensor(1.0)
+        else:
+            k = self.momentum
+            v = self.var[g] if v is None else v
+            self.mean[g] = k * self.mean[g] + (1 - k) * m
+            self.var[g] = k * self.var[g] + (1 - k) * (v + (m - self.mean[g]) ** 2)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "var": self.var}
@@ -387,7 +406,7 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
         # The weights, their priors and the baselines live on the CPU (N floats); the losses join them there.
         train_nll, meta_nll = train_nll.float().cpu(), meta_nll.float().cpu()
         g = groups[idx_t]
-        baseline.update(train_nll, g)
+        baseline.update(train_nll, g, pooled=None if data_parallel is None else data_parallel.sum_over_ranks)
         centre, scale = baseline.normalise(train_nll.detach(), g)
         w = weights.weights(idx_t)
         # Standardising only rescales the w-term: ρ w (ℓ − c)/σ; θ sees ρ w ℓ / σ (σ a detached constant).
@@ -449,7 +468,7 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
         scored_by = {"weight_network_draws": n}
     elif settings.posterior_pass:
         pass_started = time.perf_counter()
-        passed = posterior_pass(problem, theta, theta_draws, prior_mean, groups, settings)
+        passed = posterior_pass_over_pool(problem, theta, theta_draws, prior_mean, groups, settings, data_parallel)
         mean, std = passed["mean"], passed["std"]
         timings["posterior_pass_seconds"] = time.perf_counter() - pass_started
         scored_by = {"posterior_pass": n}
@@ -471,6 +490,19 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
     coverage = coverage_summary(visits_np, steps, burn_in, scored_by)
     return SamplerResult(np.clip(mean, 0, 1), std, diag, timings, weights, phi_samples, visits_np, under_visited,
                          coverage, alternatives)
+
+
+def posterior_pass_over_pool(problem: SelectionProblem, theta: list[torch.Tensor],
+                             theta_draws: list[list[torch.Tensor]], prior_mean: torch.Tensor, groups: torch.Tensor,
+                             settings: BadsSettings, data_parallel=None) -> dict:
+    """`posterior_pass` for this process's rows. Under torchrun `problem` is the rank's shard, but the pass's
+    statistics (group loss mean/std, within-group ranks) are the whole pool's: every rank runs it on the
+    gathered pool (θ is the same everywhere) and keeps its own rows, so a row scores as in one process."""
+    if data_parallel is None:
+        return posterior_pass(problem, theta, theta_draws, prior_mean, groups, settings)
+    pool, pool_prior, pool_groups = data_parallel.whole_pool(problem, prior_mean, groups)
+    passed = posterior_pass(pool, theta, theta_draws, pool_prior, pool_groups, settings)
+    return data_parallel.own_rows(passed, len(pool_groups))
 
 
 def posterior_pass(problem: SelectionProblem, theta: list[torch.Tensor], theta_draws: list[list[torch.Tensor]],
@@ -669,6 +701,8 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
 
     ref_started = time.perf_counter()
     run_steps = settings.resolve_steps(len(train_rows), config.batch_size)
+    if dp is not None:  # every rank takes the whole pool's step count (a shard's own could differ by one batch)
+        settings.steps = run_steps
     # Checkpoints are single-process: under torchrun every rank would write the same folder (a documented gap).
     checkpoint = current_checkpoints() if dp is None else None
     saved = checkpoint.load("reference") if checkpoint is not None else None
