@@ -135,6 +135,10 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report."),
            restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint of an interrupted run "
                                         "into this --out and start from zero (default: resume it)."),
+           engine: Optional[str] = typer.Option(None, "--engine", help="local (default) | ray: the scoring passes "
+                                                "of --method loss/ifd on Ray Data (other methods: local only)."),
+           ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                     help="Join this Ray cluster (default: a local runtime)."),
            config: Optional[Path] = ConfigOpt):
     """Score every training row by data-point selection and keep the best."""
     from dpsel.config import RunConfig
@@ -144,14 +148,16 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
         "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
         "threshold": threshold, "model": model, "steps": steps, "epochs": epochs, "seed": seed, "device": device, "truth": truth,
         "curate.select.variant": variant, "curate.select.weight_param": weight_param,
-        "curate.select.batch_size": batch_size, "curate.select.max_length": max_length}, stage="curate")
+        "curate.select.batch_size": batch_size, "curate.select.max_length": max_length,
+        "engine": engine, "ray_address": ray_address}, stage="curate")
     run.require("data.train", "data.meta", "out", flow="curate")
     from dpsel.distributed import launched_rank
     with progress_reporter(f"curate[{run.curate.method}]", default_phase=default_phase_of(run.curate.method),
                            terminal=launched_rank() == 0) as progress:  # torchrun: rank 0's progress only
         result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
                             budget=run.curate.budget, threshold=run.curate.threshold, per_group=per_task,
-                            config=run.select_config(), progress=progress, truth=run.data.truth, restart=restart)
+                            config=run.select_config(), progress=progress, truth=run.data.truth, restart=restart,
+                            engine=run.engine, ray=run.ray_options())
     _print_curation(result)
 
 

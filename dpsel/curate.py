@@ -523,7 +523,8 @@ def _report_data(run: _Run, counts: dict, cutoff: float | None, run_id: str):
 def curate(train, meta, out, *, method: str = "bads", budget: float | None = None,
            threshold: float | None = None, task_budgets: dict[str, float] | None = None,
            per_group: bool = False, group_column: str = "task", config: SelectConfig | None = None,
-           progress: ProgressFn | None = None, truth=None, restart: bool = False) -> CurationResult:
+           progress: ProgressFn | None = None, truth=None, restart: bool = False, engine: str = "local",
+           ray=None) -> CurationResult:
     """Score every training row with `method` against the trusted `meta` set and keep the best.
 
     Keeps the top `budget` fraction of the usable rows (default 0.7; `all` keeps everything) or the rows with
@@ -531,8 +532,12 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     apply budgets within each value of `group_column`. `truth` (a synth truth.parquet) adds AUROC.
     Writes scores.parquet, curated.parquet, manifest.json, report.md + PNGs and scorer/ under `out`
     (dpsel's files in an existing `out` are replaced; other files there are left alone).
+    `engine="ray"` runs the method's pool-scoring passes on Ray (`ray`: `dpsel.engines.RayOptions`; methods in
+    `dpsel.engines.RAY_CURATE_METHODS`, any other is an input error); same outputs.
     """
+    from dpsel.engines import curate_engine, scoring_on
     started = time.perf_counter()
+    ray_options = curate_engine(engine, method, ray)
     config = config or SelectConfig()
     rule = make_rule(method, budget, threshold, task_budgets, per_group, group_column)
     out = Path(out)
@@ -558,7 +563,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
     usable_groups = None if groups is None else list(groups[train_rows.usable])
     checkpoints = _open_checkpoints(out, method, config, train_rows, meta_rows, restart)
-    with checkpoint.active(checkpoints):
+    with checkpoint.active(checkpoints), scoring_on(ray_options):
         scores = select(train_rows.data.messages(train_rows.usable), meta_rows.data.messages(meta_rows.usable),
                         method, config, progress, groups=usable_groups)
     _check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
@@ -575,7 +580,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     run = _Run(command="curate", method=scores.method, config=scores.config or config.to_dict(), rows=train_rows,
                inputs=inputs, weights=weights, stds=stds, keep=keep, rule=rule, scorer=scores.scorer,
                diagnostics=scores.diagnostics, timings={"read_s": read_s, "select_s": select_s,
-                                                        "method": dict(scores.timings)},
+                                                        "method": dict(scores.timings), "engine": engine},
                started=started, group_column=group_column if groups is not None else None, truth=truth_info,
                coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates,
                                                                  "resumed_from_checkpoint": checkpoints.resumed})
@@ -662,7 +667,8 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
         rows, scorer_kind = _rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
         check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], _as_path_list(inputs))
         mean, std = scored.weights[rows.usable], scored.stds[rows.usable]
-        timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds}
+        timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds,
+                   "driver_read_s": scored.split["driver_read_s"], "ray_score_s": scored.split["ray_s"]}
     else:
         rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started)
     _check_weights(mean, std, f"scorer {scorer_dir}")

@@ -1,15 +1,25 @@
-"""Execution engines for the row-parallel stages (`filter` today): `local` (one process, the default) and
-`ray` (Ray Data over the Parquet shards, a stateful scorer actor per CPU/GPU worker).
+"""Execution engines for the row-parallel stages (`filter`, and the scoring passes of `curate`): `local` (one
+process, the default) and `ray` (Ray Data, a stateful scorer actor per CPU/GPU worker).
+
+`curate --engine ray` runs the pool-scoring passes of the methods in `RAY_CURATE_METHODS` on Ray; the selection
+methods reach the active engine through `ray_scoring()` (a context variable `curate` sets, as checkpoints do),
+so their signatures need not change. Any other method with `--engine ray` is refused (exit 2), never run
+locally in silence.
 
 Nothing here imports Ray at import time: `ray` is an optional extra (`pip install 'dpsel[ray]'`).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 from dpsel.errors import DpselInputError
 
 ENGINES = ("local", "ray")
+# curate methods whose scoring passes run on Ray: the reference's NLL over the pool (`loss`; `ifd`'s two passes)
+RAY_CURATE_METHODS = ("loss", "ifd")
 RAY_INSTALL_HINT = "pip install 'dpsel[ray]' (or: pip install 'ray[data]>=2.30')"
 
 
@@ -42,3 +52,32 @@ def require_ray():
         raise DpselInputError(f"--engine ray needs Ray Data, which is not installed ({exc}); "
                               f"install it with: {RAY_INSTALL_HINT}") from None
     return ray
+
+
+_ray_scoring: ContextVar["RayOptions | None"] = ContextVar("dpsel_ray_scoring", default=None)
+
+
+def curate_engine(engine: str, method: str, options: "RayOptions | None") -> "RayOptions | None":
+    """The Ray options `curate`'s scoring passes run with (None: local); exit 2 for a method whose passes
+    are local-only, naming it."""
+    if check_engine(engine) == "local":
+        return None
+    if method not in RAY_CURATE_METHODS:
+        raise DpselInputError(f"--engine ray runs the scoring passes of --method {' and '.join(RAY_CURATE_METHODS)} "
+                              f"only; method {method!r} (its reference, feature and sampling passes) is local-only: "
+                              "run it with --engine local (or under torchrun for bads)")
+    return options or RayOptions()
+
+
+@contextmanager
+def scoring_on(options: "RayOptions | None") -> Iterator[None]:
+    """Within the block, `ray_scoring()` gives `options` (None: the local engine)."""
+    token = _ray_scoring.set(options)
+    try:
+        yield
+    finally:
+        _ray_scoring.reset(token)
+
+
+def ray_scoring() -> "RayOptions | None":
+    return _ray_scoring.get()

@@ -1,35 +1,39 @@
-"""The Ray engine: Ray Data reads the Parquet shards and a stateful scorer actor pool normalises, ids and
-scores every row (`map_batches`); the driver keeps what needs the whole input at once (duplicates across
-shards, the keep rule, the output files) and hands an `InstructionSet` plus per-row scores back to
-`dpsel.curate`, which writes exactly what the local engine writes.
+"""The Ray engine: the driver reads the input once with the data layer and Ray Data spreads the per-row work
+(normalising and scoring) over a pool of stateful actors (`map_batches`); the driver keeps what needs the
+whole input at once (duplicates across shards, the keep rule, the output files).
 
-Where the work runs: the driver first reads the input with the data layer (`read_instruction_set`: ids,
-verdicts and duplicates across all shards, the same code as the local engine, at tens of thousands of rows/s);
-reading and decoding Parquet again (Ray read tasks), normalising, hashing and scoring (the actors: the
-scorer/ folder is loaded once per actor, on a GPU when `num_gpus` > 0) — the per-row cost — is spread over the
-cluster; the driver collects the scores in input order (`preserve_order`), checks each row's id against its
-own and writes. Row order is the input order (files in `expand_paths`
-order, rows in file order), so `scores.parquet` is row-for-row the local engine's.
+Two users: `filter --engine ray` (`score_with_ray`: the scorer/ folder loaded once per actor) and the scoring
+passes of `curate --engine ray` (`nll_with_ray`: the meta-fitted reference, shipped to each actor once as its
+safetensors files, scores every pool row).
+
+Where the work runs: the driver reads the input once (`read_instruction_set`: ids, verdicts and duplicates
+across all shards, the same code as the local engine, at tens of thousands of rows/s) and hands the usable
+rows to Ray as Arrow blocks (`ray.data.from_arrow`: the object store, no second read of the Parquet files);
+the actors do the per-row cost — normalising, tokenising, the model's forward pass — on a GPU when `num_gpus`
+> 0; the driver collects the results in input order (`preserve_order`) and checks each row's id (or index)
+against its own. Row order is the input order, so `scores.parquet` is row-for-row the local engine's.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from dpsel.data import InstructionSet, _plan, expand_paths, read_instruction_set, rows_to_score
+from dpsel.data import InstructionSet, read_instruction_set, rows_to_score
 from dpsel.engines import RayOptions, require_ray
-from dpsel.errors import DpselInputError
 from dpsel.select.base import ProgressFn
 
 # Columns the actors add to each block; the prefix keeps them apart from any user column (dpsel_id included).
 _PREFIX = "__dpsel_"
-READ_CPUS = 1   # CPUs left to Ray Data's list/read tasks when the actor pool is sized from the cluster
-_ID, _WEIGHT, _STD = (f"{_PREFIX}{n}" for n in ("id", "weight", "std"))
+READ_CPUS = 1   # CPUs left to Ray Data's own tasks (and the driver) when the actor pool is sized from the cluster
+_ID, _WEIGHT, _STD, _ROW, _MESSAGES, _NLL = (f"{_PREFIX}{n}" for n in ("id", "weight", "std", "row", "messages",
+                                                                       "nll"))
 
 
 @contextlib.contextmanager
@@ -54,8 +58,8 @@ def ray_runtime(options: RayOptions) -> Iterator[object]:
 
 
 class ScoreBatches:
-    """One Ray actor: loads the scorer once, then turns each block of input rows into their ids and posterior
-    weights (invalid rows: weight 0, never scored), normalised exactly as the data layer's reader does."""
+    """One Ray actor: loads the scorer once, then turns each block of usable input rows into their ids and
+    posterior weights, normalised exactly as the data layer's reader does."""
 
     def __init__(self, scorer_dir: str, shape: str, use_gpu: bool):
         from dpsel.select import load_scorer
@@ -66,14 +70,35 @@ class ScoreBatches:
 
     def __call__(self, block: pa.Table) -> pa.Table:
         ids, valid, messages = rows_to_score(block, self.shape)
-        weight, std = np.zeros(len(ids)), np.zeros(len(ids))
-        if valid.any():
-            idx = np.flatnonzero(valid)
-            # Duplicates of earlier rows are scored too (they are only known once all blocks are in);
-            # the driver then gives them their first occurrence's weight, as the local engine does.
-            mean, spread = self.scorer.score(messages, [ids[i] for i in idx])
-            weight[idx], std[idx] = mean, spread
-        return pa.table({_ID: pa.array(ids, pa.string()), _WEIGHT: pa.array(weight), _STD: pa.array(std)})
+        if not valid.all():   # the driver sends usable rows only: its reader and the actor disagree
+            raise RuntimeError(f"row {ids[int(np.flatnonzero(~valid)[0])]} is invalid on the actor, not on the driver")
+        weight, std = self.scorer.score(messages, ids)
+        return pa.table({_ID: pa.array(ids, pa.string()), _WEIGHT: pa.array(weight, pa.float64()),
+                         _STD: pa.array(std, pa.float64())})
+
+
+class ReferenceNll:
+    """One Ray actor of curate's scoring pass: writes the reference's files (sent once, with the actor) to its
+    own temporary folder, loads the model once, then gives each block of rows (index, messages as JSON) the
+    reference's mean response-token NLL — `dpsel.select.lm.score_nll`, as the local engine computes it."""
+
+    def __init__(self, files: dict[str, bytes], info: dict, max_length: int, use_gpu: bool):
+        import tempfile
+
+        from dpsel.select.lm import load_theta
+        self._folder = tempfile.TemporaryDirectory(prefix="dpsel-reference-")
+        for name, content in files.items():
+            (Path(self._folder.name) / name).write_bytes(content)
+        self.lm = load_theta(Path(self._folder.name), info, device="cuda" if use_gpu else "cpu")
+        self.max_length = max_length
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        import json
+
+        from dpsel.select.lm import EncodedRows, score_nll
+        messages = [json.loads(m) for m in block.column(_MESSAGES).to_pylist()]
+        rows = EncodedRows(messages, self.lm.tokenizer, self.max_length, self.lm.pad_id)
+        return pa.table({_ROW: block.column(_ROW), _NLL: pa.array(score_nll(self.lm, rows), pa.float64())})
 
 
 def _move_to_gpu(scorer) -> None:
@@ -90,10 +115,11 @@ def _move_to_gpu(scorer) -> None:
 class RayScored:
     """What the driver gets back: every input row (input order) and the actors' weights for it."""
     data: InstructionSet
-    weights: np.ndarray          # 0 for invalid rows; duplicates still carry their own (equal) score
+    weights: np.ndarray          # usable rows: the actors' weights; invalid and duplicate rows: 0 (not scored)
     stds: np.ndarray
     seconds: float
     workers: int
+    split: dict                  # seconds: driver read, Ray (actors, collect), total
 
 
 def _worker_count(ray, options: RayOptions) -> int:
@@ -105,59 +131,81 @@ def _worker_count(ray, options: RayOptions) -> int:
     return max(1, int(resources.get("CPU", 1)) - READ_CPUS)
 
 
-def _dataset(ray, planned, options: RayOptions, scorer_dir: str, workers: int):
-    """read_parquet -> map_batches(ScoreBatches) over an actor pool, in input order."""
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    files = [p.file for p in planned]
-    filesystem = None
-    if not all(type(f.fs).__name__ == "LocalFileSystem" for f in files):
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-        filesystem = PyFileSystem(FSSpecHandler(files[0].fs))
-    ds = ray.data.read_parquet([f.path for f in files], filesystem=filesystem)
-    # Ray sizes read blocks by bytes, so shards of short rows arrive as a few big blocks, and a block goes to
-    # one actor: streaming repartition (order kept) into blocks of one batch lets every actor take work.
-    ds = ds.repartition(target_num_rows_per_block=options.batch_size)
-    return ds.map_batches(ScoreBatches, batch_format="pyarrow", batch_size=options.batch_size,
-                          fn_constructor_kwargs={"scorer_dir": scorer_dir, "shape": planned[0].shape,
-                                                 "use_gpu": options.num_gpus > 0},
-                          compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0 if options.num_gpus else 1,
-                          num_gpus=options.num_gpus or None)
+def map_on_actors(table: pa.Table, actor: type, actor_kwargs: dict, options: RayOptions,
+                  progress: ProgressFn | None = None) -> tuple[pa.Table | None, int]:
+    """`table`'s rows, in blocks of `options.batch_size`, through a pool of `actor` instances (each built once
+    with `actor_kwargs`) by Ray Data's `map_batches`; the actors' output blocks concatenated in input order,
+    and the pool size."""
+    with ray_runtime(options) as ray:
+        workers = _worker_count(ray, options)
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        step = max(1, options.batch_size)
+        blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
+        if not blocks:
+            return None, workers
+        ds = ray.data.from_arrow(blocks).map_batches(
+            actor, batch_format="pyarrow", batch_size=step, fn_constructor_kwargs=actor_kwargs,
+            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0 if options.num_gpus else 1,
+            num_gpus=options.num_gpus or None)
+        return _collect(ds, table.num_rows, progress), workers
 
 
 def _collect(ds, total_rows: int, progress: ProgressFn | None) -> pa.Table | None:
-    """Stream the scored blocks (id, weight, std per row) to the driver in order, reporting rows done."""
+    """Stream the actors' blocks to the driver in order, reporting rows done."""
     blocks, done = [], 0
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         blocks.append(block)
         done += block.num_rows
         if progress is not None:
             progress(done, total_rows, {"rows": float(done)})
-    if not blocks:
-        return None
-    return pa.concat_tables(blocks)
+    return pa.concat_tables(blocks) if blocks else None
 
 
 def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
                    progress: ProgressFn | None = None) -> RayScored:
-    """Read and score `inputs` on Ray; every row comes back once, in input order.
+    """Read `inputs` once and score its usable rows on Ray; every row comes back once, in input order.
 
-    The driver reads the input with the data layer (`read_instruction_set`: ids, verdicts, duplicates across
-    all shards, exactly as the local engine) before any Ray work, so bad input fails fast; the actors redo the
-    per-row normalisation for the rows they score, and their ids are checked against the driver's."""
-    import time
+    The driver reads with the data layer (`read_instruction_set`: ids, verdicts, duplicates across all shards,
+    exactly as the local engine), so bad input fails before any Ray work; the actors score the usable rows
+    (as the local engine does), redoing their normalisation, and their ids are checked against the driver's."""
     options = options or RayOptions()
     started = time.perf_counter()
     data = read_instruction_set(inputs)
-    planned = _plan(expand_paths(inputs))
-    with ray_runtime(options) as ray:
-        workers = _worker_count(ray, options)
-        table = _collect(_dataset(ray, planned, options, str(scorer_dir), workers), len(data), progress)
-    if table is None and not len(data):
-        return RayScored(data=data, weights=np.zeros(0), stds=np.zeros(0),
-                         seconds=time.perf_counter() - started, workers=workers)
-    if table is None or table.num_rows != len(data) or not table.column(_ID).combine_chunks().equals(data.ids):
-        got = 0 if table is None else table.num_rows
-        raise RuntimeError(f"Ray returned rows that do not match the input ({got} rows for "
-                           f"{len(data)}, or ids out of order)")
-    return RayScored(data=data, weights=table.column(_WEIGHT).to_numpy(), stds=table.column(_STD).to_numpy(),
-                     seconds=time.perf_counter() - started, workers=workers)
+    usable = np.flatnonzero(data.usable_mask())
+    read_s = time.perf_counter() - started
+    table, workers = map_on_actors(data.table.take(pa.array(usable, pa.int64())), ScoreBatches,
+                                   {"scorer_dir": str(scorer_dir), "shape": data.shape,
+                                    "use_gpu": options.num_gpus > 0}, options, progress)
+    expected = data.ids.take(pa.array(usable, pa.int64()))
+    got = pa.array([], pa.string()) if table is None else table.column(_ID).combine_chunks()
+    if not got.equals(expected):
+        raise RuntimeError(f"Ray returned rows that do not match the input ({len(got)} ids for {len(usable)} "
+                           "usable rows, or ids out of order)")
+    weights, stds = np.zeros(len(data)), np.zeros(len(data))
+    if table is not None:
+        weights[usable], stds[usable] = table.column(_WEIGHT).to_numpy(), table.column(_STD).to_numpy()
+    seconds = time.perf_counter() - started
+    return RayScored(data=data, weights=weights, stds=stds, seconds=seconds, workers=workers,
+                     split={"driver_read_s": read_s, "ray_s": seconds - read_s, "total_s": seconds})
+
+
+def nll_with_ray(lm, messages: list, max_length: int, options: RayOptions,
+                 progress: ProgressFn | None = None) -> np.ndarray:
+    """The reference `lm`'s NLL of every row of `messages` (in order), scored by Ray actors: the reference is
+    saved once (`save_theta`: safetensors) and its files travel with each actor, so actors on other machines
+    need no shared folder."""
+    import json
+    import tempfile
+
+    from dpsel.select.lm import save_theta
+    with tempfile.TemporaryDirectory(prefix="dpsel-ray-reference-") as folder:
+        info = save_theta(lm, Path(folder))
+        files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+    table = pa.table({_ROW: pa.array(np.arange(len(messages)), pa.int64()),
+                      _MESSAGES: pa.array([json.dumps(m) for m in messages], pa.string())})
+    scored, _ = map_on_actors(table, ReferenceNll, {"files": files, "info": info, "max_length": max_length,
+                                                     "use_gpu": options.num_gpus > 0}, options, progress)
+    rows = np.zeros(0, np.int64) if scored is None else scored.column(_ROW).to_numpy()
+    if not np.array_equal(rows, np.arange(len(messages))):
+        raise RuntimeError(f"Ray returned {len(rows)} rows for {len(messages)}, or out of order")
+    return scored.column(_NLL).to_numpy() if scored is not None else np.zeros(0)

@@ -35,17 +35,28 @@ def ifd_weights(ifd: np.ndarray) -> np.ndarray:
     return out
 
 
+def pool_nll(lm, messages: list[Messages], max_length: int) -> np.ndarray:
+    """The reference's NLL of every row: in this process, or on Ray actors under `curate --engine ray`."""
+    from dpsel.engines import ray_scoring
+    from dpsel.select.lm import EncodedRows, score_nll
+    options = ray_scoring()
+    if options is not None:
+        from dpsel.engines.ray_engine import nll_with_ray
+        return nll_with_ray(lm, messages, max_length, options)
+    return score_nll(lm, EncodedRows(messages, lm.tokenizer, max_length, lm.pad_id))
+
+
 def _ifd(lm, messages: list[Messages], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    from dpsel.select.lm import EncodedRows, response_only_rows, score_nll
-    conditional = score_nll(lm, EncodedRows(messages, lm.tokenizer, max_length, lm.pad_id))
-    unconditional = score_nll(lm, EncodedRows(response_only_rows(messages), lm.tokenizer, max_length, lm.pad_id))
+    from dpsel.select.lm import response_only_rows
+    conditional = pool_nll(lm, messages, max_length)
+    unconditional = pool_nll(lm, response_only_rows(messages), max_length)
     return conditional / np.maximum(unconditional, 1e-6), conditional
 
 
 def _select_reference(method: str, train, meta, config: SelectConfig, progress, groups) -> Scores:
     from dpsel.normalize import row_id
     from dpsel.select.bads import infer_groups
-    from dpsel.select.lm import EncodedRows, build_lm, fit_reference, score_nll, seed_all
+    from dpsel.select.lm import EncodedRows, build_lm, fit_reference, seed_all
 
     started = time.perf_counter()
     seed_all(config.seed)
@@ -53,7 +64,7 @@ def _select_reference(method: str, train, meta, config: SelectConfig, progress, 
     meta_rows = EncodedRows(meta, lm.tokenizer, config.max_length, lm.pad_id)
     ref = fit_reference(lm, meta_rows, config, progress)
     if method == "loss":
-        values = score_nll(lm, EncodedRows(train, lm.tokenizer, config.max_length, lm.pad_id))
+        values = pool_nll(lm, train, config.max_length)
         weights = loss_weights(values, infer_groups(train, groups) if groups is not None else None)
     else:
         values, _ = _ifd(lm, train, config.max_length)
