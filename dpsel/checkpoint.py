@@ -74,10 +74,15 @@ class Checkpoints:
     def open(cls, out_dir: Path, fingerprint: dict, *, restart: bool = False) -> "Checkpoints":
         """The checkpoints of OUT for a run with this `fingerprint` (JSON-able). A checkpoint left by a run
         with another fingerprint is refused (exit 2) unless `restart` discards it."""
+        from dpsel.distributed import launched_rank, launched_world
         directory = checkpoint_dir(out_dir)
-        fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk
-        if restart and directory.exists():
-            shutil.rmtree(directory)
+        # as it reads back from disk; torchrun: the stages are per rank, so the process count is part of the run
+        fingerprint = json.loads(json.dumps({**fingerprint, "processes": launched_world()}, default=str))
+        owner = launched_rank() == 0   # under torchrun rank 0 alone deletes; every rank checks
+        if restart:
+            if owner and directory.exists():
+                shutil.rmtree(directory)
+            return cls(directory, fingerprint)
         saved_path = directory / FINGERPRINT_FILE
         if saved_path.exists():
             try:
@@ -86,7 +91,14 @@ class Checkpoints:
                 saved = {"unreadable": True}
             changed = _changes(saved, fingerprint)
             if changed and not any(directory.glob("*.safetensors")):  # nothing saved yet: nothing to resume
-                shutil.rmtree(directory)
+                if owner:
+                    shutil.rmtree(directory, ignore_errors=True)
+            elif saved.get("processes", 1) != fingerprint["processes"]:
+                raise DpselInputError(
+                    f"a checkpoint of an interrupted run with {saved.get('processes', 1)} process(es) is in "
+                    f"{directory}, but this run has {fingerprint['processes']}: re-run it with "
+                    f"{saved.get('processes', 1)} (torchrun --nproc-per-node) to resume, or add --restart to "
+                    "discard it and start from zero", file=str(directory))
             elif changed:
                 raise DpselInputError(
                     f"a checkpoint of an interrupted run is in {directory}, but this run differs from it in: "
@@ -135,7 +147,9 @@ class Checkpoints:
         return load_file(str(tensor_path)), record["state"]
 
     def discard(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        from dpsel.distributed import launched_rank
+        if launched_rank() == 0:   # torchrun: rank 0 publishes the run, so it alone removes the checkpoint
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def current() -> Checkpoints | None:

@@ -126,6 +126,57 @@ class PoolLosses:
         return torch.as_tensor(self.data_parallel.gather_rows(self.problem.all_losses().numpy()))
 
 
+class RankCheckpoints:
+    """A run's checkpoints (`dpsel.checkpoint.Checkpoints`) as one rank of a torchrun run sees them.
+
+    Shared stages (`reference`: the same on every rank) are rank 0's files; every other stage is per rank:
+    rank k saves and loads `<stage>.rank{k}`. Whether to save is decided together (any rank due, or any rank
+    asked to stop by SIGTERM, and every rank saves the same step; a stop then stops every rank), and a resume
+    uses a stage only where every rank has it at the same step. The folder must be one all ranks see (a shared
+    filesystem across machines); the fingerprint names the number of processes (`Checkpoints.open`)."""
+
+    SHARED_STAGES = ("reference",)
+
+    def __init__(self, checkpoints, data_parallel: DataParallel):
+        self.base, self.data_parallel = checkpoints, data_parallel
+        self.resumed = checkpoints.resumed
+
+    def _name(self, stage: str) -> str:
+        return stage if stage in self.SHARED_STAGES else f"{stage}.rank{self.data_parallel.rank}"
+
+    def save(self, stage: str, tensors: dict, state: dict) -> None:
+        if stage not in self.SHARED_STAGES or self.data_parallel.rank == 0:
+            self.base.save(self._name(stage), tensors, state)
+
+    def load(self, stage: str):
+        saved = self.base.load(self._name(stage))
+        steps = self.data_parallel.gather_rows(np.array([-1 if saved is None else int(saved[1].get("step", 0))]))
+        if (steps == steps[0]).all():
+            return saved
+        where = f"{self.base.directory} (steps saved per rank: {steps.tolist()}, -1 = none)"
+        if stage in self.SHARED_STAGES:
+            raise DpselInputError(f"the {stage} checkpoint is not visible to every rank: the checkpoint folder "
+                                  "must be on a filesystem all ranks share", file=where)
+        from dpsel.progress import announce
+        announce(f"rank {self.data_parallel.rank}: the ranks' {stage} checkpoints are from different steps in "
+                 f"{where}; the {stage} stage starts from zero")
+        return None
+
+    def after_step(self, stage: str, snapshot) -> None:
+        from dpsel import signals
+        signals.defer(True)
+        due, stop = self.data_parallel.sum_over_ranks(
+            torch.tensor([float(self.base.due()), float(signals.pending())])).tolist()
+        if due or stop:
+            self.base.save(self._name(stage), *snapshot())
+        if stop:
+            signals.raise_if_pending()
+            raise signals.Terminated("terminated: another rank received SIGTERM")
+
+    def loop_done(self) -> None:
+        self.base.loop_done()
+
+
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     offset = 0
     for t in tensors:

@@ -6,6 +6,7 @@ since been deleted is re-run with `refresh_cache`, so a cache hit never hands on
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 import math
 import os
 from pathlib import Path
@@ -48,7 +49,8 @@ def run_stage(task, **kwargs) -> tuple[dict, str]:
 def _curate_kwargs(config: RunConfig, out: Path) -> dict:
     return dict(train=config.data.train, meta=config.data.meta, out=os.fspath(out),
                 method=config.curate.method, budget=config.curate.budget, threshold=config.curate.threshold,
-                select_config=config.select_config().to_dict(), truth=config.data.truth)
+                select_config=config.select_config().to_dict(), truth=config.data.truth, engine=config.engine,
+                ray_options=asdict(config.ray_options()))
 
 
 def landing_folder_is_empty(inputs) -> bool:
@@ -197,7 +199,6 @@ def filter_flow(config: RunConfig) -> dict:
 def _filter_on_ray(config: RunConfig, out: Path) -> dict:
     """`engine: ray`: one Prefect task for the stage; Ray Data does the per-shard fan-out (one output set,
     duplicates found across shards)."""
-    from dataclasses import asdict
     kwargs = dict(scorer=config.data.scorer, inputs=config.data.inputs, out=os.fspath(out),
                   threshold=config.curate.threshold, ray_options=asdict(config.ray_options()))
     summary, state = run_stage(filter_stage, **kwargs)

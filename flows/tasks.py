@@ -52,16 +52,20 @@ def curation_summary(result: Any) -> dict:
 
 @task(name="curate", cache_key_fn=content_cache_key("train", "meta", "truth"), **_STAGE_OPTIONS)
 def curate_stage(train: Any, meta: Any, out: str, method: str, budget: float | None, threshold: float | None,
-                 select_config: dict, truth: str | None = None) -> dict:
-    """Select rows of `train` with the trusted `meta` set; writes the curation outputs into `out`."""
+                 select_config: dict, truth: str | None = None, engine: str = "local",
+                 ray_options: dict | None = None) -> dict:
+    """Select rows of `train` with the trusted `meta` set; writes the curation outputs into `out`
+    (`engine: ray`: the method's scoring passes on Ray Data, see dpsel.engines)."""
     from dpsel.curate import curate
+    from dpsel.engines import RayOptions
     from dpsel.progress import default_phase_of, progress_reporter
     from dpsel.select.base import SelectConfig
 
     with progress_reporter(f"curate[{method}]", default_phase=default_phase_of(method),
                            sinks=[progress_artifact_sink(artifact_key("curate-progress"))]) as progress:
         result = curate(train, meta, out, method=method, budget=budget, threshold=threshold,
-                        config=SelectConfig(**select_config), progress=progress, truth=truth)
+                        config=SelectConfig(**select_config), progress=progress, truth=truth, engine=engine,
+                        ray=RayOptions(**(ray_options or {})))
     return curation_summary(result)
 
 

@@ -116,3 +116,60 @@ def test_pooled_group_baseline_is_the_global_minibatch_baseline():
     for baseline in _run_ranks(rank_updates):
         torch.testing.assert_close(baseline.mean, whole.mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(baseline.var, whole.var, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- checkpoints under torchrun
+
+def test_rank_checkpoints_are_per_rank_with_rank_zeros_reference(tmp_path):
+    from dpsel.checkpoint import Checkpoints
+    from dpsel.distributed import RankCheckpoints
+
+    base = Checkpoints(tmp_path / "ckpt", {"run": 1}, every_s=3600.0)
+
+    def save_and_load(dp: DataParallel):
+        ranked = RankCheckpoints(base, dp)
+        ranked.save("reference", {"theta": torch.full((2,), float(dp.rank))}, {"steps": 3})
+        ranked.save("sampler", {"w": torch.full((3,), float(dp.rank))}, {"step": 7})
+        return ranked.load("sampler"), ranked.load("reference")
+    results = _run_ranks(save_and_load)
+    names = sorted(p.name for p in (tmp_path / "ckpt").glob("*.safetensors"))
+    assert names == ["reference.safetensors", "sampler.rank0.safetensors", "sampler.rank1.safetensors"]
+    for rank, (sampler, reference) in enumerate(results):
+        assert sampler[1]["step"] == 7 and float(sampler[0]["w"][0]) == rank     # its own shard's state
+        assert float(reference[0]["theta"][0]) == 0.0                              # rank 0's reference
+
+
+def test_rank_checkpoints_save_together_and_resume_only_a_common_step(tmp_path):
+    from dpsel.checkpoint import Checkpoints
+    from dpsel.distributed import RankCheckpoints
+
+    def run(dp: DataParallel):
+        # Only rank 1 is due: both ranks save the same step (a resume needs every rank at one step).
+        base = Checkpoints(tmp_path / "ckpt", {"run": 1}, every_s=0.0 if dp.rank == 1 else 3600.0)
+        ranked = RankCheckpoints(base, dp)
+        ranked.after_step("sampler", lambda: ({"x": torch.zeros(1)}, {"step": 5}))
+        ranked.loop_done()
+        first = ranked.load("sampler")
+        if dp.rank == 0:   # rank 0's file moves on alone (as a kill between the ranks' saves leaves it)
+            base.save("sampler.rank0", {"x": torch.zeros(1)}, {"step": 9})
+        dp.gather_rows(np.zeros(1))   # both ranks past the save
+        return first, ranked.load("sampler")
+    for first, mixed in _run_ranks(run):
+        assert first[1]["step"] == 5
+        assert mixed is None   # steps 9 and 5: no common step, the stage starts from zero (announced)
+
+
+def test_resume_with_another_process_count_is_refused_naming_both(tmp_path, monkeypatch):
+    import pytest
+
+    from dpsel.checkpoint import Checkpoints
+    from dpsel.errors import DpselInputError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    two = Checkpoints.open(tmp_path / "out", {"method": "bads"})
+    two.save("sampler.rank0", {"x": torch.zeros(1)}, {"step": 1})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(DpselInputError, match=r"with 2 process\(es\).*this run has 1"):
+        Checkpoints.open(tmp_path / "out", {"method": "bads"})
+    assert Checkpoints.open(tmp_path / "out", {"method": "bads"}, restart=True).fingerprint["processes"] == 1

@@ -703,8 +703,9 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
     run_steps = settings.resolve_steps(len(train_rows), config.batch_size)
     if dp is not None:  # every rank takes the whole pool's step count (a shard's own could differ by one batch)
         settings.steps = run_steps
-    # Checkpoints are single-process: under torchrun every rank would write the same folder (a documented gap).
-    checkpoint = current_checkpoints() if dp is None else None
+    checkpoint = current_checkpoints()
+    if dp is not None and checkpoint is not None:  # torchrun: per-rank sampler files, rank 0's reference
+        checkpoint = distributed.RankCheckpoints(checkpoint, dp)
     saved = checkpoint.load("reference") if checkpoint is not None else None
     if saved is None:
         ref = fit_reference(lm, meta_rows, reference_budget(config, run_steps, settings.ref_fraction), progress)
