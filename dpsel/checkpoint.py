@@ -132,6 +132,10 @@ class Checkpoints:
             self.save(stage, *snapshot())
         signals.raise_if_pending()
 
+    def loop_start(self) -> None:
+        """From here to `loop_done`, SIGTERM waits for the step in progress to end (then `after_step` saves)."""
+        signals.defer(True)
+
     def loop_done(self) -> None:
         signals.defer(False)
 

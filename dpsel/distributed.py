@@ -173,6 +173,9 @@ class RankCheckpoints:
             signals.raise_if_pending()
             raise signals.Terminated("terminated: another rank received SIGTERM")
 
+    def loop_start(self) -> None:
+        self.base.loop_start()
+
     def loop_done(self) -> None:
         self.base.loop_done()
 

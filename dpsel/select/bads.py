@@ -394,6 +394,8 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
     if saved is not None:
         start_step, step_time = restore(*saved), float(saved[1]["step_time"])
         checkpoint.resumed["sampler"] = {"from_step": start_step, "steps": steps}
+    if checkpoint is not None:
+        checkpoint.loop_start()   # a SIGTERM during the first step waits for it too, then saves
     for step in range(start_step, steps):
         if not batches:
             batches = problem.train_batches(batch_size, int(rng.integers(2**31)))
