@@ -100,7 +100,8 @@ def curate(train, meta, out=None, *, truth=None, per_task: bool = False, config=
     """Score every row of `train` against the trusted `meta` set and keep the best (`dpsel curate`).
 
     `options` are the CLI's, with underscores: method, budget, threshold, model, steps, seed, device,
-    variant, weight_param, batch_size, meta_batch_size, max_length, extra. `out` defaults to a new temporary
+    variant, weight_param, batch_size, meta_batch_size, max_length, extra, engine, ray_address. `out`
+    defaults to a new temporary
     folder. `progress`: True draws progress on stderr, False nothing, or a `progress(step, total, diag)`
     callback."""
     from dpsel.config import RunConfig
@@ -118,7 +119,8 @@ def curate(train, meta, out=None, *, truth=None, per_task: bool = False, config=
     with reporting(progress, f"curate[{run.curate.method}]", default_phase_of(run.curate.method)) as reporter:
         result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
                             budget=run.curate.budget, threshold=run.curate.threshold, per_group=per_task,
-                            config=run.select_config(), progress=reporter, truth=run.data.truth, restart=restart)
+                            config=run.select_config(), progress=reporter, truth=run.data.truth, restart=restart,
+                            engine=run.engine, ray=run.ray_options())
     return _curation_result(result)
 
 
