@@ -101,9 +101,8 @@ def curate(train, meta, out=None, *, truth=None, per_task: bool = False, config=
 
     `options` are the CLI's, with underscores: method, budget, threshold, model, steps, seed, device,
     variant, weight_param, batch_size, meta_batch_size, max_length, extra, engine, ray_address. `out`
-    defaults to a new temporary
-    folder. `progress`: True draws progress on stderr, False nothing, or a `progress(step, total, diag)`
-    callback."""
+    defaults to a new temporary folder. `progress`: True draws progress on stderr, False nothing, or a
+    `progress(step, total, diag)` callback."""
     from dpsel.config import RunConfig
     from dpsel.curate import curate as run_curate
     from dpsel.progress import default_phase_of, reporting, set_verbosity
