@@ -119,6 +119,9 @@ def filter_timings(scorer: Path, folders: dict[int, Path], work: Path, repeats: 
                                                                                         batch_size=batch_size))
                     for w in (1, 2)})
     seconds, splits, identical = {}, {}, True
+    # One untimed Ray run first: the runtime's first actor pool pays one-off costs (worker processes, cold
+    # imports) that would otherwise land on whichever engine and size happens to run first.
+    filter_rows(scorer, folders[min(folders)], work / "warm-up", **engines["ray, 2 workers"])
     for rows, folder in folders.items():
         if with_pyarrow:
             seconds.setdefault("pyarrow read+write", {})[rows] = best_of(

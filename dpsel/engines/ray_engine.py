@@ -48,7 +48,7 @@ def ray_runtime(options: RayOptions) -> Iterator[object]:
     if options.address:
         ray.init(address=options.address, **kwargs)
     else:
-        # One logical CPU more than the actors get: Ray Data's list/read tasks ask for a CPU each, and a pool
+        # One logical CPU more than the actors get: Ray Data's own tasks may ask for a CPU, and a pool
         # holding every CPU would starve them (the run then waits forever).
         ray.init(num_cpus=(options.num_cpus or os.cpu_count()) + READ_CPUS, **kwargs)
     try:
