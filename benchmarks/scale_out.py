@@ -21,8 +21,9 @@ What the issue's targets mean and how this measures them.
 - Sampler: `dpsel curate --method bads` on `--sampler-rows` synth rows, one process vs `torchrun
   --nproc-per-node 2` (gloo), same global batch; seconds per step from each run's manifest.
 
-  python benchmarks/scale_out.py              # the full run (the sizes: 200k and 400k rows; about
-                                              # 6-9 min on 2 idle cores)
+  python benchmarks/scale_out.py              # the full run (the sizes: 200k and 400k rows;
+                                              # ~7-9 min on 2 idle cores, estimated from the
+                                              # smoke run's rates)
   python benchmarks/scale_out.py --quick      # a smoke run (~2 min), writes scale_out-quick.{json,md}
 
 Writes benchmarks/results/scale_out.json and scale_out.md.
@@ -218,7 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000,
                         help="engine-bound filter: the smaller size (the larger is twice this); default 200k")
-    parser.add_argument("--model-rows", type=int, default=2_000,
+    parser.add_argument("--model-rows", type=int, default=1_500,
                         help="model-bound filter: the smaller size (the larger is twice this)")
     parser.add_argument("--sampler-rows", type=int, default=400)
     parser.add_argument("--sampler-steps", type=int, default=60)
