@@ -668,7 +668,7 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
         check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], _as_path_list(inputs))
         mean, std = scored.weights[rows.usable], scored.stds[rows.usable]
         timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds,
-                   "driver_read_s": scored.split["driver_read_s"], "ray_score_s": scored.split["ray_s"]}
+                   **scored.split}
     else:
         rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started)
     _check_weights(mean, std, f"scorer {scorer_dir}")

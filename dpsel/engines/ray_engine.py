@@ -119,7 +119,7 @@ class RayScored:
     stds: np.ndarray
     seconds: float
     workers: int
-    split: dict                  # seconds: driver read, Ray (actors, collect), total
+    split: dict                  # manifest timings: driver read, Ray (actors, collect), first block, stream
 
 
 def _worker_count(ray, options: RayOptions) -> int:
@@ -131,34 +131,48 @@ def _worker_count(ray, options: RayOptions) -> int:
     return max(1, int(resources.get("CPU", 1)) - READ_CPUS)
 
 
+@dataclass
+class ActorRun:
+    """The actors' output blocks (input order) and how the run went: pool size, seconds from submitting the
+    pipeline to the first block back (actor start, scorer/model load, one batch) and to the last."""
+    table: pa.Table | None
+    workers: int
+    first_block_s: float = 0.0
+    seconds: float = 0.0
+    first_block_rows: int = 0
+
+
 def map_on_actors(table: pa.Table, actor: type, actor_kwargs: dict, options: RayOptions,
-                  progress: ProgressFn | None = None) -> tuple[pa.Table | None, int]:
+                  progress: ProgressFn | None = None) -> ActorRun:
     """`table`'s rows, in blocks of `options.batch_size`, through a pool of `actor` instances (each built once
-    with `actor_kwargs`) by Ray Data's `map_batches`; the actors' output blocks concatenated in input order,
-    and the pool size."""
+    with `actor_kwargs`) by Ray Data's `map_batches`; the actors' output blocks concatenated in input order."""
     with ray_runtime(options) as ray:
         workers = _worker_count(ray, options)
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         step = max(1, options.batch_size)
         blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
         if not blocks:
-            return None, workers
+            return ActorRun(None, workers)
         ds = ray.data.from_arrow(blocks).map_batches(
             actor, batch_format="pyarrow", batch_size=step, fn_constructor_kwargs=actor_kwargs,
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0 if options.num_gpus else 1,
             num_gpus=options.num_gpus or None)
-        return _collect(ds, table.num_rows, progress), workers
+        return _collect(ds, table.num_rows, progress, ActorRun(None, workers))
 
 
-def _collect(ds, total_rows: int, progress: ProgressFn | None) -> pa.Table | None:
-    """Stream the actors' blocks to the driver in order, reporting rows done."""
-    blocks, done = [], 0
+def _collect(ds, total_rows: int, progress: ProgressFn | None, run: ActorRun) -> ActorRun:
+    """Stream the actors' blocks to the driver in order, reporting rows done and timing the first block."""
+    blocks, done, started = [], 0, time.perf_counter()
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if not blocks:
+            run.first_block_s, run.first_block_rows = time.perf_counter() - started, block.num_rows
         blocks.append(block)
         done += block.num_rows
         if progress is not None:
             progress(done, total_rows, {"rows": float(done)})
-    return pa.concat_tables(blocks) if blocks else None
+    run.seconds = time.perf_counter() - started
+    run.table = pa.concat_tables(blocks) if blocks else None
+    return run
 
 
 def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
@@ -173,9 +187,10 @@ def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
     data = read_instruction_set(inputs)
     usable = np.flatnonzero(data.usable_mask())
     read_s = time.perf_counter() - started
-    table, workers = map_on_actors(data.table.take(pa.array(usable, pa.int64())), ScoreBatches,
-                                   {"scorer_dir": str(scorer_dir), "shape": data.shape,
-                                    "use_gpu": options.num_gpus > 0}, options, progress)
+    run = map_on_actors(data.table.take(pa.array(usable, pa.int64())), ScoreBatches,
+                        {"scorer_dir": str(scorer_dir), "shape": data.shape, "use_gpu": options.num_gpus > 0},
+                        options, progress)
+    table = run.table
     expected = data.ids.take(pa.array(usable, pa.int64()))
     got = pa.array([], pa.string()) if table is None else table.column(_ID).combine_chunks()
     if not got.equals(expected):
@@ -185,8 +200,10 @@ def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
     if table is not None:
         weights[usable], stds[usable] = table.column(_WEIGHT).to_numpy(), table.column(_STD).to_numpy()
     seconds = time.perf_counter() - started
-    return RayScored(data=data, weights=weights, stds=stds, seconds=seconds, workers=workers,
-                     split={"driver_read_s": read_s, "ray_s": seconds - read_s, "total_s": seconds})
+    return RayScored(data=data, weights=weights, stds=stds, seconds=seconds, workers=run.workers,
+                     split={"driver_read_s": read_s, "ray_score_s": seconds - read_s,
+                            "ray_first_block_s": run.first_block_s, "ray_first_block_rows": run.first_block_rows,
+                            "ray_stream_s": run.seconds})
 
 
 def nll_with_ray(lm, messages: list, max_length: int, options: RayOptions,
@@ -203,8 +220,8 @@ def nll_with_ray(lm, messages: list, max_length: int, options: RayOptions,
         files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
     table = pa.table({_ROW: pa.array(np.arange(len(messages)), pa.int64()),
                       _MESSAGES: pa.array([json.dumps(m) for m in messages], pa.string())})
-    scored, _ = map_on_actors(table, ReferenceNll, {"files": files, "info": info, "max_length": max_length,
-                                                     "use_gpu": options.num_gpus > 0}, options, progress)
+    scored = map_on_actors(table, ReferenceNll, {"files": files, "info": info, "max_length": max_length,
+                                                  "use_gpu": options.num_gpus > 0}, options, progress).table
     rows = np.zeros(0, np.int64) if scored is None else scored.column(_ROW).to_numpy()
     if not np.array_equal(rows, np.arange(len(messages))):
         raise RuntimeError(f"Ray returned {len(rows)} rows for {len(messages)}, or out of order")
