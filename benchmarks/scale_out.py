@@ -100,7 +100,8 @@ def _split(manifest: dict) -> dict:
         first, stream = t["ray_first_block_s"], t["ray_stream_s"]
         steady = (scored - t["ray_first_block_rows"]) / max(stream - first, 1e-9)
         split = {"driver read": t["driver_read_s"], "ray first block": first,
-                 "ray after first block": stream - first, "ray set-up, collect, id check": t["ray_score_s"] - stream,
+                 "ray after first block": stream - first,
+                 "ray set-up, collect, id check": t["ray_score_s"] - stream,
                  "write": t["write_s"]}
         scoring = scored / steady if scored > t["ray_first_block_rows"] else stream
     else:
