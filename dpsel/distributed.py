@@ -61,7 +61,11 @@ class DataParallel:
         row's loss by its group's mean and std and ranks it within its group, and those are statistics of the
         pool — per shard they would score a row against its shard's neighbours only. Returns a problem whose
         `all_losses()` gathers every rank's losses (in input order), then each per-row tensor gathered."""
-        return (PoolLosses(problem, self), *(torch.as_tensor(self.gather_rows(t.numpy())) for t in per_row))
+        return (PoolLosses(problem, self), *(self.gather_tensor(t) for t in per_row))
+
+    def gather_tensor(self, local: torch.Tensor) -> torch.Tensor:
+        """A per-row CPU tensor of every rank's shard, in input order."""
+        return torch.as_tensor(self.gather_rows(local.numpy()))
 
     def own_rows(self, values, n: int):
         """This rank's rows of whole-pool results (arrays/tensors of length `n`, in dicts), the rest as is."""

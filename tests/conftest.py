@@ -55,7 +55,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray runtime for the whole session (Ray's start-up costs seconds): 2 CPUs for two scorer
-    actors plus one logical CPU for Ray Data's read tasks (see dpsel.engines.ray_engine.READ_CPUS).
+    actors plus one logical CPU for Ray Data's own tasks (see dpsel.engines.ray_engine.READ_CPUS).
     Skips where `ray[data]` is not installed."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
