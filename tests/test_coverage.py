@@ -47,9 +47,11 @@ def test_pool_larger_than_the_run_gets_every_row_scored(variant):
     assert np.all(np.isfinite(w)) and np.all((w >= 0) & (w <= 1))
     if variant == "default":
         assert coverage["rows_scored_by"] == {"posterior_pass": 60}
+        assert coverage["prior_evidence"] == ["reference", "theta"]  # no group column: no consistency evidence
         assert np.all(scores.weight_std > 0)  # every row has posterior spread from the θ draws
     else:
         assert coverage["rows_scored_by"]["under_visited"] >= 60 - 12
+        assert coverage["prior_evidence"] == []  # the paper form: flat prior
         prior = BadsSettings.for_variant("paper", {}).beta  # the paper form's flat prior mean
         assert not np.allclose(w, prior)                    # the weight network scored them, not the prior
     # the unvisited rows do not all share one value (they are scored, not defaulted)
