@@ -29,19 +29,27 @@ def answer_text(messages) -> str:
     return messages[-1]["content"]
 
 
+def char_ngrams():
+    """Hashed character 1–4-grams (fastText-style buckets), L2-normalised: no vocabulary to fit or store."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+    return HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=2 ** 16, alternate_sign=False,
+                             norm="l2")
+
+
+def linear_classifier(seed: int):
+    from sklearn.linear_model import LogisticRegression
+    return LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced", random_state=seed)
+
+
 def group_self_confidence(answers: list[str], groups: np.ndarray, seed: int, folds: int = 5) -> np.ndarray:
     """Out-of-fold p(own group | answer) per row (folds stratified by group)."""
-    from sklearn.feature_extraction.text import HashingVectorizer
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     groups = np.asarray(groups)
-    x = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=2 ** 16, alternate_sign=False,
-                          norm="l2").transform(answers)
     smallest = int(np.bincount(groups).min())
     cv = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed)
-    model = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced", random_state=seed)
-    pred_probs = cross_val_predict(model, x, groups, cv=cv, method="predict_proba")
+    pred_probs = cross_val_predict(linear_classifier(seed), char_ngrams().transform(answers), groups, cv=cv,
+                                   method="predict_proba")
     return pred_probs[np.arange(len(groups)), groups]  # cleanlab's self-confidence score
 
 
