@@ -42,8 +42,10 @@ VARIANTS = {
     "bads-no-group-norm": ("bads", {}, {"centre_losses": "global"}),
     "bads-plain-sgld": ("bads", {}, {"precondition": False, "lr_theta": 1e-5}),
     "bads-visits": ("bads", {}, {"posterior_pass": False}),  # ablation: weights from visits only (the old form)
-    # ablation as its own run (θ trained under the reference-only prior): the default before group consistency
-    "bads-no-consistency": ("bads", {}, {"group_consistency": False}),
+    # ablations as their own runs (θ trained under that prior): the prior concentration before issue 13's second
+    # session, and the whole default before it (no group consistency, κ = 6)
+    "bads-kappa6": ("bads", {}, {"kappa": 6.0}),
+    "bads-previous-default": ("bads", {}, {"group_consistency": False, "kappa": 6.0}),
     "l2rw": ("l2rw", {}, {}),
     "loss": ("loss", {}, {}),
     "ifd": ("ifd", {}, {}),

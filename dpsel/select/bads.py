@@ -52,7 +52,10 @@ class BadsSettings:
     refresh_prior: str = "min"        # posterior pass: "min" (prior from reference and θ, see posterior_pass) | "none"
     min_visits: int = 2               # without the posterior pass: rows visited fewer times get the weight net
     beta: float = 0.7                 # prior expected kept fraction
-    kappa: float = 6.0                # prior concentration a + b
+    # Prior concentration a + b. 12 since the prior carries two kinds of evidence (reference loss and group
+    # consistency): measured on 3k rows, seeds 0 / 1, AUROC 0.802 / 0.827 at 6, 0.813 / 0.829 at 12. The paper
+    # form keeps 6 (its flat prior carries no evidence).
+    kappa: float = 12.0
     rho: float = 3.0                  # weight of the train-likelihood term on w (measured: 1 → 0.69, 3 → 0.75 AUROC)
     prior_scale: float = 1.0          # s: std of the Gaussian prior on θ around θ₀ (0.05 kept θ from learning)
     lr_theta: float = 1e-3
@@ -81,7 +84,7 @@ class BadsSettings:
             # The plain form: θ anchored at the base model, symmetric Beta prior, raw losses, plain SGLD at T = 1.
             base = cls(anchor="base", eb_prior=False, centre_losses="none", standardise_losses=False,
                        precondition=False, temperature_theta=1.0, lr_theta=1e-6, prior_scale=1.0,
-                       posterior_pass=False, group_consistency=False)
+                       posterior_pass=False, group_consistency=False, kappa=6.0)
         elif variant != "default":
             from dpsel.errors import DpselInputError
             raise DpselInputError(f"unknown bads variant {variant!r}; use 'default' or 'paper'")
