@@ -42,7 +42,7 @@ def test_prior_without_groups_is_the_reference_prior_and_says_so(caplog):
     messages = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(40)]
     settings = BadsSettings()
     assert settings.group_consistency  # on by default
-    with caplog.at_level(logging.INFO, logger="dpsel.select.consistency"):
+    with caplog.at_level(logging.WARNING, logger="dpsel.select.consistency"):
         evidence = prior_evidence_z(messages, ref_nll, infer_groups(messages, None), settings, seed=0)
     assert list(evidence) == ["reference"]
     assert "group-consistency evidence off" in caplog.text

@@ -62,13 +62,13 @@ def group_consistency(messages: list, groups: np.ndarray, seed: int, folds: int 
     groups = np.asarray(groups)
     counts = np.bincount(groups) if len(groups) else np.zeros(0, dtype=int)
     if (counts >= 2).sum() < 2:
-        log.info("bads prior: no group column with two or more groups of at least 2 rows; "
+        log.warning("bads prior: no group column with two or more groups of at least 2 rows; "
                  "group-consistency evidence off (prior from the LM evidence only)")
         return None
     usable = counts[groups] >= 2
     confidence = np.ones(len(groups))  # a row alone in its group is consistent with it by definition
     if not usable.all():
-        log.info("bads prior: %d row(s) in groups too small to hold out get no group-consistency evidence",
+        log.warning("bads prior: %d row(s) in groups too small to hold out get no group-consistency evidence",
                  int((~usable).sum()))
     _, codes = np.unique(groups[usable], return_inverse=True)
     confidence[usable] = group_self_confidence([answer_text(m) for m, u in zip(messages, usable) if u], codes,
