@@ -52,10 +52,12 @@ def test_two_process_bads_covers_every_row_once_and_keeps_what_one_process_keeps
     assert manifest["counts"]["kept_rows"] == single.counts["kept_rows"]   # same budget, same usable rows
     # Not bit-identical: the 2 ranks draw their own minibatches and meta rows, and the posterior pass
     # standardises losses per shard. Measured on 400 rows / 60 steps: kept-set Jaccard 0.96, weight
-    # correlation 0.99 vs one process; one process with seed 0 vs seed 1: 0.80 and 0.83.
+    # correlation 0.99 vs one process; one process with seed 0 vs seed 1: 0.80 and 0.83. With the group-consistency
+    # prior (128 rows, 20 steps) the weights spread half as much (sd 0.11 vs 0.23), so the per-shard noise weighs
+    # more: weight correlation 0.86-0.87 vs one process; one process with seed 0 vs seed 1: 0.74.
     kept_one, kept_two = set(np.flatnonzero(one["dpsel_kept"])), set(np.flatnonzero(two["dpsel_kept"]))
     assert len(kept_one & kept_two) / len(kept_one | kept_two) >= 0.8
-    assert np.corrcoef(one["dpsel_weight"], two["dpsel_weight"])[0, 1] >= 0.9
+    assert np.corrcoef(one["dpsel_weight"], two["dpsel_weight"])[0, 1] >= 0.85
 
 
 def test_two_process_tune_writes_a_loadable_adapter(pool, tmp_path):
