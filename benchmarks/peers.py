@@ -28,14 +28,13 @@ def answer_of(messages) -> str:
 
 
 def _char_ngrams():
-    from sklearn.feature_extraction.text import HashingVectorizer
-    return HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=2 ** 16, alternate_sign=False,
-                             norm="l2")
+    from dpsel.select.consistency import char_ngrams  # the featuriser bads' group-consistency evidence uses
+    return char_ngrams()
 
 
 def _logistic(seed: int):
-    from sklearn.linear_model import LogisticRegression
-    return LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced", random_state=seed)
+    from dpsel.select.consistency import linear_classifier
+    return linear_classifier(seed)
 
 
 def quality_classifier(train, meta, seed: int, folds: int = 5) -> np.ndarray:

@@ -42,6 +42,10 @@ VARIANTS = {
     "bads-no-group-norm": ("bads", {}, {"centre_losses": "global"}),
     "bads-plain-sgld": ("bads", {}, {"precondition": False, "lr_theta": 1e-5}),
     "bads-visits": ("bads", {}, {"posterior_pass": False}),  # ablation: weights from visits only (the old form)
+    # ablations as their own runs (θ trained under that prior): the prior concentration before issue 13's second
+    # session, and the whole default before it (no group consistency, κ = 6)
+    "bads-kappa6": ("bads", {}, {"kappa": 6.0}),
+    "bads-previous-default": ("bads", {}, {"group_consistency": False, "kappa": 6.0}),
     "l2rw": ("l2rw", {}, {}),
     "loss": ("loss", {}, {}),
     "ifd": ("ifd", {}, {}),
@@ -573,12 +577,24 @@ def multi_seed_targets(summary: list[dict]) -> list[str]:
             notes.append(f"- {'met' if b >= o else 'MISSED'}: bads ≥ every other method on {key} "
                          f"(bads {b:.3f}, best other {best} {o:.3f})")
     if loss:
-        gain = np.asarray(bads["auroc"]["overall"]["values"]) - np.asarray(loss["auroc"]["overall"]["values"])
+        gain = _paired_gain(bads, loss)
         ok = gain.mean() >= 0.02 and gain.mean() > gain.std(ddof=1 if len(gain) > 1 else 0)
         notes.append(f"- {'met' if ok else 'MISSED'}: bads ≥ loss + 0.02 AUROC overall, margin above its spread "
-                     f"(paired gain {gain.mean():+.3f} ± {gain.std(ddof=1) if len(gain) > 1 else 0:.3f} over "
-                     f"{len(gain)} seeds)")
+                     f"(paired gain {_gain_text(gain)})")
+    best = max(others, key=lambda n: by[n]["auroc"]["overall"]["mean"], default=None)
+    if best and best != "loss":
+        gain = _paired_gain(bads, by[best])
+        notes.append(f"- paired gain of bads over the best other method ({best}), overall: {_gain_text(gain)}; "
+                     f"per seed {', '.join(f'{g:+.3f}' for g in gain)}")
     return notes
+
+
+def _paired_gain(entry: dict, other: dict) -> np.ndarray:
+    return np.asarray(entry["auroc"]["overall"]["values"]) - np.asarray(other["auroc"]["overall"]["values"])
+
+
+def _gain_text(gain: np.ndarray) -> str:
+    return f"{gain.mean():+.3f} ± {gain.std(ddof=1) if len(gain) > 1 else 0:.3f} over {len(gain)} seeds"
 
 
 def _pm(entry: dict | None, digits: int = 3) -> str:

@@ -47,9 +47,11 @@ def test_pool_larger_than_the_run_gets_every_row_scored(variant):
     assert np.all(np.isfinite(w)) and np.all((w >= 0) & (w <= 1))
     if variant == "default":
         assert coverage["rows_scored_by"] == {"posterior_pass": 60}
+        assert coverage["prior_evidence"] == ["reference", "theta"]  # no group column: no consistency evidence
         assert np.all(scores.weight_std > 0)  # every row has posterior spread from the θ draws
     else:
         assert coverage["rows_scored_by"]["under_visited"] >= 60 - 12
+        assert coverage["prior_evidence"] == []  # the paper form: flat prior
         prior = BadsSettings.for_variant("paper", {}).beta  # the paper form's flat prior mean
         assert not np.allclose(w, prior)                    # the weight network scored them, not the prior
     # the unvisited rows do not all share one value (they are scored, not defaulted)
@@ -59,7 +61,8 @@ def test_pool_larger_than_the_run_gets_every_row_scored(variant):
 
 def test_curate_manifest_records_coverage(tmp_path):
     from dpsel.curate import curate
-    rows = [{"instruction": f"What is {i} + {i + 1}?", "output": str(2 * i + 1), "task": "add"} for i in range(48)]
+    rows = [{"instruction": f"What is {i} + {i + 1}?", "output": str(2 * i + 1), "task": "add"} if i % 2 else
+            {"instruction": f"Shout the word w{i}", "output": f"W{i}!", "task": "shout"} for i in range(48)]
     meta = [{"instruction": f"What is {i} + 2?", "output": str(i + 2), "task": "add"} for i in range(300, 312)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     pq.write_table(pa.Table.from_pylist(meta), tmp_path / "meta.parquet")
@@ -73,6 +76,7 @@ def test_curate_manifest_records_coverage(tmp_path):
     assert coverage["rows_never_visited_after_burn_in"] > 0
     assert coverage["rows_scored_by"] == {"posterior_pass": 48}
     assert set(coverage["visits_after_burn_in"]) == {"min", "median", "max"}
+    assert coverage["prior_evidence"] == ["reference", "group_consistency", "theta"]  # the pool has a task column
 
 
 def test_rds_ranks_off_domain_rows_below_on_domain():

@@ -56,12 +56,13 @@ def test_two_process_bads_covers_every_row_once_and_keeps_what_one_process_keeps
     assert sum(coverage["rows_scored_by"].values()) == usable
     assert manifest["counts"]["kept_rows"] == single.counts["kept_rows"]   # same budget, same usable rows
     # Not bit-identical: the 2 ranks draw their own minibatches, meta rows and noise (the posterior pass and the
-    # loss baselines use whole-pool statistics: tests/test_distributed_pool.py). Measured on 400 rows / 60
-    # steps: kept-set Jaccard 0.96, weight correlation 0.99 vs one process; one process with seed 0 vs seed 1:
-    # 0.80 and 0.83.
+    # loss baselines use whole-pool statistics: tests/test_distributed_pool.py). With the group-consistency prior
+    # (128 rows, 20 steps) the weights spread half as much as before it, so the ranks' own draws weigh more:
+    # weight correlation 0.84 vs one process, while one process with seed 0 vs seed 1 agrees at 0.74. The bound
+    # asks the 2-process run to agree with one process clearly better than a change of seed does.
     kept_one, kept_two = set(np.flatnonzero(one["dpsel_kept"])), set(np.flatnonzero(two["dpsel_kept"]))
     assert len(kept_one & kept_two) / len(kept_one | kept_two) >= 0.8
-    assert np.corrcoef(one["dpsel_weight"], two["dpsel_weight"])[0, 1] >= 0.9
+    assert np.corrcoef(one["dpsel_weight"], two["dpsel_weight"])[0, 1] >= 0.8
 
 
 def test_two_process_tune_writes_a_loadable_adapter(pool, tmp_path):
