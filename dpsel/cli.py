@@ -135,8 +135,9 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report."),
            restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint of an interrupted run "
                                         "into this --out and start from zero (default: resume it)."),
-           engine: Optional[str] = typer.Option(None, "--engine", help="local (default) | ray: the scoring passes "
-                                                "of --method loss/ifd on Ray Data (other methods: local only)."),
+           engine: Optional[str] = typer.Option(None, "--engine", help="local (default) | ray: the pool passes "
+                                                "of --method loss/ifd/bads/rds on Ray Data (l2rw, random, all: "
+                                                "local only)."),
            ray_address: Optional[str] = typer.Option(None, "--ray-address",
                                                      help="Join this Ray cluster (default: a local runtime)."),
            config: Optional[Path] = ConfigOpt):

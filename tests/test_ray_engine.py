@@ -84,19 +84,22 @@ def test_engine_ray_without_ray_exits_2_with_install_hint(tmp_path):
     assert "pip install 'dpsel[ray]'" in done.stderr
 
 
-def test_ray_curate_loss_scores_match_local(ray_local, loss_run):
-    """`curate --engine ray`: the reference's NLL pass over the pool runs on Ray actors (the reference shipped
-    to each once) and gives the local engine's scores."""
+@pytest.mark.parametrize("method", ["loss", "bads", "rds"])
+def test_ray_curate_scores_match_local(ray_local, loss_run, method):
+    """`curate --engine ray`: the pool pass of each method (the reference's NLL for `loss`, its features for
+    `bads`, whose sampling stays local, the base's RDS+ embeddings for `rds`) runs on Ray actors (the model
+    shipped to each once) and gives the local engine's scores."""
     root = loss_run
-    options = dict(method="loss", config=SelectConfig(steps=20, max_length=64))
-    on_ray = curate(root / "train.parquet", root / "meta.parquet", root / "curate-ray", engine="ray",
+    options = dict(method=method, config=SelectConfig(steps=20, max_length=64))
+    local = root / "run" if method == "loss" else \
+        curate(root / "train.parquet", root / "meta.parquet", root / f"curate-{method}-local", **options).out_dir
+    on_ray = curate(root / "train.parquet", root / "meta.parquet", root / f"curate-{method}-ray", engine="ray",
                     ray=RayOptions(workers=2, batch_size=8), **options)
-    local = pq.read_table(root / "run" / "scores.parquet")
-    assert pq.read_table(on_ray.out_dir / "scores.parquet").equals(local)
+    assert pq.read_table(on_ray.out_dir / "scores.parquet").equals(pq.read_table(local / "scores.parquet"))
     assert json.loads((on_ray.out_dir / "manifest.json").read_text())["timings"]["engine"] == "ray"
 
 
 def test_ray_curate_refuses_a_local_only_method(tmp_path):
-    with pytest.raises(DpselInputError, match="method 'bads'.*local-only"):
-        curate(tmp_path / "train.parquet", tmp_path / "meta.parquet", tmp_path / "out", method="bads",
+    with pytest.raises(DpselInputError, match="method 'l2rw'.*local-only"):
+        curate(tmp_path / "train.parquet", tmp_path / "meta.parquet", tmp_path / "out", method="l2rw",
                engine="ray")

@@ -18,8 +18,9 @@ from typing import Iterator
 from dpsel.errors import DpselInputError
 
 ENGINES = ("local", "ray")
-# curate methods whose scoring passes run on Ray: the reference's NLL over the pool (`loss`; `ifd`'s two passes)
-RAY_CURATE_METHODS = ("loss", "ifd")
+# curate methods whose pool passes run on Ray: the reference's NLL (`loss`; `ifd`'s two passes), the reference's
+# features (`bads`: its SGLD sampling stays in this process, or data-parallel under torchrun), RDS+ embeddings
+RAY_CURATE_METHODS = ("loss", "ifd", "bads", "rds")
 RAY_INSTALL_HINT = "pip install 'dpsel[ray]' (or: pip install 'ray[data]>=2.30')"
 
 
@@ -63,9 +64,8 @@ def curate_engine(engine: str, method: str, options: "RayOptions | None") -> "Ra
     if check_engine(engine) == "local":
         return None
     if method not in RAY_CURATE_METHODS:
-        raise DpselInputError(f"--engine ray runs the scoring passes of --method {' and '.join(RAY_CURATE_METHODS)} "
-                              f"only; method {method!r} (its reference, feature and sampling passes) is local-only: "
-                              "run it with --engine local (or under torchrun for bads)")
+        raise DpselInputError(f"--engine ray runs the pool passes of --method {', '.join(RAY_CURATE_METHODS)} "
+                              f"only; method {method!r} is local-only: run it with --engine local")
     return options or RayOptions()
 
 

@@ -3,8 +3,9 @@
 whole input at once (duplicates across shards, the keep rule, the output files).
 
 Two users: `filter --engine ray` (`score_with_ray`: the scorer/ folder loaded once per actor) and the scoring
-passes of `curate --engine ray` (`nll_with_ray`: the meta-fitted reference, shipped to each actor once as its
-safetensors files, scores every pool row).
+passes of `curate --engine ray` (`pass_with_ray`: the model of the pass — the meta-fitted reference, or the base
+for `rds` — shipped to each actor once as its safetensors files, runs one pass over every pool row: the NLL, the
+`bads` features or the RDS+ embeddings).
 
 Where the work runs: the driver reads the input once (`read_instruction_set`: ids, verdicts and duplicates
 across all shards, the same code as the local engine, at tens of thousands of rows/s) and hands the usable
@@ -32,8 +33,8 @@ from dpsel.select.base import ProgressFn
 # Columns the actors add to each block; the prefix keeps them apart from any user column (dpsel_id included).
 _PREFIX = "__dpsel_"
 READ_CPUS = 1   # CPUs left to Ray Data's own tasks (and the driver) when the actor pool is sized from the cluster
-_ID, _WEIGHT, _STD, _ROW, _MESSAGES, _NLL = (f"{_PREFIX}{n}" for n in ("id", "weight", "std", "row", "messages",
-                                                                       "nll"))
+_ID, _WEIGHT, _STD, _ROW, _MESSAGES, _VALUES = (f"{_PREFIX}{n}" for n in ("id", "weight", "std", "row", "messages",
+                                                                          "values"))
 
 
 @contextlib.contextmanager
@@ -77,12 +78,12 @@ class ScoreBatches:
                          _STD: pa.array(std, pa.float64())})
 
 
-class ReferenceNll:
-    """One Ray actor of curate's scoring pass: writes the reference's files (sent once, with the actor) to its
-    own temporary folder, loads the model once, then gives each block of rows (index, messages as JSON) the
-    reference's mean response-token NLL — `dpsel.select.lm.score_nll`, as the local engine computes it."""
+class ModelPass:
+    """One Ray actor of a curate scoring pass: writes the model's files (sent once, with the actor) to its own
+    temporary folder, loads the model once, then gives each block of rows (index, messages as JSON) the pass's
+    values per row — the same function the local engine calls (`row_pass`)."""
 
-    def __init__(self, files: dict[str, bytes], info: dict, max_length: int, use_gpu: bool):
+    def __init__(self, files: dict[str, bytes], info: dict, max_length: int, use_gpu: bool, kind: str):
         import tempfile
 
         from dpsel.select.lm import load_theta
@@ -90,15 +91,18 @@ class ReferenceNll:
         for name, content in files.items():
             (Path(self._folder.name) / name).write_bytes(content)
         self.lm = load_theta(Path(self._folder.name), info, device="cuda" if use_gpu else "cpu")
-        self.max_length = max_length
+        from dpsel.select.scoring import row_pass
+        self.max_length, self.run_pass = max_length, row_pass(kind)
 
     def __call__(self, block: pa.Table) -> pa.Table:
         import json
 
-        from dpsel.select.lm import EncodedRows, score_nll
+        from dpsel.select.lm import EncodedRows
         messages = [json.loads(m) for m in block.column(_MESSAGES).to_pylist()]
         rows = EncodedRows(messages, self.lm.tokenizer, self.max_length, self.lm.pad_id)
-        return pa.table({_ROW: block.column(_ROW), _NLL: pa.array(score_nll(self.lm, rows), pa.float64())})
+        values = np.asarray(self.run_pass(self.lm, rows), dtype=np.float64).reshape(len(messages), -1)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float64()), values.shape[1])
+        return pa.table({_ROW: block.column(_ROW), _VALUES: column})
 
 
 def _move_to_gpu(scorer) -> None:
@@ -206,11 +210,11 @@ def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
                             "ray_stream_s": run.seconds})
 
 
-def nll_with_ray(lm, messages: list, max_length: int, options: RayOptions,
-                 progress: ProgressFn | None = None) -> np.ndarray:
-    """The reference `lm`'s NLL of every row of `messages` (in order), scored by Ray actors: the reference is
-    saved once (`save_theta`: safetensors) and its files travel with each actor, so actors on other machines
-    need no shared folder."""
+def pass_with_ray(lm, messages: list, max_length: int, options: RayOptions, kind: str = "nll",
+                  progress: ProgressFn | None = None) -> np.ndarray:
+    """`lm`'s pass `kind` (`row_pass`: "nll" [N], "features" or "embeddings" [N, F]) over every row of
+    `messages` (in order), run by Ray actors: the model is saved once (`save_theta`: safetensors) and its files
+    travel with each actor, so actors on other machines need no shared folder."""
     import json
     import tempfile
 
@@ -220,9 +224,13 @@ def nll_with_ray(lm, messages: list, max_length: int, options: RayOptions,
         files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
     table = pa.table({_ROW: pa.array(np.arange(len(messages)), pa.int64()),
                       _MESSAGES: pa.array([json.dumps(m) for m in messages], pa.string())})
-    scored = map_on_actors(table, ReferenceNll, {"files": files, "info": info, "max_length": max_length,
-                                                  "use_gpu": options.num_gpus > 0}, options, progress).table
+    scored = map_on_actors(table, ModelPass, {"files": files, "info": info, "max_length": max_length,
+                                               "use_gpu": options.num_gpus > 0, "kind": kind}, options, progress).table
     rows = np.zeros(0, np.int64) if scored is None else scored.column(_ROW).to_numpy()
     if not np.array_equal(rows, np.arange(len(messages))):
         raise RuntimeError(f"Ray returned {len(rows)} rows for {len(messages)}, or out of order")
-    return scored.column(_NLL).to_numpy() if scored is not None else np.zeros(0)
+    if scored is None:
+        return np.zeros(0)
+    values = scored.column(_VALUES).combine_chunks()
+    matrix = np.array(values.flatten().to_numpy()).reshape(len(messages), values.type.list_size)  # writable
+    return matrix[:, 0] if kind == "nll" else matrix

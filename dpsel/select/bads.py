@@ -723,6 +723,8 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
                 progress: ProgressFn | None = None, groups=None) -> Scores:
     """Fit the meta reference (θ₀, features, empirical-Bayes prior), then sample (θ, w) by SGLD."""
     from dpsel.select.features import FeatureStats, distil_weight_net, row_features
+    from dpsel.engines import ray_scoring
+    from dpsel.select.scoring import pool_pass
     from dpsel.checkpoint import current as current_checkpoints, flatten, unflatten
     from dpsel.select.lm import EncodedRows, ReferenceFit, build_lm, fit_reference, score_nll, seed_all
 
@@ -734,6 +736,9 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
         settings.steps = int(config.steps)
     seed_all(config.seed)
     dp = distributed.from_env()  # None unless launched by torchrun / accelerate with several processes
+    if dp is not None and ray_scoring() is not None:
+        raise DpselInputError("curate --engine ray under torchrun: the ranks already split the feature pass; "
+                              "use one of the two (--engine local under torchrun, or --engine ray in one process)")
     if dp is not None and config.weight_param != "logits":
         raise DpselInputError("data-parallel bads needs --weight-param logits (the amortised net is shared)")
     lm = build_lm(config)
@@ -755,7 +760,7 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
         ref_state = lm.theta_state()
         if dp is not None:
             dp.broadcast(lm.theta())  # one reference for all ranks, even where GPU kernels are not deterministic
-        raw_features = row_features(lm, train_rows) if dp is None else \
+        raw_features = pool_pass("features", lm, train, config.max_length, train_rows) if dp is None else \
             dp.gather_rows(row_features(lm, distributed.subset_rows(train_rows, dp.shard(len(train_rows)))))
         if checkpoint is not None:
             checkpoint.save("reference", {**flatten("theta", ref_state), "features": torch.as_tensor(raw_features)},

@@ -52,13 +52,13 @@ def select_rds(train: list[Messages], meta: list[Messages], config: SelectConfig
                progress: ProgressFn | None = None, groups=None) -> Scores:
     from dpsel.normalize import row_id
     from dpsel.select.lm import EncodedRows, build_lm, rank_normalise, seed_all
+    from dpsel.select.scoring import pool_pass
 
     started = time.perf_counter()
     seed_all(config.seed)
     lm = build_lm(config)
     meta_emb = embed_rows(lm, EncodedRows(meta, lm.tokenizer, config.max_length, lm.pad_id))
-    similarity = max_similarity(embed_rows(lm, EncodedRows(train, lm.tokenizer, config.max_length, lm.pad_id)),
-                                meta_emb)
+    similarity = max_similarity(pool_pass("embeddings", lm, train, config.max_length), meta_emb)
     weights = rank_normalise(similarity)
     if progress:
         progress(1, 1, {"mean_similarity": float(similarity.mean())})

@@ -37,13 +37,8 @@ def ifd_weights(ifd: np.ndarray) -> np.ndarray:
 
 def pool_nll(lm, messages: list[Messages], max_length: int) -> np.ndarray:
     """The reference's NLL of every row: in this process, or on Ray actors under `curate --engine ray`."""
-    from dpsel.engines import ray_scoring
-    from dpsel.select.lm import EncodedRows, score_nll
-    options = ray_scoring()
-    if options is not None:
-        from dpsel.engines.ray_engine import nll_with_ray
-        return nll_with_ray(lm, messages, max_length, options)
-    return score_nll(lm, EncodedRows(messages, lm.tokenizer, max_length, lm.pad_id))
+    from dpsel.select.scoring import pool_pass
+    return pool_pass("nll", lm, messages, max_length)
 
 
 def _ifd(lm, messages: list[Messages], max_length: int) -> tuple[np.ndarray, np.ndarray]:

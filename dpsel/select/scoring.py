@@ -70,3 +70,30 @@ def raw_forward_seconds(model: torch.nn.Module, batches: list[dict]) -> float:
         for batch in batches:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return time.perf_counter() - start
+
+
+def row_pass(kind: str):
+    """The per-row model pass `kind` names: (lm, EncodedRows) -> "nll" [N], "features" or "embeddings" [N, F]."""
+    if kind == "nll":
+        from dpsel.select.lm import score_nll
+        return score_nll
+    if kind == "features":
+        from dpsel.select.features import row_features
+        return row_features
+    if kind == "embeddings":
+        from dpsel.select.rds import embed_rows
+        return embed_rows
+    raise ValueError(f"unknown row pass {kind!r}")
+
+
+def pool_pass(kind: str, lm, messages: list, max_length: int, rows=None) -> np.ndarray:
+    """`row_pass(kind)` over every pool row: in this process (over `rows`, the encoded `messages`, when given),
+    or on Ray actors under `curate --engine ray` (dpsel.engines.ray_engine.pass_with_ray)."""
+    from dpsel.engines import ray_scoring
+    options = ray_scoring()
+    if options is not None:
+        from dpsel.engines.ray_engine import pass_with_ray
+        return pass_with_ray(lm, messages, max_length, options, kind)
+    from dpsel.select.lm import EncodedRows
+    rows = rows if rows is not None else EncodedRows(messages, lm.tokenizer, max_length, lm.pad_id)
+    return row_pass(kind)(lm, rows)
