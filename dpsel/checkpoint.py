@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,6 +124,7 @@ class Checkpoints:
         write_json_atomic({"stage": stage, "tensors_sha256": file_sha256(tensor_path), "state": state},
                           self.directory / f"{stage}.json")
         self._last_save = time.monotonic()
+        _fault_kill_after(stage, state)
 
     def after_step(self, stage: str, snapshot: Callable[[], tuple[dict, dict]]) -> None:
         """Called by a loop after each complete step: save `snapshot()` when one is due or SIGTERM arrived
@@ -154,6 +156,17 @@ class Checkpoints:
         from dpsel.distributed import launched_rank
         if launched_rank() == 0:   # torchrun: rank 0 publishes the run, so it alone removes the checkpoint
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _fault_kill_after(stage: str, state: dict) -> None:
+    """Fault injection for the resume tests: DPSEL_FAULT_KILL_AFTER_SAVE=STAGE:STEP SIGKILLs this process right
+    after a complete save of STAGE at step >= STEP, so a test kills at a point it chose, never by timing."""
+    spec = os.environ.get("DPSEL_FAULT_KILL_AFTER_SAVE", "")
+    if not spec:
+        return
+    name, _, step = spec.partition(":")
+    if name == stage and int(state.get("step", 0)) >= int(step or 0):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def current() -> Checkpoints | None:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -53,23 +52,13 @@ def _run(command: list[str], every_s: str = "0") -> subprocess.CompletedProcess:
 
 
 def _kill_mid_sampling(command: list[str], out: Path) -> int:
-    """Start the run, SIGKILL it once the sampler has checkpointed a step past a third of the run."""
-    state = checkpoint_dir(out) / "sampler.json"
-    process = subprocess.Popen(command, env=_env("0"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    step = 0
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            step = json.loads(state.read_text())["state"]["step"]
-        except (OSError, ValueError, KeyError):
-            step = 0
-        if step >= STEPS // 3:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    process.wait()
+    """Run it and SIGKILL it right after its sampler checkpoint at a third of the run has been written in full
+    (the run kills itself there: DPSEL_FAULT_KILL_AFTER_SAVE), so where the kill lands never depends on timing."""
+    at = STEPS // 3
+    env = {**_env("0"), "DPSEL_FAULT_KILL_AFTER_SAVE": f"sampler:{at}"}
+    process = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-sampling"
-    return step
+    return json.loads((checkpoint_dir(out) / "sampler.json").read_text())["state"]["step"]
 
 
 def _weights(out: Path) -> pd.DataFrame:
