@@ -137,8 +137,8 @@ def case_filter_model(path: Path, work: Path) -> dict:
     from dpsel.curate import filter_rows
     from dpsel.data import read_instruction_set
     from dpsel.select import load_scorer
-    from dpsel.select.lm import EncodedRows
-    from dpsel.select.scoring import length_batches, raw_forward_seconds
+    from dpsel.models.lm import EncodedRows
+    from dpsel.models.forward import length_batches, raw_forward_seconds
     scorer_dir = _bads_scorer(work)
     base = current_rss()
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -172,7 +172,7 @@ def run_method(name: str, data: dict, args, progress_every: float = 30.0) -> dic
     if name != "all":
         result["auroc"] = auroc_report(w, data["kinds"])
     # Ablations the same bads run produced (per-task ranks, as `loss` ranks its reference losses).
-    from dpsel.select.lm import rank_normalise
+    from dpsel.select.ranks import rank_normalise
     result["_alternatives"] = {f"{name}[{alt}]": rank_normalise(v, data["tasks"]) for alt, v in scores.alternatives.items()}
     result["_keep"] = keep
     print(f"{name}: {json.dumps({k: v for k, v in result.items() if not k.startswith('_')}, default=float)}", flush=True)

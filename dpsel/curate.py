@@ -535,7 +535,9 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     `engine="ray"` runs the method's pool-scoring passes on Ray (`ray`: `dpsel.engines.RayOptions`; methods in
     `dpsel.engines.RAY_CURATE_METHODS`, any other is an input error); same outputs.
     """
-    from dpsel.engines import curate_engine, scoring_on
+    from dpsel.engines import curate_engine
+    from dpsel.engines.ray_engine import pool_executor
+    from dpsel.models.passes import executing_on
     started = time.perf_counter()
     ray_options = curate_engine(engine, method, ray)
     config = config or SelectConfig()
@@ -563,7 +565,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
     usable_groups = None if groups is None else list(groups[train_rows.usable])
     checkpoints = _open_checkpoints(out, method, config, train_rows, meta_rows, restart)
-    with checkpoint.active(checkpoints), scoring_on(ray_options):
+    with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)):
         scores = select(train_rows.data.messages(train_rows.usable), meta_rows.data.messages(meta_rows.usable),
                         method, config, progress, groups=usable_groups)
     _check_weights(scores.weight_mean, scores.weight_std, f"method {method}")

@@ -2,10 +2,11 @@
 (normalising and scoring) over a pool of stateful actors (`map_batches`); the driver keeps what needs the
 whole input at once (duplicates across shards, the keep rule, the output files).
 
-Two users: `filter --engine ray` (`score_with_ray`: the scorer/ folder loaded once per actor) and the scoring
-passes of `curate --engine ray` (`pass_with_ray`: the model of the pass — the meta-fitted reference, or the base
-for `rds` — shipped to each actor once as its safetensors files, runs one pass over every pool row: the NLL, the
-`bads` features or the RDS+ embeddings).
+Two users: `filter --engine ray` (`score_with_ray`: the scorer/ folder loaded once per actor) and the pool
+passes of `curate --engine ray` (`RayPasses`, the model layer's executor that `curate` installs: the model of the
+pass — the meta-fitted reference, or the base for `rds` — shipped to each actor once as its safetensors files,
+runs the pass function the method handed over on every pool row: the NLL, the `bads` features or the RDS+
+embeddings). The engine never knows which: it is handed a function and runs it.
 
 Where the work runs: the driver reads the input once (`read_instruction_set`: ids, verdicts and duplicates
 across all shards, the same code as the local engine, at tens of thousands of rows/s) and hands the usable
@@ -21,20 +22,24 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from dpsel.data import InstructionSet, read_instruction_set, rows_to_score
 from dpsel.engines import RayOptions, require_ray
+from dpsel.models.passes import Executor, InProcess, RowPass
 from dpsel.select.base import ProgressFn
+
+if TYPE_CHECKING:  # the LM stack (transformers) loads in the passes that use it, not with the engine
+    from dpsel.models.lm import LM
 
 # Columns the actors add to each block; the prefix keeps them apart from any user column (dpsel_id included).
 _PREFIX = "__dpsel_"
 READ_CPUS = 1   # CPUs left to Ray Data's own tasks (and the driver) when the actor pool is sized from the cluster
-_ID, _WEIGHT, _STD, _ROW, _MESSAGES, _VALUES = (f"{_PREFIX}{n}" for n in ("id", "weight", "std", "row", "messages",
-                                                                          "values"))
+_ID, _WEIGHT, _STD, _ROW, _MESSAGES, _VALUES, _NDIM = (f"{_PREFIX}{n}" for n in (
+    "id", "weight", "std", "row", "messages", "values", "ndim"))
 
 
 @contextlib.contextmanager
@@ -79,30 +84,31 @@ class ScoreBatches:
 
 
 class ModelPass:
-    """One Ray actor of a curate scoring pass: writes the model's files (sent once, with the actor) to its own
-    temporary folder, loads the model once, then gives each block of rows (index, messages as JSON) the pass's
-    values per row — the same function the local engine calls (`row_pass`)."""
+    """One Ray actor of a curate pool pass: writes the model's files (sent once, with the actor) to its own
+    temporary folder, loads the model once, then gives each block of rows (index, messages as JSON) the values
+    of `fn` per row — the function the method handed to `pool_pass`, the one the local engine calls."""
 
-    def __init__(self, files: dict[str, bytes], info: dict, max_length: int, use_gpu: bool, kind: str):
+    def __init__(self, files: dict[str, bytes], info: dict, max_length: int, use_gpu: bool, fn: RowPass):
         import tempfile
 
-        from dpsel.select.lm import load_theta
+        from dpsel.models.lm import load_theta
         self._folder = tempfile.TemporaryDirectory(prefix="dpsel-reference-")
         for name, content in files.items():
             (Path(self._folder.name) / name).write_bytes(content)
         self.lm = load_theta(Path(self._folder.name), info, device="cuda" if use_gpu else "cpu")
-        from dpsel.select.scoring import row_pass
-        self.max_length, self.run_pass = max_length, row_pass(kind)
+        self.max_length, self.fn = max_length, fn
 
     def __call__(self, block: pa.Table) -> pa.Table:
         import json
 
-        from dpsel.select.lm import EncodedRows
+        from dpsel.models.lm import EncodedRows
         messages = [json.loads(m) for m in block.column(_MESSAGES).to_pylist()]
         rows = EncodedRows(messages, self.lm.tokenizer, self.max_length, self.lm.pad_id)
-        values = np.asarray(self.run_pass(self.lm, rows), dtype=np.float64).reshape(len(messages), -1)
+        values = np.asarray(self.fn(self.lm, rows), dtype=np.float64)
+        ndim = pa.array(np.full(len(messages), values.ndim, np.int8))   # the driver gives back fn's own shape
+        values = values.reshape(len(messages), -1)
         column = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float64()), values.shape[1])
-        return pa.table({_ROW: block.column(_ROW), _VALUES: column})
+        return pa.table({_ROW: block.column(_ROW), _VALUES: column, _NDIM: ndim})
 
 
 def _move_to_gpu(scorer) -> None:
@@ -210,22 +216,22 @@ def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
                             "ray_stream_s": run.seconds})
 
 
-def pass_with_ray(lm, messages: list, max_length: int, options: RayOptions, kind: str = "nll",
+def pass_with_ray(lm: LM, messages: list, max_length: int, options: RayOptions, fn: RowPass,
                   progress: ProgressFn | None = None) -> np.ndarray:
-    """`lm`'s pass `kind` (`row_pass`: "nll" [N], "features" or "embeddings" [N, F]) over every row of
-    `messages` (in order), run by Ray actors: the model is saved once (`save_theta`: safetensors) and its files
-    travel with each actor, so actors on other machines need no shared folder."""
+    """`fn(lm, rows)` (one value [N] or one vector [N, F] per row) over every row of `messages` (in order), run
+    by Ray actors: the model is saved once (`save_theta`: safetensors) and its files travel with each actor, so
+    actors on other machines need no shared folder; `fn` travels by reference (a module-level function)."""
     import json
     import tempfile
 
-    from dpsel.select.lm import save_theta
+    from dpsel.models.lm import save_theta
     with tempfile.TemporaryDirectory(prefix="dpsel-ray-reference-") as folder:
         info = save_theta(lm, Path(folder))
         files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
     table = pa.table({_ROW: pa.array(np.arange(len(messages)), pa.int64()),
                       _MESSAGES: pa.array([json.dumps(m) for m in messages], pa.string())})
     scored = map_on_actors(table, ModelPass, {"files": files, "info": info, "max_length": max_length,
-                                               "use_gpu": options.num_gpus > 0, "kind": kind}, options, progress).table
+                                               "use_gpu": options.num_gpus > 0, "fn": fn}, options, progress).table
     rows = np.zeros(0, np.int64) if scored is None else scored.column(_ROW).to_numpy()
     if not np.array_equal(rows, np.arange(len(messages))):
         raise RuntimeError(f"Ray returned {len(rows)} rows for {len(messages)}, or out of order")
@@ -233,4 +239,18 @@ def pass_with_ray(lm, messages: list, max_length: int, options: RayOptions, kind
         return np.zeros(0)
     values = scored.column(_VALUES).combine_chunks()
     matrix = np.array(values.flatten().to_numpy()).reshape(len(messages), values.type.list_size)  # writable
-    return matrix[:, 0] if kind == "nll" else matrix
+    return matrix[:, 0] if scored.column(_NDIM)[0].as_py() == 1 else matrix
+
+
+@dataclass
+class RayPasses:
+    """The model layer's `Executor` on Ray: each pool pass runs on a pool of `ModelPass` actors."""
+    options: RayOptions
+
+    def run(self, fn: RowPass, lm: LM, messages: list, max_length: int) -> np.ndarray:
+        return pass_with_ray(lm, messages, max_length, self.options, fn)
+
+
+def pool_executor(options: RayOptions | None) -> Executor:
+    """What `curate` runs its pool passes on: Ray actors with `options`, or this process (None)."""
+    return InProcess() if options is None else RayPasses(options)

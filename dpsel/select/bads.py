@@ -684,7 +684,7 @@ class LMProblem(SelectionProblem):
         return self.lm.theta()
 
     def losses(self, train_idx, meta_idx):
-        from dpsel.select.lm import batch_nll
+        from dpsel.models.lm import batch_nll
         # Two forwards, each padded to its own longest row: train batches are length-grouped, meta rows are not,
         # and one joint batch would pad the train rows to the longest meta row.
         train_nll = batch_nll(self.lm.model, self.train_rows.batch(train_idx, self.lm.device))
@@ -697,7 +697,7 @@ class LMProblem(SelectionProblem):
         return length_grouped_batches(self.train_rows.lengths.tolist(), batch_size, seed)
 
     def all_losses(self):
-        from dpsel.select.lm import score_nll
+        from dpsel.models.lm import score_nll
         return torch.as_tensor(score_nll(self.lm, self.train_rows), dtype=torch.float32)
 
 
@@ -723,10 +723,9 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
                 progress: ProgressFn | None = None, groups=None) -> Scores:
     """Fit the meta reference (θ₀, features, empirical-Bayes prior), then sample (θ, w) by SGLD."""
     from dpsel.select.features import FeatureStats, distil_weight_net, row_features
-    from dpsel.engines import ray_scoring
-    from dpsel.select.scoring import pool_pass
+    from dpsel.models.passes import pool_pass, runs_in_process
     from dpsel.checkpoint import current as current_checkpoints, flatten, unflatten
-    from dpsel.select.lm import EncodedRows, ReferenceFit, build_lm, fit_reference, score_nll, seed_all
+    from dpsel.models.lm import EncodedRows, ReferenceFit, build_lm, fit_reference, score_nll, seed_all
 
     started = time.perf_counter()
     settings = BadsSettings.for_variant(config.variant, config.extra)
@@ -736,7 +735,7 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
         settings.steps = int(config.steps)
     seed_all(config.seed)
     dp = distributed.from_env()  # None unless launched by torchrun / accelerate with several processes
-    if dp is not None and ray_scoring() is not None:
+    if dp is not None and not runs_in_process():
         raise DpselInputError("curate --engine ray under torchrun: the ranks already split the feature pass; "
                               "use one of the two (--engine local under torchrun, or --engine ray in one process)")
     if dp is not None and config.weight_param != "logits":
@@ -760,7 +759,7 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
         ref_state = lm.theta_state()
         if dp is not None:
             dp.broadcast(lm.theta())  # one reference for all ranks, even where GPU kernels are not deterministic
-        raw_features = pool_pass("features", lm, train, config.max_length, train_rows) if dp is None else \
+        raw_features = pool_pass(row_features, lm, train, config.max_length, train_rows) if dp is None else \
             dp.gather_rows(row_features(lm, distributed.subset_rows(train_rows, dp.shard(len(train_rows)))))
         if checkpoint is not None:
             checkpoint.save("reference", {**flatten("theta", ref_state), "features": torch.as_tensor(raw_features)},
@@ -863,7 +862,7 @@ class BadsScorer(SeenTableScorer):
 
     def _score_unseen(self, messages, ids):
         from dpsel.select.features import FeatureStats, row_features
-        from dpsel.select.lm import EncodedRows
+        from dpsel.models.lm import EncodedRows
         rows = EncodedRows(messages, self.lm.tokenizer, int(self.info.get("max_length", 256)), self.lm.pad_id)
         stats = FeatureStats.from_dict(self.info["features"])
         x = torch.as_tensor(stats.apply(row_features(self.lm, rows)), dtype=torch.float32)
@@ -876,14 +875,14 @@ class BadsScorer(SeenTableScorer):
         return np.clip(draws.mean(0), 0, 1), draws.std(0)
 
     def _save_model(self, directory: Path) -> None:
-        from dpsel.select.lm import save_theta
+        from dpsel.models.lm import save_theta
         info = save_theta(self.lm, directory / "reference")
         torch.save({"phi_samples": self.phi_samples, "n_features": self.net.net[0].in_features,
                     "hidden": self.net.net[0].out_features, "reference": info}, directory / "weight_net.pt")
 
     def _load_model(self, directory: Path) -> None:
         from dpsel.select.features import WeightNet
-        from dpsel.select.lm import load_theta
+        from dpsel.models.lm import load_theta
         saved = torch.load(directory / "weight_net.pt", weights_only=True)
         net = WeightNet(saved["n_features"], saved["hidden"])
         self.attach(load_theta(directory / "reference", saved["reference"], device="cpu"), net.eval(),

@@ -91,7 +91,7 @@ def evidence_z(badness: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Normal score of each row's within-group rank of `badness` (higher = worse): every source on one scale."""
     from scipy.stats import norm
 
-    from dpsel.select.lm import rank_normalise
+    from dpsel.select.ranks import rank_normalise
     return norm.ppf(rank_normalise(badness, groups))
 
 

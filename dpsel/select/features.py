@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpsel.select.lm import LM, EncodedRows
+from dpsel.models.forward import forward_rows
+from dpsel.models.lm import LM, EncodedRows
 
 POOL_DIM = 16  # hidden-state summary kept per row (a fixed random projection of the pooled answer states)
 
@@ -46,8 +47,7 @@ def _projection(hidden: int, seed: int = 1234) -> torch.Tensor:
 def row_features(lm: LM, rows: EncodedRows, batch_size: int = 64) -> np.ndarray:
     """Raw features per row: response NLL under the reference, its token count, prompt length, the answer's
     max token NLL, and a fixed projection of the answer's mean last hidden state (what the answer looks like).
-    Computed in the batched scoring pass (`dpsel.select.scoring`)."""
-    from dpsel.select.scoring import forward_rows
+    A pool pass (`dpsel.models.passes.pool_pass`) computed by the batched forward (`dpsel.models.forward`)."""
     return forward_rows(lm.model, lambda chunk: rows.batch(chunk, lm.device), rows.lengths, _features,
                         batch_size=batch_size, output_hidden_states=True)
 

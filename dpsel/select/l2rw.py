@@ -30,7 +30,7 @@ def lookahead_weights(lm, train_batch: dict, meta_batch: dict, inner_lr: float) 
 
 
 def _lookahead_weights(lm, train_batch: dict, meta_batch: dict, inner_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from dpsel.select.lm import batch_nll
+    from dpsel.models.lm import batch_nll
     named = lm.named_theta()
     names, params = list(named), list(named.values())
     train_nll = batch_nll(lm.model, train_batch)
@@ -59,7 +59,7 @@ def select_l2rw(train: list[Messages], meta: list[Messages], config: SelectConfi
     from peft_train.encode import length_grouped_batches
     from dpsel.normalize import row_id
     from dpsel.select.bads import coverage_summary, measure_plain_step, LMProblem
-    from dpsel.select.lm import EncodedRows, batch_nll, build_lm, fit_reference, seed_all
+    from dpsel.models.lm import EncodedRows, batch_nll, build_lm, fit_reference, seed_all
     from dpsel.select.sgld import RunningMoments
 
     started = time.perf_counter()
@@ -135,7 +135,7 @@ class L2rwScorer(SeenTableScorer):
         self.lm, self.meta_rows = lm, meta_rows
 
     def _score_unseen(self, messages, ids):
-        from dpsel.select.lm import EncodedRows
+        from dpsel.models.lm import EncodedRows
         rows = EncodedRows(messages, self.lm.tokenizer, int(self.info.get("max_length", 256)), self.lm.pad_id)
         meta_batch = self.meta_rows.batch(np.arange(len(self.meta_rows)), self.lm.device)
         out = np.zeros(len(rows))
@@ -148,7 +148,7 @@ class L2rwScorer(SeenTableScorer):
 
     def _save_model(self, directory: Path) -> None:
         from dpsel.io import write_parquet_atomic
-        from dpsel.select.lm import save_theta
+        from dpsel.models.lm import save_theta
         import pandas as pd
         info = save_theta(self.lm, directory / "model")
         torch.save({"model": info}, directory / "l2rw.pt")
@@ -160,7 +160,7 @@ class L2rwScorer(SeenTableScorer):
     def _load_model(self, directory: Path) -> None:
         import pandas as pd
         from peft_train.encode import EncodedExample
-        from dpsel.select.lm import load_theta
+        from dpsel.models.lm import load_theta
         saved = torch.load(directory / "l2rw.pt", weights_only=True)
         lm = load_theta(directory / "model", saved["model"], device="cpu")
         full = saved["model"]["theta_kind"] == "full"

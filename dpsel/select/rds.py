@@ -15,31 +15,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpsel.models.forward import forward_rows
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 from dpsel.select.scorers import SeenTableScorer
 
 
-@torch.no_grad()
 def embed_rows(lm, rows, batch_size: int = 64) -> np.ndarray:
-    """[N, hidden] unit-norm RDS+ embeddings: position-weighted mean of the last hidden states of all tokens."""
-    order = np.argsort(-rows.lengths, kind="stable")
-    out = None
-    was_training = lm.model.training
-    lm.model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = rows.batch(chunk, lm.device)
-        hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=True, use_cache=False).hidden_states[-1].float()
-        mask = batch["attention_mask"].float()
-        position_weight = mask.cumsum(1) * mask  # 1, 2, ... n over the real tokens, 0 on padding
-        pooled = (hidden * position_weight[..., None]).sum(1) / position_weight.sum(1, keepdim=True).clamp(min=1)
-        pooled = torch.nn.functional.normalize(pooled, dim=1).double().cpu().numpy()
-        if out is None:
-            out = np.zeros((len(rows), pooled.shape[1]))
-        out[chunk] = pooled
-    lm.model.train(was_training)
-    return out
+    """[N, hidden] unit-norm RDS+ embeddings: position-weighted mean of the last hidden states of all tokens.
+    A pool pass (`dpsel.models.passes.pool_pass`) computed by the batched forward (`dpsel.models.forward`)."""
+    return forward_rows(lm.model, lambda chunk: rows.batch(chunk, lm.device), rows.lengths, _embedding,
+                        batch_size=batch_size, output_hidden_states=True)
+
+
+def _embedding(output, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    hidden = output.hidden_states[-1].float()
+    mask = batch["attention_mask"].float()
+    position_weight = mask.cumsum(1) * mask  # 1, 2, ... n over the real tokens, 0 on padding
+    pooled = (hidden * position_weight[..., None]).sum(1) / position_weight.sum(1, keepdim=True).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=1)
 
 
 def max_similarity(embeddings: np.ndarray, meta_embeddings: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -51,14 +44,15 @@ def max_similarity(embeddings: np.ndarray, meta_embeddings: np.ndarray, chunk: i
 def select_rds(train: list[Messages], meta: list[Messages], config: SelectConfig,
                progress: ProgressFn | None = None, groups=None) -> Scores:
     from dpsel.normalize import row_id
-    from dpsel.select.lm import EncodedRows, build_lm, rank_normalise, seed_all
-    from dpsel.select.scoring import pool_pass
+    from dpsel.models.lm import EncodedRows, build_lm, seed_all
+    from dpsel.models.passes import pool_pass
+    from dpsel.select.ranks import rank_normalise
 
     started = time.perf_counter()
     seed_all(config.seed)
     lm = build_lm(config)
     meta_emb = embed_rows(lm, EncodedRows(meta, lm.tokenizer, config.max_length, lm.pad_id))
-    similarity = max_similarity(pool_pass("embeddings", lm, train, config.max_length), meta_emb)
+    similarity = max_similarity(pool_pass(embed_rows, lm, train, config.max_length), meta_emb)
     weights = rank_normalise(similarity)
     if progress:
         progress(1, 1, {"mean_similarity": float(similarity.mean())})
@@ -78,21 +72,21 @@ class RdsScorer(SeenTableScorer):
         self.lm, self.meta_embeddings, self.sorted_similarity = lm, meta_embeddings, sorted_similarity
 
     def _score_unseen(self, messages, ids):
-        from dpsel.select.lm import EncodedRows
+        from dpsel.models.lm import EncodedRows
         rows = EncodedRows(messages, self.lm.tokenizer, int(self.info.get("max_length", 256)), self.lm.pad_id)
         similarity = max_similarity(embed_rows(self.lm, rows), self.meta_embeddings)
         ranks = np.searchsorted(self.sorted_similarity, similarity) / max(1, len(self.sorted_similarity))
         return np.clip(ranks, 0, 1), np.zeros(len(messages))
 
     def _save_model(self, directory: Path) -> None:
-        from dpsel.select.lm import save_theta
+        from dpsel.models.lm import save_theta
         info = save_theta(self.lm, directory / "base")
         np.save(directory / "meta_embeddings.npy", self.meta_embeddings)
         np.save(directory / "similarity.npy", self.sorted_similarity)
         torch.save({"base": info}, directory / "rds.pt")
 
     def _load_model(self, directory: Path) -> None:
-        from dpsel.select.lm import load_theta
+        from dpsel.models.lm import load_theta
         saved = torch.load(directory / "rds.pt", weights_only=True)
         self.attach(load_theta(directory / "base", saved["base"], device="cpu"),
                     np.load(directory / "meta_embeddings.npy"), np.load(directory / "similarity.npy"))

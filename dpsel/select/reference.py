@@ -22,12 +22,12 @@ from dpsel.select.scorers import SeenTableScorer
 
 
 def loss_weights(nll: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    from dpsel.select.lm import rank_normalise
+    from dpsel.select.ranks import rank_normalise
     return 1.0 - rank_normalise(nll, groups)
 
 
 def ifd_weights(ifd: np.ndarray) -> np.ndarray:
-    from dpsel.select.lm import rank_normalise
+    from dpsel.select.ranks import rank_normalise
     out = np.zeros(len(ifd))
     ok = ifd <= 1.0
     if ok.any():
@@ -36,13 +36,14 @@ def ifd_weights(ifd: np.ndarray) -> np.ndarray:
 
 
 def pool_nll(lm, messages: list[Messages], max_length: int) -> np.ndarray:
-    """The reference's NLL of every row: in this process, or on Ray actors under `curate --engine ray`."""
-    from dpsel.select.scoring import pool_pass
-    return pool_pass("nll", lm, messages, max_length)
+    """The reference's NLL of every row, on the current executor (Ray actors under `curate --engine ray`)."""
+    from dpsel.models.lm import score_nll
+    from dpsel.models.passes import pool_pass
+    return pool_pass(score_nll, lm, messages, max_length)
 
 
 def _ifd(lm, messages: list[Messages], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    from dpsel.select.lm import response_only_rows
+    from dpsel.models.lm import response_only_rows
     conditional = pool_nll(lm, messages, max_length)
     unconditional = pool_nll(lm, response_only_rows(messages), max_length)
     return conditional / np.maximum(unconditional, 1e-6), conditional
@@ -51,7 +52,7 @@ def _ifd(lm, messages: list[Messages], max_length: int) -> tuple[np.ndarray, np.
 def _select_reference(method: str, train, meta, config: SelectConfig, progress, groups) -> Scores:
     from dpsel.normalize import row_id
     from dpsel.select.bads import infer_groups
-    from dpsel.select.lm import EncodedRows, build_lm, fit_reference, seed_all
+    from dpsel.models.lm import EncodedRows, build_lm, fit_reference, seed_all
 
     started = time.perf_counter()
     seed_all(config.seed)
@@ -91,7 +92,7 @@ class ReferenceScorer(SeenTableScorer):
         self.kind = self.info.get("method", "loss")
 
     def _score_unseen(self, messages, ids):
-        from dpsel.select.lm import EncodedRows, score_nll
+        from dpsel.models.lm import EncodedRows, score_nll
         max_length = int(self.info.get("max_length", 256))
         if self.kind == "ifd":
             values, _ = _ifd(self.lm, messages, max_length)
@@ -104,13 +105,13 @@ class ReferenceScorer(SeenTableScorer):
         return np.clip(1.0 - cdf, 0, 1), np.zeros(len(values))
 
     def _save_model(self, directory: Path) -> None:
-        from dpsel.select.lm import save_theta
+        from dpsel.models.lm import save_theta
         info = save_theta(self.lm, directory / "reference")
         np.save(directory / "reference_values.npy", self.sorted_values)
         torch.save({"reference": info}, directory / "reference.pt")
 
     def _load_model(self, directory: Path) -> None:
-        from dpsel.select.lm import load_theta
+        from dpsel.models.lm import load_theta
         saved = torch.load(directory / "reference.pt", weights_only=True)
         self.attach(load_theta(directory / "reference", saved["reference"], device="cpu"),
                     np.load(directory / "reference_values.npy"))

@@ -1,5 +1,6 @@
-"""One batched scoring routine for every pass that only reads a model: `filter`, the reference and feature
-pass of `curate` (bads, loss, ifd) and the `loss` method all come through `forward_rows`.
+"""One batched forward routine for every pass that only reads a model: `filter`, the pool passes of `curate`
+(the NLL of loss/ifd, the bads features, the RDS+ embeddings) and the reference's held-out loss all come
+through `forward_rows`.
 
 Rows are grouped by length (longest batch first, so an out-of-memory shows at once and padding stays
 small), the model runs under `torch.inference_mode`, and the next batch is assembled (collated, moved to
@@ -70,30 +71,3 @@ def raw_forward_seconds(model: torch.nn.Module, batches: list[dict]) -> float:
         for batch in batches:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return time.perf_counter() - start
-
-
-def row_pass(kind: str):
-    """The per-row model pass `kind` names: (lm, EncodedRows) -> "nll" [N], "features" or "embeddings" [N, F]."""
-    if kind == "nll":
-        from dpsel.select.lm import score_nll
-        return score_nll
-    if kind == "features":
-        from dpsel.select.features import row_features
-        return row_features
-    if kind == "embeddings":
-        from dpsel.select.rds import embed_rows
-        return embed_rows
-    raise ValueError(f"unknown row pass {kind!r}")
-
-
-def pool_pass(kind: str, lm, messages: list, max_length: int, rows=None) -> np.ndarray:
-    """`row_pass(kind)` over every pool row: in this process (over `rows`, the encoded `messages`, when given),
-    or on Ray actors under `curate --engine ray` (dpsel.engines.ray_engine.pass_with_ray)."""
-    from dpsel.engines import ray_scoring
-    options = ray_scoring()
-    if options is not None:
-        from dpsel.engines.ray_engine import pass_with_ray
-        return pass_with_ray(lm, messages, max_length, options, kind)
-    from dpsel.select.lm import EncodedRows
-    rows = rows if rows is not None else EncodedRows(messages, lm.tokenizer, max_length, lm.pad_id)
-    return row_pass(kind)(lm, rows)

@@ -1,4 +1,5 @@
-"""Language-model plumbing shared by the LM-based selection methods (bads, l2rw, loss, ifd).
+"""Language-model plumbing shared by the LM-based selection methods (bads, l2rw, loss, ifd, rds): the LM and
+its θ, encoded rows, the NLL pass, the meta-fitted reference, and saving θ for a scorer or a Ray actor.
 
 θ is what a method trains: all weights of the built-in tiny model, or a LoRA adapter on a frozen base
 (optionally 4-bit) for anything larger — the same split `peft_train.adapters` uses for tuning.
@@ -10,14 +11,27 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-from peft_train.encode import collate, encode_all, per_example_nll
 from dpsel.loading import load_model  # maps unloadable model sources to exit 2
+from dpsel.models.forward import forward_rows
+from peft_train.encode import collate, encode_all, per_example_nll
 from peft_train.models import TINY_NAME, resolve_device
-from dpsel.select.base import Messages, ProgressFn, SelectConfig
+
+
+class LMSettings(Protocol):
+    """What the model layer reads from a run's settings (`dpsel.select.base.SelectConfig` has all of it)."""
+    model: str
+    device: str
+    seed: int
+    meta_batch_size: int
+    extra: dict
+
+
+Progress = Callable[[int, int, dict], None]  # (step, total_steps, diagnostics): a dpsel.select.base.ProgressFn
 
 
 def seed_all(seed: int) -> None:
@@ -55,7 +69,7 @@ class LM:
                 p.copy_(state[n])
 
 
-def build_lm(config: SelectConfig, theta: str | None = None) -> LM:
+def build_lm(config: LMSettings, theta: str | None = None) -> LM:
     """Load the base and make θ trainable: the whole tiny model, else a LoRA adapter (r from config.extra)."""
     extra = config.extra
     quant = extra.get("quant")
@@ -74,7 +88,7 @@ def build_lm(config: SelectConfig, theta: str | None = None) -> LM:
 class EncodedRows:
     """Token ids of a list of rows, with batch assembly; rows without a response token are flagged."""
 
-    def __init__(self, messages: list[Messages], tokenizer, max_length: int, pad_id: int):
+    def __init__(self, messages: list[list[dict]], tokenizer, max_length: int, pad_id: int):
         encoded = encode_all(messages, tokenizer, max_length)
         self.examples = encoded.examples
         self.lengths = np.array(encoded.lengths)
@@ -97,14 +111,13 @@ def batch_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 def score_nll(lm: LM, rows: EncodedRows, batch_size: int = 64, indices=None) -> np.ndarray:
     """Mean response-token NLL of every row (or of `indices`, aligned with them): the batched scoring pass."""
-    from dpsel.select.scoring import forward_rows
     values = forward_rows(lm.model, lambda chunk: rows.batch(chunk, lm.device), rows.lengths,
                           lambda output, batch: per_example_nll(output.logits, batch["labels"]),
                           indices=indices, batch_size=batch_size)
     return values.reshape(-1)
 
 
-def response_only_rows(messages: list[Messages]) -> list[Messages]:
+def response_only_rows(messages: list[list[dict]]) -> list[list[dict]]:
     """The same responses with an empty prompt: the unconditional loss IFD divides by."""
     return [[{"role": "user", "content": " "}, m[-1]] for m in messages]
 
@@ -132,7 +145,7 @@ _REFERENCE_CACHE: dict[tuple, ReferenceFit] = {}
 _REFERENCE_CACHE_SIZE = 4
 
 
-def _reference_key(lm: LM, meta: EncodedRows, config: SelectConfig) -> tuple:
+def _reference_key(lm: LM, meta: EncodedRows, config: LMSettings) -> tuple:
     import hashlib
     digest = hashlib.sha256()
     for e in meta.examples:
@@ -145,7 +158,7 @@ def _reference_key(lm: LM, meta: EncodedRows, config: SelectConfig) -> tuple:
     return (lm.model_name, lm.theta_kind, config.seed, config.meta_batch_size, ref_extra, digest.hexdigest())
 
 
-def fit_reference(lm: LM, meta: EncodedRows, config: SelectConfig, progress: ProgressFn | None = None,
+def fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: Progress | None = None,
                   label: str = "reference") -> ReferenceFit:
     """Fit θ on the meta rows alone with AdamW, early-stopped on a held-out slice of meta; θ left at the best."""
     key = _reference_key(lm, meta, config)
@@ -161,7 +174,7 @@ def fit_reference(lm: LM, meta: EncodedRows, config: SelectConfig, progress: Pro
     return fit
 
 
-def _fit_reference(lm: LM, meta: EncodedRows, config: SelectConfig, progress: ProgressFn | None,
+def _fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: Progress | None,
                    label: str) -> ReferenceFit:
     extra = config.extra
     max_steps = int(extra.get("ref_steps", 400))
@@ -198,18 +211,6 @@ def _fit_reference(lm: LM, meta: EncodedRows, config: SelectConfig, progress: Pr
     lm.load_theta(best[2])
     lm.model.eval()
     return ReferenceFit(best[2], best[1], best[0], step, time.perf_counter() - started, trace)
-
-
-def rank_normalise(values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    """Ranks mapped to (0, 1) within each group (all rows one group when `groups` is None)."""
-    values = np.asarray(values, dtype=np.float64)
-    out = np.empty_like(values)
-    groups = np.zeros(len(values), dtype=int) if groups is None else np.asarray(groups)
-    for g in np.unique(groups):
-        idx = np.flatnonzero(groups == g)
-        ranks = np.argsort(np.argsort(values[idx], kind="stable"), kind="stable")
-        out[idx] = (ranks + 0.5) / len(idx)
-    return out
 
 
 def save_theta(lm: LM, directory: Path) -> dict:
