@@ -56,6 +56,7 @@ from dpsel.data.batch import NormalizedBatch
 from dpsel.data.columnar import rows_to_score
 from dpsel.data.dedup import SeenIds
 from dpsel.data.instruction_set import FileInfo, InstructionSet
+from dpsel.data.normalize import alpaca_to_messages, row_id
 from dpsel.data.paths import ResolvedFile, expand_paths
 from dpsel.data.reader import iter_batches, read_instruction_set
 from dpsel.data.reasons import GROUP_COLUMNS, REASON_DUPLICATE, REASON_INVALID, REASON_LOW_WEIGHT
@@ -67,6 +68,6 @@ from dpsel.data.validate import validate_paths
 __all__ = [
     "GROUP_COLUMNS", "MAX_MESSAGE_CHARS", "REASON_DUPLICATE", "REASON_INVALID", "REASON_LOW_WEIGHT",
     "FileInfo", "InstructionSet", "NormalizedBatch", "ResolvedFile", "RowProblem", "SeenIds", "Shape",
-    "ValidationSummary", "expand_paths", "iter_batches", "read_instruction_set", "reference_row",
-    "rows_to_score", "validate_paths",
+    "ValidationSummary", "alpaca_to_messages", "expand_paths", "iter_batches", "read_instruction_set",
+    "reference_row", "row_id", "rows_to_score", "validate_paths",
 ]

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from dpsel.data.arrays import numpy_bool, take_rows
 from dpsel.data.reference import MAX_MESSAGE_CHARS, RowProblem, reference_row
 from dpsel.data.schema import ID_COLUMN, Shape
-from dpsel.normalize import ROLES, alpaca_canonical, chat_canonical, row_ids_alpaca, row_ids_chat, sha_ids
+from dpsel.data.normalize import ROLES, alpaca_canonical, chat_canonical, row_ids_alpaca, row_ids_chat, sha_ids
 
 
 # Python's str.strip() whitespace (str.isspace), spelled for RE2: a text is blank iff it has no other char.

@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpsel.data.arrays import numpy_bool, take_rows
-from dpsel.normalize import ID_HEX_CHARS
+from dpsel.data.arrays import numpy_bool, take_rows, value_offsets
+from dpsel.data.normalize import ID_HEX_CHARS
 
 
 class SeenIds:
@@ -43,7 +43,7 @@ class SeenIds:
         return first
 
     def _hex(self, ids: pa.Array, rows: np.ndarray, register: np.ndarray) -> np.ndarray:
-        offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset:ids.offset + len(ids) + 1]
+        offsets = value_offsets(ids)
         raw = bytes.fromhex(memoryview(ids.buffers()[2])[offsets[0]:offsets[-1]].tobytes().decode("ascii"))
         keys = np.frombuffer(raw, np.dtype([("hi", ">u8"), ("lo", ">u2")]))
         hi, lo = keys["hi"].astype(np.uint64), keys["lo"].astype(np.uint16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpsel.data.schema import ID_COLUMN, Shape
-from dpsel.normalize import ROLES, alpaca_to_messages, row_id
+from dpsel.data.normalize import ROLES, alpaca_to_messages, row_id
 
 MAX_MESSAGE_CHARS = 100_000
 """A message longer than this (in characters) marks its row invalid: almost surely a scraping/concat bug."""

@@ -50,7 +50,7 @@ def max_similarity(embeddings: np.ndarray, meta_embeddings: np.ndarray, chunk: i
 
 def select_rds(train: list[Messages], meta: list[Messages], config: SelectConfig,
                progress: ProgressFn | None = None, groups=None) -> Scores:
-    from dpsel.normalize import row_id
+    from dpsel.data import row_id
     from dpsel.select.lm import EncodedRows, build_lm, rank_normalise, seed_all
     from dpsel.select.scoring import pool_pass
 
