@@ -6,11 +6,11 @@ ends with a reason: "" (usable), "invalid" or "duplicate" (same id as an earlier
 occurrence is kept, invalid takes precedence). Rows are numbered from 0, both over the whole input
 (in file order, then row order) and within their file; error messages give both.
 
-How (columnar): rows stay in Arrow from read to write. Per record batch, Arrow kernels decide which rows
-are certainly clean (the same rules as the per-row reference below, e.g. blank = nothing but Python's
+How (columnar): rows stay in Arrow from read to write. Per record batch, Arrow kernels (`columnar.py`) decide
+which rows are certainly clean (the same rules as the per-row reference, e.g. blank = nothing but Python's
 `str.isspace` characters), build their canonical JSON and hash it (`normalize.sha_ids`: byte-identical to
 `row_id`); only the other rows (invalid ones, in practice) go through the per-row reference
-(`reference_row`), which therefore defines every detail message. Duplicates are found with `SeenIds`, an
+(`reference.reference_row`), which therefore defines every detail message. Duplicates are found with `SeenIds`, an
 exact index of ~18 bytes per id. `validate_paths` and `iter_batches` stream (memory: one batch plus that
 index); `read_instruction_set` holds the set as one Arrow table plus row-aligned arrays. pyarrow suffices:
 Polars/DuckDB would only help with the per-row sha256, which neither beat by enough to add a dependency

@@ -86,7 +86,7 @@ def _concat(tables: list[pa.Table], urls: list[str]) -> pa.Table:
 
 
 def read_instruction_set(paths, batch_rows: int = 65536) -> InstructionSet:
-    """Read the whole input into an `InstructionSet` (see the module docstring for what raises)."""
+    """Read the whole input into an `InstructionSet` (see the `dpsel.data` docstring for what raises)."""
     planned = plan_files(expand_paths(paths))
     tables = [p.schema.empty_table() for p in planned]   # keeps columns of files with no rows
     ids, codes, details, file_index, file_rows, duplicate_of = [], [], [], [], [], []
