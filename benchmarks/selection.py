@@ -116,13 +116,13 @@ def kept_mask(weights: np.ndarray, budget: float, seed: int) -> np.ndarray:
 
 
 def load_rows(path: Path):
-    from dpsel.normalize import alpaca_to_messages
+    from dpsel.data import alpaca_to_messages
     table = pd.read_parquet(path)
     return [alpaca_to_messages(r.instruction, r.output, r.input) for r in table.itertuples()], table
 
 
 def make_data(args, workdir: Path):
-    from dpsel.normalize import row_id
+    from dpsel.data import row_id
     from dpsel.synth import generate
     paths = generate(workdir, rows=args.rows, noise=args.noise, seed=args.seed, meta_rows=args.meta_rows,
                      test_rows=args.test_rows)
@@ -248,7 +248,7 @@ def benchmark_prompts(workdir: Path) -> set[tuple[str, str]]:
 
 
 def pretraining_rows(args, exclude: set[tuple[str, str]]) -> list:
-    from dpsel.normalize import alpaca_to_messages
+    from dpsel.data import alpaca_to_messages
     from dpsel.synth import make_rows
     rows = make_rows(args.pretrain_rows, rng=args.pretrain_seed)
     kept = [r for r in rows if (r["instruction"], r["input"]) not in exclude]

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpsel.normalize import alpaca_to_messages  # noqa: E402
+from dpsel.data import alpaca_to_messages  # noqa: E402
 from dpsel.synth import TASK_FAMILIES, WORDS, make_rows  # noqa: E402
 from peft_train.adapters import build_adapter, count_parameters, needs_4bit  # noqa: E402
 from peft_train.models import TINY_CONFIG, build_tiny_model, load_model, save_model  # noqa: E402

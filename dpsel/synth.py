@@ -20,9 +20,9 @@ from typing import Callable, NamedTuple
 
 import pyarrow as pa
 
+from dpsel.data import alpaca_to_messages, row_id
 from dpsel.errors import DpselInputError
 from dpsel.io import write_parquet_atomic
-from dpsel.normalize import alpaca_to_messages, row_id
 
 
 class Problem(NamedTuple):

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dpsel.data import SeenIds, _length_stats, iter_batches, read_instruction_set, reference_row, validate_paths
+from dpsel.data import SeenIds, iter_batches, read_instruction_set, reference_row, validate_paths
+from dpsel.data.stats import length_stats
 from dpsel.errors import DpselInputError
 
 MSG_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -180,7 +181,7 @@ def test_seen_ids_is_exact_for_near_collisions_repeats_in_a_batch_and_other_spel
 @settings(max_examples=60, deadline=None)
 @given(values=st.lists(st.integers(0, 50), max_size=40))
 def test_length_stats_from_counts_equal_numpy_percentiles(values):
-    stats = _length_stats(Counter(values))
+    stats = length_stats(Counter(values))
     if not values:
         assert stats == {"p50": 0, "p90": 0, "p99": 0, "max": 0}
         return

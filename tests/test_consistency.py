@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from dpsel.data import alpaca_to_messages
 from dpsel.errors import DpselInputError
-from dpsel.normalize import alpaca_to_messages
 from dpsel.select.bads import BadsSettings, empirical_bayes_mean, infer_groups, prior_evidence_z
 from dpsel.select.consistency import combine_evidence, consistency_z, group_consistency, prior_mean_from_z
 from dpsel.synth import generate

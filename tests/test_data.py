@@ -13,11 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpsel.data import (MAX_MESSAGE_CHARS, expand_paths, iter_batches, read_instruction_set,
-                        validate_paths)
+from dpsel.data import (MAX_MESSAGE_CHARS, alpaca_to_messages, expand_paths, iter_batches, read_instruction_set,
+                        row_id, validate_paths)
 from dpsel.errors import DpselInputError
 from dpsel.io import file_sha256, write_json_atomic, write_parquet_atomic, write_text_atomic
-from dpsel.normalize import alpaca_to_messages, row_id
 
 MSG_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 

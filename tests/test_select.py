@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dpsel.data import row_id
 from dpsel.errors import DpselInputError
-from dpsel.normalize import row_id
 from dpsel.select import METHODS, load_scorer, select
 from dpsel.select.base import SelectConfig
 
@@ -63,7 +63,7 @@ def synth_rows(tmp_path_factory):
     import pandas as pd
     import torch
 
-    from dpsel.normalize import alpaca_to_messages
+    from dpsel.data import alpaca_to_messages
     from dpsel.synth import generate
 
     torch.set_num_threads(1)

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from dpsel.data import alpaca_to_messages, row_id
 from dpsel.errors import DpselInputError
-from dpsel.normalize import alpaca_to_messages, row_id
 from dpsel.synth import CORRUPTION_KINDS, REFUSAL, TASK_FAMILIES, generate, make_rows
 
 

@@ -830,7 +830,7 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
                 weight_std = weight_std.copy()
                 weight_std[low.numpy()] = 0.0
     lm.load_theta(ref_state)  # the scorer featurises unseen rows with the reference, as the run did
-    from dpsel.normalize import row_id
+    from dpsel.data import row_id
     scorer = BadsScorer([row_id(m) for m in train], weight_mean, weight_std,
                         {"seed": config.seed, "max_length": config.max_length,
                          "weight_param": config.weight_param, "variant": config.variant,

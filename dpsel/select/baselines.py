@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from dpsel.normalize import row_id
+from dpsel.data import row_id
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 from dpsel.select.scorers import ConstantScorer, RandomScorer, hashed_uniform
 

@@ -57,7 +57,7 @@ def to_unit(v: np.ndarray) -> np.ndarray:
 def select_l2rw(train: list[Messages], meta: list[Messages], config: SelectConfig,
                 progress: ProgressFn | None = None, groups=None) -> Scores:
     from peft_train.encode import length_grouped_batches
-    from dpsel.normalize import row_id
+    from dpsel.data import row_id
     from dpsel.select.bads import coverage_summary, measure_plain_step, LMProblem
     from dpsel.models.lm import EncodedRows, batch_nll, build_lm, fit_reference, seed_all
     from dpsel.select.sgld import RunningMoments

@@ -43,7 +43,7 @@ def max_similarity(embeddings: np.ndarray, meta_embeddings: np.ndarray, chunk: i
 
 def select_rds(train: list[Messages], meta: list[Messages], config: SelectConfig,
                progress: ProgressFn | None = None, groups=None) -> Scores:
-    from dpsel.normalize import row_id
+    from dpsel.data import row_id
     from dpsel.models.lm import EncodedRows, build_lm, seed_all
     from dpsel.models.passes import pool_pass
     from dpsel.select.ranks import rank_normalise

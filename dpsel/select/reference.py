@@ -50,7 +50,7 @@ def _ifd(lm, messages: list[Messages], max_length: int) -> tuple[np.ndarray, np.
 
 
 def _select_reference(method: str, train, meta, config: SelectConfig, progress, groups) -> Scores:
-    from dpsel.normalize import row_id
+    from dpsel.data import row_id
     from dpsel.select.bads import infer_groups
     from dpsel.models.lm import EncodedRows, build_lm, fit_reference, seed_all
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dpsel.data import row_id
 from dpsel.io import write_parquet_atomic
-from dpsel.normalize import row_id
 from dpsel.select.base import Messages, read_scorer_meta, write_scorer_meta
 
 SEEN_TABLE = "seen.parquet"

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dpsel.data.arrays import numpy_bool, value_offsets
+
 ROLES = ("system", "user", "assistant")
 ID_HEX_CHARS = 20
 
@@ -66,14 +68,10 @@ _UNICODE_ESCAPED_BYTES = np.array([*range(0x00, 0x08), 0x0b, *range(0x0e, 0x20)]
 _HEX_PAIRS = np.array([f"{i:02x}".encode() for i in range(256)]).view(np.uint16)
 
 
-def _bool(values: pa.Array) -> np.ndarray:
-    return values.fill_null(False).to_numpy(zero_copy_only=False)
-
-
 def json_escaped(text: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """Each (non-null) large_string value as the inside of its JSON string literal, as `json.dumps(...,
     ensure_ascii=False)` writes it; and a mask of the values left unescaped for the per-row path."""
-    special = _bool(pc.match_substring_regex(text, _NEEDS_ESCAPE))
+    special = numpy_bool(pc.match_substring_regex(text, _NEEDS_ESCAPE))
     if not special.any():
         return text, np.zeros(len(text), dtype=bool)
     index = pa.array(np.flatnonzero(special), pa.int64())
@@ -81,7 +79,7 @@ def json_escaped(text: pa.Array) -> tuple[pa.Array, np.ndarray]:
     present = _bytes_present(subset)       # ASCII bytes never occur inside multi-byte UTF-8 sequences
     slow = np.zeros(len(text), dtype=bool)
     if present[_UNICODE_ESCAPED_BYTES].any():
-        slow[index.to_numpy()] = _bool(pc.match_substring_regex(subset, _UNICODE_ESCAPED))
+        slow[index.to_numpy()] = numpy_bool(pc.match_substring_regex(subset, _UNICODE_ESCAPED))
     for char, escaped in _JSON_ESCAPES:
         if present[ord(char)]:
             subset = pc.replace_substring(subset, char, escaped)
@@ -90,7 +88,7 @@ def json_escaped(text: pa.Array) -> tuple[pa.Array, np.ndarray]:
 
 def _bytes_present(text: pa.Array) -> np.ndarray:
     """Which byte values occur in a large_string array's values (a 256-long bool mask)."""
-    offsets = np.frombuffer(text.buffers()[1], np.int64)[text.offset:text.offset + len(text) + 1]
+    offsets = value_offsets(text)
     data = np.frombuffer(text.buffers()[2], np.uint8)[offsets[0]:offsets[-1]] if len(text) else np.zeros(0, np.uint8)
     return np.bincount(data, minlength=256) > 0
 
@@ -99,7 +97,7 @@ def sha_ids(canonical: pa.Array) -> pa.Array:
     """`dpsel_id` (first 20 hex chars of sha256) of every value of a string column."""
     data = canonical.cast(pa.large_binary())
     buffers = data.buffers()
-    offsets = np.frombuffer(buffers[1], np.int64)[data.offset:data.offset + len(data) + 1].tolist()
+    offsets = value_offsets(data).tolist()
     view = memoryview(buffers[2]) if buffers[2] is not None else memoryview(b"")
     sha256 = hashlib.sha256
     digests = b"".join([sha256(view[start:end]).digest()[:ID_HEX_CHARS // 2]
