@@ -1,19 +1,16 @@
 """Execution engines for the row-parallel stages (`filter`, and the scoring passes of `curate`): `local` (one
 process, the default) and `ray` (Ray Data, a stateful scorer actor per CPU/GPU worker).
 
-`curate --engine ray` runs the pool-scoring passes of the methods in `RAY_CURATE_METHODS` on Ray; the selection
-methods reach the active engine through `ray_scoring()` (a context variable `curate` sets, as checkpoints do),
-so their signatures need not change. Any other method with `--engine ray` is refused (exit 2), never run
-locally in silence.
+`curate --engine ray` runs the pool passes of the methods in `RAY_CURATE_METHODS` on Ray: `curate` installs the
+Ray executor (`ray_engine.pool_executor`) in the model layer (`dpsel.models.passes.executing_on`), and the
+methods' `pool_pass` calls run on it; methods never import an engine. Any other method with `--engine ray` is
+refused (exit 2), never run locally in silence.
 
 Nothing here imports Ray at import time: `ray` is an optional extra (`pip install 'dpsel[ray]'`).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator
 
 from dpsel.errors import DpselInputError
 
@@ -55,9 +52,6 @@ def require_ray():
     return ray
 
 
-_ray_scoring: ContextVar["RayOptions | None"] = ContextVar("dpsel_ray_scoring", default=None)
-
-
 def curate_engine(engine: str, method: str, options: "RayOptions | None") -> "RayOptions | None":
     """The Ray options `curate`'s scoring passes run with (None: local); exit 2 for a method whose passes
     are local-only, naming it."""
@@ -67,17 +61,3 @@ def curate_engine(engine: str, method: str, options: "RayOptions | None") -> "Ra
         raise DpselInputError(f"--engine ray runs the pool passes of --method {', '.join(RAY_CURATE_METHODS)} "
                               f"only; method {method!r} is local-only: run it with --engine local")
     return options or RayOptions()
-
-
-@contextmanager
-def scoring_on(options: "RayOptions | None") -> Iterator[None]:
-    """Within the block, `ray_scoring()` gives `options` (None: the local engine)."""
-    token = _ray_scoring.set(options)
-    try:
-        yield
-    finally:
-        _ray_scoring.reset(token)
-
-
-def ray_scoring() -> "RayOptions | None":
-    return _ray_scoring.get()
