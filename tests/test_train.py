@@ -228,6 +228,26 @@ def test_train_with_eval_messages_reports_eval():
     assert [entry["step"] for entry in result.eval_trace] == [2]
 
 
+def test_periodic_eval_loss_is_the_mean_row_loss():
+    """Trainer's periodic eval (eval_strategy="steps") reports what `row_losses` gives for the model at that step."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Check(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+            losses = row_losses(model, _tokenizer(), ROWS[:5], max_length=64)
+            seen.append((metrics["eval_loss"], sum(losses) / len(losses)))
+
+    config = TrainConfig(max_steps=3, per_device_train_batch_size=4, max_length=64, use_cpu=True,
+                         eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2)
+    train(_small_model(), _tokenizer(), ROWS, config=config, eval_messages=ROWS[:5], progress=False,
+          callbacks=[Check()])
+    assert len(seen) == 2  # steps 1 and 2; the last step is evaluate()'s
+    for trainer_loss, mean_row_loss in seen:
+        assert trainer_loss == pytest.approx(mean_row_loss, rel=1e-5)
+
+
 def test_progress_is_plain_lines_without_a_terminal(capsys):
     model = _small_model()
     config = TrainConfig(max_steps=2, per_device_train_batch_size=4, max_length=64, use_cpu=True, log_every=1)

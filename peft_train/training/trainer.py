@@ -49,8 +49,9 @@ class WeightedTrainer(Trainer):
         self.lengths, self.meter = lengths, meter
 
     def _get_train_sampler(self, train_dataset=None):
-        batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps  # as Trainer's own
-        return SeededLengthGroupedSampler(batch_size, self.lengths, self.args.seed)
+        # grouped by the rows of one optimizer step, so N processes × batch B order rows as one process × B × N
+        step_rows = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return SeededLengthGroupedSampler(step_rows, self.lengths, self.args.seed)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """Σ w over the step's micro-batches and, under DDP, over every rank: the step's loss denominator."""
