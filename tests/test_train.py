@@ -308,7 +308,8 @@ def _trainable(model) -> dict:
 
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path):
-    config = dict(max_steps=6, learning_rate=3e-3, per_device_train_batch_size=4, max_length=64, use_cpu=True, save_steps=2)
+    config = dict(max_steps=6, learning_rate=3e-3, per_device_train_batch_size=4, max_length=64, use_cpu=True,
+                  save_steps=2)
     whole = _small_model()
     full_run = train(whole, _tokenizer(), ROWS, config=TrainConfig(**config), progress=False)
 

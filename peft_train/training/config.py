@@ -65,7 +65,7 @@ class TrainConfig(TrainingArguments):
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if not (0 <= self.warmup_steps < 1 or float(self.warmup_steps).is_integer()):
-            raise ValueError(f"warmup_steps is a fraction in [0, 1) or a whole number of steps, got {self.warmup_steps}")
+            raise ValueError(f"warmup_steps is a fraction in [0, 1) or whole steps, got {self.warmup_steps}")
         if self.optimizer not in ("auto", *TRAINER_OPTIM):
             raise ValueError(f"optimizer must be 'auto', 'adamw' or 'paged_adamw', got {self.optimizer!r}")
         if isinstance(self.report_to, str) and self.report_to not in REPORT_TO:
