@@ -203,13 +203,13 @@ def downstream(name: str, keep: np.ndarray, data: dict, args) -> dict:
     import torch
     from peft_train.adapters import build_adapter
     from peft_train.models import load_model
-    from peft_train.train import TrainConfig, evaluate, train
+    from peft_train.training import TrainConfig, evaluate, train
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model_path, device="cpu")
     model = build_adapter(model, "full")
     rows = [m for m, k in zip(data["train"], keep) if k]
-    config = TrainConfig(steps=args.train_steps, lr=args.train_lr, batch_size=16, max_length=args.max_length,
-                         seed=args.seed, device="cpu", max_new_tokens=24)
+    config = TrainConfig(max_steps=args.train_steps, learning_rate=args.train_lr, per_device_train_batch_size=16,
+                         max_length=args.max_length, seed=args.seed, use_cpu=True, max_new_tokens=24)
     started = time.perf_counter()
     result = train(model, tokenizer, rows, config=config, progress=False)
     metrics = evaluate(model, tokenizer, data["test"], max_new_tokens=24, max_length=args.max_length)
@@ -260,48 +260,25 @@ def pretrain_settings(args, exclude: set[tuple[str, str]]) -> dict:
     digest = hashlib.sha256("\n".join(sorted("\t".join(p) for p in exclude)).encode()).hexdigest()[:16]
     return {"rows": args.pretrain_rows, "seed": args.pretrain_seed, "steps": args.pretrain_steps,
             "seconds": args.pretrain_seconds, "lr": args.pretrain_lr, "batch_size": args.pretrain_batch_size,
-            "max_length": args.max_length, "excluded_prompts": digest, "model": "tiny", "version": 1}
+            "max_length": args.max_length, "excluded_prompts": digest, "model": "tiny", "version": 2}
 
 
 def pretrain_tiny(rows: list, settings: dict, device: str) -> tuple[object, dict]:
-    """Full fine-tune of the random-init tiny model on `rows`: AdamW + cosine over `steps`, stopped early when
-    `seconds` run out (the bound on CPU; a GPU finishes the steps)."""
+    """Full fine-tune of the random-init tiny model on `rows` with peft_train's `pretrain` (Trainer: AdamW,
+    2% warmup then cosine over `steps`), stopped early when `seconds` run out (the bound on CPU; a GPU finishes)."""
     import math
     import torch
-    from peft_train.encode import collate, encode_all, length_grouped_batches, per_example_nll
     from peft_train.models import build_tiny_model
     from peft_train.tokenizer import ByteTokenizer
+    from peft_train.training import TrainConfig, pretrain
     torch.manual_seed(settings["seed"])
-    tokenizer, model = ByteTokenizer(), build_tiny_model(seed=0).to(device)
-    examples = encode_all(rows, tokenizer, settings["max_length"], progress=False).examples
-    steps, batch_size = settings["steps"], settings["batch_size"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
-    warmup = max(1, steps // 50)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, steps) / steps)))
-    model.train()
-    started, step, losses = time.perf_counter(), 0, []
-    lengths, epoch = [len(e) for e in examples], 0
-    while step < steps and time.perf_counter() - started < settings["seconds"]:
-        epoch += 1
-        for idx in length_grouped_batches(lengths, batch_size, seed=settings["seed"] + epoch):
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], 0).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            loss = per_example_nll(logits, batch["labels"]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            step += 1
-            if step % 500 == 0:
-                print(f"  [pretrain] step {step}/{steps} loss {np.mean(losses[-100:]):.3f} "
-                      f"{time.perf_counter() - started:.0f}s", flush=True)
-            if step >= steps or time.perf_counter() - started >= settings["seconds"]:
-                break
-    info = {"steps_done": step, "epochs": epoch, "seconds": time.perf_counter() - started, "device": device,
-            "final_loss": float(np.mean(losses[-100:])), "rows": len(examples)}
+    tokenizer, model = ByteTokenizer(), build_tiny_model(seed=0)
+    config = TrainConfig(max_steps=settings["steps"], learning_rate=settings["lr"], warmup_steps=0.02,
+                         per_device_train_batch_size=settings["batch_size"], max_length=settings["max_length"],
+                         seed=settings["seed"], use_cpu=device == "cpu", log_every=500)
+    result = pretrain(model, tokenizer, rows, config, seconds=settings["seconds"], progress=True)
+    info = {"steps_done": result.steps, "epochs": math.ceil(result.epochs), "seconds": result.seconds,
+            "device": device, "final_loss": float(np.mean(result.losses[-100:])), "rows": result.n_rows}
     return model.cpu().eval(), info
 
 

@@ -41,7 +41,8 @@ from dpsel.synth import TASK_FAMILIES, WORDS, make_rows  # noqa: E402
 from peft_train.adapters import build_adapter, count_parameters, needs_4bit  # noqa: E402
 from peft_train.models import TINY_CONFIG, build_tiny_model, load_model, save_model  # noqa: E402
 from peft_train.tokenizer import ByteTokenizer  # noqa: E402
-from peft_train.train import TrainConfig, evaluate, model_memory_bytes, train  # noqa: E402
+from peft_train.memory import model_memory_bytes  # noqa: E402
+from peft_train.training import TrainConfig, evaluate, train  # noqa: E402
 
 PRETRAIN_TASKS = ["add", "mul", "reverse", "sort", "upper", "count"]
 ADAPT_TASKS = [t for t in TASK_FAMILIES if t not in PRETRAIN_TASKS]  # compare, next, convert, digits
@@ -135,7 +136,8 @@ def adaptation_data(n_train: int, n_val: int, n_test: int, seed: int = 1) -> Ada
 
 def _probe_step_seconds(messages, threads_note: str) -> float:
     model = build_tiny_model(seed=0)
-    config = TrainConfig(steps=8, lr=PRETRAIN_LR, batch_size=BATCH_SIZE, max_length=MAX_LENGTH, device="cpu")
+    config = TrainConfig(max_steps=8, learning_rate=PRETRAIN_LR, per_device_train_batch_size=BATCH_SIZE,
+                         max_length=MAX_LENGTH, use_cpu=True)
     result = train(model, ByteTokenizer(), messages[:400], config=config, progress=False)
     seconds = result.seconds / result.steps
     log(f"pretraining probe: {seconds * 1000:.0f} ms/step ({threads_note})")
@@ -156,7 +158,8 @@ def pretrained_base(cache: Path, seconds: float, device: str) -> tuple[Path, dic
     steps = max(20, int(seconds / _probe_step_seconds(messages, f"{torch.get_num_threads()} thread(s)")))
     log(f"pretraining the base for {steps} steps (~{seconds:.0f} s)")
     model = build_tiny_model(seed=0)
-    config = TrainConfig(steps=steps, lr=PRETRAIN_LR, batch_size=BATCH_SIZE, max_length=MAX_LENGTH, device=device)
+    config = TrainConfig(max_steps=steps, learning_rate=PRETRAIN_LR, per_device_train_batch_size=BATCH_SIZE,
+                         max_length=MAX_LENGTH, use_cpu=device == "cpu")
     result = train(model, ByteTokenizer(), messages, config=config, progress=False)
     save_model(model.cpu(), ByteTokenizer(), folder)
     info = {"recipe": recipe, "steps": steps, "seconds": result.seconds, "final_loss": result.train_loss,
@@ -180,7 +183,8 @@ def run_once(spec: Spec, lr: float, seed: int, steps: int, base_dir: Path, data:
     """Train one configuration; score it on the validation split and (per task) on the test split."""
     model, tokenizer = build(spec, base_dir, seed, device)
     trainable, total = count_parameters(model)
-    config = TrainConfig(steps=steps, lr=lr, batch_size=BATCH_SIZE, max_length=MAX_LENGTH, seed=seed, device=device)
+    config = TrainConfig(max_steps=steps, learning_rate=lr, per_device_train_batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
+                         seed=seed, use_cpu=device == "cpu")
     result = train(model, tokenizer, data.train, config=config, progress=False)
     record = {"lr": lr, "seed": seed, "trainable_params": trainable, "total_params": total,
               "train_loss": result.train_loss, "seconds": result.seconds,
@@ -289,7 +293,8 @@ def step_time_ratios(specs: list[Spec], args, base_dir: Path, data: AdaptData, r
     for _ in range(rounds):
         for spec in timed:
             model, tokenizer = build(spec, base_dir, 0, args.device)
-            config = TrainConfig(steps=steps, lr=1e-3, batch_size=BATCH_SIZE, max_length=MAX_LENGTH, device=args.device)
+            config = TrainConfig(max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=BATCH_SIZE,
+                                 max_length=MAX_LENGTH, use_cpu=args.device == "cpu")
             result = train(model, tokenizer, data.train, config=config, progress=False)
             per_step[spec.label].append(statistics.median(result.step_seconds[1:]))  # first step: warm-up
     reference = statistics.median(per_step["lora-r8"])
@@ -507,7 +512,8 @@ def timing_100m(args) -> dict:
             torch.manual_seed(0)
             model = build_adapter(model, method, r=8)
             trainable, total = count_parameters(model)
-            config = TrainConfig(steps=args.steps, lr=1e-4, batch_size=8, max_length=512, device=args.device)
+            config = TrainConfig(max_steps=args.steps, learning_rate=1e-4, per_device_train_batch_size=8, max_length=512,
+                                 use_cpu=args.device == "cpu")
             result = train(model, tokenizer, rows, config=config, progress=False)
             run = {"trainable_params": trainable, "total_params": total, "base_weight_bytes": base_bytes,
                    "linear_weight_bytes": linear_bytes,

@@ -48,7 +48,7 @@ def default_lr(method: str) -> float:
 def _check_arguments(method: str, steps: int | None, epochs: float | None, batch_size: int, grad_accum: int,
                      max_length: int, lr: float | None, r: int, report_to: str) -> None:
     from peft_train.adapters import METHODS
-    from peft_train.train import REPORT_TO
+    from peft_train.training import REPORT_TO
 
     if method not in METHODS:
         raise DpselInputError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -144,14 +144,14 @@ def _run_fingerprint(settings: dict, messages: list, weights) -> dict:
     return {**settings, "data_sha256": digest.hexdigest()}
 
 
-def _prepare_checkpoints(folder: Path, fingerprint: dict, resume: bool) -> bool:
+def _prepare_checkpoints(folder: Path, fingerprint: dict, resume: bool, rank: int) -> bool:
     """Make `folder` ready for this run; True when it holds checkpoints of this very run to resume from.
 
-    Under torchrun / accelerate launch only rank 0 deletes or writes; the other ranks come to the same answer
-    from what they read (they read only where rank 0 leaves the folder alone).
+    Under torchrun / accelerate launch only rank 0 (`rank`: the process's global rank) deletes or writes; the
+    other ranks come to the same answer from what they read (they read only where rank 0 leaves the folder alone).
     """
     from dpsel.io import write_json_atomic
-    from peft_train.train import last_checkpoint, launched_rank
+    from peft_train.training import last_checkpoint
 
     run_file = folder / RUN_FILE
     if resume and last_checkpoint(folder) is not None and run_file.is_file():
@@ -162,7 +162,7 @@ def _prepare_checkpoints(folder: Path, fingerprint: dict, resume: bool) -> bool:
                                   "in the way; re-run with --no-resume to start over (it deletes them)",
                                   file=str(folder))
         return True
-    if launched_rank() != 0:
+    if rank != 0:
         return False
     if folder.exists():
         shutil.rmtree(folder)
@@ -241,8 +241,8 @@ def tune_parquet(
     from dpsel.data import read_instruction_set
     from dpsel.io import write_json_atomic
     from dpsel.progress import reporting
-    from peft_train.models import tokenizer_defaults
-    from peft_train.train import TrainConfig, train
+    from peft_train import training
+    from peft_train.models import resolve_device, tokenizer_defaults
 
     started = time.perf_counter()
     _check_arguments(method, steps, epochs, batch_size, grad_accum, max_length, lr, r, report_to)
@@ -257,26 +257,29 @@ def tune_parquet(
     base, tokenizer = _load_base(model, method, device)
     torch.manual_seed(seed)  # the adapter's initialisation is random too
     tuned = _build_adapter(base, method, r)
-    config = TrainConfig(steps=steps, epochs=epochs, lr=lr if lr is not None else default_lr(method),
-                         batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed,
-                         device=device, max_new_tokens=max_new_tokens, save_steps=save_steps, report_to=report_to)
+    length = {"max_steps": steps} if steps is not None else {"max_steps": -1, "num_train_epochs": epochs}
+    config = training.TrainConfig(
+        **length, learning_rate=lr if lr is not None else default_lr(method), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, max_length=max_length, seed=seed,
+        use_cpu=resolve_device(device).type == "cpu", max_new_tokens=max_new_tokens, save_steps=save_steps,
+        report_to=report_to)
     out_dir = Path(out)
     checkpoints = out_dir / CHECKPOINT_DIR
-    settings = {"method": method, "model": model, "steps": steps, "epochs": epochs, "lr": config.lr, "r": r,
-                "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "seed": seed,
+    settings = {"method": method, "model": model, "steps": steps, "epochs": epochs, "lr": config.learning_rate,
+                "r": r, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "seed": seed,
                 "weights_column": weights_column}
-    resuming = _prepare_checkpoints(checkpoints, _run_fingerprint(settings, messages, weights), resume)
+    resuming = _prepare_checkpoints(checkpoints, _run_fingerprint(settings, messages, weights), resume,
+                                    config.process_index)
     evaluation = None
     with reporting(progress, f"tune[{method}]", default_phase="training") as reporter:
-        result = train(tuned, tokenizer, messages, None if weights is None else weights.tolist(), config,
+        result = training.train(tuned, tokenizer, messages, None if weights is None else weights.tolist(), config,
                        progress=reporter or False, checkpoint_dir=checkpoints, resume=resuming)
         if not result.is_main_process:  # other DDP ranks: rank 0 evaluates and writes the outputs
             return {"method": method, "train_loss": result.train_loss, "steps": result.steps}
         if eval_messages:
-            from peft_train.train import evaluate
-
-            evaluation = evaluate(tuned, tokenizer, eval_messages, max_new_tokens=max_new_tokens, tasks=eval_tasks,
-                                  batch_size=config.eval_batch_size, max_length=max_length, progress=reporter)
+            evaluation = training.evaluate(tuned, tokenizer, eval_messages, max_new_tokens=max_new_tokens,
+                                           tasks=eval_tasks, batch_size=config.per_device_eval_batch_size,
+                                           max_length=max_length, progress=reporter)
 
     _save(tuned, tokenizer, method, model, out_dir / ADAPTER_DIR)
     trainable, total = _parameter_counts(tuned)
@@ -295,7 +298,7 @@ def tune_parquet(
         "steps": result.steps,
         "epochs": epochs,
         "resumed_from_step": result.resumed_from_step,
-        "lr": config.lr,
+        "lr": config.learning_rate,
         "batch_size": batch_size,
         "grad_accum": grad_accum,
         "report_to": report_to,

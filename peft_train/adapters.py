@@ -30,7 +30,7 @@ import torch
 from peft import C3AConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
-from peft_train.models import disable_bnb_cpu_repack
+from peft_train.models import disable_bnb_cpu_repack, is_quantized_4bit
 from peft_train.surm import SurmConfig, SurmLinear, register_surm
 from peft_train.surm.layer import LINEAR_LIKE
 
@@ -124,12 +124,6 @@ def needs_4bit(method: str) -> bool:
     return _check_method(method) == "qlora" or method.startswith("qsurm-")
 
 
-def is_4bit_model(model: nn.Module) -> bool:
-    import bitsandbytes as bnb  # imported lazily: only 4-bit models need it
-
-    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-
-
 def _surm_structure(method: str) -> str | None:
     for prefix in ("surm-", "qsurm-"):
         if method.startswith(prefix):
@@ -185,7 +179,7 @@ def _peft_config(method: str, r: int, alpha, dropout: float, target_modules, str
 
 
 def _unfreeze_all(model: nn.Module) -> nn.Module:
-    if is_4bit_model(model):
+    if is_quantized_4bit(model):
         raise ValueError("method 'full' needs an unquantised base; load the model without quant='nf4'")
     for param in model.parameters():
         param.requires_grad_(True)
@@ -216,7 +210,7 @@ def build_adapter(
     if method == "full":
         return _unfreeze_all(model)
     if needs_4bit(method):
-        if not is_4bit_model(model):
+        if not is_quantized_4bit(model):
             raise ValueError(f"method {method!r} needs a 4-bit base: load it with load_model(..., quant='nf4')")
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -228,7 +222,7 @@ def build_adapter(
     peft_model = get_peft_model(model, config)
     if _surm_structure(method) is not None:
         _check_wrapped_as_surm(peft_model)
-    if is_4bit_model(peft_model):
+    if is_quantized_4bit(peft_model):
         disable_bnb_cpu_repack(peft_model)
     return peft_model
 
@@ -256,6 +250,6 @@ def load_adapter(base_model: nn.Module, path) -> PeftModel:
     """Load an adapter directory written by ``save_pretrained`` (any method but ``full``) for inference."""
     register_surm()
     model = PeftModel.from_pretrained(base_model, str(path))
-    if is_4bit_model(model):
+    if is_quantized_4bit(model):
         disable_bnb_cpu_repack(model)
     return model

@@ -137,6 +137,17 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def is_quantized_4bit(model: torch.nn.Module) -> bool:
+    """True for a model with bitsandbytes 4-bit layers (False, without importing it, when bitsandbytes is absent)."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        return True
+    try:
+        import bitsandbytes as bnb  # imported lazily: only 4-bit models need it
+    except ImportError:  # no bitsandbytes, no 4-bit layers
+        return False
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """Write model and tokenizer to one directory that ``load_model(out_dir)`` reads back."""
     out = Path(out_dir)

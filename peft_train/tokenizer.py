@@ -2,7 +2,8 @@
 
 Ids: ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then the 256 UTF-8 byte values (byte b -> id b + 3).
 Plain ``encode`` adds no special tokens, so ``decode(encode(text)) == text`` for any text; the chat
-template is what places ``<s>`` at the start and ``</s>`` after each assistant turn.
+template is what places ``<s>`` at the start and ``</s>`` after each assistant turn. ``pad_token_id`` is the
+one padding rule for every tokenizer (scoring and training).
 """
 
 from __future__ import annotations
@@ -101,3 +102,13 @@ class ByteTokenizer(PreTrainedTokenizer):
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         return ()  # the vocabulary is fixed by construction: nothing to write
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id every batch is padded with, for scoring and for training alike: the tokenizer's pad token, or its
+    eos token when it has no pad token (padded positions are masked out of attention and labels, so the choice
+    changes no loss; one rule keeps the scored and the trained batches identical)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    return int(pad)

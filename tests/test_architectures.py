@@ -140,7 +140,7 @@ def _check_structure(model, method: str, trainable: int, r: int) -> None:
 
 def _eval_loss(model, tokenizer, data) -> float:
     from dpsel.data import read_instruction_set
-    from peft_train.train import evaluate
+    from peft_train.training import evaluate
 
     eval_set = read_instruction_set(data / "eval.parquet")
     messages = eval_set.messages(eval_set.usable_mask())

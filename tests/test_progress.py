@@ -69,13 +69,30 @@ def test_tuning_reports_training_eval_loss_and_generation(tmp_path):
 def test_trainer_callback_reports_the_trainers_steps():
     from types import SimpleNamespace
 
-    from peft_train.progress import trainer_callback
+    from peft_train.training.progress import ProgressCallback
 
     calls = []
-    callback = trainer_callback(lambda step, total, diag: calls.append((step, total, diag)))
-    callback.on_log(None, None, None, logs={"loss": 1.5, "learning_rate": 0.01, "epoch": 0.1})
-    callback.on_step_end(None, SimpleNamespace(global_step=3, max_steps=20), None)
-    assert calls == [(3, 20, {"phase": "training", "loss": 1.5, "learning_rate": 0.01})]
+    callback = ProgressCallback(lambda step, total, diag: calls.append((step, total, diag)))
+    callback.on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=20), None)
+    state = SimpleNamespace(global_step=3, max_steps=20)
+    callback.on_step_begin(None, state, None)
+    callback.on_step_end(None, state, None)
+    callback.on_log(None, state, None, logs={"loss": 1.5, "learning_rate": 0.01, "epoch": 0.1})
+    callback.on_log(None, state, None, logs={"eval_loss": 2.0})  # an eval log is no training step
+    assert calls == [(3, 20, {"phase": "training", "loss": 1.5, "lr": 0.01})]
+    assert len(callback.step_seconds) == 1 and callback.step_seconds[0] >= 0
+
+
+def test_trainer_callback_reports_nothing_on_other_ranks():
+    from types import SimpleNamespace
+
+    from peft_train.training.progress import ProgressCallback
+
+    calls = []
+    callback = ProgressCallback(lambda step, total, diag: calls.append(step))
+    callback.on_train_begin(None, SimpleNamespace(is_world_process_zero=False, global_step=0, max_steps=20), None)
+    callback.on_log(None, SimpleNamespace(global_step=1, max_steps=20), None, logs={"loss": 1.0})
+    assert calls == []
 
 
 def test_on_a_terminal_a_bar_per_phase_names_stage_and_phase():

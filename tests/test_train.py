@@ -1,16 +1,16 @@
-"""peft_train.train: the weighted loss, the training loop, evaluation, optimizer choice, memory accounting."""
+"""peft_train.training: the weighted loss, the training loop, evaluation, optimizer choice, memory accounting."""
 import math
 
 import pytest
 import torch
 
 from peft_train.encode import collate, encode_all, per_example_nll
+from peft_train.memory import model_memory_bytes
 from peft_train.models import build_tiny_model
-from peft_train.train import (
+from peft_train.training import (
     TrainConfig,
     choose_optimizer_name,
     evaluate,
-    model_memory_bytes,
     row_losses,
     train,
     weighted_loss,
@@ -106,7 +106,8 @@ def test_weights_must_match_the_batch():
 
 def _train(weights=None, seed=0, steps=12, rows=ROWS):
     model = _small_model()
-    config = TrainConfig(steps=steps, lr=3e-3, batch_size=4, max_length=64, seed=seed, device="cpu", warmup=0.0)
+    config = TrainConfig(max_steps=steps, learning_rate=3e-3, per_device_train_batch_size=4, max_length=64, seed=seed,
+                         use_cpu=True, warmup_steps=0.0)
     return model, train(model, _tokenizer(), rows, weights, config, progress=False)
 
 
@@ -161,11 +162,11 @@ def test_bad_weights_are_rejected():
 def test_frozen_model_is_rejected():
     model = _small_model().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
-        train(model, _tokenizer(), ROWS, config=TrainConfig(steps=1, device="cpu"), progress=False)
+        train(model, _tokenizer(), ROWS, config=TrainConfig(max_steps=1, use_cpu=True), progress=False)
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=0), dict(lr=-1.0), dict(warmup=1.5),
-                                 dict(optimizer="sgd")])
+@pytest.mark.parametrize("bad", [dict(max_steps=0), dict(per_device_train_batch_size=0), dict(learning_rate=-1.0),
+                                 dict(warmup_steps=1.5), dict(optimizer="sgd")])
 def test_config_is_checked(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
@@ -193,7 +194,8 @@ def test_evaluate_exact_match_and_per_task():
     """A model taught one fixed answer generates it for every prompt: exact match 1 there, 0 elsewhere."""
     rows = [_conversation(f"Say it, please ({i}).", "ok") for i in range(8)]
     model = _small_model()
-    config = TrainConfig(steps=40, lr=1e-2, batch_size=8, max_length=64, device="cpu", warmup=0.0)
+    config = TrainConfig(max_steps=40, learning_rate=1e-2, per_device_train_batch_size=8, max_length=64, use_cpu=True,
+                         warmup_steps=0.0)
     train(model, _tokenizer(), rows, config=config, progress=False)
     held_out = [_conversation("Say it, please (99).", "ok"), _conversation("Say it, please (98).", "no")]
     metrics = evaluate(model, _tokenizer(), held_out, max_new_tokens=8, tasks=["same", "other"])
@@ -219,15 +221,36 @@ def test_evaluate_loss_matches_the_training_loss_definition(byte_tokenizer):
 
 def test_train_with_eval_messages_reports_eval():
     model = _small_model()
-    config = TrainConfig(steps=4, batch_size=4, max_length=64, device="cpu", eval_every=2, max_new_tokens=4)
+    config = TrainConfig(max_steps=4, per_device_train_batch_size=4, max_length=64, use_cpu=True, eval_strategy="steps",
+                         eval_steps=2, max_new_tokens=4)
     result = train(model, _tokenizer(), ROWS, config=config, eval_messages=ROWS[:3], progress=False)
     assert set(result.eval) >= {"eval_loss", "eval_exact_match"}
     assert [entry["step"] for entry in result.eval_trace] == [2]
 
 
+def test_periodic_eval_loss_is_the_mean_row_loss():
+    """Trainer's periodic eval (eval_strategy="steps") reports what `row_losses` gives for the model at that step."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Check(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+            losses = row_losses(model, _tokenizer(), ROWS[:5], max_length=64)
+            seen.append((metrics["eval_loss"], sum(losses) / len(losses)))
+
+    config = TrainConfig(max_steps=3, per_device_train_batch_size=4, max_length=64, use_cpu=True,
+                         eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2)
+    train(_small_model(), _tokenizer(), ROWS, config=config, eval_messages=ROWS[:5], progress=False,
+          callbacks=[Check()])
+    assert len(seen) == 2  # steps 1 and 2; the last step is evaluate()'s
+    for trainer_loss, mean_row_loss in seen:
+        assert trainer_loss == pytest.approx(mean_row_loss, rel=1e-5)
+
+
 def test_progress_is_plain_lines_without_a_terminal(capsys):
     model = _small_model()
-    config = TrainConfig(steps=2, batch_size=4, max_length=64, device="cpu", log_every=1)
+    config = TrainConfig(max_steps=2, per_device_train_batch_size=4, max_length=64, use_cpu=True, log_every=1)
     train(model, _tokenizer(), ROWS[:4], config=config, progress=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training: step")]
     assert [line.split()[2] for line in lines] == ["1/2", "2/2"]
@@ -238,18 +261,20 @@ def test_progress_is_plain_lines_without_a_terminal(capsys):
 
 def test_accumulated_micro_batches_add_up_to_the_steps_weighted_mean(byte_tokenizer):
     """Two micro-batches of one optimizer step: their losses sum to Σwℓ/Σw over all four rows."""
-    from peft_train.train import _MemoryMeter, _weighted_trainer_class
     from transformers import TrainingArguments
+
+    from peft_train.memory import MemoryMeter
+    from peft_train.training.trainer import WeightedTrainer
 
     model = _small_model()
     first, second = _batch(byte_tokenizer, ROWS[:2]), _batch(byte_tokenizer, ROWS[2:4])
     first["weights"], second["weights"] = torch.tensor([1.0, 3.0]), torch.tensor([0.5, 2.0])
     args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", gradient_accumulation_steps=2)
-    trainer = _weighted_trainer_class()(model=model, args=args, lengths=[1], meter=_MemoryMeter(model, torch.device("cpu")))
-    batches, _ = trainer.get_batch_samples(iter([dict(first), dict(second)]), 2, torch.device("cpu"))
+    trainer = WeightedTrainer(model=model, args=args, lengths=[1], meter=MemoryMeter(model, torch.device("cpu")))
+    batches, total_weight = trainer.get_batch_samples(iter([dict(first), dict(second)]), 2, torch.device("cpu"))
     model.train()
     with torch.no_grad():
-        summed = sum(trainer.compute_loss(model, dict(b)) for b in batches)
+        summed = sum(trainer.compute_loss(model, dict(b), num_items_in_batch=total_weight) for b in batches)
         whole = _batch(byte_tokenizer, ROWS[:4])
         logits = model(input_ids=whole["input_ids"], attention_mask=whole["attention_mask"]).logits
         expected = weighted_loss(per_example_nll(logits, whole["labels"]), torch.tensor([1.0, 3.0, 0.5, 2.0]))
@@ -258,7 +283,8 @@ def test_accumulated_micro_batches_add_up_to_the_steps_weighted_mean(byte_tokeni
 
 def test_gradient_accumulation_and_epochs_count_optimizer_steps():
     model = _small_model()
-    config = TrainConfig(steps=None, epochs=2, lr=3e-3, batch_size=2, grad_accum=3, max_length=64, device="cpu")
+    config = TrainConfig(max_steps=-1, num_train_epochs=2, learning_rate=3e-3, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=3, max_length=64, use_cpu=True)
     result = train(model, _tokenizer(), ROWS, config=config, progress=False)
     assert result.steps == 4 and len(result.losses) == 4  # 12 rows / (2 × 3) = 2 steps per epoch
 
@@ -282,7 +308,8 @@ def _trainable(model) -> dict:
 
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path):
-    config = dict(steps=6, lr=3e-3, batch_size=4, max_length=64, device="cpu", save_steps=2)
+    config = dict(max_steps=6, learning_rate=3e-3, per_device_train_batch_size=4, max_length=64, use_cpu=True,
+                  save_steps=2)
     whole = _small_model()
     full_run = train(whole, _tokenizer(), ROWS, config=TrainConfig(**config), progress=False)
 
@@ -297,3 +324,18 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
     assert result.losses == pytest.approx(full_run.losses, rel=1e-5)
     expected, got = _trainable(whole), _trainable(resumed)
     assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in expected)
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def test_one_pad_rule_pad_token_else_eos():
+    from types import SimpleNamespace
+
+    from peft_train.tokenizer import pad_token_id
+
+    assert pad_token_id(_tokenizer()) == 0  # the byte tokenizer's own <pad>
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+    assert pad_token_id(SimpleNamespace(pad_token_id=3, eos_token_id=7)) == 3
+    with pytest.raises(ValueError, match="neither a pad nor an eos"):
+        pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))

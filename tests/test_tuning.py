@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-import peft_train.train as train_module
+import peft_train.training as train_module
 from dpsel.errors import DpselInputError
 from dpsel.tuning import tune_parquet
 from peft_train.adapters import METHODS, needs_4bit

@@ -20,6 +20,7 @@ from dpsel.loading import load_model  # maps unloadable model sources to exit 2
 from dpsel.models.forward import forward_rows
 from peft_train.encode import collate, encode_all, per_example_nll
 from peft_train.models import TINY_NAME, resolve_device
+from peft_train.tokenizer import pad_token_id
 
 
 class LMSettings(Protocol):
@@ -52,7 +53,7 @@ class LM:
 
     @property
     def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return pad_token_id(self.tokenizer)  # the rule training pads with
 
     def theta(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

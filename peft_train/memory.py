@@ -1,0 +1,99 @@
+"""Peak memory of a training run, the one meter peft_train and the benchmarks report.
+
+CUDA: the allocator's own peak (``torch.cuda.max_memory_allocated``). CPU has no allocator statistics that can
+be reset per run (the process RSS only ever grows and counts everything else in the process), so there we add up
+what training holds: weights (+ 4-bit state), gradients, optimizer state and the largest set of activations
+saved for backward in any step (seen through ``saved_tensors_hooks``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def _storage_bytes(tensors: Iterable, seen: set[int]) -> int:
+    total = 0
+    for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def _quant_state_tensors(module: torch.nn.Module):
+    """The tensors a bitsandbytes 4-bit weight keeps beside its packed bytes (absmax, nested absmax, code)."""
+    for param in module.parameters(recurse=True):
+        state = getattr(param, "quant_state", None)
+        while state is not None:
+            yield from (state.absmax, getattr(state, "code", None), getattr(state, "offset", None))
+            state = getattr(state, "state2", None)
+
+
+def model_memory_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by a model's parameters, buffers and 4-bit quantisation state (shared storages counted once)."""
+    seen: set[int] = set()
+    return (
+        _storage_bytes(model.parameters(), seen)
+        + _storage_bytes(model.buffers(), seen)
+        + _storage_bytes(_quant_state_tensors(model), seen)
+    )
+
+
+def _grad_bytes(params: Sequence[torch.nn.Parameter]) -> int:
+    # Trainer frees gradients between steps (zero_grad(set_to_none)); at its peak each trainable parameter has one
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    tensors = (v for state in optimizer.state.values() for v in state.values())
+    return _storage_bytes(tensors, set())
+
+
+class MemoryMeter:
+    """Peak training memory of ``model`` on ``device`` (see the module docstring for what is counted where)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.on_cuda = device.type == "cuda"
+        self.max_activation_bytes = 0
+        self._step_bytes = 0
+        self._seen: set[int] = set()
+        if self.on_cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+
+    @property
+    def measure(self) -> str:
+        return "cuda_max_allocated" if self.on_cuda else "tensor_accounting"
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._step_bytes += _storage_bytes((tensor,), self._seen)
+        return tensor
+
+    def saving_activations(self):
+        """Context for one forward pass: counts the bytes autograd saves for backward (CPU only)."""
+        self._step_bytes, self._seen = 0, set()
+        if self.on_cuda:
+            return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def end_step(self) -> None:
+        self.max_activation_bytes = max(self.max_activation_bytes, self._step_bytes)
+        self._seen = set()
+
+    def peak(self, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return (
+            model_memory_bytes(self.model)
+            + _grad_bytes(params)
+            + _optimizer_state_bytes(optimizer)
+            + self.max_activation_bytes
+        )
