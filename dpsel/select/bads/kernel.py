@@ -36,8 +36,8 @@ class SGLDKernel:
     def __init__(self, problem: SelectionProblem, settings: BadsSettings, *, batch_size: int, seed: int,
                  prior_mean: torch.Tensor, theta0: list[torch.Tensor] | None, features: torch.Tensor | None,
                  weight_param: str, data_parallel=None):
-        self.problem, self.settings, self.weight_param, self.data_parallel = problem, settings, weight_param, \
-            data_parallel
+        self.problem, self.settings = problem, settings
+        self.weight_param, self.data_parallel = weight_param, data_parallel
         self.theta = problem.theta()
         self.theta0 = [t.detach().clone() for t in self.theta] if theta0 is None else theta0
         self.prior_a, self.prior_b = beta_prior_params(prior_mean.float(), settings.kappa)

@@ -40,7 +40,8 @@ def log_joint(*, w: torch.Tensor, prior_a: torch.Tensor, prior_b: torch.Tensor, 
 _W_GRID = torch.linspace(0.0005, 0.9995, 1000, dtype=torch.float64)
 
 
-def conditional_weight_moments(a: torch.Tensor, b: torch.Tensor, tilt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def conditional_weight_moments(a: torch.Tensor, b: torch.Tensor,
+                               tilt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E[w] and E[w²] under a row's exact conditional given θ, p(w | θ) ∝ Beta(w; a, b)·exp(−tilt·w) (tilt = ρ ℓ̃),
     by quadrature on a fixed grid: the Rao-Blackwellised version of recording the sampled w."""
     grid = _W_GRID[None, :]

@@ -10,7 +10,7 @@ everywhere. The posterior summaries (and visits) are gathered back into input or
 Why the sum is the single-process gradient: with global batch B over N rows, a rank holds N/W rows and draws
 B/W of them, so its train term carries the same N/B scale; the θ prior and the meta term are the same on every
 rank, so each rank counts them 1/W times (`rank_objective`). Summed over ranks that is the gradient of one
-B-row minibatch (plus W independent meta minibatches averaged). Single-process runs never touch this module.
+B-row minibatch (plus W independent meta minibatches averaged). Single-process runs call none of this.
 """
 from __future__ import annotations
 

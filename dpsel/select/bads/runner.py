@@ -96,7 +96,8 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
     for step in range(start_step, steps):
         done = _timed_step(problem, kernel, trace, batch_size, meta_batch_size)
         if step >= burn_in:
-            _record(kernel, trace, done, step, steps, burn_in, keep_theta=settings.posterior_pass and step in draw_steps)
+            keep_theta = settings.posterior_pass and step in draw_steps
+            _record(kernel, trace, done, step, steps, burn_in, keep_theta)
         if step % settings.diag_every == 0 or step == steps - 1:
             _diagnose(kernel, trace, done, step, steps, progress)
         if checkpoint is not None and step < steps - 1:
