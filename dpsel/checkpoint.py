@@ -5,7 +5,8 @@ removed once the run has published. What: per stage (`reference`: the meta-fitte
 features; `sampler`: θ, the weights, the optimizer's preconditioner state, running moments, baselines,
 visit counts, RNG states, the step), tensors in a safetensors file and everything else in a JSON file — no
 pickle, so loading a checkpoint can never run code. The JSON is written after the tensors and names their
-sha256, so a kill between the two writes leaves the previous checkpoint, never a mix.
+sha256, so a kill between the two writes leaves the previous checkpoint, never a mix. Under torchrun each rank
+sees them through `RankCheckpoints` (per-rank stages, saved together).
 
 A run refuses to resume a checkpoint made by a different run: `fingerprint.json` holds the method, the
 selection config and the inputs' content hashes; a changed one is an input error (exit 2) naming what
@@ -29,12 +30,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpsel import signals
+import dpsel.signals as signals  # `from dpsel import` would be an edge to the package, whose API reaches back here
 from dpsel.errors import DpselInputError
 from dpsel.io import file_sha256, write_json_atomic
+from dpsel.parallel.env import launched_rank, launched_world
 
 CHECKPOINT_TAG = ".dpsel-checkpoint"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -75,7 +78,6 @@ class Checkpoints:
     def open(cls, out_dir: Path, fingerprint: dict, *, restart: bool = False) -> "Checkpoints":
         """The checkpoints of OUT for a run with this `fingerprint` (JSON-able). A checkpoint left by a run
         with another fingerprint is refused (exit 2) unless `restart` discards it."""
-        from dpsel.distributed import launched_rank, launched_world
         directory = checkpoint_dir(out_dir)
         # as it reads back from disk; torchrun: the stages are per rank, so the process count is part of the run
         fingerprint = json.loads(json.dumps({**fingerprint, "processes": launched_world()}, default=str))
@@ -153,9 +155,61 @@ class Checkpoints:
         return load_file(str(tensor_path)), record["state"]
 
     def discard(self) -> None:
-        from dpsel.distributed import launched_rank
         if launched_rank() == 0:   # torchrun: rank 0 publishes the run, so it alone removes the checkpoint
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class RankCheckpoints:
+    """A run's checkpoints (`Checkpoints`) as one rank of a torchrun run sees them.
+
+    Shared stages (`reference`: the same on every rank) are rank 0's files; every other stage is per rank:
+    rank k saves and loads `<stage>.rank{k}`. Whether to save is decided together (any rank due, or any rank
+    asked to stop by SIGTERM, and every rank saves the same step; a stop then stops every rank), and a resume
+    uses a stage only where every rank has it at the same step. The folder must be one all ranks see (a shared
+    filesystem across machines); the fingerprint names the number of processes (`Checkpoints.open`)."""
+
+    SHARED_STAGES = ("reference",)
+
+    def __init__(self, checkpoints: Checkpoints, data_parallel):
+        self.base, self.data_parallel = checkpoints, data_parallel
+        self.resumed = checkpoints.resumed
+
+    def _name(self, stage: str) -> str:
+        return stage if stage in self.SHARED_STAGES else f"{stage}.rank{self.data_parallel.rank}"
+
+    def save(self, stage: str, tensors: dict, state: dict) -> None:
+        if stage not in self.SHARED_STAGES or self.data_parallel.rank == 0:
+            self.base.save(self._name(stage), tensors, state)
+
+    def load(self, stage: str):
+        saved = self.base.load(self._name(stage))
+        steps = self.data_parallel.gather_rows(np.array([-1 if saved is None else int(saved[1].get("step", 0))]))
+        if (steps == steps[0]).all():
+            return saved
+        where = f"{self.base.directory} (steps saved per rank: {steps.tolist()}, -1 = none)"
+        if stage in self.SHARED_STAGES:
+            raise DpselInputError(f"the {stage} checkpoint is not visible to every rank: the checkpoint folder "
+                                  "must be on a filesystem all ranks share", file=where)
+        from dpsel.progress import announce
+        announce(f"rank {self.data_parallel.rank}: the ranks' {stage} checkpoints are from different steps in "
+                 f"{where}; the {stage} stage starts from zero")
+        return None
+
+    def after_step(self, stage: str, snapshot) -> None:
+        signals.defer(True)
+        due, stop = self.data_parallel.sum_over_ranks(
+            torch.tensor([float(self.base.due()), float(signals.pending())])).tolist()
+        if due or stop:
+            self.base.save(self._name(stage), *snapshot())
+        if stop:
+            signals.raise_if_pending()
+            raise signals.Terminated("terminated: another rank received SIGTERM")
+
+    def loop_start(self) -> None:
+        self.base.loop_start()
+
+    def loop_done(self) -> None:
+        self.base.loop_done()
 
 
 def _fault_kill_after(stage: str, state: dict) -> None:

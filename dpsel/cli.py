@@ -103,7 +103,7 @@ ConfigOpt = typer.Option(None, "--config", help="Run config YAML (see configs/de
 
 
 def _print_curation(result) -> None:
-    from dpsel.distributed import other_rank_note
+    from dpsel.parallel.env import other_rank_note
     if note := other_rank_note(result.out_dir):  # torchrun: only rank 0 reports the run
         typer.echo(note, err=True)
         return
@@ -152,7 +152,7 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
         "curate.select.batch_size": batch_size, "curate.select.max_length": max_length,
         "engine": engine, "ray_address": ray_address}, stage="curate")
     run.require("data.train", "data.meta", "out", flow="curate")
-    from dpsel.distributed import launched_rank
+    from dpsel.parallel.env import launched_rank
     with progress_reporter(f"curate[{run.curate.method}]", default_phase=default_phase_of(run.curate.method),
                            terminal=launched_rank() == 0) as progress:  # torchrun: rank 0's progress only
         result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
@@ -223,7 +223,7 @@ def tune(data: Optional[list[str]] = typer.Option(None, "--data", help="Instruct
         raise DpselInputError(f"--method must be one of {', '.join(METHODS)}, not {run.tune.method!r}")
     out_dir = Path(run.out)
     metrics = tune_parquet(run.data.train, out_dir, eval_path=run.data.eval, **run.tune_options())
-    from dpsel.distributed import other_rank_note
+    from dpsel.parallel.env import other_rank_note
     if note := other_rank_note(out_dir):  # torchrun: only rank 0 reports the run
         typer.echo(note, err=True)
         return

@@ -419,7 +419,7 @@ def _selection_record(run: _Run, cutoff: float | None, group_cutoffs: dict) -> d
 def _write_run(out: Path, run: _Run) -> CurationResult:
     """Write every file into a staging folder beside `out` (manifest last), then publish it as `out` in one
     swap (dpsel.outputs): a reader never sees a folder that mixes two runs."""
-    from dpsel.distributed import is_writer
+    from dpsel.parallel.env import is_writer
     if not is_writer():  # torchrun: rank 0 writes the run; the other ranks only sampled their shard
         return CurationResult(out_dir=out, paths={}, counts=_outcome(run)[-1], manifest={})
     run_id = new_run_id()

@@ -20,6 +20,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from dpsel.errors import DpselInputError
+from dpsel.parallel.env import launched_rank
 
 
 def lock_paths(out_dir: Path) -> tuple[Path, Path]:
@@ -70,7 +71,6 @@ def locks_out(*input_params: str) -> Callable[[Callable], Callable]:
 
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
-            from dpsel.distributed import launched_rank
             from dpsel.outputs import check_out_outside_inputs, clean_stale
 
             arguments = signature.bind(*args, **kwargs).arguments

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import torch
 
-from dpsel.distributed import DataParallel
+from dpsel.parallel.collectives import DataParallel
 from dpsel.select.bads import BadsSettings, GroupBaseline, posterior_pass_over_pool
 
 N, WORLD = 37, 2   # an odd pool: the shards differ in size
@@ -121,8 +121,7 @@ def test_pooled_group_baseline_is_the_global_minibatch_baseline():
 # ---------------------------------------------------------------------------- checkpoints under torchrun
 
 def test_rank_checkpoints_are_per_rank_with_rank_zeros_reference(tmp_path):
-    from dpsel.checkpoint import Checkpoints
-    from dpsel.distributed import RankCheckpoints
+    from dpsel.checkpoint import Checkpoints, RankCheckpoints
 
     base = Checkpoints(tmp_path / "ckpt", {"run": 1}, every_s=3600.0)
 
@@ -140,8 +139,7 @@ def test_rank_checkpoints_are_per_rank_with_rank_zeros_reference(tmp_path):
 
 
 def test_rank_checkpoints_save_together_and_resume_only_a_common_step(tmp_path):
-    from dpsel.checkpoint import Checkpoints
-    from dpsel.distributed import RankCheckpoints
+    from dpsel.checkpoint import Checkpoints, RankCheckpoints
 
     def run(dp: DataParallel):
         # Only rank 1 is due: both ranks save the same step (a resume needs every rank at one step).

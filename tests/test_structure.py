@@ -42,8 +42,10 @@ def _imported_names(module: str, path: Path, modules: dict[str, Path]) -> set[st
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
+            # `from pkg import mod` imports the module pkg.mod; `from mod import name` imports mod
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                names.add(full if full in modules else base)
     return names
 
 

@@ -1,0 +1,73 @@
+"""The weight parametrisations: free per-row logits (row-sparse) or an amortised net over row features (dense),
+each with the SGLD parameter group it is sampled as."""
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+
+from dpsel.errors import DpselInputError
+from dpsel.select.bads.config import BadsSettings
+
+
+class LogitWeights:
+    """Free per-row logits u, w = sigmoid(u); a row-sparse SGLD group."""
+    row_sparse = True
+
+    def __init__(self, init_logits: torch.Tensor):
+        self.u = torch.nn.Parameter(init_logits.clone().float())
+
+    def params(self):
+        return [self.u]
+
+    def weights(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.u[idx])
+
+    def all_weights(self) -> torch.Tensor:
+        return torch.sigmoid(self.u.detach())
+
+
+class AmortizedWeights:
+    """w_i = sigmoid(g_φ(e_i)) over fixed features; φ gets a N(0, 1) prior; a dense SGLD group."""
+    row_sparse = False
+
+    def __init__(self, features: torch.Tensor, hidden: int, init_logit: float, seed: int):
+        from dpsel.select.features import WeightNet
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.net = WeightNet(features.shape[1], hidden, init_logit)
+        torch.random.set_rng_state(state)
+        self.features = features.float()
+
+    def params(self):
+        return list(self.net.parameters())
+
+    def weights(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(self.features[idx]))
+
+    def all_weights(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(self.net(self.features))
+
+    def log_prior(self) -> torch.Tensor:
+        return sum(dist.Normal(0.0, 1.0).log_prob(p).sum() for p in self.net.parameters())
+
+
+def build_weights(weight_param: str, settings: BadsSettings, *, prior_mean: torch.Tensor,
+                  features: torch.Tensor | None, n: int, batch_size: int, seed: int) -> tuple[object, dict]:
+    """The weights of `weight_param` and their SGLD parameter group."""
+    if weight_param == "logits":
+        weights = LogitWeights(torch.logit(prior_mean.float().clamp(1e-3, 1 - 1e-3)))
+        # A visit is a Langevin step of size lr_w on the row's own conditional: the group's lr is lr_w·B/N and
+        # its N/B-scaled gradient brings it back to lr_w. Not preconditioned: that curvature is known and O(1).
+        return weights, {"params": weights.params(), "lr": settings.lr_w * batch_size / n, "precondition": False,
+                         "temperature": settings.temperature_w, "row_sparse": True, "visit_scale": n / batch_size,
+                         "decay_gamma": 0.0}
+    if weight_param == "amortized":
+        if features is None:
+            raise ValueError("amortized weights need per-row features")
+        weights = AmortizedWeights(features, settings.weight_hidden, math.log(settings.beta / (1 - settings.beta)),
+                                   seed)
+        return weights, {"params": weights.params(), "lr": settings.lr_phi, "temperature": settings.temperature_w}
+    raise DpselInputError(f"unknown weight parametrisation {weight_param!r}; use 'logits' or 'amortized'")
