@@ -48,15 +48,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     config = config or SelectConfig()
     rule = make_rule(method, budget, threshold, task_budgets, per_group, group_column)
     out = Path(out)
-    train_rows = read_rows(train)
-    meta_rows = read_rows(meta)
-    meta_duplicates = drop_meta_duplicates(meta_rows)
-    require_all_usable(meta_rows, "meta")
-    input_files = [f.path for r in (train_rows, meta_rows) for f in r.data.files]
-    check_outputs_do_not_overwrite_inputs(out, input_files + ([str(truth)] if truth else []),
-                                          as_path_list(train) + as_path_list(meta))
-    if truth is not None:
-        load_truth(truth, train_rows)  # a wrong truth file fails now, not after the work
+    train_rows, meta_rows, meta_duplicates = _read_inputs(train, meta, out, truth)
     if rule.uses_groups and train_rows.group_values(group_column) is None:
         raise DpselInputError("per-group budgets need this column in the training set", column=group_column,
                               file=", ".join(f.path for f in train_rows.data.files))
@@ -94,6 +86,21 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     result = write_run(out, run)
     checkpoints.discard()  # published: nothing left to resume
     return result
+
+
+def _read_inputs(train, meta, out: Path, truth) -> tuple[Rows, Rows, dict]:
+    """The training and meta rows, checked before any work: a clean meta set (its exact duplicates dropped
+    and recorded), outputs that overwrite no input, a truth file that matches the training rows."""
+    train_rows = read_rows(train)
+    meta_rows = read_rows(meta)
+    meta_duplicates = drop_meta_duplicates(meta_rows)
+    require_all_usable(meta_rows, "meta")
+    input_files = [f.path for r in (train_rows, meta_rows) for f in r.data.files]
+    check_outputs_do_not_overwrite_inputs(out, input_files + ([str(truth)] if truth else []),
+                                          as_path_list(train) + as_path_list(meta))
+    if truth is not None:
+        load_truth(truth, train_rows)  # a wrong truth file fails now, not after the work
+    return train_rows, meta_rows, meta_duplicates
 
 
 def open_checkpoints(out: Path, method: str, config: SelectConfig, train_rows: Rows, meta_rows: Rows,
