@@ -7,7 +7,7 @@ passes) it measures, each case in a fresh child process so peak RSS is the case'
 - `ceiling`: a plain pyarrow read + write of the same file (the I/O ceiling);
 - `validate`: `dpsel.data.validate_paths` (streaming);
 - `read`: the curation read, `dpsel.data.read_instruction_set` (normalise, ids, dedup; the whole set as Arrow);
-- `filter-data`: `dpsel.curate.filter_rows` end to end with a `random` scorer (the data path and the run's
+- `filter-data`: `dpsel.curation.filter.filter_rows` end to end with a `random` scorer (the data path and the run's
   outputs, no model), for its memory at every size;
 and once, on `--filter-rows` rows: `filter` with a built-in-model (`bads`) scorer, next to the model's raw
 batched forward throughput on the same rows and batches (the ceiling for scoring), and one LoRA vs
@@ -107,7 +107,7 @@ def case_read(path: Path, work: Path) -> dict:
 
 
 def case_filter_data(path: Path, work: Path) -> dict:
-    from dpsel.curate import curate, filter_rows
+    from dpsel.curation import curate, filter_rows
     scorer_run = work / "random-run"
     if not (scorer_run / "scorer").exists():
         meta = make_pool(work / "meta.parquet", 50, seed=1)
@@ -120,7 +120,7 @@ def case_filter_data(path: Path, work: Path) -> dict:
 
 
 def _bads_scorer(work: Path) -> Path:
-    from dpsel.curate import curate
+    from dpsel.curation.run import curate
     from dpsel.select.base import SelectConfig
     from dpsel.synth import generate
     run = work / "bads-run"
@@ -134,7 +134,7 @@ def _bads_scorer(work: Path) -> Path:
 def case_filter_model(path: Path, work: Path) -> dict:
     """filter with the built-in model's bads scorer, and the model's raw forward on the same batches."""
     import numpy as np
-    from dpsel.curate import filter_rows
+    from dpsel.curation.filter import filter_rows
     from dpsel.data import read_instruction_set
     from dpsel.select import load_scorer
     from dpsel.models.lm import EncodedRows

@@ -50,7 +50,7 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from dpsel.curate import curate, filter_rows  # noqa: E402
+from dpsel.curation import curate, filter_rows  # noqa: E402
 from dpsel.engines import RayOptions  # noqa: E402
 from dpsel.select.base import SelectConfig  # noqa: E402
 from dpsel.synth import generate  # noqa: E402

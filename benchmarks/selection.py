@@ -96,14 +96,8 @@ class PeakMemory:
 
 
 def auroc_report(weights: np.ndarray, kinds: np.ndarray) -> dict:
-    from sklearn.metrics import roc_auc_score
-    clean = kinds == "clean"
-    out = {"overall": float(roc_auc_score(clean, weights))}
-    for kind in KINDS:
-        mask = clean | (kinds == kind)
-        if (kinds == kind).any():
-            out[kind] = float(roc_auc_score(clean[mask], weights[mask]))
-    return out
+    from dpsel.curation.truth import auroc_by_kind
+    return auroc_by_kind(kinds, weights, KINDS)
 
 
 def kept_mask(weights: np.ndarray, budget: float, seed: int) -> np.ndarray:

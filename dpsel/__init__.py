@@ -2,20 +2,15 @@
 
 Python API (see the README, "Python"): `dpsel.curate(train, meta, out=...)`, `dpsel.filter(scorer, data,
 out=...)`, `dpsel.tune(data, out=...)`; they live in `dpsel.api` and are imported on first use, so
-`import dpsel` stays cheap.
+`import dpsel` stays cheap. The curation library itself is `dpsel.curation`.
 """
-__version__ = "0.1.0"
+from dpsel.version import __version__
 
 __all__ = ["curate", "filter", "tune", "__version__"]
 
 
 def __getattr__(name):
-    if name == "curate":
-        # `dpsel.curate` is also the curation module; that module is callable as the API function (the
-        # end of dpsel/curate.py), so `dpsel.curate(...)` and `dpsel.curate.curate(...)` both work.
-        import importlib
-        return importlib.import_module("dpsel.curate")
-    if name in ("filter", "tune"):
+    if name in ("curate", "filter", "tune"):
         from dpsel import api
         return getattr(api, name)
     raise AttributeError(f"module 'dpsel' has no attribute {name!r}")

@@ -104,7 +104,7 @@ def curate(train, meta, out=None, *, truth=None, per_task: bool = False, config=
     defaults to a new temporary folder. `progress`: True draws progress on stderr, False nothing, or a
     `progress(step, total, diag)` callback."""
     from dpsel.config import RunConfig
-    from dpsel.curate import curate as run_curate
+    from dpsel.curation.run import curate_from_config
     from dpsel.progress import default_phase_of, reporting, set_verbosity
 
     set_verbosity(verbose)
@@ -116,10 +116,7 @@ def curate(train, meta, out=None, *, truth=None, per_task: bool = False, config=
                                   "truth": as_parquet_input(truth, inputs, "truth")}, stage="curate")
     run.require("data.train", "data.meta", flow="curate")
     with reporting(progress, f"curate[{run.curate.method}]", default_phase_of(run.curate.method)) as reporter:
-        result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
-                            budget=run.curate.budget, threshold=run.curate.threshold, per_group=per_task,
-                            config=run.select_config(), progress=reporter, truth=run.data.truth, restart=restart,
-                            engine=run.engine, ray=run.ray_options())
+        result = curate_from_config(run, per_group=per_task, progress=reporter, restart=restart)
     return _curation_result(result)
 
 
@@ -127,7 +124,7 @@ def filter(scorer, data, out=None, *, threshold: float | None = None, budget: fl
            verbose: bool = False) -> Result:  # noqa: A001 - the CLI's name (`dpsel filter`)
     """Score new rows with a curation run's `scorer/` folder and keep what passes (`dpsel filter`); the
     threshold defaults to the curation run's."""
-    from dpsel.curate import filter_rows
+    from dpsel.curation.filter import filter_rows
     from dpsel.progress import set_verbosity
 
     set_verbosity(verbose)

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import typer
 
-from dpsel import signals
+import dpsel.signals as signals
 from dpsel.errors import DpselInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -143,7 +143,7 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            config: Optional[Path] = ConfigOpt):
     """Score every training row by data-point selection and keep the best."""
     from dpsel.config import RunConfig
-    from dpsel.curate import curate as run_curate
+    from dpsel.curation.run import curate_from_config
     from dpsel.progress import default_phase_of, progress_reporter
     run = RunConfig.load(config, {
         "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
@@ -155,10 +155,7 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
     from dpsel.parallel.env import launched_rank
     with progress_reporter(f"curate[{run.curate.method}]", default_phase=default_phase_of(run.curate.method),
                            terminal=launched_rank() == 0) as progress:  # torchrun: rank 0's progress only
-        result = run_curate(run.data.train, run.data.meta, Path(run.out), method=run.curate.method,
-                            budget=run.curate.budget, threshold=run.curate.threshold, per_group=per_task,
-                            config=run.select_config(), progress=progress, truth=run.data.truth, restart=restart,
-                            engine=run.engine, ray=run.ray_options())
+        result = curate_from_config(run, per_group=per_task, progress=progress, restart=restart)
     _print_curation(result)
 
 
@@ -178,7 +175,7 @@ def filter_cmd(scorer: Path = typer.Option(..., "--scorer", help="A curation run
                gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", min=0.0,
                                                      help="ray: GPUs per scorer actor (0: CPU actors).")):
     """Score new rows with a trained curation run's weight model and keep what passes."""
-    from dpsel.curate import filter_rows
+    from dpsel.curation.filter import filter_rows
     from dpsel.engines import RayOptions
     ray = RayOptions(address=ray_address, workers=workers, batch_size=batch_size, num_gpus=gpus_per_worker)
     result = filter_rows(scorer, inputs, out, threshold=threshold, engine=engine, ray=ray)

@@ -23,6 +23,10 @@ PathSpec = str | list[str]  # a file, a folder of shards, a glob or an fsspec UR
 CURATE_METHODS = ("bads", "l2rw", "loss", "ifd", "rds", "random", "all")
 
 
+# The RunConfig fields, besides `data` and `out`, that curation reads (`dpsel.curation.run.curate_from_config`).
+CURATE_STAGE_FIELDS = ("curate", "model", "device", "seed", "engine", "ray")
+
+
 class _Section(BaseModel):
     # forbid unknown keys so a typo in a YAML file is an error naming the field, not a silent default
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -213,6 +217,11 @@ class RunConfig(_Section):
                             batch_size=params.batch_size, meta_batch_size=params.meta_batch_size,
                             max_length=params.max_length, variant=params.variant,
                             weight_param=params.weight_param, extra=dict(params.extra))
+
+    def curate_settings(self) -> dict[str, Any]:
+        """What the curation stage reads besides its data and output folder, as JSON: the flows' curate task
+        takes it as one parameter, so the stage's cache key covers exactly these settings."""
+        return self.model_dump(mode="json", include=set(CURATE_STAGE_FIELDS))
 
     def ray_options(self):
         """The `dpsel.engines.RayOptions` of an `engine: ray` run."""

@@ -8,8 +8,10 @@ from __future__ import annotations
 import html
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -17,19 +19,19 @@ matplotlib.use("Agg")  # headless: runs on servers, CI and schedulers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dpsel.data import GROUP_COLUMNS  # noqa: E402
 from dpsel.io import _write_atomic, write_text_atomic  # noqa: E402
 
 HIST_PLOT = "weights_hist.png"
 TRACE_PLOT = "traces.png"
 GROUP_PLOT = "weights_by_{column}.png"
-GROUP_COLUMNS = ("task", "source")
 EXAMPLES_SHOWN = 5
 EXAMPLE_CHARS = 120
 
 
 @dataclass
 class ReportData:
-    """What the report shows; built by `dpsel.curate` from the run's arrays and manifest."""
+    """What the report shows; built by `dpsel.curation` from the run's arrays and manifest."""
     title: str
     headline: dict                      # label -> value, shown first
     weights: np.ndarray                 # all input rows
@@ -289,7 +291,7 @@ def _readable_ylim(ax, trace: np.ndarray) -> None:
 
 
 def read_truth_kinds(path, n_rows: int) -> np.ndarray | None:
-    """Truth kind per input row (synth truth.parquet, checked against the run by `dpsel.curate`)."""
+    """Truth kind per input row (synth truth.parquet, checked against the run by `dpsel.curation.truth`)."""
     import pandas as pd
 
     truth = pd.read_parquet(path, columns=["row", "kind"]).sort_values("row", kind="stable")
@@ -304,12 +306,14 @@ def _fmt(value) -> str:
     return escape(value)
 
 
-def _markdown_table(rows: list[dict]) -> list[str]:
+def markdown_table(rows: list[dict], cell: Callable[[Any], str] = _fmt) -> list[str]:
+    """Rows of one shape as a Markdown table (the first row's keys are the header) and a blank line; `cell`
+    turns a value into safe cell text (the report's default: 4 significant digits, user text escaped)."""
     if not rows:
         return []
     head = list(rows[0])
     lines = ["| " + " | ".join(escape(h) for h in head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in head) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in head) + " |" for r in rows]
     return lines + [""]
 
 
@@ -362,7 +366,7 @@ def write_report(out_dir: Path, data: ReportData) -> dict[str, Path]:
         paths[f"plot_{column}"] = plot_group_weights(column, summary, plot_path, overall)
         plots.append((plot_path.name, f"mean weight per {column} with 95% intervals, counts and the overall mean"))
         sections += [f"## Mean weight per {column}", "", f"![mean weight per {column}]({plot_path.name})", ""]
-        sections += _markdown_table([{column: r["group"], **{k: v for k, v in r.items() if k != "group"}}
+        sections += markdown_table([{column: r["group"], **{k: v for k, v in r.items() if k != "group"}}
                                      for r in summary])
     trace_path = plot_traces(data, out_dir / TRACE_PLOT)
     if trace_path is None:
@@ -377,7 +381,7 @@ def write_report(out_dir: Path, data: ReportData) -> dict[str, Path]:
     lines += ["## Weights", "", f"![weight histogram]({HIST_PLOT})", ""]
     lines += sections
     for title, rows in data.tables.items():
-        lines += [f"## {title}", ""] + _markdown_table(rows)
+        lines += [f"## {title}", ""] + markdown_table(rows)
     lines += _examples(data)
     lines += ["## Plots in this folder", ""] + [f"- `{name}`: {what}" for name, what in plots] + [""]
     paths["report"] = write_text_atomic("\n".join(lines).rstrip() + "\n", out_dir / "report.md")

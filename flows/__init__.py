@@ -7,23 +7,15 @@ its settings when first imported, so this module must not import it at import ti
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
+
+from flows.environment import use_project_prefect_home
 
 FLOW_NAMES = ("curate", "filter", "tune", "curate_then_tune")
 # Options that are flow parameters rather than RunConfig fields.
 _FLOW_OPTIONS = {"curate_then_tune": ("compare",)}
 # Where an unqualified `method`/`steps` option goes for each flow (curate_then_tune needs curate_/tune_).
 _STAGE_OF = {"curate": "curate", "filter": "curate", "tune": "tune", "curate_then_tune": None}
-
-
-def use_project_prefect_home(cwd: str | os.PathLike | None = None) -> None:
-    """Default PREFECT_HOME to `<cwd>/.prefect` (the embedded server's SQLite lives there), turn analytics off
-    and give the embedded server time to start, unless the user set them. Call before prefect is imported."""
-    os.environ.setdefault("PREFECT_HOME", os.fspath(Path(cwd or Path.cwd()) / ".prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect's 20 s default is too short for the embedded server on a small, busy machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def run_flow(name: str, config: Any = None, *, echo: bool = True, **options: Any) -> dict:

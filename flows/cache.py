@@ -4,7 +4,7 @@ Prefect's default `INPUTS` policy hashes the Python arguments; our arguments are
 file would look unchanged to it, and hashing in-memory DataFrames instead is fragile. Here a stage declares
 which of its parameters name input files; the key covers the bytes of every file they resolve to (Parquet
 files, folders of shards, globs, URLs — or every file of a folder such as a scorer directory), the other
-parameters (output folder included) and `dpsel.__version__`. Results are persisted by Prefect under
+parameters (output folder included) and `dpsel.version.__version__`. Results are persisted by Prefect under
 PREFECT_HOME (`storage/`), keyed by this value, so an unchanged re-run is a cache hit across processes.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import dpsel
+import dpsel.version
 from dpsel.data import expand_paths
 from dpsel.io import file_sha256
 
@@ -64,7 +64,7 @@ def stage_key(stage: str, parameters: dict[str, Any], path_params: Iterable[str]
     path_params = set(path_params)
     payload = {
         "stage": stage,
-        "code_version": dpsel.__version__,
+        "code_version": dpsel.version.__version__,  # read per call: a test patches it
         "inputs": {name: content_fingerprint(parameters[name]) for name in sorted(path_params)
                    if parameters.get(name) is not None},
         "options": _canonical({k: v for k, v in parameters.items() if k not in path_params}),

@@ -19,8 +19,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from dpsel.config import RunConfig
 from dpsel.data import expand_paths
 from dpsel.io import write_json_atomic, write_text_atomic
-from dpsel.report import escape, kept_fraction, stage_seconds
-from flows import artifacts
+from dpsel.report import escape, kept_fraction, markdown_table, stage_seconds
+import flows.artifacts as artifacts
 from flows.tasks import combine_filter_summaries, curate_stage, filter_shard, filter_stage, tune_stage
 
 FILTER_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -47,10 +47,8 @@ def run_stage(task, **kwargs) -> tuple[dict, str]:
 
 
 def _curate_kwargs(config: RunConfig, out: Path) -> dict:
-    return dict(train=config.data.train, meta=config.data.meta, out=os.fspath(out),
-                method=config.curate.method, budget=config.curate.budget, threshold=config.curate.threshold,
-                select_config=config.select_config().to_dict(), truth=config.data.truth, engine=config.engine,
-                ray_options=asdict(config.ray_options()))
+    return dict(train=config.data.train, meta=config.data.meta, truth=config.data.truth, out=os.fspath(out),
+                settings=config.curate_settings())
 
 
 def landing_folder_is_empty(inputs) -> bool:
@@ -96,12 +94,7 @@ def curation_headline(summary: dict) -> dict:
 
 
 def _markdown_table(rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    header = list(rows[0])
-    lines = ["| " + " | ".join(escape(name) for name in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(escape(_fmt(row.get(name))) for name in header) + " |" for row in rows]
-    return lines + [""]
+    return markdown_table(rows, cell=lambda value: escape(_fmt(value)))
 
 
 def curation_markdown(summary: dict, title: str) -> str:

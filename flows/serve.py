@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_threads()   # scheduled runs share their machine: the same thread policy as the CLI
     set_verbosity(False)
-    from flows import use_project_prefect_home
+    from flows.environment import use_project_prefect_home
     use_project_prefect_home()
     try:
         entries = load_schedules(args.schedules)

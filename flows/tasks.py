@@ -51,28 +51,26 @@ def curation_summary(result: Any) -> dict:
 
 
 @task(name="curate", cache_key_fn=content_cache_key("train", "meta", "truth"), **_STAGE_OPTIONS)
-def curate_stage(train: Any, meta: Any, out: str, method: str, budget: float | None, threshold: float | None,
-                 select_config: dict, truth: str | None = None, engine: str = "local",
-                 ray_options: dict | None = None) -> dict:
-    """Select rows of `train` with the trusted `meta` set; writes the curation outputs into `out`
-    (`engine: ray`: the method's scoring passes on Ray Data, see dpsel.engines)."""
-    from dpsel.curate import curate
-    from dpsel.engines import RayOptions
+def curate_stage(train: Any, meta: Any, out: str, settings: dict, truth: str | None = None) -> dict:
+    """Select rows of `train` with the trusted `meta` set; writes the curation outputs into `out`. `settings`:
+    `RunConfig.curate_settings()` (method, keep rule, selection, engine: ray runs the method's scoring passes
+    on Ray Data, see dpsel.engines)."""
+    from dpsel.config import RunConfig
+    from dpsel.curation.run import curate_from_config
     from dpsel.progress import default_phase_of, progress_reporter
-    from dpsel.select.base import SelectConfig
 
+    config = RunConfig.from_mapping({**settings, "data": {"train": train, "meta": meta, "truth": truth}})
+    method = config.curate.method
     with progress_reporter(f"curate[{method}]", default_phase=default_phase_of(method),
                            sinks=[progress_artifact_sink(artifact_key("curate-progress"))]) as progress:
-        result = curate(train, meta, out, method=method, budget=budget, threshold=threshold,
-                        config=SelectConfig(**select_config), progress=progress, truth=truth, engine=engine,
-                        ray=RayOptions(**(ray_options or {})))
+        result = curate_from_config(config, out=out, progress=progress)
     return curation_summary(result)
 
 
 @task(name="filter-shard", cache_key_fn=content_cache_key("scorer", "shard"), **_STAGE_OPTIONS)
 def filter_shard(scorer: str, shard: str, out: str, threshold: float | None = None) -> dict:
     """Score one shard with a saved scorer and keep what passes; outputs go to the shard's own folder."""
-    from dpsel.curate import filter_rows
+    from dpsel.curation.filter import filter_rows
 
     result = filter_rows(scorer, [shard], out, threshold=threshold)
     return {**curation_summary(result), "shard": shard}
@@ -82,7 +80,7 @@ def filter_shard(scorer: str, shard: str, out: str, threshold: float | None = No
 def filter_stage(scorer: str, inputs: Any, out: str, threshold: float | None, ray_options: dict) -> dict:
     """Filter all of `inputs` as one stage on Ray Data (`engine: ray`): Ray spreads the shards over its
     workers, so Prefect sees one task, whose progress artifact follows the rows Ray has scored."""
-    from dpsel.curate import filter_rows
+    from dpsel.curation.filter import filter_rows
     from dpsel.engines import RayOptions
     from dpsel.progress import progress_reporter
 

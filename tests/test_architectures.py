@@ -196,7 +196,7 @@ def test_architecture_matrix_more_families(family, method, data, tmp_path, tmp_p
 
 
 def _curate(family: str, data, tmp_path, tmp_path_factory):
-    from dpsel.curate import curate
+    from dpsel.curation import curate
     from dpsel.select.base import SelectConfig
 
     config = SelectConfig(model=checkpoint(family, tmp_path_factory), device="cpu", steps=2, batch_size=8,
@@ -244,7 +244,7 @@ def _broken_checkpoints(tmp_path, tmp_path_factory) -> dict:
     ("remote-code", "needs its own Python code"), ("hub-offline", "hub is offline"),
 ])
 def test_unloadable_models_are_bad_input_for_curate_and_tune(case, message, data, tmp_path, tmp_path_factory):
-    from dpsel.curate import curate
+    from dpsel.curation import curate
     from dpsel.select.base import SelectConfig
 
     broken = _broken_checkpoints(tmp_path, tmp_path_factory) if case not in ("missing", "hub-offline") else {}

@@ -60,7 +60,7 @@ def test_pool_larger_than_the_run_gets_every_row_scored(variant):
 
 
 def test_curate_manifest_records_coverage(tmp_path):
-    from dpsel.curate import curate
+    from dpsel.curation import curate
     rows = [{"instruction": f"What is {i} + {i + 1}?", "output": str(2 * i + 1), "task": "add"} if i % 2 else
             {"instruction": f"Shout the word w{i}", "output": f"W{i}!", "task": "shout"} for i in range(48)]
     meta = [{"instruction": f"What is {i} + 2?", "output": str(i + 2), "task": "add"} for i in range(300, 312)]

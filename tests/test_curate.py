@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpsel.curate import apply_rule, budget_count, curate, filter_rows, make_rule, top_fraction
+from dpsel.curation import curate, filter_rows
+from dpsel.curation.rules import apply_rule, budget_count, make_rule, top_fraction
 from dpsel.data import read_instruction_set
 from dpsel.errors import DpselInputError
 from dpsel.synth import generate
@@ -278,7 +279,7 @@ def test_small_bads_run_writes_traces(tmp_path):
 
 def test_sampler_traces_are_plotted_and_stale_plots_removed(dirty, tmp_path, monkeypatch):
     """A method that records diagnostics gets traces.png; a later run without them removes the stale plot."""
-    import dpsel.curate as curate_module
+    import dpsel.curation.run as curate_module
     from dpsel.select import select as real_select
 
     def select_with_traces(train, meta, method, config, progress, groups=None):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpsel.curate import curate
+from dpsel.curation import curate
 from dpsel.select.base import SelectConfig
 from dpsel.synth import generate
 

@@ -40,7 +40,7 @@ def _artifacts(key: str) -> list:
 # ---- no server needed ----------------------------------------------------------------------------------
 
 def test_cache_key_follows_content_options_and_version(tmp_path, monkeypatch):
-    import dpsel
+    import dpsel.version
     from flows.cache import stage_key
 
     data = tmp_path / "a.parquet"
@@ -53,7 +53,7 @@ def test_cache_key_follows_content_options_and_version(tmp_path, monkeypatch):
     data.write_bytes(b"two")  # same path, same size, new content
     changed = stage_key("curate", params, ["train"])
     assert changed != first
-    monkeypatch.setattr(dpsel, "__version__", "9.9.9")
+    monkeypatch.setattr(dpsel.version, "__version__", "9.9.9")
     assert stage_key("curate", params, ["train"]) != changed
 
 
@@ -108,12 +108,12 @@ def test_curate_flow_writes_outputs_and_artifacts(prefect_server, synth, tmp_pat
 
 def test_curate_cache_hits_when_unchanged_and_misses_when_input_changes(prefect_server, synth, tmp_path,
                                                                         monkeypatch):
-    import dpsel.curate
+    import dpsel.curation.run as curation_run
     from flows.pipeline import curate_flow
 
     calls = []
-    real_curate = dpsel.curate.curate
-    monkeypatch.setattr(dpsel.curate, "curate", lambda *a, **k: calls.append(1) or real_curate(*a, **k))
+    real_curate = curation_run.curate
+    monkeypatch.setattr(curation_run, "curate", lambda *a, **k: calls.append(1) or real_curate(*a, **k))
     meta = tmp_path / "meta.parquet"
     pq.write_table(pq.read_table(synth["meta"]), meta)
     config = _config(synth, tmp_path / "run").with_overrides({"meta": str(meta)})
@@ -253,7 +253,7 @@ def test_run_flow_reads_a_config_file_and_applies_options(prefect_server, synth,
 
 
 def test_filter_flow_on_ray_is_one_task_with_the_local_engines_outputs(prefect_server, ray_local, synth, tmp_path):
-    from dpsel.curate import filter_rows
+    from dpsel.curation import filter_rows
     from flows.pipeline import curate_flow, filter_flow
 
     scored = curate_flow(_config(synth, tmp_path / "curated"))["curate"]

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from dpsel.curate import curate
+from dpsel.curation import curate
 from dpsel.errors import DpselInputError
 from dpsel.outputs import verify_run
 

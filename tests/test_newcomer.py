@@ -90,11 +90,14 @@ def test_curate_takes_paths_frames_tables_and_datasets(synth, tmp_path, kind):
         assert result.manifest["inputs"]["train"]["paths"] == [str(tmp_path / "run.inputs" / "train.parquet")]
 
 
-def test_curate_module_stays_a_module(synth, tmp_path):
+def test_dpsel_curate_is_the_api_function_and_the_library_is_dpsel_curation():
     import dpsel
-    import dpsel.curate as module
+    import dpsel.api
+    import dpsel.curation
+    from dpsel.curation.rules import apply_rule
 
-    assert dpsel.curate is module and callable(module.curate) and hasattr(module, "apply_rule")
+    assert dpsel.curate is dpsel.api.curate and dpsel.filter is dpsel.api.filter
+    assert callable(dpsel.curation.curate) and callable(apply_rule)
 
 
 def test_filter_and_tune_take_in_memory_data(synth, tmp_path):

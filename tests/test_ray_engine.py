@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpsel.curate import curate, filter_rows
+from dpsel.curation import curate, filter_rows
 from dpsel.engines import RayOptions, check_engine
 from dpsel.errors import DpselInputError
 from dpsel.select.base import SelectConfig

@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-import dpsel.curate as curate_module
+import dpsel.curation.run as curate_module
 from dpsel.cli import app
-from dpsel.curate import curate, filter_rows, make_rule
+from dpsel.curation import curate, filter_rows
+from dpsel.curation.rules import make_rule
 from dpsel.errors import DpselInputError
 from dpsel.outputs import STAGING_TAG, clean_stale, verify_run
 from dpsel.runlock import lock_paths, run_lock
@@ -256,7 +257,7 @@ def test_read_only_out_is_exit_2_before_the_work(data, tmp_path, monkeypatch):
         monkeypatch.setattr("dpsel.runlock.FileLock.acquire", acquire_denied)
     else:
         locked.chmod(0o555)
-    monkeypatch.setattr(curate_module, "_read_rows", lambda *a: pytest.fail("read inputs before the write check"))
+    monkeypatch.setattr(curate_module, "read_rows", lambda *a: pytest.fail("read inputs before the write check"))
     result = runner.invoke(app, ["curate", "--train", str(data["train"]), "--meta", str(data["meta"]),
                                  "--out", str(locked / "o"), "--method", "random"])
     assert result.exit_code == 2, result.output

@@ -1,0 +1,119 @@
+"""`filter_rows`: score new rows with a curation run's saved scorer and keep those that pass, writing the same
+record as `curate` (the scorer is copied along)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
+from dpsel.curation.rows import Rows, as_path_list, check_weights, read_rows, rows_from, spread_scores
+from dpsel.curation.rules import SelectionRule, apply_rule, make_rule
+from dpsel.errors import DpselInputError
+from dpsel.outputs import SELECTION_FILE, check_outputs_do_not_overwrite_inputs
+from dpsel.runlock import locks_out
+from dpsel.select import load_scorer
+from dpsel.select.base import ProgressFn, read_scorer_meta
+
+
+def _filter_rule(selection: dict, threshold: float | None, budget: float | None, scorer_dir: Path,
+                 has_groups: bool) -> SelectionRule:
+    """Explicit threshold or budget, else the curation run's effective threshold(s)."""
+    if threshold is not None or budget is not None:
+        return make_rule("filter", budget, threshold, None, False, "task")
+    stored = selection.get("effective_threshold")
+    if stored is None:
+        raise DpselInputError("the curation run kept no rows, so it stores no threshold; give --threshold",
+                              file=str(scorer_dir / SELECTION_FILE))
+    group_thresholds = selection.get("effective_group_thresholds") or {}
+    # A per-group run stores one threshold per group; plain runs apply one threshold everywhere.
+    use_groups = selection.get("rule") == "group_budget" and has_groups and group_thresholds
+    return SelectionRule(threshold=float(stored), group_column=selection.get("group_column"),
+                         group_thresholds=dict(group_thresholds) if use_groups else {})
+
+
+def _read_selection(scorer_dir: Path) -> dict:
+    path = scorer_dir / SELECTION_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DpselInputError(f"unreadable selection file ({exc})", file=str(path)) from exc
+
+
+SCORE_CHUNK_ROWS = 8192   # rows tokenised and scored at a time: memory bounded by the chunk, not the input
+
+
+def _score_in_chunks(scorer, rows: Rows, usable_idx: np.ndarray,
+                     progress: ProgressFn | None) -> tuple[np.ndarray, np.ndarray]:
+    """The scorer's weights for the usable rows, a chunk of rows at a time (messages built per chunk)."""
+    mean, std = np.zeros(len(usable_idx)), np.zeros(len(usable_idx))
+    for start in range(0, len(usable_idx), SCORE_CHUNK_ROWS):
+        part = usable_idx[start:start + SCORE_CHUNK_ROWS]
+        chunk = np.zeros(rows.n, dtype=bool)
+        chunk[part] = True
+        m, s = scorer.score(rows.data.messages(chunk), [rows.ids[i] for i in part])
+        mean[start:start + len(part)], std[start:start + len(part)] = m, s
+        if progress is not None:
+            progress(start + len(part), len(usable_idx), {"rows": float(start + len(part))})
+    if progress is not None and not len(usable_idx):
+        progress(1, 1, {"rows": 0.0})
+    return mean, std
+
+
+@locks_out("inputs")
+def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budget: float | None = None,
+                progress: ProgressFn | None = None, engine: str = "local", ray=None) -> CurationResult:
+    """Score new rows with a curation run's saved scorer and keep those that pass.
+
+    Default rule: the threshold the curation run stored in scorer/selection.json (its lowest kept weight,
+    per group for a per-group run). Writes the same files as `curate`; scorer/ is copied into `out`.
+    `engine="ray"` reads and scores on Ray Data (`ray`: `dpsel.engines.RayOptions`); same outputs.
+    """
+    from dpsel.engines import check_engine
+
+    started = time.perf_counter()
+    scorer_dir = Path(scorer_dir)
+    if budget is not None or threshold is not None:  # the same checks as curate, before the scorer loads
+        make_rule("filter", budget, threshold, None, False, "task")
+    selection = _read_selection(scorer_dir)
+    out = Path(out)
+    if check_engine(engine) == "ray":
+        from dpsel.engines.ray_engine import score_with_ray
+        scored = score_with_ray(scorer_dir, inputs, ray, progress)
+        rows, scorer_kind = rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
+        check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
+        mean, std = scored.weights[rows.usable], scored.stds[rows.usable]
+        timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds,
+                   **scored.split}
+    else:
+        rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started)
+    check_weights(mean, std, f"scorer {scorer_dir}")
+    group_column = selection.get("group_column") or "task"
+    groups = rows.group_values(group_column)
+    rule = _filter_rule(selection, threshold, budget, scorer_dir, groups is not None)
+    weights, stds = spread_scores(rows, mean, std)
+    keep = apply_rule(rule, weights, rows.usable, groups)
+
+    method = selection.get("method") or scorer_kind or "unknown"
+    run = Run(command="filter", method=method, config=dict(selection.get("config") or {}), rows=rows,
+              inputs={"in": inputs_entry(inputs, rows), "scorer": {"path": str(scorer_dir), "kind": scorer_kind}},
+              weights=weights, stds=stds, keep=keep, rule=rule, scorer=scorer_dir, diagnostics={},
+              timings=timings, started=started,
+              group_column=group_column if groups is not None else None)
+    return write_run(out, run)
+
+
+def _score_locally(scorer_dir: Path, inputs, out: Path, progress: ProgressFn | None, started: float):
+    """The local engine's read + score: the whole input in this process, scored a chunk at a time."""
+    scorer = load_scorer(scorer_dir)
+    rows = read_rows(inputs)
+    check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
+    read_s = time.perf_counter() - started
+    score_start = time.perf_counter()
+    mean, std = _score_in_chunks(scorer, rows, np.flatnonzero(rows.usable), progress)
+    timings = {"read_s": read_s, "score_s": time.perf_counter() - score_start}
+    return rows, mean, std, timings, getattr(scorer, "kind", None)

@@ -1,0 +1,181 @@
+"""The record of a run: every output file (scores, curated rows, scorer, report, plots) written into a staging
+folder beside OUT, the manifest last, then published as OUT in one swap — for `curate` and `filter` alike."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from dpsel.curation.rows import Rows, as_path_list, count_rows, final_reasons
+from dpsel.curation.rules import SelectionRule, effective_thresholds
+from dpsel.data import GROUP_COLUMNS
+from dpsel.outputs import (begin_staging, curated_table, file_records, new_run_id, output_error, output_paths,
+                           publish, scores_table, write_manifest, write_scorer, write_tables)
+from dpsel.version import __version__
+
+
+@dataclass
+class CurationResult:
+    out_dir: Path
+    paths: dict[str, Path]
+    counts: dict
+    manifest: dict
+    auroc: dict | None = None
+
+
+# Writing a run
+# ------------------------------------------------------------------------------------------------
+def inputs_entry(paths, rows: Rows) -> dict:
+    return {"paths": as_path_list(paths), "rows": rows.n, "shape": rows.data.shape,
+            "files": [{"path": f.path, "rows": f.rows, "sha256": f.sha256} for f in rows.data.files]}
+
+
+def _group_stats(rows: Rows, weights: np.ndarray, keep: np.ndarray, extra_column: str | None) -> dict:
+    """Per task/source (and the grouping column): rows, mean weight, kept share, and the share of the total
+    weight mass (the mixture weight of that group under weighted fine-tuning)."""
+    from dpsel.report import group_summary   # plotting is imported only when a run is written
+    columns = [c for c in dict.fromkeys([*GROUP_COLUMNS, extra_column]) if c]
+    total_mass = float(weights[rows.usable].sum()) or 1.0
+    stats = {}
+    for column in columns:
+        values = rows.group_values(column)
+        if values is None:
+            continue
+        stats[column] = {}
+        for row in group_summary(values, weights, keep, rows.usable):
+            name = row.pop("group")
+            mass = float(weights[(values == name) & rows.usable].sum())
+            stats[column][name] = {**row, "mixture_weight": mass / total_mass}
+    return stats
+
+
+@dataclass
+class Run:
+    """Everything `write_run` needs, from either curate or filter."""
+    command: str
+    method: str
+    config: dict
+    rows: Rows
+    inputs: dict
+    weights: np.ndarray
+    stds: np.ndarray
+    keep: np.ndarray
+    rule: SelectionRule
+    scorer: object                     # Scorer, a scorer directory to copy, or None
+    diagnostics: dict
+    timings: dict
+    started: float
+    group_column: str | None = None
+    truth: dict | None = None
+    coverage: dict | None = None       # how every row got its weight (visits after burn-in; Scores.coverage)
+    extra_manifest: dict = field(default_factory=dict)   # e.g. meta rows dropped as duplicates
+
+
+def _selection_record(run: Run, cutoff: float | None, group_cutoffs: dict) -> dict:
+    return {"method": run.method, "command": run.command, **run.rule.to_dict(),
+            "effective_threshold": cutoff, "effective_group_thresholds": group_cutoffs,
+            "group_column": run.group_column, "config": run.config, "dpsel_version": __version__}
+
+
+def write_run(out: Path, run: Run) -> CurationResult:
+    """Write every file into a staging folder beside `out` (manifest last), then publish it as `out` in one
+    swap (dpsel.outputs): a reader never sees a folder that mixes two runs."""
+    from dpsel.parallel.env import is_writer
+    if not is_writer():  # torchrun: rank 0 writes the run; the other ranks only sampled their shard
+        return CurationResult(out_dir=out, paths={}, counts=_outcome(run)[-1], manifest={})
+    run_id = new_run_id()
+    stage = begin_staging(out, run_id)
+    try:
+        result = _write_files(stage, out, run, run_id)
+        publish(stage, out, run_id)
+    except BaseException as error:
+        shutil.rmtree(stage, ignore_errors=True)
+        mapped = output_error(error, stage) if isinstance(error, OSError) else error
+        if mapped is error:
+            raise
+        raise mapped from error
+    return result
+
+
+def _outcome(run: Run) -> tuple:
+    """(cutoff, group cutoffs, reason and detail per row, counts) of a finished selection."""
+    groups = run.rows.group_values(run.group_column) if run.group_column else None
+    cutoff, group_cutoffs = effective_thresholds(run.weights, run.keep, groups)
+    reasons, details = final_reasons(run.rows, run.keep, run.weights, run.rule, cutoff)
+    return cutoff, group_cutoffs, reasons, details, count_rows(reasons, run.rows.usable)
+
+
+def _write_files(stage: Path, out: Path, run: Run, run_id: str) -> CurationResult:
+    from dpsel.report import kept_fraction, write_report   # plotting is imported only when a report is written
+    write_start = time.perf_counter()
+    cutoff, group_cutoffs, reasons, details, counts = _outcome(run)
+    paths = output_paths(out)
+
+    ids = run.rows.ids
+    write_tables(stage, scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
+                                     run.rows.file_rows),
+                 curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.data.messages(run.keep)),
+                 run_id=run_id)
+    selection = {**_selection_record(run, cutoff, group_cutoffs), "run_id": run_id}
+    write_scorer(stage, run.scorer, selection)
+
+    group_stats = _group_stats(run.rows, run.weights, run.keep, run.group_column)
+    report_paths = write_report(stage, _report_data(run, counts, cutoff, run_id))
+    paths.update({k: out / v.relative_to(stage) for k, v in report_paths.items() if k != "report"})
+    timings = {**run.timings, "write_s": time.perf_counter() - write_start,
+               "total_s": time.perf_counter() - run.started}
+    manifest = {
+        "run_id": run_id,
+        "dpsel_version": __version__,
+        "command": run.command,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": run.inputs,
+        "method": run.method,
+        "config": run.config,
+        "seed": run.config.get("seed"),
+        "selection": {k: v for k, v in selection.items() if k not in ("config", "dpsel_version", "method")},
+        "counts": counts,
+        "kept_fraction": kept_fraction(counts),  # of input rows, as in report.md and the artifacts
+        "timings": timings,
+        "groups": group_stats,
+        "truth": run.truth,
+        "coverage": run.coverage,
+        "outputs": {name: path.name for name, path in paths.items()},
+        **run.extra_manifest,
+        # sha256 of every other file of this run: with run_id, what `dpsel.outputs.verify_run` checks
+        "files": file_records(stage),
+    }
+    write_manifest(stage, manifest)  # last: the completion marker
+    return CurationResult(out_dir=out, paths=paths, counts=counts, manifest=manifest,
+                          auroc=run.truth["auroc"] if run.truth else None)
+
+
+def _report_data(run: Run, counts: dict, cutoff: float | None, run_id: str):
+    from dpsel.report import ReportData, kept_fraction, read_truth_kinds, stage_seconds
+    headline = {"command": run.command, "run id": run_id, "method": run.method, "input rows": counts["input_rows"],
+                "usable rows": counts["usable_rows"], "kept rows": counts["kept_rows"],
+                "kept fraction (of input rows)": kept_fraction(counts)}
+    headline.update({f"dropped ({reason})": n for reason, n in counts["dropped_by_reason"].items()})
+    headline["selection rule"] = run.rule.kind + (f" {run.rule.budget}" if run.rule.threshold is None
+                                                  else f" {run.rule.threshold}")
+    headline["lowest kept weight"] = "none kept" if cutoff is None else cutoff
+    if run.truth:
+        headline["AUROC (clean vs corrupted)"] = run.truth["auroc"]["overall"] if run.truth["auroc"]["overall"] \
+            is not None else float("nan")
+    headline[f"{run.command} seconds (manifest timings)"] = stage_seconds(run.timings)
+    tables = {}
+    if run.truth:
+        tables["Against the truth file"] = [
+            {"kind": k, "rows": run.truth["rows_by_kind"][k],
+             "AUROC vs clean": run.truth["auroc"].get(k) if k != "clean" else float("nan"),
+             "kept fraction": v} for k, v in run.truth["kept_fraction_by_kind"].items()]
+    groups = {c: v for c in GROUP_COLUMNS if (v := run.rows.group_values(c)) is not None}
+    return ReportData(title=f"dpsel {run.command}: {run.method}", headline=headline, weights=run.weights,
+                      kept=run.keep, usable=run.rows.usable, groups=groups,
+                      diagnostics=run.diagnostics or {}, previews=run.rows.previews(), tables=tables,
+                      truth_kinds=read_truth_kinds(run.truth["path"], run.rows.n) if run.truth else None,
+                      config=run.config)

@@ -1,0 +1,164 @@
+"""The row view curation works on: one input set's ids, drop reasons and files per row, which rows are usable
+(valid and first occurrence of their content), and the row accounting of a finished selection.
+
+Every input row ends up in exactly one bucket — kept, or dropped with a reason (`invalid`, `duplicate`,
+`low_weight`) — so `input_rows == kept_rows + dropped_rows` always holds.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dpsel.curation.rules import SelectionRule
+from dpsel.data import REASON_DUPLICATE, REASON_INVALID, InstructionSet, read_instruction_set
+from dpsel.errors import DpselInputError
+
+log = logging.getLogger(__name__)
+
+REASON_LOW_WEIGHT = "low_weight"   # curation's own reason; invalid and duplicate come from the data layer
+
+
+@dataclass
+class Rows:
+    data: InstructionSet
+    ids: list[str]
+    reasons: list[str]          # "" | invalid | duplicate (from the data layer)
+    details: list[str]
+    files: list[str]
+    file_rows: np.ndarray       # row number within its file
+    usable: np.ndarray          # bool: valid and first occurrence
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def first_occurrence(self) -> np.ndarray:
+        """For each row, the index of the first usable row with its id (-1 for invalid rows)."""
+        first = np.where(self.usable, np.arange(self.n), self.data.duplicate_of)   # from the data layer's dedup
+        return first.astype(np.int64)
+
+    def group_values(self, column: str) -> np.ndarray | None:
+        """A column's values as strings (missing -> "(none)"), or None when the input lacks it."""
+        if column not in self.data.original_columns:
+            return None
+        values = self.data.table.column(column).to_pylist()
+        return np.array(["(none)" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                         for v in values], dtype=object)
+
+    def previews(self) -> "Previews":
+        """Short text per row for the report's examples: last user prompt -> response."""
+        return Previews(self.data)
+
+
+class Previews(Sequence):
+    """Preview text of any row, built when the report asks for it (it shows a few rows, not a million)."""
+
+    def __init__(self, data: InstructionSet):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> str:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        row = np.zeros(len(self), dtype=bool)
+        row[index] = True
+        messages = self.data.messages(row)[0]
+        user = next((m["content"] for m in reversed(messages or []) if m.get("role") == "user"), "") or ""
+        answer = (messages[-1].get("content") if messages else "") or ""
+        return f"{user.strip()[:70]} → {answer.strip()[:50]}"
+
+
+def read_rows(paths) -> Rows:
+    return rows_from(read_instruction_set(as_path_list(paths)))
+
+
+def rows_from(data: InstructionSet) -> Rows:
+    """The row view curation works on, from a columnar instruction set (no pandas frame is built)."""
+    return Rows(data=data, ids=data.id_list(), reasons=data.reasons.tolist(), details=data.details.to_pylist(),
+                files=data.file_paths().tolist(), file_rows=data.file_rows, usable=data.usable_mask())
+
+
+def as_path_list(paths) -> list[str]:
+    if isinstance(paths, (str, Path)):
+        return [str(paths)]
+    return [str(p) for p in paths]
+
+
+def drop_meta_duplicates(rows: Rows) -> dict:
+    """Exact duplicates in the trusted meta set are common and harmless: score against the first copy only,
+    and say so (log + manifest). Returns {"count", "rows": [{file, row, first}]} for the manifest."""
+    first = rows.first_occurrence()
+    dropped = [{"file": rows.files[i], "row": int(rows.file_rows[i]), "duplicate_of_row": int(first[i])}
+               for i, reason in enumerate(rows.reasons) if reason == REASON_DUPLICATE]
+    if dropped:
+        rows.reasons = ["" if r == REASON_DUPLICATE else r for r in rows.reasons]
+        log.warning("meta set: %d exact duplicate row(s) dropped (first: file %s row %d)", len(dropped),
+                    dropped[0]["file"], dropped[0]["row"])
+    return {"count": len(dropped), "rows": dropped[:100]}
+
+
+def require_all_usable(rows: Rows, what: str) -> None:
+    """The meta set is trusted: a bad or repeated row there is the user's error, not something to drop."""
+    for i, reason in enumerate(rows.reasons):
+        if reason:
+            raise DpselInputError(f"{what} set row is {reason} ({rows.details[i]}); the {what} set must be clean "
+                                  f"(row {rows.file_rows[i]} of this file)", file=rows.files[i], row=i)
+    if rows.n == 0:
+        raise DpselInputError(f"the {what} set has no rows", file=", ".join(f.path for f in rows.data.files))
+
+
+def check_weights(weights: np.ndarray, stds: np.ndarray, source: str) -> None:
+    if not (np.all(np.isfinite(weights)) and np.all((weights >= 0) & (weights <= 1))):
+        raise RuntimeError(f"{source} returned weights outside [0, 1]")
+    if not (np.all(np.isfinite(stds)) and np.all(stds >= 0)):
+        raise RuntimeError(f"{source} returned negative or non-finite weight std")
+
+
+def spread_scores(rows: Rows, usable_mean: np.ndarray, usable_std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the usable rows -> every input row: invalid 0 (std 0), duplicates their first occurrence's."""
+    mean, std = np.zeros(rows.n), np.zeros(rows.n)
+    mean[rows.usable], std[rows.usable] = usable_mean, usable_std
+    first = rows.first_occurrence()
+    dup = np.array([r == REASON_DUPLICATE for r in rows.reasons], dtype=bool) & (first >= 0)
+    mean[dup], std[dup] = mean[first[dup]], std[first[dup]]
+    return mean, std
+
+
+def final_reasons(rows: Rows, keep: np.ndarray, weights: np.ndarray,
+                  rule: SelectionRule, cutoff: float | None) -> tuple[list[str], list[str]]:
+    """Drop reason and detail per row: the data layer's (invalid/duplicate) first, then low_weight."""
+    reasons, details = [], []
+    for i in range(rows.n):
+        if rows.reasons[i]:
+            reasons.append(rows.reasons[i])
+            details.append(rows.details[i])
+        elif keep[i]:
+            reasons.append("")
+            details.append("")
+        else:
+            reasons.append(REASON_LOW_WEIGHT)
+            if rule.threshold is not None:
+                details.append(f"weight {weights[i]:.4f} below threshold")
+            else:
+                details.append(f"weight {weights[i]:.4f} outside the top budget"
+                               + (f" (lowest kept {cutoff:.4f})" if cutoff is not None else ""))
+    return reasons, details
+
+
+def count_rows(reasons: list[str], usable: np.ndarray) -> dict:
+    by_reason = {REASON_INVALID: 0, REASON_DUPLICATE: 0, REASON_LOW_WEIGHT: 0}
+    for reason in reasons:
+        if reason:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    kept = sum(1 for r in reasons if not r)
+    dropped = sum(by_reason.values())
+    assert kept + dropped == len(reasons)
+    return {"input_rows": len(reasons), "usable_rows": int(usable.sum()), "kept_rows": kept,
+            "dropped_rows": dropped, "dropped_by_reason": by_reason}

@@ -1,0 +1,124 @@
+"""`curate`: read the training and meta sets, select, keep or drop every input row, write the run's record.
+
+Selection only ever sees the usable rows (valid and first occurrence of their content); the meta set is
+trusted, so a bad row there is an error.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import dpsel.checkpoint as checkpoint
+from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
+from dpsel.curation.rows import (Rows, as_path_list, check_weights, drop_meta_duplicates, read_rows,
+                                 require_all_usable, spread_scores)
+from dpsel.curation.rules import apply_rule, make_rule
+from dpsel.curation.truth import load_truth, truth_auroc
+from dpsel.errors import DpselInputError
+from dpsel.outputs import check_outputs_do_not_overwrite_inputs
+from dpsel.runlock import locks_out
+from dpsel.select import select
+from dpsel.select.base import ProgressFn, SelectConfig
+from dpsel.version import __version__
+
+if TYPE_CHECKING:
+    from dpsel.config import RunConfig
+
+
+@locks_out("train", "meta", "truth")
+def curate(train, meta, out, *, method: str = "bads", budget: float | None = None,
+           threshold: float | None = None, task_budgets: dict[str, float] | None = None,
+           per_group: bool = False, group_column: str = "task", config: SelectConfig | None = None,
+           progress: ProgressFn | None = None, truth=None, restart: bool = False, engine: str = "local",
+           ray=None) -> CurationResult:
+    """Score every training row with `method` against the trusted `meta` set and keep the best.
+
+    Keeps the top `budget` fraction of the usable rows (default 0.7; `all` keeps everything) or the rows with
+    mean weight >= `threshold` (not both). `task_budgets` ({group value: fraction}) or `per_group=True`
+    apply budgets within each value of `group_column`. `truth` (a synth truth.parquet) adds AUROC.
+    Writes scores.parquet, curated.parquet, manifest.json, report.md + PNGs and scorer/ under `out`
+    (dpsel's files in an existing `out` are replaced; other files there are left alone).
+    `engine="ray"` runs the method's pool-scoring passes on Ray (`ray`: `dpsel.engines.RayOptions`; methods in
+    `dpsel.engines.RAY_CURATE_METHODS`, any other is an input error); same outputs.
+    """
+    from dpsel.engines import curate_engine
+    from dpsel.engines.ray_engine import pool_executor
+    from dpsel.models.passes import executing_on
+    started = time.perf_counter()
+    ray_options = curate_engine(engine, method, ray)
+    config = config or SelectConfig()
+    rule = make_rule(method, budget, threshold, task_budgets, per_group, group_column)
+    out = Path(out)
+    train_rows, meta_rows, meta_duplicates = _read_inputs(train, meta, out, truth)
+    if rule.uses_groups and train_rows.group_values(group_column) is None:
+        raise DpselInputError("per-group budgets need this column in the training set", column=group_column,
+                              file=", ".join(f.path for f in train_rows.data.files))
+    if not train_rows.usable.any():
+        raise DpselInputError("no usable training rows (all invalid or duplicate)",
+                              file=", ".join(f.path for f in train_rows.data.files))
+    read_s = time.perf_counter() - started
+
+    select_start = time.perf_counter()
+    groups = train_rows.group_values(group_column)
+    # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
+    usable_groups = None if groups is None else list(groups[train_rows.usable])
+    checkpoints = open_checkpoints(out, method, config, train_rows, meta_rows, restart)
+    with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)):
+        scores = select(train_rows.data.messages(train_rows.usable), meta_rows.data.messages(meta_rows.usable),
+                        method, config, progress, groups=usable_groups)
+    check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
+    select_s = time.perf_counter() - select_start
+    weights, stds = spread_scores(train_rows, scores.weight_mean, scores.weight_std)
+    keep = apply_rule(rule, weights, train_rows.usable, groups)
+
+    inputs = {"train": inputs_entry(train, train_rows), "meta": inputs_entry(meta, meta_rows)}
+    truth_info = None
+    if truth is not None:
+        truth_info = truth_auroc(truth, train_rows, weights, keep)
+        from dpsel.io import file_sha256
+        inputs["truth"] = {"paths": [str(truth)], "sha256": file_sha256(truth)}
+    run = Run(command="curate", method=scores.method, config=scores.config or config.to_dict(), rows=train_rows,
+              inputs=inputs, weights=weights, stds=stds, keep=keep, rule=rule, scorer=scores.scorer,
+              diagnostics=scores.diagnostics, timings={"read_s": read_s, "select_s": select_s,
+                                                       "method": dict(scores.timings), "engine": engine},
+              started=started, group_column=group_column if groups is not None else None, truth=truth_info,
+              coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates,
+                                                                "resumed_from_checkpoint": checkpoints.resumed})
+    result = write_run(out, run)
+    checkpoints.discard()  # published: nothing left to resume
+    return result
+
+
+def _read_inputs(train, meta, out: Path, truth) -> tuple[Rows, Rows, dict]:
+    """The training and meta rows, checked before any work: a clean meta set (its exact duplicates dropped
+    and recorded), outputs that overwrite no input, a truth file that matches the training rows."""
+    train_rows = read_rows(train)
+    meta_rows = read_rows(meta)
+    meta_duplicates = drop_meta_duplicates(meta_rows)
+    require_all_usable(meta_rows, "meta")
+    input_files = [f.path for r in (train_rows, meta_rows) for f in r.data.files]
+    check_outputs_do_not_overwrite_inputs(out, input_files + ([str(truth)] if truth else []),
+                                          as_path_list(train) + as_path_list(meta))
+    if truth is not None:
+        load_truth(truth, train_rows)  # a wrong truth file fails now, not after the work
+    return train_rows, meta_rows, meta_duplicates
+
+
+def open_checkpoints(out: Path, method: str, config: SelectConfig, train_rows: Rows, meta_rows: Rows,
+                     restart: bool) -> checkpoint.Checkpoints:
+    """This run's checkpoints beside `out`; a checkpoint of a run with another config or input is refused."""
+    fingerprint = {"dpsel_version": __version__, "method": method, "config": config.to_dict(),
+                   "inputs": {name: [f.sha256 for f in rows.data.files]
+                              for name, rows in (("train", train_rows), ("meta", meta_rows))}}
+    return checkpoint.Checkpoints.open(out, fingerprint, restart=restart)
+
+
+def curate_from_config(config: "RunConfig", out=None, **options) -> CurationResult:
+    """`curate` with a RunConfig's data, keep rule, selection settings and engine: the one spelling of that call
+    (the CLI, the Python API, the flows' curate stage). `out` defaults to the config's; `options`: per_group,
+    progress, restart."""
+    return curate(config.data.train, config.data.meta, Path(out if out is not None else config.out),
+                  method=config.curate.method, budget=config.curate.budget, threshold=config.curate.threshold,
+                  config=config.select_config(), truth=config.data.truth, engine=config.engine,
+                  ray=config.ray_options(), **options)
