@@ -38,19 +38,7 @@ WORDS = ("the a of to and in explain list name give write short answer colour nu
          "describe compare example reason simple").split()
 
 
-def peak_rss() -> int:
-    """This process's peak RSS (VmHWM: reset by exec, unlike getrusage's ru_maxrss, which a child started by
-    fork + exec inherits from its parent)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from peft_train.memory import current_rss, peak_rss  # noqa: E402  (the one home of the memory meters)
 
 
 # ----------------------------------------------------------------------------- data

@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -55,44 +54,6 @@ VARIANTS = {
 }
 DEFAULT_METHODS = "bads,loss,rds,bads-paper,random"
 KINDS = ("wrong", "swapped", "garbage", "truncated", "refusal")
-
-
-class PeakMemory:
-    """Peak memory while a block runs: CUDA max_memory_allocated, or on CPU the peak RSS above the start
-    (sampled every 20 ms; ru_maxrss is a process-lifetime high-water mark, useless for per-method deltas)."""
-
-    def __init__(self, device: str):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    def __enter__(self):
-        import psutil
-        import torch
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.proc = psutil.Process()
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        def sample():
-            while not self._stop.wait(0.02):
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self.thread.join()
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.delta = self.peak - self.base
-        return False
 
 
 def auroc_report(weights: np.ndarray, kinds: np.ndarray) -> dict:
@@ -150,6 +111,7 @@ def run_method(name: str, data: dict, args, progress_every: float = 30.0) -> dic
             shown = {k: round(v, 3) for k, v in diag.items() if isinstance(v, float)}
             print(f"  [{name}] {step}/{total} {shown}", flush=True)
     started = time.perf_counter()
+    from peft_train.memory import PeakMemory
     with PeakMemory(args.device) as memory:
         scores = select(data["train"], data["meta"], method, config, progress, groups=list(data["tasks"]))
     seconds = time.perf_counter() - started

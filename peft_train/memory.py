@@ -1,4 +1,7 @@
-"""Peak memory of a training run, the one meter peft_train and the benchmarks report.
+"""Memory meters, the one home of each: the peak of a training run (`MemoryMeter`), the peak of a block of
+work (`PeakMemory`), and this process's RSS (`peak_rss`, `current_rss`); peft_train and the benchmarks use them.
+
+A training run's peak:
 
 CUDA: the allocator's own peak (``torch.cuda.max_memory_allocated``). CPU has no allocator statistics that can
 be reset per run (the process RSS only ever grows and counts everything else in the process), so there we add up
@@ -8,6 +11,8 @@ saved for backward in any step (seen through ``saved_tensors_hooks``).
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -97,3 +102,56 @@ class MemoryMeter:
             + _optimizer_state_bytes(optimizer)
             + self.max_activation_bytes
         )
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA max_memory_allocated, or on CPU the peak RSS above the start
+    (sampled every 20 ms; ru_maxrss is a process-lifetime high-water mark, useless for per-method deltas)."""
+
+    def __init__(self, device: str):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def __enter__(self):
+        import psutil
+        import torch
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.proc = psutil.Process()
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        def sample():
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.delta = self.peak - self.base
+        return False
+
+
+def peak_rss() -> int:
+    """This process's peak RSS (VmHWM: reset by exec, unlike getrusage's ru_maxrss, which a child started by
+    fork + exec inherits from its parent)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
