@@ -58,23 +58,30 @@ def hash_strings(strings: pa.Array) -> np.ndarray:
         return splitmix64(sums + lengths.astype(np.uint64))
 
 
+_BASE = 0x9E3779B97F4A7C15            # odd, so invertible modulo 2**64
+_BASE_INVERSE = pow(_BASE, -1, 2**64)
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.concatenate([[np.uint64(1)], np.cumprod(np.full(n, np.uint64(base)))]).astype(np.uint64)
+
+
 def shingle_hashes(tokens: np.ndarray, offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of the n-token windows of every row (flat token hashes, row offsets) -> (hashes, offsets).
-    A row shorter than n tokens gives one window of all its tokens; a row without tokens gives none."""
+    A row shorter than n tokens gives one window of all its tokens; a row without tokens gives none.
+    A window's hash is sum(t[i+k] * B**k) mod 2**64 (order matters), read off prefix sums in O(tokens)
+    whatever n is, so an L-token window hashes alike from any call; then `splitmix64`."""
     lengths = np.diff(offsets)
     row = np.repeat(np.arange(len(lengths)), lengths)
     position = np.arange(len(tokens)) - offsets[:-1][row]
     start = np.flatnonzero((position <= lengths[row] - n) | ((position == 0) & (lengths[row] < n)))
-    end = offsets[1:][row[start]]
-    acc = np.zeros(len(start), np.uint64)
+    end = np.minimum(start + n, offsets[1:][row[start]])
     with np.errstate(over="ignore"):
-        for k in range(n):
-            at = start + k
-            inside = at < end
-            term = splitmix64(tokens[np.minimum(at, max(len(tokens) - 1, 0))] + np.uint64(k))
-            acc += np.where(inside, term, np.uint64(0))    # position-salted: "a b" and "b a" differ
+        prefix = np.concatenate([[np.uint64(0)], np.cumsum(tokens * _powers(_BASE, len(tokens))[:-1])])
+        windows = (prefix[end] - prefix[start]) * _powers(_BASE_INVERSE, len(tokens))[start]
     counts = np.bincount(row[start], minlength=len(lengths))
-    return splitmix64(acc), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return splitmix64(windows.astype(np.uint64)), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 class Rows:

@@ -37,9 +37,16 @@ def _whole(words: pa.ListArray) -> np.ndarray:
     return hash_strings(pc.binary_join(words, " "))
 
 
+def _member(hashes: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """hashes in `table` (sorted, unique) by binary search: the pool side is never sorted."""
+    if not len(table):
+        return np.zeros(len(hashes), bool)
+    return table[np.minimum(np.searchsorted(table, hashes), len(table) - 1)] == hashes
+
+
 def _hits(hashes: np.ndarray, row_offsets: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Per row: does any of its window hashes occur in `table` (sorted)?"""
-    found = np.isin(hashes, table, assume_unique=False)
+    found = _member(hashes, table)
     counts = np.diff(row_offsets)
     row = np.repeat(np.arange(len(counts)), counts)
     return np.bincount(row[found], minlength=len(counts)) > 0
@@ -77,19 +84,22 @@ class Decontaminate(Block):
         lengths = np.diff(offsets)
         hashes, row_offsets = shingle_hashes(tokens, offsets, self.n)
         flagged = _hits(hashes, row_offsets, self.long_grams) & (lengths >= self.n)
-        for L, table in self.windows.items():     # a short pool row is one window of its own length
-            flagged |= (lengths == L) & _hits(hashes, row_offsets, table)
+        short = np.flatnonzero((lengths >= self.min_words) & (lengths < self.n))
+        whole = hashes[row_offsets[short]]        # a short pool row is one window of its own length
+        for L, table in self.windows.items():
+            at = lengths[short] == L
+            flagged[short[at]] |= _member(whole[at], table)
         for L, table in self.short.items():
             grams, gram_offsets = shingle_hashes(tokens, offsets, L)
             flagged |= (lengths >= L) & _hits(grams, gram_offsets, table)
         if len(self.tiny):
-            flagged |= np.isin(_whole(words), self.tiny) | self._tiny_user_message(messages)
+            flagged |= _member(_whole(words), self.tiny) | self._tiny_user_message(messages)
         return flagged
 
     def _tiny_user_message(self, messages: pa.ListArray) -> np.ndarray:
         flat = messages.flatten()
         offsets = np.asarray(messages.offsets, np.int64) - messages.offsets[0].as_py()
         user = np.asarray(pc.fill_null(pc.equal(pc.struct_field(flat, "role"), "user"), False), bool)
-        equal = user & np.isin(_whole(words_of(pc.fill_null(pc.struct_field(flat, "content"), ""))), self.tiny)
+        equal = user & _member(_whole(words_of(pc.fill_null(pc.struct_field(flat, "content"), ""))), self.tiny)
         row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         return np.bincount(row[equal], minlength=len(offsets) - 1) > 0

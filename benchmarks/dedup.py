@@ -1,0 +1,338 @@
+"""Near-duplicate removal and decontamination on a generated pool with planted truth: dpsel's near-dup
+stage against datatrove's MinHash pipeline and Data-Juicer's MinHash deduplicator, on the same rows.
+
+The pool: distinct documents (40-160 words drawn from a Zipf vocabulary, wrapped in one of a few prompt
+templates) plus planted near-duplicates of random originals: word edits (1-3 substituted, inserted or
+deleted words), reorderings (two halves swapped) and template changes (the same text in another
+template). Planted contamination: pool rows that contain an evaluation text (a long one, sharing
+13-grams, or a short question of 6-12 words). Truth for near-duplicates: a planted copy should be dropped,
+an original kept; recall is also given over the planted copies whose exact word-5-shingle Jaccard with
+their original reaches the threshold (what a perfect MinHash could find).
+
+Each deduplicator runs in its own process (peak RSS = that process's max resident set): dpsel in this
+venv, the peers in the venv given by --peers-python (they are not dpsel dependencies). A peer that is not
+installed is reported as skipped.
+
+    python benchmarks/dedup.py --rows 100000 --peers-python .venv-peers/bin/python
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+THRESHOLD = 0.8
+TEMPLATES = ("{t}", "### Instruction:\n{t}\n\n### Response:", "Question: {t}\nAnswer:", "<|user|>\n{t}")
+RESULTS = Path(__file__).parent / "results"
+
+
+# ----------------------------------------------------------------------------- the pool
+def _vocabulary(rng: random.Random, size: int = 20_000) -> tuple[list[str], list[float]]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = sorted({"".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(size * 2)})[:size]
+    rng.shuffle(words)
+    return words, [1 / (k + 1) ** 1.05 for k in range(len(words))]
+
+
+def _edit(rng: random.Random, words: list[str], vocab: list[str]) -> list[str]:
+    words = list(words)
+    for _ in range(rng.randint(1, 3)):
+        at, kind = rng.randrange(len(words)), rng.choice("sid")
+        if kind == "s":
+            words[at] = rng.choice(vocab)
+        elif kind == "i":
+            words.insert(at, rng.choice(vocab))
+        elif len(words) > 10:
+            del words[at]
+    return words
+
+
+def make_pool(rows: int, seed: int = 0, dup_frac: float = 0.2, contaminated: int = 1000):
+    """(texts, truth) where truth has `copy_of` (row index or -1), `kind` and the eval texts."""
+    rng = random.Random(seed)
+    vocab, weights = _vocabulary(rng)
+    n_dup = int(rows * dup_frac)
+    n_orig = rows - n_dup
+    bodies = [rng.choices(vocab, weights, k=rng.randint(40, 160)) for _ in range(n_orig)]
+    template = [rng.randrange(len(TEMPLATES)) for _ in range(n_orig)]
+    texts = [TEMPLATES[t].format(t=" ".join(b)) for b, t in zip(bodies, template)]
+    copy_of, kind = [-1] * n_orig, ["original"] * n_orig
+    for _ in range(n_dup):
+        src = rng.randrange(n_orig)
+        how = rng.choice(("edit", "reorder", "template"))
+        words = bodies[src]
+        if how == "edit":
+            text = TEMPLATES[template[src]].format(t=" ".join(_edit(rng, words, vocab)))
+        elif how == "reorder":
+            cut = rng.randint(len(words) // 3, 2 * len(words) // 3)
+            text = TEMPLATES[template[src]].format(t=" ".join(words[cut:] + words[:cut]))
+        else:
+            other = rng.choice([k for k in range(len(TEMPLATES)) if k != template[src]])
+            text = TEMPLATES[other].format(t=" ".join(words))
+        texts.append(text)
+        copy_of.append(src)
+        kind.append(how)
+    order = list(range(rows))
+    rng.shuffle(order)       # copies are spread through the pool, each after or before its original
+    position = {old: new for new, old in enumerate(order)}
+    texts = [texts[o] for o in order]
+    copy_of = [position[copy_of[o]] if copy_of[o] >= 0 else -1 for o in order]
+    kind = [kind[o] for o in order]
+    evals, contaminated_rows = _plant_contamination(rng, texts, copy_of, vocab, weights, contaminated)
+    return texts, {"copy_of": copy_of, "kind": kind, "evals": evals, "contaminated": contaminated_rows}
+
+
+def _plant_contamination(rng, texts, copy_of, vocab, weights, n):
+    """Put eval texts (half long, half short questions) into `n` original rows that have no copies."""
+    has_copy = {c for c in copy_of if c >= 0}
+    candidates = [k for k, c in enumerate(copy_of) if c < 0 and k not in has_copy]
+    chosen = sorted(rng.sample(candidates, n))
+    evals = []
+    for j, row in enumerate(chosen):
+        length = rng.randint(30, 80) if j % 2 == 0 else rng.randint(6, 12)
+        eval_text = " ".join(rng.choices(vocab, weights, k=length)) + ("?" if j % 2 else "")
+        evals.append(eval_text)
+        texts[row] = f"{texts[row]}\n{eval_text}"
+    evals += [" ".join(rng.choices(vocab, weights, k=rng.randint(6, 80))) for _ in range(n)]  # unused evals
+    return evals, chosen
+
+
+def shingle_jaccard(a: str, b: str, n: int = 5) -> float:
+    def grams(text):
+        words = "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+        return {tuple(words[i:i + n]) for i in range(max(len(words) - n + 1, 1))}
+    x, y = grams(a), grams(b)
+    return len(x & y) / len(x | y)
+
+
+# ----------------------------------------------------------------------------- workers (one process each)
+def _peak_rss_mb() -> float:
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+
+
+def worker_dpsel(folder: Path) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dpsel.stages.base import Rows
+    from dpsel.stages.decontaminate import Decontaminate
+    from dpsel.stages.near_dup import NearDup
+    table = pq.read_table(folder / "pool.parquet")
+    evals = json.loads((folder / "evals.json").read_text())
+    started = time.perf_counter()
+    block = NearDup(THRESHOLD)
+    verdict = block(Rows(table))
+    seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    contaminated = Decontaminate(evals)(Rows(table))
+    decon_seconds = time.perf_counter() - started
+    return {"dropped": np.flatnonzero(verdict.reason != "").tolist(), "seconds": seconds,
+            "state_bytes_per_row": block.kept_index.nbytes / max(len(block.kept_index), 1),
+            "declared_bytes_per_row": block.bytes_per_row, "bands": [block.bands, block.band_rows],
+            "contaminated": np.flatnonzero(contaminated.reason != "").tolist(), "decon_seconds": decon_seconds}
+
+
+def worker_datatrove(folder: Path) -> dict:
+    """datatrove's 4-stage MinHash pipeline (signatures, buckets, clusters, filter), one task per stage
+    (buckets: one task per bucket), run by LocalPipelineExecutor with one worker."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+    config = MinhashConfig(n_grams=5, num_buckets=DATATROVE_BANDS[0], hashes_per_bucket=DATATROVE_BANDS[1])
+    work = folder / "datatrove"
+    reader = lambda: JsonlReader(str(folder), glob_pattern="pool.jsonl", id_key="id")  # noqa: E731
+    started = time.perf_counter()
+    for pipeline, tasks in (
+            ([reader(), MinhashDedupSignature(output_folder=str(work / "sigs"), config=config)], 1),
+            ([MinhashDedupBuckets(input_folder=str(work / "sigs"), output_folder=str(work / "buckets"),
+                                  config=config)], config.num_buckets),
+            ([MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "remove"),
+                                  config=config)], 1),
+            ([reader(), MinhashDedupFilter(input_folder=str(work / "remove"),
+                                           exclusion_writer=JsonlWriter(str(work / "removed"), compression=None)),
+              JsonlWriter(str(work / "kept"), compression=None)], 1)):
+        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=str(work / "logs"),
+                              skip_completed=False).run()
+    seconds = time.perf_counter() - started
+    removed = [json.loads(line)["id"] for f in sorted((work / "removed").glob("*.jsonl")) for line in f.open()]
+    return {"dropped": sorted(int(i) for i in removed), "seconds": seconds, "bands": list(DATATROVE_BANDS)}
+
+
+def worker_data_juicer(folder: Path) -> dict:
+    """Data-Juicer's DocumentMinhashDeduplicator (space tokens, 5-word windows, its default 256
+    permutations, bands from its own optimisation at jaccard_threshold=THRESHOLD)."""
+    from data_juicer.core.data import NestedDataset
+    from data_juicer.ops.deduplicator import DocumentMinhashDeduplicator
+    from datasets import Dataset
+    rows = [json.loads(line) for line in (folder / "pool.jsonl").open()]
+    dataset = NestedDataset(Dataset.from_dict({"text": [r["text"] for r in rows], "id": [int(r["id"]) for r in rows]}))
+    started = time.perf_counter()
+    op = DocumentMinhashDeduplicator(tokenization="space", window_size=5, lowercase=True,
+                                     ignore_pattern=r"[^\w\s]", jaccard_threshold=THRESHOLD)
+    hashed = dataset.map(op.compute_hash, num_proc=1)
+    kept, _ = op.process(hashed, 0)
+    seconds = time.perf_counter() - started
+    left = set(kept["id"])
+    return {"dropped": [i for i in range(len(rows)) if i not in left], "seconds": seconds,
+            "bands": [op.num_bands, op.num_rows_per_band]}
+
+
+WORKERS = {"dpsel": worker_dpsel, "datatrove": worker_datatrove, "data_juicer": worker_data_juicer}
+DATATROVE_BANDS = (14, 8)     # datatrove's defaults (S-curve midpoint ~0.72)
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_worker(name: str, folder: Path) -> None:
+    baseline = _rss_now_mb()
+    result = WORKERS[name](folder)
+    result |= {"peak_rss_mb": _peak_rss_mb(), "start_rss_mb": baseline}
+    (folder / f"{name}.json").write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- scoring and report
+def cluster_scores(dropped: set[int], clusters: list[list[int]]) -> tuple[int, int]:
+    """(true positives, ideal drops): each planted cluster should lose all members but one."""
+    tp = sum(min(len(dropped.intersection(c)), len(c) - 1) for c in clusters)
+    return tp, sum(len(c) - 1 for c in clusters)
+
+
+def planted_clusters(copy_of: list[int], texts: list[str] | None = None) -> list[list[int]]:
+    """Original + copies; with `texts`, only the copies within THRESHOLD (exact 5-shingle Jaccard)."""
+    groups: dict[int, list[int]] = {}
+    for row, src in enumerate(copy_of):
+        if src >= 0 and (texts is None or shingle_jaccard(texts[row], texts[src]) >= THRESHOLD):
+            groups.setdefault(src, [src]).append(row)
+    return list(groups.values())
+
+
+def score(result: dict, rows: int, clusters, reachable) -> dict:
+    dropped = set(result["dropped"])
+    tp, ideal = cluster_scores(dropped, clusters)
+    tp_reach, ideal_reach = cluster_scores(dropped, reachable)
+    return {"dropped": len(dropped), "precision": round(tp / max(len(dropped), 1), 4),
+            "recall": round(tp / max(ideal, 1), 4), "recall_reachable": round(tp_reach / max(ideal_reach, 1), 4),
+            "seconds": round(result["seconds"], 2), "rows_per_s": round(rows / result["seconds"]),
+            "peak_rss_mb": round(result["peak_rss_mb"]), "start_rss_mb": round(result["start_rss_mb"]),
+            "bands_x_rows": result.get("bands")}
+
+
+def _misses(result: dict, truth: dict, texts: list[str], limit: int = 2000) -> dict:
+    """Why planted copies were kept: counts by planted kind and by exact-Jaccard band."""
+    dropped = set(result["dropped"])
+    by_kind, by_band = {}, {}
+    for row, src in enumerate(truth["copy_of"][:]):
+        if src < 0 or row in dropped or src in dropped or len(by_kind) > limit:
+            continue
+        j = shingle_jaccard(texts[row], texts[src])
+        band = "J>=0.8" if j >= THRESHOLD else ("0.7<=J<0.8" if j >= 0.7 else "J<0.7")
+        by_kind[truth["kind"][row]] = by_kind.get(truth["kind"][row], 0) + 1
+        by_band[band] = by_band.get(band, 0) + 1
+    return {"missed_by_kind": by_kind, "missed_by_exact_jaccard": by_band}
+
+
+def write_pool(folder: Path, texts: list[str], evals: list[str]) -> list[str]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dpsel.stages.base import Rows
+    ids = [f"{i:020d}" for i in range(len(texts))]
+    messages = [[{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}] for t in texts]
+    table = pa.table({"dpsel_id": ids, "dpsel_messages": messages})
+    pq.write_table(table, folder / "pool.parquet")
+    conversation = Rows(table).text.to_pylist()       # the peers see the same text as dpsel
+    with (folder / "pool.jsonl").open("w") as f:
+        for i, text in enumerate(conversation):
+            f.write(json.dumps({"id": str(i), "text": text}) + "\n")
+    (folder / "evals.json").write_text(json.dumps(evals))
+    return conversation
+
+
+def _markdown(report: dict) -> str:
+    lines = [f"# Near-duplicate removal: {report['rows']:,} rows, threshold {THRESHOLD}", "",
+             report["note"], "",
+             "| method | bands×rows | dropped | precision | recall | recall (J≥0.8 copies) | rows/s (1 core) "
+             "| peak RSS MB | RSS after load MB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in report["methods"].items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
+            continue
+        lines.append(f"| {name} | {r['bands_x_rows']} | {r['dropped']} | {r['precision']} | {r['recall']} | "
+                     f"{r['recall_reachable']} | {r['rows_per_s']:,} | {r['peak_rss_mb']} | {r['start_rss_mb']} |")
+    d = report["dpsel_extra"]
+    lines += ["", f"dpsel near-dup state: {d['declared_bytes_per_row']} bytes/row declared, "
+              f"{d['state_bytes_per_row']:.0f} measured (index arrays / rows).",
+              f"Decontamination: recall {d['decon_recall']} ({d['decon_found']}/{d['decon_planted']} planted rows), "
+              f"{d['decon_false']} other rows flagged, {d['decon_rows_per_s']:,} rows/s.",
+              "", "Misses (planted copies kept alongside their original):"]
+    for name, m in report["misses"].items():
+        lines.append(f"- {name}: by kind {m['missed_by_kind']}; by exact Jaccard {m['missed_by_exact_jaccard']}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peers-python", default=str(Path(__file__).resolve().parents[1] / ".venv-peers/bin/python"))
+    parser.add_argument("--worker", choices=sorted(WORKERS))
+    parser.add_argument("--folder", type=Path)
+    parser.add_argument("--methods", default="dpsel,datatrove,data_juicer")
+    args = parser.parse_args()
+    if args.worker:
+        return run_worker(args.worker, args.folder)
+    texts, truth = make_pool(args.rows, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        conversation = write_pool(folder, texts, truth["evals"])
+        clusters = planted_clusters(truth["copy_of"])
+        reachable = planted_clusters(truth["copy_of"], conversation)
+        methods, misses, results = {}, {}, {}
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        for name in args.methods.split(","):
+            python = sys.executable if name == "dpsel" else args.peers_python
+            done = subprocess.run([python, __file__, "--worker", name, "--folder", str(folder)], env=env,
+                                  capture_output=True, text=True, timeout=3000)
+            if done.returncode != 0:
+                methods[name] = {"skipped": done.stderr.strip().splitlines()[-1][:200] if done.stderr else "failed"}
+                continue
+            results[name] = json.loads((folder / f"{name}.json").read_text())
+            methods[name] = score(results[name], args.rows, clusters, reachable)
+            misses[name] = _misses(results[name], truth, conversation)
+    d = results["dpsel"]
+    planted = set(truth["contaminated"])
+    found = planted.intersection(d["contaminated"])
+    report = {"rows": args.rows, "threshold": THRESHOLD, "planted_copies": sum(len(c) - 1 for c in clusters),
+              "planted_copies_reachable": sum(len(c) - 1 for c in reachable), "methods": methods, "misses": misses,
+              "dpsel_extra": {"declared_bytes_per_row": d["declared_bytes_per_row"],
+                              "state_bytes_per_row": d["state_bytes_per_row"],
+                              "decon_planted": len(planted), "decon_found": len(found),
+                              "decon_recall": round(len(found) / max(len(planted), 1), 4),
+                              "decon_false": len(set(d["contaminated"]) - planted),
+                              "decon_rows_per_s": round(args.rows / d["decon_seconds"])},
+              "note": ("Each method in its own process on one core (OMP_NUM_THREADS=1), same rows and text. "
+                       "Recall counts a planted cluster (original + copies) as fully found when all but one "
+                       "member are dropped; 'J≥0.8 copies' only counts copies whose exact word-5-shingle Jaccard "
+                       "with the original reaches the threshold. datatrove runs with its default 14×8 bands "
+                       "(it takes bands, not a threshold); Data-Juicer with jaccard_threshold=0.8.")}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "dedup.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "dedup.md").write_text(_markdown(report))
+    print(_markdown(report))
+
+
+if __name__ == "__main__":
+    main()
