@@ -133,11 +133,12 @@ def worker_dpsel(folder: Path) -> dict:
     block = NearDup(THRESHOLD)
     verdict = block(Rows(table))
     seconds = time.perf_counter() - started
+    near_dup_peak = _peak_rss_mb()
     started = time.perf_counter()
     contaminated = Decontaminate(evals)(Rows(table))
     decon_seconds = time.perf_counter() - started
     return {"dropped": np.flatnonzero(verdict.reason != "").tolist(), "seconds": seconds,
-            "state_bytes_per_row": block.kept_index.nbytes / max(len(block.kept_index), 1),
+            "state_bytes_per_row": block.index.nbytes / max(len(block.index), 1), "near_dup_peak_rss_mb": near_dup_peak,
             "declared_bytes_per_row": block.bytes_per_row, "bands": [block.bands, block.band_rows],
             "contaminated": np.flatnonzero(contaminated.reason != "").tolist(), "decon_seconds": decon_seconds}
 
@@ -189,7 +190,31 @@ def worker_data_juicer(folder: Path) -> dict:
             "bands": [op.num_bands, op.num_rows_per_band]}
 
 
-WORKERS = {"dpsel": worker_dpsel, "datatrove": worker_datatrove, "data_juicer": worker_data_juicer}
+def worker_state(folder: Path, rows: int = 1_000_000) -> dict:
+    """The near-dup state and clustering at `rows` rows without the text: random signatures, 20% of the
+    rows copies of others; numpy's allocations traced (tracemalloc) from the index to the verdict."""
+    import tracemalloc
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dpsel.stages.near_dup import NearDup, NearDupIndex
+    block, rng = NearDup(THRESHOLD), np.random.default_rng(0)
+    tracemalloc.start()
+    index = NearDupIndex(np.array([f"{i:020d}".encode() for i in range(rows)], "S20"),
+                         rng.integers(0, 2**32, (rows, block.bands), dtype=np.uint32),
+                         rng.integers(0, 256, (rows, block.num_perm), dtype=np.uint8))
+    copies = rng.choice(rows, rows // 5, replace=False)
+    index.bands[copies], index.sketch[copies] = index.bands[copies // 2], index.sketch[copies // 2]
+    state = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    started = time.perf_counter()
+    keeper = block._keepers(index, np.zeros(rows, bool))
+    index.compact(np.flatnonzero(keeper == np.arange(rows)))
+    seconds = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    return {"rows": rows, "state_bytes_per_row": state / rows, "peak_bytes_per_row": peak / rows,
+            "cluster_seconds": seconds, "dropped": int((keeper != np.arange(rows)).sum()), "kept_rows": len(index)}
+
+
+WORKERS = {"dpsel": worker_dpsel, "state": worker_state, "datatrove": worker_datatrove, "data_juicer": worker_data_juicer}
 DATATROVE_BANDS = (14, 8)     # datatrove's defaults (S-curve midpoint ~0.72)
 
 
@@ -201,7 +226,7 @@ def _rss_now_mb() -> float:
 def run_worker(name: str, folder: Path) -> None:
     baseline = _rss_now_mb()
     result = WORKERS[name](folder)
-    result |= {"peak_rss_mb": _peak_rss_mb(), "start_rss_mb": baseline}
+    result |= {"start_rss_mb": baseline, "peak_rss_mb": result.pop("near_dup_peak_rss_mb", None) or _peak_rss_mb()}
     (folder / f"{name}.json").write_text(json.dumps(result))
 
 

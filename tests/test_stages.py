@@ -107,7 +107,7 @@ def test_near_dup_seen_index_drops_copies_of_curated_rows(tmp_path):
     curated = docs(50, seed=6)
     first = NearDup()
     first(Rows(make_table(curated, ids=[f"old{i}" for i in range(50)])))
-    first.kept_index.save(tmp_path / "seen.npz")
+    first.index.save(tmp_path / "seen.npz")
     seen = NearDupIndex.load(tmp_path / "seen.npz")
     assert len(seen) == 50 and seen.nbytes == 50 * first.bytes_per_row
     new = [curated[7].replace(curated[7].split()[3], "changed"), *docs(5, seed=7)]
@@ -119,7 +119,7 @@ def test_near_dup_memory_is_bounded_per_row():
     block = NearDup()
     assert lsh_bands(0.8, 128) == (18, 7) and block.bytes_per_row == 220 <= 300
     block(Rows(make_table(docs(100, seed=8))))
-    assert block.kept_index.nbytes / len(block.kept_index) == 220
+    assert block.index.nbytes / len(block.index) == 220
 
 
 # ----------------------------------------------------------------------------- semantic duplicates

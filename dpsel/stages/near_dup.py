@@ -10,20 +10,23 @@ band-collision false positives that LSH alone keeps); clusters are the connected
 pairs, and each cluster keeps its first row in input order (previously curated rows, the `seen` index,
 come before every new row), so the keeper never depends on anything but row order.
 
-Memory (state, per row): bands*4 + num_perm + 20 (id) bytes = 220 bytes at the defaults (threshold 0.8,
-128 permutations: 18 bands of 7 rows), plus while clustering ~12 bytes (sort order, labels) and 8 bytes
-per candidate pair. Signatures are computed in chunks and never held whole.
+Memory (state, per row): bands*4 + num_perm + 20 (id; longer ids widen it) bytes = 220 bytes at the
+defaults (threshold 0.8, 128 permutations: 18 bands of 7 rows). Signatures are computed in chunks and
+never held whole; the index is filled in place and compacted in place, so a run holds one copy of it
+plus the clustering's temporaries (per row: sort order and labels, ~30 bytes; 8 bytes per candidate
+pair). Measured peak at 1M rows: see benchmarks/results/dedup.md.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 import rensa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from dpsel.stages.base import Block, Rows, Verdict, flat_hashes, shingle_hashes, splitmix64, words_of
+from dpsel.stages.base import ID_COLUMN, Block, Rows, Verdict, flat_hashes, shingle_hashes, splitmix64, words_of
 
 REASON = "near_duplicate"
 SEED = 20250101
@@ -60,13 +63,15 @@ class NearDupIndex:
     def nbytes(self) -> int:
         return self.ids.nbytes + self.bands.nbytes + self.sketch.nbytes
 
-    def concat(self, other: NearDupIndex) -> NearDupIndex:
-        return NearDupIndex(*(np.concatenate([a, b]) for a, b in ((self.ids, other.ids),
-                                                                   (self.bands, other.bands),
-                                                                   (self.sketch, other.sketch))))
-
-    def take(self, rows: np.ndarray) -> NearDupIndex:
-        return NearDupIndex(self.ids[rows], self.bands[rows], self.sketch[rows])
+    def compact(self, rows: np.ndarray, chunk: int = 65536) -> None:
+        """Keep only `rows` (ascending), moved down in place chunk by chunk: no second copy of the index
+        (row k goes to a position <= k, and positions written never hold rows still to be read)."""
+        for name in ("ids", "bands", "sketch"):
+            array = getattr(self, name)
+            for start in range(0, len(rows), chunk):
+                part = rows[start:start + chunk]
+                array[start:start + len(part)] = array[part]
+            setattr(self, name, array[:len(rows)])
 
     def save(self, path) -> None:
         np.savez(path, ids=self.ids, bands=self.bands, sketch=self.sketch)
@@ -96,43 +101,48 @@ class NearDup(Block):
             raise ValueError(f"near-dup threshold must be in (0, 1], got {threshold}")
         self.threshold, self.num_perm, self.ngram = threshold, num_perm, ngram
         self.bands, self.band_rows = lsh_bands(threshold, num_perm)
-        self.seen = seen if seen is not None else NearDupIndex.empty(self.bands, num_perm)
-        self.kept_index: NearDupIndex | None = None    # seen + this batch's kept rows, after a call
+        # rows kept so far (the given seen index, then every batch's kept rows): later batches are
+        # deduplicated against earlier ones, and `index.save` hands the state to a later run
+        self.index = seen if seen is not None else NearDupIndex.empty(self.bands, num_perm)
 
     @property
     def bytes_per_row(self) -> int:
         return self.bands * 4 + self.num_perm + ID_BYTES
 
-    def signatures(self, rows: Rows) -> tuple[NearDupIndex, np.ndarray]:
-        """The index entries of every row (in chunks) and which rows have no words at all."""
-        parts, empty = [], []
+    def extended(self, rows: Rows) -> tuple[NearDupIndex, np.ndarray]:
+        """The index with every row of `rows` appended (filled in chunks, so no second copy of the new
+        rows' entries is ever held), and per entry: no words at all (such rows never match)."""
+        seen, total = len(self.index), len(self.index) + len(rows)
+        longest = pc.max(pc.binary_length(rows.table.column(ID_COLUMN))).as_py() or 0
+        width = max(ID_BYTES, self.index.ids.dtype.itemsize, longest)     # ids are never cut
+        out = NearDupIndex(np.empty(total, f"S{width}"), np.empty((total, self.bands), np.uint32),
+                           np.empty((total, self.num_perm), np.uint8))
+        out.ids[:seen], out.bands[:seen], out.sketch[:seen] = self.index.ids, self.index.bands, self.index.sketch
+        empty = np.zeros(total, bool)
         for start in range(0, len(rows), CHUNK_ROWS):
             tokens, offsets = flat_hashes(words_of(rows.text.slice(start, CHUNK_ROWS)))
             shingles, row_offsets = shingle_hashes(tokens, offsets, self.ngram)
             matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
                 shingles, row_offsets.astype(np.uint64), self.num_perm, SEED)
             signature = np.array(matrix.to_rows(), np.uint32).reshape(-1, self.num_perm)
-            ids = np.array(rows.ids[start:start + CHUNK_ROWS].tolist(), f"S{ID_BYTES}")
-            parts.append(NearDupIndex(ids, _band_keys(signature, self.bands, self.band_rows),
-                                      (signature & 0xFF).astype(np.uint8)))
-            empty.append(np.diff(row_offsets) == 0)
-        if not parts:
-            return NearDupIndex.empty(self.bands, self.num_perm), np.zeros(0, bool)
-        new = NearDupIndex(*(np.concatenate(arrays) for arrays in zip(*((p.ids, p.bands, p.sketch) for p in parts))))
-        return new, np.concatenate(empty)
+            at = slice(seen + start, seen + start + len(signature))
+            out.ids[at] = [i.encode() for i in rows.ids[start:start + CHUNK_ROWS].tolist()]
+            out.bands[at] = _band_keys(signature, self.bands, self.band_rows)
+            out.sketch[at] = signature & 0xFF
+            empty[at] = np.diff(row_offsets) == 0
+        return out, empty
 
     def decide(self, rows: Rows, **_) -> Verdict:
-        new, empty = self.signatures(rows)
-        everything = self.seen.concat(new)
-        skip = np.concatenate([np.zeros(len(self.seen), bool), empty])
-        keeper = self._keepers(everything, skip)
+        seen = len(self.index)
+        everything, empty = self.extended(rows)
+        self.index = everything              # the old index is no longer referenced: freed
+        keeper = self._keepers(everything, empty)
         verdict = Verdict.keep_all(len(rows))
-        mine = keeper[len(self.seen):]
-        duplicate = mine != np.arange(len(self.seen), len(everything))
+        mine = keeper[seen:]
+        duplicate = mine != np.arange(seen, len(everything))
         verdict.reason[duplicate] = REASON
         verdict.dup_of[duplicate] = [i.decode() for i in everything.ids[mine[duplicate]].tolist()]
-        kept_new = np.flatnonzero(~duplicate)
-        self.kept_index = self.seen.concat(new.take(kept_new))
+        everything.compact(np.concatenate([np.arange(seen), seen + np.flatnonzero(~duplicate)]))
         return verdict
 
     def _keepers(self, index: NearDupIndex, skip: np.ndarray) -> np.ndarray:
@@ -148,19 +158,15 @@ class NearDup(Block):
 
     def _candidates(self, bands: np.ndarray, skip: np.ndarray) -> np.ndarray:
         """Unique (row, star centre) pairs: each row against the first row of every band group it is in."""
-        live = np.flatnonzero(~skip)
-        keys = []
-        for band in range(bands.shape[1]):
+        n, live = len(bands), np.flatnonzero(~skip)
+        unique = np.zeros(0, np.int64)
+        for band in range(bands.shape[1]):   # merged band by band: pairs repeat across bands
             order = live[np.argsort(bands[live, band], kind="stable")]
             values = bands[order, band]
             starts = np.concatenate([[True], values[1:] != values[:-1]])
             centre = order[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
-            member = ~starts
-            keys.append(order[member].astype(np.int64) * len(bands) + centre[member])
-        if not keys:
-            return np.zeros((0, 2), np.int64)
-        unique = np.unique(np.concatenate(keys))
-        return np.stack([unique // max(len(bands), 1), unique % max(len(bands), 1)], axis=1)
+            unique = np.union1d(unique, order[~starts].astype(np.int64) * n + centre[~starts])
+        return np.stack([unique // max(n, 1), unique % max(n, 1)], axis=1)
 
     def _similar(self, sketch: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         """b-bit MinHash estimate of each pair's Jaccard >= threshold (chance agreement 1/256 removed)."""

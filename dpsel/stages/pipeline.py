@@ -105,7 +105,7 @@ def run_stages(table: pa.Table, blocks: Sequence[Block], embeddings: np.ndarray 
     outcome = Outcome(np.full(n, "", dtype=object), np.full(n, None, dtype=object))
     alive = np.arange(n)
     for block in blocks:
-        rows = Rows(table.take(pa.array(alive)))
+        rows = Rows(table if len(alive) == n else table.take(pa.array(alive)))
         inputs = {"embeddings": embeddings[alive]} if embeddings is not None else {}
         verdict = block(rows, **inputs)
         for name, values in verdict.columns.items():
