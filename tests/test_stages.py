@@ -113,6 +113,9 @@ def test_near_dup_seen_index_drops_copies_of_curated_rows(tmp_path):
     new = [curated[7].replace(curated[7].split()[3], "changed"), *docs(5, seed=7)]
     verdict = NearDup(seen=seen)(Rows(make_table(new, ids=[f"new{i}" for i in range(6)])))
     assert verdict.reason.tolist() == ["near_duplicate"] + [""] * 5 and verdict.dup_of[0] == "old7"
+    streamed = first(Rows(make_table(new, ids=[f"a-longer-id-than-twenty-bytes-{i}" for i in range(6)])))
+    assert streamed.reason.tolist() == verdict.reason.tolist() and len(first.index) == 55   # batch to batch
+    assert first.index.ids[-1].decode() == "a-longer-id-than-twenty-bytes-5"
 
 
 def test_near_dup_memory_is_bounded_per_row():
@@ -140,6 +143,9 @@ def test_semantic_dup_keeps_first_of_each_group(cluster_rows):
     assert verdict.dup_of[400:].tolist() == [f"id{i:05d}" for i in range(40)]
     again = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table), embeddings=vectors)
     assert again.dup_of.tolist() == verdict.dup_of.tolist()
+    order = np.random.default_rng(1).permutation(440)
+    shuffled = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table.take(pa.array(order))), embeddings=vectors[order])
+    assert (shuffled.reason != "").sum() == 40       # one of each planted pair, whichever comes first
     with pytest.raises(ValueError):
         SemanticDup(0.95)(Rows(table), embeddings=vectors[:10])
 
