@@ -122,7 +122,7 @@ def _peak_rss_mb() -> float:
                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
 
 
-def worker_dpsel(folder: Path) -> dict:
+def worker_dpsel(folder: Path, threshold: float = THRESHOLD) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dpsel.stages.base import Rows
     from dpsel.stages.decontaminate import Decontaminate
@@ -130,7 +130,7 @@ def worker_dpsel(folder: Path) -> dict:
     table = pq.read_table(folder / "pool.parquet")
     evals = json.loads((folder / "evals.json").read_text())
     started = time.perf_counter()
-    block = NearDup(THRESHOLD)
+    block = NearDup(threshold)
     verdict = block(Rows(table))
     seconds = time.perf_counter() - started
     near_dup_peak = _peak_rss_mb()
@@ -214,7 +214,10 @@ def worker_state(folder: Path, rows: int = 1_000_000) -> dict:
             "cluster_seconds": seconds, "dropped": int((keeper != np.arange(rows)).sum()), "kept_rows": len(index)}
 
 
-WORKERS = {"dpsel": worker_dpsel, "state": worker_state, "datatrove": worker_datatrove, "data_juicer": worker_data_juicer}
+# dpsel at the midpoint of datatrove's default S-curve, (1/14)**(1/8) = 0.72: what a looser threshold buys
+LOOSE = round((1 / 14) ** (1 / 8), 2)
+WORKERS = {"dpsel": worker_dpsel, f"dpsel@{LOOSE}": lambda folder: worker_dpsel(folder, LOOSE),
+           "state": worker_state, "datatrove": worker_datatrove, "data_juicer": worker_data_juicer}
 DATATROVE_BANDS = (14, 8)     # datatrove's defaults (S-curve midpoint ~0.72)
 
 
@@ -223,9 +226,9 @@ def _rss_now_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_worker(name: str, folder: Path) -> None:
+def run_worker(name: str, folder: Path, state_rows: int) -> None:
     baseline = _rss_now_mb()
-    result = WORKERS[name](folder)
+    result = WORKERS[name](folder, state_rows) if name == "state" else WORKERS[name](folder)
     result |= {"start_rss_mb": baseline, "peak_rss_mb": result.pop("near_dup_peak_rss_mb", None) or _peak_rss_mb()}
     (folder / f"{name}.json").write_text(json.dumps(result))
 
@@ -295,17 +298,46 @@ def _markdown(report: dict) -> str:
         if "skipped" in r:
             lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
             continue
-        lines.append(f"| {name} | {r['bands_x_rows']} | {r['dropped']} | {r['precision']} | {r['recall']} | "
+        mark = " (earlier run, same pool)" if r.get("reused") else ""
+        lines.append(f"| {name}{mark} | {r['bands_x_rows']} | {r['dropped']} | {r['precision']} | {r['recall']} | "
                      f"{r['recall_reachable']} | {r['rows_per_s']:,} | {r['peak_rss_mb']} | {r['start_rss_mb']} |")
     d = report["dpsel_extra"]
     lines += ["", f"dpsel near-dup state: {d['declared_bytes_per_row']} bytes/row declared, "
-              f"{d['state_bytes_per_row']:.0f} measured (index arrays / rows).",
+              f"{d['state_bytes_per_row']:.0f} measured (index arrays / rows)."]
+    if report.get("state"):
+        st = report["state"]
+        lines.append(f"At {st['rows']:,} rows (random signatures, 20% copies; no text): state "
+                     f"{st['state_bytes_per_row']:.0f} bytes/row, peak of numpy allocations through clustering and "
+                     f"compaction {st['peak_bytes_per_row']:.0f} bytes/row, clustering {st['cluster_seconds']:.1f} s.")
+    lines += [
               f"Decontamination: recall {d['decon_recall']} ({d['decon_found']}/{d['decon_planted']} planted rows), "
               f"{d['decon_false']} other rows flagged, {d['decon_rows_per_s']:,} rows/s.",
               "", "Misses (planted copies kept alongside their original):"]
     for name, m in report["misses"].items():
         lines.append(f"- {name}: by kind {m['missed_by_kind']}; by exact Jaccard {m['missed_by_exact_jaccard']}")
     return "\n".join(lines) + "\n"
+
+
+def _run_state(folder: Path, rows: int, env: dict) -> dict | None:
+    if not rows:
+        return None
+    subprocess.run([sys.executable, __file__, "--worker", "state", "--folder", str(folder), "--state-rows", str(rows)],
+                   env=env, check=True, timeout=1800)
+    return json.loads((folder / "state.json").read_text())
+
+
+def _reuse(args, methods: dict, misses: dict) -> None:
+    """Entries of methods not run this time, from the last report on the same pool (marked `reused`)."""
+    path = RESULTS / "dedup.json"
+    if not args.reuse or not path.exists():
+        return
+    old = json.loads(path.read_text())
+    if old.get("rows") != args.rows or old.get("seed") != args.seed:
+        return
+    for name, entry in old["methods"].items():
+        if name not in methods:
+            methods[name] = entry | {"reused": True}
+            misses[name] = old["misses"].get(name, {})
 
 
 def main() -> None:
@@ -315,10 +347,13 @@ def main() -> None:
     parser.add_argument("--peers-python", default=str(Path(__file__).resolve().parents[1] / ".venv-peers/bin/python"))
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--folder", type=Path)
-    parser.add_argument("--methods", default="dpsel,datatrove,data_juicer")
+    parser.add_argument("--methods", default=f"dpsel,dpsel@{LOOSE},datatrove,data_juicer")
+    parser.add_argument("--state-rows", type=int, default=1_000_000, help="near-dup state/clustering check")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the entries of methods not run now from results/dedup.json (same rows and seed)")
     args = parser.parse_args()
     if args.worker:
-        return run_worker(args.worker, args.folder)
+        return run_worker(args.worker, args.folder, args.state_rows)
     texts, truth = make_pool(args.rows, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -328,7 +363,7 @@ def main() -> None:
         methods, misses, results = {}, {}, {}
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         for name in args.methods.split(","):
-            python = sys.executable if name == "dpsel" else args.peers_python
+            python = sys.executable if name.startswith("dpsel") else args.peers_python
             done = subprocess.run([python, __file__, "--worker", name, "--folder", str(folder)], env=env,
                                   capture_output=True, text=True, timeout=3000)
             if done.returncode != 0:
@@ -337,6 +372,8 @@ def main() -> None:
             results[name] = json.loads((folder / f"{name}.json").read_text())
             methods[name] = score(results[name], args.rows, clusters, reachable)
             misses[name] = _misses(results[name], truth, conversation)
+        state = _run_state(folder, args.state_rows, env)
+    _reuse(args, methods, misses)
     d = results["dpsel"]
     planted = set(truth["contaminated"])
     found = planted.intersection(d["contaminated"])
@@ -348,11 +385,14 @@ def main() -> None:
                               "decon_recall": round(len(found) / max(len(planted), 1), 4),
                               "decon_false": len(set(d["contaminated"]) - planted),
                               "decon_rows_per_s": round(args.rows / d["decon_seconds"])},
+              "seed": args.seed, "state": state,
               "note": ("Each method in its own process on one core (OMP_NUM_THREADS=1), same rows and text. "
                        "Recall counts a planted cluster (original + copies) as fully found when all but one "
                        "member are dropped; 'J≥0.8 copies' only counts copies whose exact word-5-shingle Jaccard "
                        "with the original reaches the threshold. datatrove runs with its default 14×8 bands "
-                       "(it takes bands, not a threshold); Data-Juicer with jaccard_threshold=0.8.")}
+                       "(it takes bands, not a threshold; their S-curve's midpoint is 0.72, so dpsel is also run at "
+                       f"{LOOSE}); Data-Juicer with jaccard_threshold=0.8. Peak RSS of dpsel: near-dup only "
+                       "(before its decontamination pass).")}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "dedup.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "dedup.md").write_text(_markdown(report))

@@ -6,8 +6,8 @@ reason ("" = kept) and, for duplicates, `dup_of`, the `dpsel_id` of the row kept
 columns (`dpsel_pii`, redacted messages). `Block.__call__` times the work and keeps `StageStats`.
 
 A row's text is its normalised conversation: the contents of its messages joined by newlines. Blocks that
-compare words use `Rows.words` (lower-cased, punctuation to spaces, split on whitespace) and its 64-bit
-hashes, built once per batch and shared by the blocks that need them.
+compare words use `words_of` (lower-cased, punctuation to spaces, split on whitespace), 64-bit word hashes
+(`hash_strings`) and n-word window hashes (`shingle_hashes`), per chunk of rows where memory matters.
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ _PUNCTUATION = r"[^\p{L}\p{N}\s]+"
 
 
 def _combined(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.ChunkedArray):
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()   # one chunk: no copy
+    return column
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -106,25 +108,17 @@ class Rows:
         return _combined(self.table.column(self.message_column))
 
     @functools.cached_property
-    def contents(self) -> pa.ListArray:
-        """Per row, the list of its messages' contents."""
+    def text(self) -> pa.Array:
+        """The normalised conversation: message contents joined by newlines (the per-row lists of
+        contents are not kept: they would double the batch's text in memory)."""
         lists = self.messages
         flat = pc.fill_null(pc.struct_field(lists.flatten(), "content"), "")
-        return pa.ListArray.from_arrays(pc.subtract(lists.offsets, lists.offsets[0]), flat)
-
-    @functools.cached_property
-    def text(self) -> pa.Array:
-        """The normalised conversation: message contents joined by newlines."""
-        return pc.binary_join(self.contents, "\n")
+        contents = pa.ListArray.from_arrays(pc.subtract(lists.offsets, lists.offsets[0]), flat)
+        return pc.binary_join(contents, "\n")
 
     @functools.cached_property
     def words(self) -> pa.ListArray:
         return words_of(self.text)
-
-    @functools.cached_property
-    def word_hashes(self) -> tuple[np.ndarray, np.ndarray]:
-        """(flat 64-bit hashes of every row's words, row offsets)."""
-        return flat_hashes(self.words)
 
 
 def words_of(text: pa.Array) -> pa.ListArray:

@@ -30,7 +30,7 @@ from dpsel.stages.base import ID_COLUMN, Block, Rows, Verdict, flat_hashes, shin
 
 REASON = "near_duplicate"
 SEED = 20250101
-CHUNK_ROWS = 8192
+CHUNK_ROWS = 2048     # rensa's digests come back as Python lists: ~40 bytes a value while converted
 ID_BYTES = 20
 
 
