@@ -144,7 +144,8 @@ def test_semantic_dup_keeps_first_of_each_group(cluster_rows):
     again = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table), embeddings=vectors)
     assert again.dup_of.tolist() == verdict.dup_of.tolist()
     order = np.random.default_rng(1).permutation(440)
-    shuffled = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table.take(pa.array(order))), embeddings=vectors[order])
+    shuffled = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table.take(pa.array(order))),
+                                                           embeddings=vectors[order])
     assert (shuffled.reason != "").sum() == 40       # one of each planted pair, whichever comes first
     with pytest.raises(ValueError):
         SemanticDup(0.95)(Rows(table), embeddings=vectors[:10])
@@ -205,7 +206,8 @@ def test_pii_kinds_and_modes():
     assert drop.reason.tolist() == ["pii"] * 5 + [""]
     redacted = Pii("redact")(Rows(table)).columns["dpsel_messages"].to_pylist()
     assert [r[0]["content"] for r in redacted][:2] == ["write to [EMAIL]", "card [CARD]"]
-    assert redacted[3][0]["content"] == "host [IP], phone [PHONE]" and redacted[0][1] == {"role": "assistant", "content": "ok"}
+    assert redacted[3][0]["content"] == "host [IP], phone [PHONE]"
+    assert redacted[0][1] == {"role": "assistant", "content": "ok"}
     assert scan(pa.array(["nothing here"]))[0].to_pylist() == ["nothing here"]
     with pytest.raises(ValueError):
         Pii("mask")
@@ -219,7 +221,8 @@ def test_pipeline_order_reasons_and_accounting():
     ids = [f"id{i:05d}" for i in range(len(texts))]
     ids[330] = "id00005"                                   # an exact copy has the same dpsel_id
     table = make_table(texts, ids=ids)
-    blocks = build_blocks(StagesConfig(filters="default", pii="drop"), eval_texts=[" ".join(f"e{i}" for i in range(40))])
+    evals = [" ".join(f"e{i}" for i in range(40))]
+    blocks = build_blocks(StagesConfig(filters="default", pii="drop"), eval_texts=evals)
     assert [b.name for b in blocks] == ["exact", "near_dup", "decontaminate", "filters", "pii"]
     outcome = run_stages(table, blocks)
     assert outcome.counts == {"contaminated": 1, "duplicate": 1, "filtered:ngram_repetition": 1,
