@@ -1,0 +1,195 @@
+"""The block protocol of the curation stages: a batch of rows in, a verdict per row out, statistics kept.
+
+A block (datatrove-style) sees `Rows` (a pyarrow Table of normalised rows: `dpsel_id` and the chat
+messages, `dpsel_messages` as the reader writes them or `messages`) and returns a `Verdict`: per row a
+reason ("" = kept) and, for duplicates, `dup_of`, the `dpsel_id` of the row kept in its place. It may add
+columns (`dpsel_pii`, redacted messages). `Block.__call__` times the work and keeps `StageStats`.
+
+A row's text is its normalised conversation: the contents of its messages joined by newlines. Blocks that
+compare words use `words_of` (lower-cased, punctuation to spaces, split on whitespace), 64-bit word hashes
+(`hash_strings`) and n-word window hashes (`shingle_hashes`), per chunk of rows where memory matters.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ID_COLUMN = "dpsel_id"
+MESSAGE_COLUMNS = ("dpsel_messages", "messages")
+_PUNCTUATION = r"[^\p{L}\p{N}\s]+"
+
+
+def _combined(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()   # one chunk: no copy
+    return column
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser over a uint64 array: spreads weak polynomial hashes over all 64 bits."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def hash_strings(strings: pa.Array) -> np.ndarray:
+    """A stable 64-bit hash of every value of a string array, vectorised over its bytes (no Python loop):
+    a polynomial over the UTF-8 bytes summed per value, then `splitmix64`."""
+    strings = pc.cast(strings, pa.large_string()) if len(strings) else pa.array([], pa.large_string())
+    strings = pc.fill_null(strings, "")
+    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset:strings.offset + len(strings) + 1]
+    data = np.frombuffer(strings.buffers()[2], np.uint8) if strings.buffers()[2] else np.zeros(0, np.uint8)
+    data = data[offsets[0]:offsets[-1]].astype(np.uint64)
+    offsets = offsets - offsets[0]
+    lengths = np.diff(offsets)
+    if not len(data):
+        return splitmix64(lengths.astype(np.uint64))
+    position = np.arange(len(data)) - np.repeat(offsets[:-1], lengths)
+    with np.errstate(over="ignore"):
+        powers = np.cumprod(np.full(int(lengths.max()), np.uint64(0x100000001B3))).astype(np.uint64)
+        terms = (data + np.uint64(1)) * powers[position]
+        sums = np.zeros(len(lengths), np.uint64)
+        nonempty = lengths > 0
+        sums[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
+        return splitmix64(sums + lengths.astype(np.uint64))
+
+
+_BASE = 0x9E3779B97F4A7C15            # odd, so invertible modulo 2**64
+_BASE_INVERSE = pow(_BASE, -1, 2**64)
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.concatenate([[np.uint64(1)], np.cumprod(np.full(n, np.uint64(base)))]).astype(np.uint64)
+
+
+def shingle_hashes(tokens: np.ndarray, offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of the n-token windows of every row (flat token hashes, row offsets) -> (hashes, offsets).
+    A row shorter than n tokens gives one window of all its tokens; a row without tokens gives none.
+    A window's hash is sum(t[i+k] * B**k) mod 2**64 (order matters), read off prefix sums in O(tokens)
+    whatever n is, so an L-token window hashes alike from any call; then `splitmix64`."""
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    position = np.arange(len(tokens)) - offsets[:-1][row]
+    start = np.flatnonzero((position <= lengths[row] - n) | ((position == 0) & (lengths[row] < n)))
+    end = np.minimum(start + n, offsets[1:][row[start]])
+    with np.errstate(over="ignore"):
+        prefix = np.concatenate([[np.uint64(0)], np.cumsum(tokens * _powers(_BASE, len(tokens))[:-1])])
+        windows = (prefix[end] - prefix[start]) * _powers(_BASE_INVERSE, len(tokens))[start]
+    counts = np.bincount(row[start], minlength=len(lengths))
+    return splitmix64(windows.astype(np.uint64)), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+class Rows:
+    """A batch of normalised rows and the views of it the blocks share (each built on first use)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        names = [c for c in MESSAGE_COLUMNS if c in table.column_names]
+        if ID_COLUMN not in table.column_names or not names:
+            raise ValueError(f"rows need `{ID_COLUMN}` and one of {MESSAGE_COLUMNS}; got {table.column_names}")
+        self.message_column = names[0]
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @functools.cached_property
+    def ids(self) -> np.ndarray:
+        return np.asarray(self.table.column(ID_COLUMN).to_pylist(), dtype=object)
+
+    @functools.cached_property
+    def messages(self) -> pa.ListArray:
+        return _combined(self.table.column(self.message_column))
+
+    @functools.cached_property
+    def text(self) -> pa.Array:
+        """The normalised conversation: message contents joined by newlines (the per-row lists of
+        contents are not kept: they would double the batch's text in memory)."""
+        lists = self.messages
+        flat = pc.fill_null(pc.struct_field(lists.flatten(), "content"), "")
+        contents = pa.ListArray.from_arrays(pc.subtract(lists.offsets, lists.offsets[0]), flat)
+        return pc.binary_join(contents, "\n")
+
+    @functools.cached_property
+    def words(self) -> pa.ListArray:
+        return words_of(self.text)
+
+
+def words_of(text: pa.Array) -> pa.ListArray:
+    """Lower-cased words with punctuation treated as space (the normal form every word-based block uses)."""
+    spaced = pc.replace_substring_regex(pc.utf8_lower(text), _PUNCTUATION, " ")
+    lists = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(spaced))
+    offsets = np.asarray(lists.offsets, np.int64)
+    flat = lists.values.slice(offsets[0], offsets[-1] - offsets[0])
+    nonempty = np.asarray(pc.greater(pc.binary_length(flat), 0), bool)   # "" splits into [""]
+    kept = np.concatenate([[0], np.cumsum(nonempty)])[offsets - offsets[0]]
+    return pa.ListArray.from_arrays(pa.array(kept, pa.int32()), flat.filter(pa.array(nonempty)))
+
+
+def flat_hashes(words: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.asarray(words.offsets, np.int64)
+    flat = words.values.slice(offsets[0], offsets[-1] - offsets[0])
+    return hash_strings(flat), offsets - offsets[0]
+
+
+@dataclass
+class Verdict:
+    """What a block says of each row: `reason` ("" kept), `dup_of` (kept row's id, None if not a
+    duplicate), and columns it adds or replaces (name -> array, one value per row)."""
+    reason: np.ndarray
+    dup_of: np.ndarray
+    columns: dict[str, pa.Array] = field(default_factory=dict)
+
+    @classmethod
+    def keep_all(cls, n: int) -> Verdict:
+        return cls(np.full(n, "", dtype=object), np.full(n, None, dtype=object))
+
+    @property
+    def dropped(self) -> np.ndarray:
+        return self.reason != ""
+
+
+@dataclass
+class StageStats:
+    name: str
+    rows_in: int = 0
+    dropped: int = 0
+    seconds: float = 0.0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    def add(self, verdict: Verdict, seconds: float) -> None:
+        self.rows_in += len(verdict.reason)
+        self.dropped += int(verdict.dropped.sum())
+        self.seconds += seconds
+        reasons, counts = np.unique(verdict.reason[verdict.dropped].astype(str), return_counts=True)
+        for reason, count in zip(reasons.tolist(), counts.tolist()):
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + count
+
+    def as_dict(self) -> dict:
+        return {"stage": self.name, "rows_in": self.rows_in, "dropped": self.dropped,
+                "seconds": round(self.seconds, 4), "by_reason": dict(sorted(self.by_reason.items()))}
+
+
+class Block:
+    """One stage: subclasses set `name` and implement `decide(rows, **inputs) -> Verdict`."""
+    name = "block"
+
+    def __init__(self):
+        self.stats = StageStats(self.name)
+
+    def decide(self, rows: Rows, **inputs) -> Verdict:
+        raise NotImplementedError
+
+    def __call__(self, rows: Rows, **inputs) -> Verdict:
+        started = time.perf_counter()
+        verdict = self.decide(rows, **inputs)
+        if len(verdict.reason) != len(rows):
+            raise AssertionError(f"{self.name}: {len(verdict.reason)} verdicts for {len(rows)} rows")
+        self.stats.add(verdict, time.perf_counter() - started)
+        return verdict

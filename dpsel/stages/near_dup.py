@@ -1,0 +1,179 @@
+"""Near-duplicates: MinHash-LSH over word shingles of the normalised conversation.
+
+How: each row's word 5-shingles (64-bit hashes, `base.shingle_hashes`) go to `rensa`'s Rust MinHash
+(`digest_matrix_from_flat_token_hashes`; measured ~13 µs/row with the conversion to numpy, against
+~280 µs/row for `datasketch`'s `update_batch` on the same pre-hashed shingles). Only two things per row
+are kept: `bands` 32-bit band keys and a `num_perm`-byte sketch (the low 8 bits of every MinHash value,
+"b-bit MinHash"). Rows sharing a band key in any band are candidates (a star from the band group's first
+row); a candidate pair is kept when its b-bit estimate of Jaccard reaches the threshold (this drops the
+band-collision false positives that LSH alone keeps); clusters are the connected components of the kept
+pairs, and each cluster keeps its first row in input order (previously curated rows, the `seen` index,
+come before every new row), so the keeper never depends on anything but row order.
+
+Memory (state, per row): bands*4 + num_perm + 20 (id; longer ids widen it) bytes = 220 bytes at the
+defaults (threshold 0.8, 128 permutations: 18 bands of 7 rows). Signatures are computed in chunks and
+never held whole; the index is filled in place and compacted in place, so a run holds one copy of it
+plus the clustering's temporaries (per row: sort order and labels, ~30 bytes; 8 bytes per candidate
+pair). Measured peak at 1M rows: see benchmarks/results/dedup.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+import rensa
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from dpsel.stages.base import ID_COLUMN, Block, Rows, Verdict, flat_hashes, shingle_hashes, splitmix64, words_of
+
+REASON = "near_duplicate"
+SEED = 20250101
+CHUNK_ROWS = 2048     # rensa's digests come back as Python lists: ~40 bytes a value while converted
+ID_BYTES = 20
+
+
+def lsh_bands(threshold: float, num_perm: int, recall: float = 0.98) -> tuple[int, int]:
+    """(bands, rows per band): the longest band (fewest chance collisions) for which a pair at exactly
+    `threshold` still becomes a candidate with probability >= `recall`."""
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if 1 - (1 - threshold ** rows) ** bands >= recall:
+            return bands, rows
+    return num_perm, 1
+
+
+@dataclass
+class NearDupIndex:
+    """The kept state of curated rows: ids (`S20`), band keys (rows × bands, uint32), sketches (rows ×
+    num_perm, uint8). Saved as one .npz so `dpsel filter` can drop near-duplicates of curated rows."""
+    ids: np.ndarray
+    bands: np.ndarray
+    sketch: np.ndarray
+
+    @classmethod
+    def empty(cls, bands: int, num_perm: int) -> NearDupIndex:
+        return cls(np.zeros(0, f"S{ID_BYTES}"), np.zeros((0, bands), np.uint32), np.zeros((0, num_perm), np.uint8))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.bands.nbytes + self.sketch.nbytes
+
+    def compact(self, rows: np.ndarray, chunk: int = 65536) -> None:
+        """Keep only `rows` (ascending), moved down in place chunk by chunk: no second copy of the index
+        (row k goes to a position <= k, and positions written never hold rows still to be read)."""
+        for name in ("ids", "bands", "sketch"):
+            array = getattr(self, name)
+            for start in range(0, len(rows), chunk):
+                part = rows[start:start + chunk]
+                array[start:start + len(part)] = array[part]
+            setattr(self, name, array[:len(rows)])
+
+    def save(self, path) -> None:
+        np.savez(path, ids=self.ids, bands=self.bands, sketch=self.sketch)
+
+    @classmethod
+    def load(cls, path) -> NearDupIndex:
+        with np.load(path) as f:
+            return cls(f["ids"], f["bands"], f["sketch"])
+
+
+def _band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Hash each band's `rows` MinHash values into one 32-bit key (chance collisions are verified away)."""
+    grouped = signature[:, :bands * rows].reshape(len(signature), bands, rows).astype(np.uint64)
+    key = np.zeros(grouped.shape[:2], np.uint64)
+    with np.errstate(over="ignore"):
+        for r in range(rows):
+            key = splitmix64(key * np.uint64(0x100000001B3) + grouped[:, :, r])
+    return (key >> np.uint64(32)).astype(np.uint32)
+
+
+class NearDup(Block):
+    name = "near_dup"
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seen: NearDupIndex | None = None):
+        super().__init__()
+        if not 0 < threshold <= 1:
+            raise ValueError(f"near-dup threshold must be in (0, 1], got {threshold}")
+        self.threshold, self.num_perm, self.ngram = threshold, num_perm, ngram
+        self.bands, self.band_rows = lsh_bands(threshold, num_perm)
+        # rows kept so far (the given seen index, then every batch's kept rows): later batches are
+        # deduplicated against earlier ones, and `index.save` hands the state to a later run
+        self.index = seen if seen is not None else NearDupIndex.empty(self.bands, num_perm)
+
+    @property
+    def bytes_per_row(self) -> int:
+        return self.bands * 4 + self.num_perm + ID_BYTES
+
+    def extended(self, rows: Rows) -> tuple[NearDupIndex, np.ndarray]:
+        """The index with every row of `rows` appended (filled in chunks, so no second copy of the new
+        rows' entries is ever held), and per entry: no words at all (such rows never match)."""
+        seen, total = len(self.index), len(self.index) + len(rows)
+        longest = pc.max(pc.binary_length(rows.table.column(ID_COLUMN))).as_py() or 0
+        width = max(ID_BYTES, self.index.ids.dtype.itemsize, longest)     # ids are never cut
+        out = NearDupIndex(np.empty(total, f"S{width}"), np.empty((total, self.bands), np.uint32),
+                           np.empty((total, self.num_perm), np.uint8))
+        out.ids[:seen], out.bands[:seen], out.sketch[:seen] = self.index.ids, self.index.bands, self.index.sketch
+        empty = np.zeros(total, bool)
+        for start in range(0, len(rows), CHUNK_ROWS):
+            tokens, offsets = flat_hashes(words_of(rows.text.slice(start, CHUNK_ROWS)))
+            shingles, row_offsets = shingle_hashes(tokens, offsets, self.ngram)
+            matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
+                shingles, row_offsets.astype(np.uint64), self.num_perm, SEED)
+            signature = np.array(matrix.to_rows(), np.uint32).reshape(-1, self.num_perm)
+            at = slice(seen + start, seen + start + len(signature))
+            out.ids[at] = [i.encode() for i in rows.ids[start:start + CHUNK_ROWS].tolist()]
+            out.bands[at] = _band_keys(signature, self.bands, self.band_rows)
+            out.sketch[at] = signature & 0xFF
+            empty[at] = np.diff(row_offsets) == 0
+        return out, empty
+
+    def decide(self, rows: Rows, **_) -> Verdict:
+        seen = len(self.index)
+        everything, empty = self.extended(rows)
+        self.index = everything              # the old index is no longer referenced: freed
+        keeper = self._keepers(everything, empty)
+        verdict = Verdict.keep_all(len(rows))
+        mine = keeper[seen:]
+        duplicate = mine != np.arange(seen, len(everything))
+        verdict.reason[duplicate] = REASON
+        verdict.dup_of[duplicate] = [i.decode() for i in everything.ids[mine[duplicate]].tolist()]
+        everything.compact(np.concatenate([np.arange(seen), seen + np.flatnonzero(~duplicate)]))
+        return verdict
+
+    def _keepers(self, index: NearDupIndex, skip: np.ndarray) -> np.ndarray:
+        """Per row, the first row (input order) of its cluster."""
+        n = len(index)
+        pairs = self._candidates(index.bands, skip)
+        pairs = pairs[self._similar(index.sketch, pairs)]
+        graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        _, labels = connected_components(graph, directed=False)
+        first = np.full(labels.max() + 1 if n else 0, n, np.int64)
+        np.minimum.at(first, labels, np.arange(n))
+        return first[labels]
+
+    def _candidates(self, bands: np.ndarray, skip: np.ndarray) -> np.ndarray:
+        """Unique (row, star centre) pairs: each row against the first row of every band group it is in."""
+        n, live = len(bands), np.flatnonzero(~skip)
+        unique = np.zeros(0, np.int64)
+        for band in range(bands.shape[1]):   # merged band by band: pairs repeat across bands
+            order = live[np.argsort(bands[live, band], kind="stable")]
+            values = bands[order, band]
+            starts = np.concatenate([[True], values[1:] != values[:-1]])
+            centre = order[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
+            unique = np.union1d(unique, order[~starts].astype(np.int64) * n + centre[~starts])
+        return np.stack([unique // max(n, 1), unique % max(n, 1)], axis=1)
+
+    def _similar(self, sketch: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        """b-bit MinHash estimate of each pair's Jaccard >= threshold (chance agreement 1/256 removed)."""
+        keep = np.zeros(len(pairs), bool)
+        for start in range(0, len(pairs), 65536):
+            a, b = pairs[start:start + 65536].T
+            agree = (sketch[a] == sketch[b]).mean(axis=1)
+            keep[start:start + 65536] = (agree - 1 / 256) / (1 - 1 / 256) >= self.threshold - 1e-9
+        return keep
+

@@ -1,0 +1,120 @@
+"""Run the curation stages in the contract's fixed order on one table and account for every row.
+
+Order: exact (invalid rows, exact duplicates) -> near-duplicates -> semantic duplicates ->
+decontamination -> heuristic filters -> PII. Each stage sees only the rows every earlier stage kept, so
+a row's reason is that of the first stage that dropped it, and `input_rows == kept + Σ dropped` holds by
+construction (checked). Columns a stage adds (`dpsel_pii`) are null for rows dropped before it ran;
+columns it replaces (redacted messages) keep their input values there.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from dpsel.stages.base import Block, Rows, StageStats
+from dpsel.stages.decontaminate import Decontaminate
+from dpsel.stages.exact import Exact
+from dpsel.stages.filters import FilterRules, Filters
+from dpsel.stages.near_dup import NearDup, NearDupIndex
+from dpsel.stages.pii import Pii
+from dpsel.stages.semantic_dup import SemanticDup
+
+ORDER = ("exact", "near_dup", "semantic_dup", "decontaminate", "filters", "pii")
+
+
+@dataclass
+class StagesConfig:
+    """The contract's options: `--near-dup/--no-near-dup`, `--near-dup-threshold`, `--semantic-dup COS`,
+    `--decontaminate` (texts to match against), `--filters none|default|FILE.yaml`, `--pii`."""
+    near_dup: bool = True
+    near_dup_threshold: float = 0.8
+    semantic_dup: float | None = None
+    filters: str = "none"
+    pii: str = "flag"
+
+
+def build_blocks(config: StagesConfig, eval_texts: Sequence[str] = (),
+                 seen: NearDupIndex | None = None) -> list[Block]:
+    """The blocks `config` turns on, in `ORDER`."""
+    blocks: list[Block] = [Exact()]
+    if config.near_dup:
+        blocks.append(NearDup(config.near_dup_threshold, seen=seen))
+    if config.semantic_dup is not None:
+        blocks.append(SemanticDup(config.semantic_dup))
+    if len(eval_texts):
+        blocks.append(Decontaminate(eval_texts))
+    rules = FilterRules.from_spec(config.filters)
+    if rules is not None:
+        blocks.append(Filters(rules))
+    blocks.append(Pii(config.pii))
+    return blocks
+
+
+@dataclass
+class Outcome:
+    """Per input row: `reason` ("" kept), `dup_of` (None unless a duplicate); `columns` (full length)
+    the stages added or replaced; `stats` per stage in order."""
+    reason: np.ndarray
+    dup_of: np.ndarray
+    columns: dict[str, pa.Array] = field(default_factory=dict)
+    stats: list[StageStats] = field(default_factory=list)
+
+    @property
+    def input_rows(self) -> int:
+        return len(self.reason)
+
+    @property
+    def kept(self) -> int:
+        return int((self.reason == "").sum())
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Dropped rows per reason."""
+        return dict(sorted(Counter(self.reason[self.reason != ""].tolist()).items()))
+
+
+def _check_order(blocks: Sequence[Block]) -> None:
+    positions = [ORDER.index(b.name) for b in blocks]
+    if positions != sorted(positions):
+        raise ValueError(f"stages must run in the order {ORDER}; got {[b.name for b in blocks]}")
+
+
+def _spread(table: pa.Table, name: str, alive: np.ndarray, values: pa.Array) -> pa.Array:
+    """A column of the stage's `values` (for the `alive` rows) over all rows: input values, else null."""
+    n = table.num_rows
+    if name in table.column_names:
+        base = table.column(name).combine_chunks()
+        index = np.arange(n)
+        index[alive] = n + np.arange(len(alive))
+        return pa.concat_arrays([base, values.cast(base.type)]).take(pa.array(index))
+    index = np.zeros(n, np.int64)
+    index[alive] = np.arange(len(alive))
+    missing = np.ones(n, bool)
+    missing[alive] = False
+    return values.take(pa.array(index, mask=missing))
+
+
+def run_stages(table: pa.Table, blocks: Sequence[Block], embeddings: np.ndarray | None = None) -> Outcome:
+    """Every block on the rows the earlier ones kept; the per-row outcome and per-stage statistics."""
+    _check_order(blocks)
+    n = table.num_rows
+    outcome = Outcome(np.full(n, "", dtype=object), np.full(n, None, dtype=object))
+    alive = np.arange(n)
+    for block in blocks:
+        rows = Rows(table if len(alive) == n else table.take(pa.array(alive)))
+        inputs = {"embeddings": embeddings[alive]} if embeddings is not None else {}
+        verdict = block(rows, **inputs)
+        for name, values in verdict.columns.items():
+            outcome.columns[name] = _spread(table, name, alive, values)
+        dropped = verdict.dropped
+        outcome.reason[alive[dropped]] = verdict.reason[dropped]
+        outcome.dup_of[alive[dropped]] = verdict.dup_of[dropped]
+        alive = alive[~dropped]
+        outcome.stats.append(block.stats)
+    if outcome.input_rows != outcome.kept + sum(outcome.counts.values()):
+        raise AssertionError("stage accounting: input rows != kept + dropped")
+    return outcome

@@ -1,0 +1,250 @@
+"""The curation stages as blocks (dpsel/stages): reasons, dup_of, determinism, accounting."""
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from dpsel.stages.base import Rows, hash_strings, shingle_hashes
+from dpsel.stages.decontaminate import Decontaminate
+from dpsel.stages.exact import Exact
+from dpsel.stages.filters import FilterRules, Filters
+from dpsel.stages.near_dup import NearDup, NearDupIndex, lsh_bands
+from dpsel.stages.pii import Pii, luhn, scan
+from dpsel.stages.pipeline import StagesConfig, build_blocks, run_stages
+from dpsel.stages.semantic_dup import SemanticDup
+
+VOCAB = [f"word{i}" for i in range(3000)]
+
+
+def make_table(prompts, answers=None, ids=None, column="dpsel_messages"):
+    answers = answers if answers is not None else ["ok"] * len(prompts)
+    ids = ids if ids is not None else [f"id{i:05d}" for i in range(len(prompts))]
+    messages = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
+    return pa.table({"dpsel_id": ids, column: messages})
+
+
+def docs(n, words=100, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(VOCAB) for _ in range(words)) for _ in range(n)]
+
+
+def planted(seed=0):
+    """300 distinct documents plus near copies of the first 30: word edits, reorderings, template changes."""
+    rng = random.Random(seed)
+    base = docs(300, seed=seed)
+    copies, truth = [], []
+    for k, text in enumerate(base[:30]):
+        words = text.split()
+        if k % 3 == 0:        # a word edited (word-5-shingle Jaccard ~0.9; two edits would be ~0.81)
+            words[rng.randrange(len(words))] = "edited"
+            copy = " ".join(words)
+        elif k % 3 == 1:      # paragraphs reordered
+            copy = " ".join(words[50:] + words[:50])
+        else:                 # another prompt template around the same text
+            copy = f"### Instruction:\n{text}\n\n### Response:"
+        copies.append(copy)
+        truth.append(f"id{k:05d}")
+    return base + copies, truth
+
+
+# ----------------------------------------------------------------------------- shared text views
+def test_text_view_and_hashes_are_stable():
+    rows = Rows(make_table(["Hello, World!"], ["Hi  there."], column="messages"))
+    assert rows.text.to_pylist() == ["Hello, World!\nHi  there."]
+    assert rows.words.to_pylist() == [["hello", "world", "hi", "there"]]
+    a, b = hash_strings(pa.array(["abc", "abd", "abc"])), hash_strings(pa.array(["abc"]))
+    assert a[0] == a[2] == b[0] != a[1]
+    tokens = hash_strings(pa.array(["a", "b", "c", "b", "a"]))
+    grams, offsets = shingle_hashes(tokens, np.array([0, 3, 5]), 2)
+    assert offsets.tolist() == [0, 2, 3] and grams[0] != grams[2]     # "a b" and "b a" differ
+
+
+# ----------------------------------------------------------------------------- near-duplicates
+def test_near_dup_finds_planted_edits_reorderings_and_templates():
+    texts, truth = planted()
+    block = NearDup()
+    verdict = block(Rows(make_table(texts)))
+    assert set(np.flatnonzero(verdict.reason != "")) == set(range(300, 330))
+    assert set(verdict.reason[300:]) == {"near_duplicate"}
+    assert verdict.dup_of[300:].tolist() == truth and set(verdict.dup_of[:300]) == {None}
+    assert block.stats.as_dict()["by_reason"] == {"near_duplicate": 30} and block.stats.rows_in == 330
+
+
+def test_near_dup_is_deterministic_and_order_robust():
+    texts, _ = planted(seed=1)
+    table = make_table(texts)
+    first, again = NearDup()(Rows(table)), NearDup()(Rows(table))
+    assert first.reason.tolist() == again.reason.tolist() and first.dup_of.tolist() == again.dup_of.tolist()
+    order = np.random.default_rng(0).permutation(len(texts))
+    shuffled = NearDup()(Rows(table.take(pa.array(order))))
+    assert (shuffled.reason != "").sum() == (first.reason != "").sum()
+
+    def clusters(verdict, ids):
+        groups = {}
+        for rid, of in zip(ids, verdict.dup_of.tolist()):
+            groups.setdefault(of or rid, set()).add(rid)
+        return {frozenset(g | {k}) for k, g in groups.items() if len(g | {k}) > 1}
+    ids = table.column("dpsel_id").to_pylist()
+    assert clusters(first, ids) == clusters(shuffled, [ids[i] for i in order])
+    kept = [ids[i] for i in order if shuffled.reason[list(order).index(i)] == ""]
+    assert len(kept) == 300
+
+
+def test_near_dup_keeps_distinct_rows_and_threshold_matters():
+    texts = docs(200, words=40, seed=3)
+    assert (NearDup()(Rows(make_table(texts))).reason == "").all()
+    base = docs(1, words=40, seed=4)[0].split()
+    half = " ".join(base[:20] + docs(1, words=20, seed=5)[0].split())      # Jaccard ~ 0.3
+    table = make_table([" ".join(base), half])
+    assert NearDup(0.8)(Rows(table)).reason.tolist() == ["", ""]
+    assert NearDup(0.2)(Rows(table)).reason.tolist() == ["", "near_duplicate"]
+    with pytest.raises(ValueError):
+        NearDup(0)
+
+
+def test_near_dup_seen_index_drops_copies_of_curated_rows(tmp_path):
+    curated = docs(50, seed=6)
+    first = NearDup()
+    first(Rows(make_table(curated, ids=[f"old{i}" for i in range(50)])))
+    first.index.save(tmp_path / "seen.npz")
+    seen = NearDupIndex.load(tmp_path / "seen.npz")
+    assert len(seen) == 50 and seen.nbytes == 50 * first.bytes_per_row
+    new = [curated[7].replace(curated[7].split()[3], "changed"), *docs(5, seed=7)]
+    verdict = NearDup(seen=seen)(Rows(make_table(new, ids=[f"new{i}" for i in range(6)])))
+    assert verdict.reason.tolist() == ["near_duplicate"] + [""] * 5 and verdict.dup_of[0] == "old7"
+    streamed = first(Rows(make_table(new, ids=[f"a-longer-id-than-twenty-bytes-{i}" for i in range(6)])))
+    assert streamed.reason.tolist() == verdict.reason.tolist() and len(first.index) == 55   # batch to batch
+    assert first.index.ids[-1].decode() == "a-longer-id-than-twenty-bytes-5"
+
+
+def test_near_dup_memory_is_bounded_per_row():
+    block = NearDup()
+    assert lsh_bands(0.8, 128) == (18, 7) and block.bytes_per_row == 220 <= 300
+    block(Rows(make_table(docs(100, seed=8))))
+    assert block.index.nbytes / len(block.index) == 220
+
+
+# ----------------------------------------------------------------------------- semantic duplicates
+def unit(rows):
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("cluster_rows", [10_000, 100])
+def test_semantic_dup_keeps_first_of_each_group(cluster_rows):
+    rng = np.random.default_rng(0)
+    base = unit(rng.normal(size=(400, 32)))
+    near = unit(base[:40] + 0.02 * rng.normal(size=(40, 32)))
+    vectors = np.concatenate([base, near])
+    table = make_table([f"row {i}" for i in range(440)])
+    verdict = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table), embeddings=vectors)
+    assert set(np.flatnonzero(verdict.reason != "")) == set(range(400, 440))
+    assert set(verdict.reason[400:]) == {"semantic_duplicate"}
+    assert verdict.dup_of[400:].tolist() == [f"id{i:05d}" for i in range(40)]
+    again = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table), embeddings=vectors)
+    assert again.dup_of.tolist() == verdict.dup_of.tolist()
+    order = np.random.default_rng(1).permutation(440)
+    shuffled = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table.take(pa.array(order))),
+                                                           embeddings=vectors[order])
+    assert (shuffled.reason != "").sum() == 40       # one of each planted pair, whichever comes first
+    with pytest.raises(ValueError):
+        SemanticDup(0.95)(Rows(table), embeddings=vectors[:10])
+
+
+# ----------------------------------------------------------------------------- decontamination
+def test_decontaminate_13_grams_and_short_texts():
+    long_eval = " ".join(f"e{i}" for i in range(30))
+    evals = [long_eval, "what is the capital city of france today", "yes"]
+    prompts = [
+        "please " + " ".join(f"e{i}" for i in range(5, 18)) + " thanks",  # one 13-gram of the long eval
+        " ".join(f"e{i}" for i in range(5, 17)) + " other words here",     # only 12 words of it: clean
+        "Q: What is the capital city of France today? Answer briefly.",     # short eval text inside
+        "e3 e4 e5 e6",                        # short pool row (with its answer "e7") inside an eval text
+        "yes",                                                              # tiny eval text = user message
+        "is it raining",                                                     # clean
+    ]
+    answers = ["a", "a", "a", "e7", "a", "yes"]                            # "yes" as an answer: clean
+    block = Decontaminate(evals)
+    verdict = block(Rows(make_table(prompts, answers)))
+    assert verdict.reason.tolist() == ["contaminated", "", "contaminated", "contaminated", "contaminated", ""]
+    assert block.stats.dropped == 4
+
+
+# ----------------------------------------------------------------------------- filters
+def test_filters_default_is_conservative_and_names_rules(tmp_path):
+    prompts = ["What is 12 + 7?", "spam " * 80, "\n".join(["the same line again and again"] * 20),
+               "#$%^&*()!@#$%^&*()_+{}|:<>?", "Explain why the sky is blue in one short paragraph."]
+    verdict = Filters(FilterRules.default())(Rows(make_table(prompts, ["19", "x", "y", "z", "Rayleigh scattering."])))
+    assert verdict.reason.tolist() == ["", "filtered:ngram_repetition", "filtered:line_repetition",
+                                       "filtered:non_alpha", ""]
+    assert FilterRules.from_spec("none") is None
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("min_words: 4\nlanguage: {allow: [en], min_confidence: 0.5, min_chars: 20}\n")
+    texts = ["Short one", "Dies ist ein deutscher Satz über das Wetter und die Berge im Sommer.",
+             "This sentence is written in plain English about the weather."]
+    verdict = Filters(FilterRules.from_spec(rules))(Rows(make_table(texts, ["ok"] * 3)))
+    assert verdict.reason.tolist() == ["filtered:min_words", "filtered:language", ""]
+    (tmp_path / "bad.yaml").write_text("max_wordz: 3\n")
+    with pytest.raises(ValueError, match="unknown filter rules"):
+        FilterRules.from_spec(tmp_path / "bad.yaml")
+
+
+# ----------------------------------------------------------------------------- PII
+def test_luhn():
+    assert luhn("4111111111111111") and luhn("378282246310005") and luhn("6011111111111117")
+    assert not luhn("4111111111111112") and not luhn("1234") and not luhn("41111111111111a1")
+
+
+def test_pii_kinds_and_modes():
+    prompts = ["write to ann@example.org", "card 4111-1111-1111-1111", "card 4111 1111 1111 1112 is not valid",
+               "host 10.0.0.12, phone (415) 555-0199", "token ghp_" + "A" * 36, "what is 123456 * 789?"]
+    table = make_table(prompts)
+    flag = Pii("flag")(Rows(table))
+    assert flag.columns["dpsel_pii"].to_pylist() == [["email"], ["card"], ["phone"], ["ip", "phone"], ["key"], []]
+    assert (flag.reason == "").all()
+    drop = Pii("drop")(Rows(table))
+    assert drop.reason.tolist() == ["pii"] * 5 + [""]
+    redacted = Pii("redact")(Rows(table)).columns["dpsel_messages"].to_pylist()
+    assert [r[0]["content"] for r in redacted][:2] == ["write to [EMAIL]", "card [CARD]"]
+    assert redacted[3][0]["content"] == "host [IP], phone [PHONE]"
+    assert redacted[0][1] == {"role": "assistant", "content": "ok"}
+    assert scan(pa.array(["nothing here"]))[0].to_pylist() == ["nothing here"]
+    with pytest.raises(ValueError):
+        Pii("mask")
+
+
+# ----------------------------------------------------------------------------- pipeline
+def test_pipeline_order_reasons_and_accounting():
+    texts, truth = planted(seed=2)
+    texts = texts + [texts[5], "contact me at joe@example.com " + "please " * 3, "spam " * 80,
+                     " ".join(f"e{i}" for i in range(20))]
+    ids = [f"id{i:05d}" for i in range(len(texts))]
+    ids[330] = "id00005"                                   # an exact copy has the same dpsel_id
+    table = make_table(texts, ids=ids)
+    evals = [" ".join(f"e{i}" for i in range(40))]
+    blocks = build_blocks(StagesConfig(filters="default", pii="drop"), eval_texts=evals)
+    assert [b.name for b in blocks] == ["exact", "near_dup", "decontaminate", "filters", "pii"]
+    outcome = run_stages(table, blocks)
+    assert outcome.counts == {"contaminated": 1, "duplicate": 1, "filtered:ngram_repetition": 1,
+                              "near_duplicate": 30, "pii": 1}
+    assert outcome.input_rows == outcome.kept + sum(outcome.counts.values()) == 334
+    assert outcome.dup_of[330] == "id00005" and outcome.dup_of[300:330].tolist() == truth
+    assert [s.rows_in for s in outcome.stats] == [334, 333, 303, 302, 301]
+    assert sum(s.dropped for s in outcome.stats) == 334 - outcome.kept
+    pii = outcome.columns["dpsel_pii"].to_pylist()
+    assert pii[331] == ["email"] and pii[300] is None and pii[0] == []
+
+
+def test_pipeline_exact_reader_verdicts_semantic_and_redact():
+    table = make_table(["a b c", "a b c", "d e f", "mail x@y.io"], ids=["i0", "i0", "i2", "i3"])
+    table = table.append_column("dpsel_reason", pa.array(["", "duplicate", "invalid", ""]))
+    vectors = unit(np.random.default_rng(1).normal(size=(4, 8)))
+    blocks = build_blocks(StagesConfig(near_dup=False, semantic_dup=0.99, pii="redact"))
+    outcome = run_stages(table, blocks, embeddings=vectors)
+    assert outcome.reason.tolist() == ["", "duplicate", "invalid", ""] and outcome.dup_of[1] == "i0"
+    messages = outcome.columns["dpsel_messages"].to_pylist()
+    assert messages[3][0]["content"] == "mail [EMAIL]" and messages[2][0]["content"] == "d e f"
+    in_memory = Exact()(Rows(make_table(["x", "x", "y"], ids=["a", "a", "b"])))
+    assert in_memory.reason.tolist() == ["", "duplicate", ""] and in_memory.dup_of[1] == "a"
+    with pytest.raises(ValueError, match="order"):
+        run_stages(table, list(reversed(blocks)))
