@@ -75,6 +75,7 @@ class Checkpoints:
             else every_s
         self.resumed: dict[str, Any] = {}   # stage -> what was resumed (for the manifest)
         self._last_save = time.monotonic()
+        self._steps: dict[str, int] = {}   # after_step calls per stage in this process (fault injection)
 
     @classmethod
     def open(cls, out_dir: Path, fingerprint: dict, *, restart: bool = False) -> "Checkpoints":
@@ -135,6 +136,7 @@ class Checkpoints:
         arrived (then stop: `Terminated` or `Interrupted`). A stop signal waits for the step to finish from the
         first call until `loop_done`."""
         signals.defer(True)
+        _fault_signal(stage, self._steps)
         stop = signals.pending()
         if self.due() or stop:
             tensors, state = snapshot()
@@ -242,6 +244,20 @@ def _fault_kill_after(stage: str, state: dict) -> None:
     name, _, step = spec.partition(":")
     if name == stage and int(state.get("step", 0)) >= int(step or 0):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fault_signal(stage: str, steps: dict[str, int]) -> None:
+    """Fault injection for the resume tests: DPSEL_FAULT_SIGNAL=STAGE:N[:SIGNAL] sends this process SIGNAL
+    (default SIGINT, as Ctrl-C does) at the end of the N-th step of STAGE it completes, so a test stops a run
+    at a step it chose, never by timing; the handler (`dpsel.signals`) runs before the step's save is decided."""
+    spec = os.environ.get("DPSEL_FAULT_SIGNAL", "")
+    name, _, rest = spec.partition(":")
+    if not spec or name != stage:
+        return
+    steps[stage] = steps.get(stage, 0) + 1
+    at, _, signame = rest.partition(":")
+    if steps[stage] == int(at or 1):
+        signal.raise_signal(getattr(signal, signame or "SIGINT"))
 
 
 def _announce_stop(stage: str, state: dict, directory: Path) -> None:

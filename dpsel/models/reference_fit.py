@@ -76,6 +76,7 @@ class _Fit:
     bad_evals: int = 0
     step: int = 0                    # steps done
     seconds: float = 0.0
+    done: bool = False               # stopped early or ran every step: nothing left to resume
 
     def snapshot(self, lm: LM, optimizer: torch.optim.Optimizer, key: list[str]) -> tuple[dict, dict]:
         opt_tensors, opt_state = optimizer_state(optimizer)
@@ -83,7 +84,7 @@ class _Fit:
                    "torch_rng": torch.get_rng_state()}
         state = {**opt_state, "key": key, "step": self.step, "numpy_rng": self.rng.bit_generator.state,
                  "best_heldout": self.best[0], "best_step": self.best[1], "trace": self.trace,
-                 "bad_evals": self.bad_evals, "seconds": self.seconds}
+                 "bad_evals": self.bad_evals, "seconds": self.seconds, "done": self.done}
         return tensors, state
 
     def restore(self, lm: LM, optimizer: torch.optim.Optimizer, tensors: dict, state: dict) -> None:
@@ -94,6 +95,7 @@ class _Fit:
         self.best = (float(state["best_heldout"]), int(state["best_step"]), unflatten("best", tensors))
         self.trace = [(int(s), float(v)) for s, v in state["trace"]]
         self.bad_evals, self.step, self.seconds = int(state["bad_evals"]), int(state["step"]), float(state["seconds"])
+        self.done = bool(state["done"])
 
 
 def _resume(checkpoint, stage: str, key: list[str], lm: LM, optimizer, fit: _Fit, max_steps: int) -> None:
@@ -101,9 +103,13 @@ def _resume(checkpoint, stage: str, key: list[str], lm: LM, optimizer, fit: _Fit
     if saved is None or saved[1].get("key") != key:
         return
     fit.restore(lm, optimizer, *saved)
+    name = stage.replace("_", " ")
+    if fit.done:
+        checkpoint.resuming(stage, {"from_step": fit.step, "steps": fit.step, "done": True},
+                            f"the {name} ({fit.step} steps, finished) skipped")
+        return
     checkpoint.resuming(stage, {"from_step": fit.step + 1, "steps": max_steps},
-                        f"{stage.replace('_', ' ')} steps 1-{fit.step} skipped, going on from step "
-                        f"{fit.step + 1} of {max_steps}")
+                        f"{name} steps 1-{fit.step} skipped, going on from step {fit.step + 1} of {max_steps}")
 
 
 def _evaluate(lm: LM, meta: EncodedRows, held_idx: np.ndarray, fit: _Fit, patience: int) -> tuple[float, bool]:
@@ -135,7 +141,8 @@ def _fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: Prog
     lm.model.train()
     if checkpoint is not None:
         checkpoint.loop_start()
-    for step in range(fit.step + 1, max_steps + 1):
+    last = fit.step if fit.done else max_steps   # a finished fit resumed: no step left
+    for step in range(fit.step + 1, last + 1):
         batch_idx = fit.rng.choice(fit_idx, size=min(batch_size, len(fit_idx)), replace=False)
         loss = batch_nll(lm.model, meta.batch(batch_idx, lm.device)).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -152,6 +159,9 @@ def _fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: Prog
         if checkpoint is not None and step < max_steps:
             fit.seconds = time.perf_counter() - started
             checkpoint.after_step(stage, lambda: fit.snapshot(lm, optimizer, key))
+    if checkpoint is not None and not fit.done:  # the finished fit, so a re-run skips it all
+        fit.done, fit.seconds = True, time.perf_counter() - started
+        checkpoint.save(stage, *fit.snapshot(lm, optimizer, key))
     if checkpoint is not None:
         checkpoint.loop_done()
     lm.load_theta(fit.best[2])
