@@ -1,7 +1,8 @@
 """Every long stage of `curate` resumes (issue 20): the reference fit, the pool passes of loss, ifd and rds (by
 chunk) and l2rw's loop. Each run is killed by SIGKILL right after a save it chose (DPSEL_FAULT_KILL_AFTER_SAVE,
 never by timing), re-run with the same command, and must end with the uninterrupted run's scores bit for bit,
-saying on stderr what it skipped and from where it goes on, and recording it in the manifest."""
+saying on stderr what it skipped and from where it goes on, and recording it in the manifest. Last, the flows'
+curate→tune chain, killed in curate and then in tune, ends as an uninterrupted chain does."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prefect_fixtures import prefect_server  # noqa: F401 - session fixture (the flow chain test)
 
 from dpsel.checkpoint import checkpoint_dir
 
@@ -106,3 +108,77 @@ def test_a_finished_reference_fit_is_not_redone(pool, whole, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "the reference fit (6 steps, finished) skipped" in resumed.stderr
     pd.testing.assert_frame_equal(_scores(out), _scores(whole("loss")), check_exact=True)
+
+
+# ---- the flows' curate→tune chain, killed in each stage ------------------------------------------------
+
+def _chain_env(home: Path, api_url: str) -> dict:
+    """A `dpsel flow` subprocess against the session's Prefect test server, with its own results folder (the
+    cache of the curate stage lives there across the three runs)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home / "prefect-home"),
+            "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect-results"), "DPSEL_CHECKPOINT_EVERY_S": "0"}
+
+
+def _chain(config: Path, out: Path, env: dict, **extra: str) -> subprocess.Popen:
+    log = open(out.parent / f"{out.name}.{len(list(out.parent.glob(out.name + '.*.log')))}.log", "w")
+    return subprocess.Popen([*DPSEL, "flow", "curate-then-tune", "--config", str(config), "--out", str(out)],
+                            env={**env, **extra}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _kill_after_checkpoint(process: subprocess.Popen, checkpoint: Path, timeout: float = 600) -> None:
+    """SIGKILL `process` once `checkpoint` (a Trainer checkpoint folder) is complete: a kill after a checkpoint
+    known to exist, so the resume is from it or a later one, and the result the same either way."""
+    import time
+    from peft_train.training.checkpoints import is_complete
+    deadline = time.monotonic() + timeout
+    while not is_complete(checkpoint):
+        assert process.poll() is None, f"the run ended before {checkpoint} was written"
+        assert time.monotonic() < deadline, f"no {checkpoint} within {timeout} s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.prefect
+def test_curate_then_tune_killed_in_each_stage_resumes_to_the_uninterrupted_result(prefect_server, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+    from safetensors.torch import load_file
+    import torch
+    from dpsel.synth import generate
+
+    data = generate(tmp_path / "synth", rows=40, noise=0.3, seed=1, meta_rows=8, test_rows=6)
+    config = tmp_path / "chain.yaml"
+    config.write_text(
+        f"data:\n  train: {data['train']}\n  meta: {data['meta']}\n  eval: {data['test']}\n"
+        "curate:\n  method: bads\n  budget: 0.5\n  steps: 8\n  select:\n    batch_size: 4\n    meta_batch_size: 2\n"
+        "    max_length: 48\n    extra:\n      ref_steps: 4\n      ref_eval_every: 2\n"
+        "tune:\n  steps: 40\n  batch_size: 4\n  max_length: 64\n  save_steps: 4\n"
+        "device: cpu\nseed: 3\n")
+    env = _chain_env(tmp_path, PREFECT_API_URL.value())
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    assert _chain(config, whole, env).wait(timeout=900) == 0, (tmp_path / "whole.0.log").read_text()[-3000:]
+
+    # killed in curate: right after the sampler's save at step 3
+    curate = _chain(config, out, env, DPSEL_FAULT_KILL_AFTER_SAVE="sampler:3")
+    assert curate.wait(timeout=900) == -signal.SIGKILL, (tmp_path / "killed.0.log").read_text()[-3000:]
+    assert (checkpoint_dir(out / "curate") / "sampler.json").exists()
+    # re-run: curate resumes from step 3 and finishes; killed in tune after its checkpoint at step 4
+    _kill_after_checkpoint(_chain(config, out, env), out / "tune-curated" / "checkpoints" / "checkpoint-4")
+    assert "going on from step 3 of 8" in (tmp_path / "killed.1.log").read_text()
+    assert not (out / "tune-curated" / "metrics.json").exists()
+    # re-run: tune resumes from its checkpoint and the chain ends as the uninterrupted one did
+    assert _chain(config, out, env).wait(timeout=900) == 0, (tmp_path / "killed.2.log").read_text()[-3000:]
+
+    manifest = json.loads((out / "curate" / "manifest.json").read_text())
+    assert manifest["resumed_from_checkpoint"]["sampler"]["from_step"] == 3
+    pd.testing.assert_frame_equal(_scores(out / "curate"), _scores(whole / "curate"), check_exact=True)
+    metrics = json.loads((out / "tune-curated" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 4
+    expected = load_file(str(whole / "tune-curated" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(out / "tune-curated" / "adapter" / "adapter_model.safetensors"))
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)  # as tests/test_tune_kill.py
+    assert metrics["eval_loss"] == pytest.approx(
+        json.loads((whole / "tune-curated" / "metrics.json").read_text())["eval_loss"], abs=1e-5)
