@@ -272,6 +272,13 @@ def current() -> Checkpoints | None:
     return _current.get()
 
 
+def current_whole() -> Checkpoints | None:
+    """The active checkpoints for a stage each process computes whole (the reference fit, a pool pass, l2rw):
+    under torchrun rank 0 alone saves and resumes it (the ranks compute the same thing; rank 0 writes the run),
+    so ranks never write the same files."""
+    return current() if launched_rank() == 0 else None
+
+
 @contextmanager
 def active(checkpoints: Checkpoints | None) -> Iterator[Checkpoints | None]:
     token = _current.set(checkpoints)

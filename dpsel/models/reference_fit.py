@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dpsel.checkpoint import current, flatten, load_optimizer, optimizer_state, unflatten
+from dpsel.checkpoint import current_whole, flatten, load_optimizer, optimizer_state, unflatten
 from dpsel.models.lm import LM, EncodedRows, LMSettings, Progress, batch_nll, score_nll, theta_digest
 
 
@@ -52,14 +52,14 @@ def _reference_key(lm: LM, meta: EncodedRows, config: LMSettings) -> tuple:
 def fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: Progress | None = None,
                   label: str = "reference", checkpointed: bool = True) -> ReferenceFit:
     """Fit θ on the meta rows alone with AdamW, early-stopped on a held-out slice of meta; θ left at the best.
-    `checkpointed`: save and resume the fit through the run's checkpoints (`dpsel.checkpoint.current()`)."""
+    `checkpointed`: save and resume the fit through the run's checkpoints (`dpsel.checkpoint.current_whole()`)."""
     key = _reference_key(lm, meta, config)
     if key in _REFERENCE_CACHE:
         cached = _REFERENCE_CACHE[key]
         lm.load_theta(cached.state)
         lm.model.eval()
         return cached
-    fit = _fit_reference(lm, meta, config, progress, label, current() if checkpointed else None,
+    fit = _fit_reference(lm, meta, config, progress, label, current_whole() if checkpointed else None,
                          [str(part) for part in key])
     if len(_REFERENCE_CACHE) >= _REFERENCE_CACHE_SIZE:
         _REFERENCE_CACHE.pop(next(iter(_REFERENCE_CACHE)))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from dpsel.checkpoint import current as current_checkpoints, flatten, load_optimizer, optimizer_state, unflatten
+from dpsel.checkpoint import current_whole, flatten, load_optimizer, optimizer_state, unflatten
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 from dpsel.select.scorers import SeenTableScorer
 
@@ -85,7 +85,7 @@ def select_l2rw(train: list[Messages], meta: list[Messages], config: SelectConfi
                                                            int(extra["measure_plain_steps"]), config.seed)
     optimizer = torch.optim.AdamW(lm.theta(), lr=float(extra.get("l2rw_lr", 1e-3)))
     loop = _Loop(np.random.default_rng(config.seed), RunningMoments(len(train)))
-    checkpoint = current_checkpoints()
+    checkpoint = current_whole()
     start = loop.resume(checkpoint, lm, optimizer, steps)
     lm.model.train()
     if checkpoint is not None:
