@@ -301,7 +301,6 @@ def unflatten(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     return {key[len(start):]: value for key, value in tensors.items() if key.startswith(start)}
 
 
-
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer's state as (tensors, JSON) for a checkpoint; `load_optimizer` puts it back."""
     saved = optimizer.state_dict()
