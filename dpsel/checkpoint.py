@@ -14,8 +14,10 @@ changed, and `--restart` discards the checkpoint. Stages reach the active checkp
 (a context variable the curation sets), so the selection methods' signatures need not change.
 
 Saving only reads the state, so when it happens cannot change the result: a resumed run ends bit-identical
-to an uninterrupted one on CPU. DPSEL_CHECKPOINT_EVERY_S (default 60) sets how often the sampler saves;
-SIGTERM during sampling saves one at the end of the current step before the run stops.
+to an uninterrupted one on CPU. DPSEL_CHECKPOINT_EVERY_S (default 60) sets how often a loop saves (the
+reference fit, the sampler, l2rw, the chunked pool passes); SIGTERM or Ctrl-C in such a loop saves one at the
+end of the current step before the run stops. A stage that resumes says so (`resuming`: a line on stderr and
+the manifest's `resumed_from_checkpoint`).
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ class Checkpoints:
             else every_s
         self.resumed: dict[str, Any] = {}   # stage -> what was resumed (for the manifest)
         self._last_save = time.monotonic()
+        self._steps: dict[str, int] = {}   # after_step calls per stage in this process (fault injection)
 
     @classmethod
     def open(cls, out_dir: Path, fingerprint: dict, *, restart: bool = False) -> "Checkpoints":
@@ -129,15 +132,22 @@ class Checkpoints:
         _fault_kill_after(stage, state)
 
     def after_step(self, stage: str, snapshot: Callable[[], tuple[dict, dict]]) -> None:
-        """Called by a loop after each complete step: save `snapshot()` when one is due or SIGTERM arrived
-        (then stop: `Terminated`). SIGTERM waits for the step to finish from the first call until `loop_done`."""
+        """Called by a loop after each complete step: save `snapshot()` when one is due or a stop signal
+        arrived (then stop: `Terminated` or `Interrupted`). A stop signal waits for the step to finish from the
+        first call until `loop_done`."""
         signals.defer(True)
-        if self.due() or signals.pending():
-            self.save(stage, *snapshot())
+        _fault_signal(stage, self._steps)
+        stop = signals.pending()
+        if self.due() or stop:
+            tensors, state = snapshot()
+            self.save(stage, tensors, state)
+            if stop:
+                _announce_stop(stage, state, self.directory)
         signals.raise_if_pending()
 
     def loop_start(self) -> None:
-        """From here to `loop_done`, SIGTERM waits for the step in progress to end (then `after_step` saves)."""
+        """From here to `loop_done`, a stop signal waits for the step in progress to end (then `after_step`
+        saves)."""
         signals.defer(True)
 
     def loop_done(self) -> None:
@@ -153,6 +163,13 @@ class Checkpoints:
         if record.get("tensors_sha256") != file_sha256(tensor_path):
             return None  # tensors newer than the state (killed between the two writes): not resumable
         return load_file(str(tensor_path)), record["state"]
+
+    def resuming(self, stage: str, record: dict, message: str) -> None:
+        """A stage goes on from its checkpoint: `record` goes to the manifest, `message` (what was skipped,
+        where it goes on) to stderr."""
+        self.resumed[stage] = record
+        from dpsel.progress import announce
+        announce(f"resuming from the checkpoint in {self.directory}: {message}")
 
     def discard(self) -> None:
         if launched_rank() == 0:   # torchrun: rank 0 publishes the run, so it alone removes the checkpoint
@@ -200,10 +217,16 @@ class RankCheckpoints:
         due, stop = self.data_parallel.sum_over_ranks(
             torch.tensor([float(self.base.due()), float(signals.pending())])).tolist()
         if due or stop:
-            self.base.save(self._name(stage), *snapshot())
+            tensors, state = snapshot()
+            self.base.save(self._name(stage), tensors, state)
+            if stop:
+                _announce_stop(stage, state, self.base.directory)
         if stop:
             signals.raise_if_pending()
-            raise signals.Terminated("terminated: another rank received SIGTERM")
+            raise signals.Terminated("terminated: another rank received a stop signal")
+
+    def resuming(self, stage: str, record: dict, message: str) -> None:
+        self.base.resuming(stage, record, f"rank {self.data_parallel.rank}: {message}")
 
     def loop_start(self) -> None:
         self.base.loop_start()
@@ -223,10 +246,37 @@ def _fault_kill_after(stage: str, state: dict) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _fault_signal(stage: str, steps: dict[str, int]) -> None:
+    """Fault injection for the resume tests: DPSEL_FAULT_SIGNAL=STAGE:N[:SIGNAL] sends this process SIGNAL
+    (default SIGINT, as Ctrl-C does) at the end of the N-th step of STAGE it completes, so a test stops a run
+    at a step it chose, never by timing; the handler (`dpsel.signals`) runs before the step's save is decided."""
+    spec = os.environ.get("DPSEL_FAULT_SIGNAL", "")
+    name, _, rest = spec.partition(":")
+    if not spec or name != stage:
+        return
+    steps[stage] = steps.get(stage, 0) + 1
+    at, _, signame = rest.partition(":")
+    if steps[stage] == int(at or 1):
+        signal.raise_signal(getattr(signal, signame or "SIGINT"))
+
+
+def _announce_stop(stage: str, state: dict, directory: Path) -> None:
+    from dpsel.progress import announce
+    announce(f"stopping: the {stage} stage is saved at step {state.get('step', 0)} in {directory}; re-run the "
+             "same command to go on from there")
+
+
 def current() -> Checkpoints | None:
     """The active run's checkpoints (None outside a checkpointed run: tests, benchmarks, the Python API
     without `out`)."""
     return _current.get()
+
+
+def current_whole() -> Checkpoints | None:
+    """The active checkpoints for a stage each process computes whole (the reference fit, a pool pass, l2rw):
+    under torchrun rank 0 alone saves and resumes it (the ranks compute the same thing; rank 0 writes the run),
+    so ranks never write the same files."""
+    return current() if launched_rank() == 0 else None
 
 
 @contextmanager
@@ -236,7 +286,7 @@ def active(checkpoints: Checkpoints | None) -> Iterator[Checkpoints | None]:
         yield checkpoints
     finally:
         _current.reset(token)
-        signals.defer(False)  # a loop that raised before `loop_done` must not leave SIGTERM deferred
+        signals.defer(False)  # a loop that raised before `loop_done` must not leave stop signals deferred
 
 
 # ---- helpers for the stages: flat tensor dicts and RNG states (safetensors holds only tensors) -----------
@@ -250,3 +300,16 @@ def unflatten(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     start = prefix + "."
     return {key[len(start):]: value for key, value in tensors.items() if key.startswith(start)}
 
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as (tensors, JSON) for a checkpoint; `load_optimizer` puts it back."""
+    saved = optimizer.state_dict()
+    tensors = {}
+    for idx, param_state in saved["state"].items():
+        tensors.update(flatten(f"opt.{idx}", param_state))
+    return tensors, {"param_groups": saved["param_groups"], "opt_state": sorted(saved["state"])}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    optimizer.load_state_dict({"state": {i: unflatten(f"opt.{i}", tensors) for i in state["opt_state"]},
+                               "param_groups": state["param_groups"]})

@@ -55,7 +55,7 @@ def handle_errors(command: Callable) -> Callable:
         except signals.Terminated:
             _fail(143, "terminated (SIGTERM); re-run the same command to resume where a checkpoint exists")
         except KeyboardInterrupt:
-            _fail(130, "interrupted")
+            _fail(130, "interrupted (Ctrl-C); re-run the same command to resume where a checkpoint exists")
         except OSError as error:  # permissions, full disk, a missing file: the user's to fix -> exit 2
             from dpsel.outputs import output_error
             mapped = output_error(error)

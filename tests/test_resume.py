@@ -1,6 +1,8 @@
-"""Checkpoint and resume (issue 10, case 3): SIGKILL a `curate --method bads` mid-sampling, re-run the same
-command, and get the scores of an uninterrupted run bit for bit; a changed config refuses to resume (exit 2
-naming what changed) and `--restart` discards the checkpoint. Each run is a real subprocess (SIGKILL)."""
+"""Checkpoint and resume (issue 10, case 3; issue 20): SIGKILL or Ctrl-C a `curate --method bads` mid-sampling,
+re-run the same command, and get the scores of an uninterrupted run bit for bit, the re-run saying what it
+skipped; a changed config refuses to resume (exit 2 naming what changed) and `--restart` discards the
+checkpoint. Each run is a real subprocess; where it stops is chosen by the test (fault injection), never timed.
+The other stages (reference fit, chunked passes, l2rw, the flows' chain): tests/test_resume_stages.py."""
 from __future__ import annotations
 
 import json
@@ -65,10 +67,16 @@ def _weights(out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "scores.parquet")[["dpsel_id", "dpsel_weight", "dpsel_weight_std", "dpsel_kept"]]
 
 
-def test_killed_bads_run_resumes_to_the_uninterrupted_result(small, tmp_path):
-    whole = _run(_command(small, tmp_path / "whole"), every_s="1e9")  # never checkpoints
-    assert whole.returncode == 0, whole.stderr
+@pytest.fixture(scope="module")
+def whole(small, tmp_path_factory) -> Path:
+    """The uninterrupted run's output folder."""
+    out = tmp_path_factory.mktemp("whole") / "out"
+    done = _run(_command(small, out), every_s="1e9")  # no periodic checkpoint
+    assert done.returncode == 0, done.stderr
+    return out
 
+
+def test_killed_bads_run_resumes_to_the_uninterrupted_result(small, whole, tmp_path):
     out = tmp_path / "killed"
     killed_at = _kill_mid_sampling(_command(small, out), out)
     assert 0 < killed_at < STEPS and not (out / "manifest.json").exists()
@@ -80,7 +88,8 @@ def test_killed_bads_run_resumes_to_the_uninterrupted_result(small, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resumed_from_checkpoint"]["sampler"]["from_step"] >= killed_at
     assert "reference" in manifest["resumed_from_checkpoint"]
-    pd.testing.assert_frame_equal(_weights(out), _weights(tmp_path / "whole"), check_exact=True)
+    assert f"going on from step {manifest['resumed_from_checkpoint']['sampler']['from_step']}" in resumed.stderr
+    pd.testing.assert_frame_equal(_weights(out), _weights(whole), check_exact=True)
     assert not checkpoint_dir(out).exists()  # published: the checkpoint is gone
 
 
@@ -117,3 +126,25 @@ def test_sigterm_mid_sampling_saves_a_checkpoint_then_exits_143(small, tmp_path)
     assert "terminated" in stderr
     saved = json.loads((checkpoint_dir(out) / "sampler.json").read_text())["state"]
     assert 0 < saved["step"] < steps and not out.exists()
+
+
+def test_ctrl_c_mid_sampling_saves_that_step_and_the_rerun_goes_on_from_it(small, whole, tmp_path):
+    """Ctrl-C is SIGTERM with exit 130: the step in progress finishes, the sampler is saved at the step it
+    stopped although no periodic save was due, and the run exits 130 saying so; the re-run says what it skipped
+    and from which step it goes on, and ends with the uninterrupted scores."""
+    out, at = tmp_path / "run", STEPS // 2
+    env = {**_env("1e9"), "DPSEL_FAULT_SIGNAL": f"sampler:{at}:SIGINT"}  # Ctrl-C's signal after step `at`
+    stopped = subprocess.run(_command(small, out), env=env, capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 130, stopped.stderr
+    assert f"sampler stage is saved at step {at}" in stopped.stderr
+    assert "interrupted" in stopped.stderr and "re-run the same command" in stopped.stderr
+    assert json.loads((checkpoint_dir(out) / "sampler.json").read_text())["state"]["step"] == at
+    assert not out.exists()
+
+    resumed = _run(_command(small, out), every_s="1e9")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"sampler steps 0-{at - 1} skipped, going on from step {at} of {STEPS}" in resumed.stderr
+    assert "the reference fit" in resumed.stderr and "row feature pass skipped" in resumed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_from_checkpoint"]["sampler"] == {"from_step": at, "steps": STEPS}
+    pd.testing.assert_frame_equal(_weights(out), _weights(whole), check_exact=True)

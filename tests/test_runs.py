@@ -319,7 +319,8 @@ def test_sigterm_exits_143_with_a_message_and_cleans_up(data, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
     assert "terminated" in stderr and "Traceback" not in stderr
-    assert not out.exists() and _leftovers(out) == [] and not info.exists()
+    # a SIGTERM inside the reference fit saves it (issue 20): that checkpoint stays for the re-run
+    assert not out.exists() and _leftovers(out, keep_checkpoint=True) == [] and not info.exists()
 
 
 # ---- case 9: cache keys ----------------------------------------------------------------------------------------

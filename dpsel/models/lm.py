@@ -1,5 +1,6 @@
 """Language-model plumbing shared by the LM-based selection methods (bads, l2rw, loss, ifd, rds): the LM and
-its θ, encoded rows, the NLL pass, the meta-fitted reference, and saving θ for a scorer or a Ray actor.
+its θ, encoded rows, the NLL pass, and saving θ for a scorer or a Ray actor (the meta-fitted reference:
+`dpsel.models.reference_fit`).
 
 θ is what a method trains: all weights of the built-in tiny model, or a LoRA adapter on a frozen base
 (optionally 4-bit) for anything larger — the same split `peft_train.adapters` uses for tuning.
@@ -7,8 +8,6 @@ its θ, encoded rows, the NLL pass, the meta-fitted reference, and saving θ for
 from __future__ import annotations
 
 import copy
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -104,6 +103,33 @@ class EncodedRows:
         batch = collate([self.examples[i] for i in indices], self.pad_id)
         return {k: v.to(device) for k, v in batch.items()}
 
+    def subset(self, indices) -> "EncodedRows":
+        """These rows at `indices`, in that order (a chunk of a pool pass)."""
+        part = copy.copy(self)
+        indices = np.asarray(indices, dtype=np.int64)
+        part.examples = [self.examples[i] for i in indices]
+        part.lengths, part.has_response = self.lengths[indices], self.has_response[indices]
+        return part
+
+    def digest(self) -> str:
+        """sha256 of the rows' tokens and labels: what a checkpointed pass over them belongs to."""
+        import hashlib
+        digest = hashlib.sha256()
+        for e in self.examples:
+            digest.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+            digest.update(np.asarray(e.labels, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
+
+def theta_digest(lm: "LM") -> str:
+    """sha256 of θ's names and values: which model a checkpointed pass or fit belongs to."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name, p in sorted(lm.named_theta().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
 
 def batch_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -121,97 +147,6 @@ def score_nll(lm: LM, rows: EncodedRows, batch_size: int = 64, indices=None) -> 
 def response_only_rows(messages: list[list[dict]]) -> list[list[dict]]:
     """The same responses with an empty prompt: the unconditional loss IFD divides by."""
     return [[{"role": "user", "content": " "}, m[-1]] for m in messages]
-
-
-@dataclass
-class ReferenceFit:
-    state: dict[str, torch.Tensor]   # θ at the best held-out loss
-    best_step: int
-    best_heldout: float
-    steps: int
-    seconds: float
-    trace: list[tuple[int, float]]
-
-
-def split_meta(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, held-out) indices of the meta rows: a seeded held-out slice for early stopping."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_held = max(1, int(round(n * fraction))) if n >= 4 else 0
-    return np.sort(order[n_held:]), np.sort(order[:n_held])
-
-
-# Several methods in one process (the benchmark, curate-then-compare) fit the same reference: the fit is a
-# pure function of (model, seed, meta tokens, fit settings, starting θ), so it is reused rather than redone.
-_REFERENCE_CACHE: dict[tuple, ReferenceFit] = {}
-_REFERENCE_CACHE_SIZE = 4
-
-
-def _reference_key(lm: LM, meta: EncodedRows, config: LMSettings) -> tuple:
-    import hashlib
-    digest = hashlib.sha256()
-    for e in meta.examples:
-        digest.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
-        digest.update(np.asarray(e.labels, dtype=np.int64).tobytes())
-    for name, p in sorted(lm.named_theta().items()):
-        digest.update(name.encode())
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    ref_extra = tuple(sorted((k, str(v)) for k, v in config.extra.items() if k.startswith("ref_")))
-    return (lm.model_name, lm.theta_kind, config.seed, config.meta_batch_size, ref_extra, digest.hexdigest())
-
-
-def fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: Progress | None = None,
-                  label: str = "reference") -> ReferenceFit:
-    """Fit θ on the meta rows alone with AdamW, early-stopped on a held-out slice of meta; θ left at the best."""
-    key = _reference_key(lm, meta, config)
-    if key in _REFERENCE_CACHE:
-        cached = _REFERENCE_CACHE[key]
-        lm.load_theta(cached.state)
-        lm.model.eval()
-        return cached
-    fit = _fit_reference(lm, meta, config, progress, label)
-    if len(_REFERENCE_CACHE) >= _REFERENCE_CACHE_SIZE:
-        _REFERENCE_CACHE.pop(next(iter(_REFERENCE_CACHE)))
-    _REFERENCE_CACHE[key] = fit
-    return fit
-
-
-def _fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: Progress | None,
-                   label: str) -> ReferenceFit:
-    extra = config.extra
-    max_steps = int(extra.get("ref_steps", 400))
-    eval_every = int(extra.get("ref_eval_every", 25))
-    patience = int(extra.get("ref_patience", 4))
-    batch_size = int(extra.get("ref_batch_size", 16))
-    fit_idx, held_idx = split_meta(len(meta), float(extra.get("ref_heldout", 0.2)), config.seed)
-    if len(held_idx) == 0:
-        held_idx = fit_idx
-    optimizer = torch.optim.AdamW(lm.theta(), lr=float(extra.get("ref_lr", 3e-3)), weight_decay=0.0)
-    rng = np.random.default_rng(config.seed + 17)
-    best = (math.inf, 0, lm.theta_state())
-    trace, bad_evals, started = [], 0, time.perf_counter()
-    lm.model.train()
-    step = 0
-    for step in range(1, max_steps + 1):
-        batch_idx = rng.choice(fit_idx, size=min(batch_size, len(fit_idx)), replace=False)
-        loss = batch_nll(lm.model, meta.batch(batch_idx, lm.device)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.theta(), 1.0)
-        optimizer.step()
-        if step % eval_every == 0 or step == max_steps:
-            held = float(score_nll(lm, meta, indices=held_idx).mean())
-            trace.append((step, held))
-            if progress:
-                progress(step, max_steps, {"phase": label, "heldout_loss": held})
-            if held < best[0] - 1e-4:
-                best, bad_evals = (held, step, lm.theta_state()), 0
-            else:
-                bad_evals += 1
-                if bad_evals >= patience:
-                    break
-    lm.load_theta(best[2])
-    lm.model.eval()
-    return ReferenceFit(best[2], best[1], best[0], step, time.perf_counter() - started, trace)
 
 
 def save_theta(lm: LM, directory: Path) -> dict:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
+from dpsel.checkpoint import current_whole, flatten, load_optimizer, optimizer_state, unflatten
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 from dpsel.select.scorers import SeenTableScorer
 
@@ -59,7 +61,8 @@ def select_l2rw(train: list[Messages], meta: list[Messages], config: SelectConfi
     from peft_train.encode import length_grouped_batches
     from dpsel.data import row_id
     from dpsel.select.bads import coverage_summary, measure_plain_step, LMProblem
-    from dpsel.models.lm import EncodedRows, batch_nll, build_lm, fit_reference, seed_all
+    from dpsel.models.lm import EncodedRows, batch_nll, build_lm, seed_all
+    from dpsel.models.reference_fit import fit_reference
     from dpsel.select.sgld import RunningMoments
 
     started = time.perf_counter()
@@ -81,17 +84,18 @@ def select_l2rw(train: list[Messages], meta: list[Messages], config: SelectConfi
         timings["plain_step_seconds"] = measure_plain_step(problem, config.batch_size,
                                                            int(extra["measure_plain_steps"]), config.seed)
     optimizer = torch.optim.AdamW(lm.theta(), lr=float(extra.get("l2rw_lr", 1e-3)))
-    rng = np.random.default_rng(config.seed)
-    moments = RunningMoments(len(train))
-    diag = {"step": [], "meta_loss": [], "train_loss": [], "mean_weight": []}
-    batches: list[list[int]] = []
-    step_time = 0.0
+    loop = _Loop(np.random.default_rng(config.seed), RunningMoments(len(train)))
+    checkpoint = current_whole()
+    start = loop.resume(checkpoint, lm, optimizer, steps)
     lm.model.train()
-    for step in range(steps):
-        if not batches:
-            batches = length_grouped_batches(train_rows.lengths.tolist(), config.batch_size, int(rng.integers(2**31)))
-        idx = np.asarray(batches.pop(0))
-        meta_idx = rng.choice(len(meta_rows), size=min(config.meta_batch_size, len(meta_rows)), replace=False)
+    if checkpoint is not None:
+        checkpoint.loop_start()   # a stop signal waits for the step in progress, then saves
+    for step in range(start, steps):
+        if not loop.batches:
+            loop.batches = length_grouped_batches(train_rows.lengths.tolist(), config.batch_size,
+                                                  int(loop.rng.integers(2**31)))
+        idx = np.asarray(loop.batches.pop(0))
+        meta_idx = loop.rng.choice(len(meta_rows), size=min(config.meta_batch_size, len(meta_rows)), replace=False)
         t0 = time.perf_counter()
         train_batch, meta_batch = train_rows.batch(idx, lm.device), meta_rows.batch(meta_idx, lm.device)
         weights, _ = lookahead_weights(lm, train_batch, meta_batch, inner_lr)
@@ -99,17 +103,15 @@ def select_l2rw(train: list[Messages], meta: list[Messages], config: SelectConfi
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        step_time += time.perf_counter() - t0
-        moments.update(weights.cpu(), torch.as_tensor(idx))
+        loop.step_time += time.perf_counter() - t0
+        loop.moments.update(weights.cpu(), torch.as_tensor(idx))
         if step % 10 == 0 or step == steps - 1:
-            with torch.no_grad():
-                meta_loss = float(batch_nll(lm.model, meta_batch).mean())
-            record = {"step": step, "meta_loss": meta_loss, "train_loss": float(loss.detach()),
-                      "mean_weight": float(to_unit(moments.mean().numpy()).mean())}
-            for k, v in record.items():
-                diag[k].append(float(v))
-            if progress:
-                progress(step + 1, steps, record)
+            _diagnose(lm, loop, meta_batch, loss, step, steps, progress)
+        if checkpoint is not None and step < steps - 1:
+            checkpoint.after_step("l2rw", lambda: loop.snapshot(lm, optimizer, step + 1))
+    if checkpoint is not None:
+        checkpoint.loop_done()
+    moments, diag, step_time = loop.moments, loop.diag, loop.step_time
     lm.model.eval()
     visited = moments.count.numpy() > 0
     mean = np.where(visited, to_unit(moments.mean().numpy()), 0.5)  # never visited: undecided
@@ -125,6 +127,54 @@ def select_l2rw(train: list[Messages], meta: list[Messages], config: SelectConfi
     coverage = coverage_summary(visits, steps, 0, {"visits": int(visited.sum()),
                                                    "never_visited_left_at_0.5": int((~visited).sum())})
     return Scores("l2rw", mean, std, config.to_dict(), diag, timings, scorer, coverage=coverage)
+
+
+@dataclass
+class _Loop:
+    """What l2rw's loop carries from step to step besides θ and the optimizer (all of it in a checkpoint)."""
+    rng: np.random.Generator
+    moments: object                  # dpsel.select.sgld.RunningMoments of the rows' weights
+    batches: list = field(default_factory=list)
+    diag: dict = field(default_factory=lambda: {k: [] for k in ("step", "meta_loss", "train_loss", "mean_weight")})
+    step_time: float = 0.0
+
+    def snapshot(self, lm, optimizer, next_step: int) -> tuple[dict, dict]:
+        opt_tensors, opt_state = optimizer_state(optimizer)
+        tensors = {**flatten("theta", lm.theta_state()), **flatten("moments", self.moments.state_dict()),
+                   **opt_tensors, "torch_rng": torch.get_rng_state()}
+        return tensors, {**opt_state, "step": next_step, "numpy_rng": self.rng.bit_generator.state,
+                         "batches": [list(map(int, b)) for b in self.batches], "diag": self.diag,
+                         "step_time": self.step_time}
+
+    def resume(self, checkpoint, lm, optimizer, steps: int) -> int:
+        """The step to start from: 0, or the one after the checkpoint's `l2rw` stage (its state restored)."""
+        saved = checkpoint.load("l2rw") if checkpoint is not None else None
+        if saved is None:
+            return 0
+        tensors, state = saved
+        lm.load_theta(unflatten("theta", tensors))
+        self.moments.load_state_dict(unflatten("moments", tensors))
+        load_optimizer(optimizer, tensors, state)
+        torch.set_rng_state(tensors["torch_rng"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.batches, self.diag, self.step_time = state["batches"], state["diag"], float(state["step_time"])
+        start = int(state["step"])
+        checkpoint.resuming("l2rw", {"from_step": start, "steps": steps},
+                            f"l2rw steps 0-{start - 1} skipped, going on from step {start} of {steps}")
+        return start
+
+
+def _diagnose(lm, loop: _Loop, meta_batch: dict, loss: torch.Tensor, step: int, steps: int,
+              progress: ProgressFn | None) -> None:
+    from dpsel.models.lm import batch_nll
+    with torch.no_grad():
+        meta_loss = float(batch_nll(lm.model, meta_batch).mean())
+    record = {"step": step, "meta_loss": meta_loss, "train_loss": float(loss.detach()),
+              "mean_weight": float(to_unit(loop.moments.mean().numpy()).mean())}
+    for k, v in record.items():
+        loop.diag[k].append(float(v))
+    if progress:
+        progress(step + 1, steps, record)
 
 
 class L2rwScorer(SeenTableScorer):

@@ -52,7 +52,8 @@ def select_rds(train: list[Messages], meta: list[Messages], config: SelectConfig
     seed_all(config.seed)
     lm = build_lm(config)
     meta_emb = embed_rows(lm, EncodedRows(meta, lm.tokenizer, config.max_length, lm.pad_id))
-    similarity = max_similarity(pool_pass(embed_rows, lm, train, config.max_length), meta_emb)
+    similarity = max_similarity(pool_pass(embed_rows, lm, train, config.max_length, stage="rds.embeddings"),
+                                meta_emb)
     weights = rank_normalise(similarity)
     if progress:
         progress(1, 1, {"mean_similarity": float(similarity.mean())})

@@ -35,24 +35,26 @@ def ifd_weights(ifd: np.ndarray) -> np.ndarray:
     return out
 
 
-def pool_nll(lm, messages: list[Messages], max_length: int) -> np.ndarray:
-    """The reference's NLL of every row, on the current executor (Ray actors under `curate --engine ray`)."""
+def pool_nll(lm, messages: list[Messages], max_length: int, stage: str | None = None) -> np.ndarray:
+    """The reference's NLL of every row, on the current executor (Ray actors under `curate --engine ray`);
+    `stage`: resumable by chunk in a checkpointed run (`dpsel.models.passes.pool_pass`)."""
     from dpsel.models.lm import score_nll
     from dpsel.models.passes import pool_pass
-    return pool_pass(score_nll, lm, messages, max_length)
+    return pool_pass(score_nll, lm, messages, max_length, stage=stage)
 
 
-def _ifd(lm, messages: list[Messages], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def _ifd(lm, messages: list[Messages], max_length: int, stage: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     from dpsel.models.lm import response_only_rows
-    conditional = pool_nll(lm, messages, max_length)
-    unconditional = pool_nll(lm, response_only_rows(messages), max_length)
+    conditional = pool_nll(lm, messages, max_length, stage and f"{stage}.nll")
+    unconditional = pool_nll(lm, response_only_rows(messages), max_length, stage and f"{stage}.nll_response_only")
     return conditional / np.maximum(unconditional, 1e-6), conditional
 
 
 def _select_reference(method: str, train, meta, config: SelectConfig, progress, groups) -> Scores:
     from dpsel.data import row_id
     from dpsel.select.bads import infer_groups
-    from dpsel.models.lm import EncodedRows, build_lm, fit_reference, seed_all
+    from dpsel.models.lm import EncodedRows, build_lm, seed_all
+    from dpsel.models.reference_fit import fit_reference
 
     started = time.perf_counter()
     seed_all(config.seed)
@@ -60,10 +62,10 @@ def _select_reference(method: str, train, meta, config: SelectConfig, progress, 
     meta_rows = EncodedRows(meta, lm.tokenizer, config.max_length, lm.pad_id)
     ref = fit_reference(lm, meta_rows, config, progress)
     if method == "loss":
-        values = pool_nll(lm, train, config.max_length)
+        values = pool_nll(lm, train, config.max_length, stage="loss.nll")
         weights = loss_weights(values, infer_groups(train, groups) if groups is not None else None)
     else:
-        values, _ = _ifd(lm, train, config.max_length)
+        values, _ = _ifd(lm, train, config.max_length, stage="ifd")
         weights = ifd_weights(values)
     scorer = ReferenceScorer([row_id(m) for m in train], weights, np.zeros(len(train)),
                              {"method": method, "max_length": config.max_length, "seed": config.seed})

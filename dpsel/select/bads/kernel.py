@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dpsel.checkpoint import flatten, unflatten
+from dpsel.checkpoint import flatten, load_optimizer, optimizer_state, unflatten
 from dpsel.select.bads.baseline import GroupBaseline
 from dpsel.select.bads.config import BadsSettings
 from dpsel.select.bads.model import beta_prior_params, conditional_weight_moments, log_joint
@@ -91,14 +91,12 @@ class SGLDKernel:
     # -- checkpoints -----------------------------------------------------------------------------------
     def state(self) -> tuple[dict, dict]:
         """The kernel's part of a sampler checkpoint: tensors (safetensors) and JSON."""
-        opt = self.optimizer.state_dict()
+        opt_tensors, opt_state = optimizer_state(self.optimizer)
         tensors = {**flatten("theta", [t.detach() for t in self.theta]),
                    **flatten("w", [p.detach() for p in self.weights.params()]),
                    **flatten("baseline", self.baseline.state_dict()),
-                   **flatten("noise_rng", self.optimizer.rng_state())}
-        for idx, param_state in opt["state"].items():
-            tensors.update(flatten(f"opt.{idx}", param_state))
-        return tensors, {"param_groups": opt["param_groups"], "opt_state": sorted(opt["state"])}
+                   **flatten("noise_rng", self.optimizer.rng_state()), **opt_tensors}
+        return tensors, opt_state
 
     def load_state(self, tensors: dict, state: dict) -> None:
         with torch.no_grad():
@@ -106,8 +104,7 @@ class SGLDKernel:
                                      [*listed(tensors, "theta"), *listed(tensors, "w")]):
                 target.copy_(value)
         self.baseline.load_state_dict(unflatten("baseline", tensors))
-        self.optimizer.load_state_dict({"state": {i: unflatten(f"opt.{i}", tensors) for i in state["opt_state"]},
-                                        "param_groups": state["param_groups"]})
+        load_optimizer(self.optimizer, tensors, state)
         self.optimizer.set_rng_state(unflatten("noise_rng", tensors))
 
 

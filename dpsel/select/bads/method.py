@@ -46,15 +46,18 @@ def _reference(lm, train: list[Messages], train_rows, meta_rows, config: SelectC
     """(the reference fit, its θ state, the raw row features): fitted and checkpointed, or resumed."""
     from dpsel.select.features import row_features
     from dpsel.models.passes import pool_pass
-    from dpsel.models.lm import ReferenceFit, fit_reference
+    from dpsel.models.reference_fit import ReferenceFit, fit_reference
     saved = checkpoint.load("reference") if checkpoint is not None else None
     if saved is None:
-        ref = fit_reference(lm, meta_rows, budget, progress)
+        # torchrun: every rank fits the same reference; only the finished one is saved (stage `reference`)
+        ref = fit_reference(lm, meta_rows, budget, progress, checkpointed=dp is None)
         ref_state = lm.theta_state()
         if dp is not None:
             dp.broadcast(lm.theta())  # one reference for all ranks, even where GPU kernels are not deterministic
-        raw_features = pool_pass(row_features, lm, train, config.max_length, train_rows) if dp is None else \
-            dp.gather_rows(row_features(lm, subset_rows(train_rows, dp.shard(len(train_rows)))))
+        if dp is None:
+            raw_features = pool_pass(row_features, lm, train, config.max_length, train_rows, stage="bads.features")
+        else:
+            raw_features = dp.gather_rows(row_features(lm, subset_rows(train_rows, dp.shard(len(train_rows)))))
         if checkpoint is not None:
             checkpoint.save("reference", {**flatten("theta", ref_state), "features": torch.as_tensor(raw_features)},
                             {k: v for k, v in asdict(ref).items() if k != "state"})
@@ -64,7 +67,8 @@ def _reference(lm, train: list[Messages], train_rows, meta_rows, config: SelectC
     ref = ReferenceFit(state=ref_state, **saved[1])
     lm.load_theta(ref_state)
     lm.model.eval()
-    checkpoint.resumed["reference"] = {"steps": ref.steps}
+    checkpoint.resuming("reference", {"steps": ref.steps},
+                        f"the reference fit ({ref.steps} steps) and the row feature pass skipped")
     return ref, ref_state, raw_features
 
 

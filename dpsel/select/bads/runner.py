@@ -92,7 +92,7 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
 
     start_step = _resume(checkpoint, kernel, trace, steps)
     if checkpoint is not None:
-        checkpoint.loop_start()   # a SIGTERM during the first step waits for it too, then saves
+        checkpoint.loop_start()   # a stop signal during the first step waits for it too, then saves
     for step in range(start_step, steps):
         done = _timed_step(problem, kernel, trace, batch_size, meta_batch_size)
         if step >= burn_in:
@@ -114,7 +114,8 @@ def _resume(checkpoint, kernel: SGLDKernel, trace: Trace, steps: int) -> int:
         return 0
     kernel.load_state(*saved)
     start_step = trace.load_state(*saved)
-    checkpoint.resumed["sampler"] = {"from_step": start_step, "steps": steps}
+    checkpoint.resuming("sampler", {"from_step": start_step, "steps": steps},
+                        f"sampler steps 0-{start_step - 1} skipped, going on from step {start_step} of {steps}")
     return start_step
 
 
