@@ -19,7 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-ID_COLUMN = "dpsel_id"
+from dpsel.data.arrays import value_offsets
+from dpsel.data.schema import ID_COLUMN  # the one home of the id column's name
+
 MESSAGE_COLUMNS = ("dpsel_messages", "messages")
 _PUNCTUATION = r"[^\p{L}\p{N}\s]+"
 
@@ -43,7 +45,7 @@ def hash_strings(strings: pa.Array) -> np.ndarray:
     a polynomial over the UTF-8 bytes summed per value, then `splitmix64`."""
     strings = pc.cast(strings, pa.large_string()) if len(strings) else pa.array([], pa.large_string())
     strings = pc.fill_null(strings, "")
-    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset:strings.offset + len(strings) + 1]
+    offsets = value_offsets(strings)
     data = np.frombuffer(strings.buffers()[2], np.uint8) if strings.buffers()[2] else np.zeros(0, np.uint8)
     data = data[offsets[0]:offsets[-1]].astype(np.uint64)
     offsets = offsets - offsets[0]

@@ -26,7 +26,8 @@ import rensa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from dpsel.stages.base import ID_COLUMN, Block, Rows, Verdict, flat_hashes, shingle_hashes, splitmix64, words_of
+from dpsel.data.schema import ID_COLUMN
+from dpsel.stages.base import Block, Rows, Verdict, flat_hashes, shingle_hashes, splitmix64, words_of
 
 REASON = "near_duplicate"
 SEED = 20250101
