@@ -15,6 +15,7 @@ from dpsel.curation.rules import SelectionRule, effective_thresholds
 from dpsel.data import GROUP_COLUMNS
 from dpsel.outputs import (begin_staging, curated_table, file_records, new_run_id, output_error, output_paths,
                            publish, scores_table, write_manifest, write_scorer, write_tables)
+from dpsel.stages.pii import redact_text_columns
 from dpsel.version import __version__
 
 
@@ -117,11 +118,13 @@ def _write_files(stage: Path, out: Path, run: Run, run_id: str) -> CurationResul
     paths = output_paths(out)
 
     ids = run.rows.ids
+    redacted = run.rows.redacted is not None
+    curated = curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.conversations(run.keep),
+                            columns=run.rows.stage_columns, replace_messages=redacted)
+    if redacted:
+        curated = redact_text_columns(curated, skip=("dpsel_id",))
     write_tables(stage, scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
-                                     run.rows.file_rows, run.rows.dup_of),
-                 curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.conversations(run.keep),
-                               columns=run.rows.stage_columns, replace_messages=run.rows.redacted is not None),
-                 run_id=run_id)
+                                     run.rows.file_rows, run.rows.dup_of), curated, run_id=run_id)
     selection = {**_selection_record(run, cutoff, group_cutoffs), "run_id": run_id}
     scorer_dir = write_scorer(stage, run.scorer, selection)
     if run.near_dup_index is not None and scorer_dir is not None:   # what `dpsel filter` dedups against
