@@ -100,7 +100,8 @@ def curate(train, meta, out=None, *, truth=None, per_task: bool = False, config=
     """Score every row of `train` against the trusted `meta` set and keep the best (`dpsel curate`).
 
     `options` are the CLI's, with underscores: method, budget, threshold, model, steps, seed, device,
-    variant, weight_param, batch_size, meta_batch_size, max_length, extra, engine, ray_address. `out`
+    variant, weight_param, batch_size, meta_batch_size, max_length, extra, engine, ray_address, and the
+    curation stages' near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii. `out`
     defaults to a new temporary folder. `progress`: True draws progress on stderr, False nothing, or a
     `progress(step, total, diag)` callback."""
     from dpsel.config import RunConfig
@@ -121,17 +122,23 @@ def curate(train, meta, out=None, *, truth=None, per_task: bool = False, config=
 
 
 def filter(scorer, data, out=None, *, threshold: float | None = None, budget: float | None = None,
-           verbose: bool = False) -> Result:  # noqa: A001 - the CLI's name (`dpsel filter`)
+           verbose: bool = False, config=None, **stages) -> Result:  # noqa: A001 - the CLI's name (`dpsel filter`)
     """Score new rows with a curation run's `scorer/` folder and keep what passes (`dpsel filter`); the
-    threshold defaults to the curation run's."""
+    threshold defaults to the curation run's. `stages`: the curation stages' options, as for `curate`
+    (near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii; `config`'s `stages:` too)."""
+    from dpsel.config import StagesSection, RunConfig
     from dpsel.curation.filter import filter_rows
     from dpsel.progress import set_verbosity
 
     set_verbosity(verbose)
     out = _out_dir(out)
     rows = as_parquet_input(data, inputs_dir(out), "in")
+    unknown = set(stages) - set(StagesSection.model_fields)
+    if unknown:
+        raise DpselInputError(f"dpsel.filter: unknown option(s) {', '.join(sorted(unknown))}")
+    options = RunConfig.load(config, {f"stages.{k}": v for k, v in stages.items()}).stage_options()
     result = filter_rows(Path(scorer), rows if isinstance(rows, list) else [rows], out, threshold=threshold,
-                         budget=budget)
+                         budget=budget, stages=options)
     return _curation_result(result)
 
 

@@ -102,6 +102,25 @@ def validate(paths: list[str] = typer.Argument(..., help="Parquet files, folders
 ConfigOpt = typer.Option(None, "--config", help="Run config YAML (see configs/demo.yaml); options given here override it.")
 
 
+# ---- curation stage options (CONTRACT.md "Curation stages"), shared by curate and filter -----------------
+NearDupOpt = typer.Option(None, "--near-dup/--no-near-dup", help="Drop near-duplicates (MinHash-LSH; default on).")
+NearDupThresholdOpt = typer.Option(None, "--near-dup-threshold", help="Near-dup Jaccard threshold J (default 0.8).")
+SemanticDupOpt = typer.Option(None, "--semantic-dup", help="Drop semantic duplicates at this embedding cosine (default off).")
+DecontaminateOpt = typer.Option(None, "--decontaminate", help="Drop rows overlapping this eval set (n-grams); repeatable.")
+FiltersOpt = typer.Option(None, "--filters", help="Quality/language filters: none (default) | default | FILE.yaml.")
+PiiOpt = typer.Option(None, "--pii", help="PII: flag (default: a dpsel_pii column) | redact | drop.")
+
+
+def _stage_overrides(near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii) -> dict:
+    """The stage options as RunConfig overrides, checked first so a bad value names its option (exit 2)."""
+    from dpsel.curation.stages import StageOptions, check_options
+    from dpsel.stages.pipeline import StagesConfig
+    given = {"near_dup": near_dup, "near_dup_threshold": near_dup_threshold, "semantic_dup": semantic_dup,
+             "filters": filters, "pii": pii}
+    check_options(StageOptions(StagesConfig(**{k: v for k, v in given.items() if v is not None})))
+    return {**given, "decontaminate": list(decontaminate) if decontaminate else None}
+
+
 def _print_curation(result) -> None:
     from dpsel.parallel.env import other_rank_note
     if note := other_rank_note(result.out_dir):  # torchrun: only rank 0 reports the run
@@ -140,6 +159,9 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
                                                 "local only)."),
            ray_address: Optional[str] = typer.Option(None, "--ray-address",
                                                      help="Join this Ray cluster (default: a local runtime)."),
+           near_dup: Optional[bool] = NearDupOpt, near_dup_threshold: Optional[float] = NearDupThresholdOpt,
+           semantic_dup: Optional[float] = SemanticDupOpt, decontaminate: Optional[list[str]] = DecontaminateOpt,
+           filters: Optional[str] = FiltersOpt, pii: Optional[str] = PiiOpt,
            config: Optional[Path] = ConfigOpt):
     """Score every training row by data-point selection and keep the best."""
     from dpsel.config import RunConfig
@@ -150,7 +172,8 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
         "threshold": threshold, "model": model, "steps": steps, "epochs": epochs, "seed": seed, "device": device, "truth": truth,
         "curate.select.variant": variant, "curate.select.weight_param": weight_param,
         "curate.select.batch_size": batch_size, "curate.select.max_length": max_length,
-        "engine": engine, "ray_address": ray_address}, stage="curate")
+        "engine": engine, "ray_address": ray_address,
+        **_stage_overrides(near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii)}, stage="curate")
     run.require("data.train", "data.meta", "out", flow="curate")
     from dpsel.parallel.env import launched_rank
     with progress_reporter(f"curate[{run.curate.method}]", default_phase=default_phase_of(run.curate.method),
@@ -173,12 +196,20 @@ def filter_cmd(scorer: Path = typer.Option(..., "--scorer", help="A curation run
                                                      help="ray: scorer actors (default: one per CPU, or per GPU)."),
                batch_size: int = typer.Option(1024, "--batch-size", min=1, help="ray: rows per scoring batch."),
                gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", min=0.0,
-                                                     help="ray: GPUs per scorer actor (0: CPU actors).")):
-    """Score new rows with a trained curation run's weight model and keep what passes."""
+                                                     help="ray: GPUs per scorer actor (0: CPU actors)."),
+               near_dup: Optional[bool] = NearDupOpt, near_dup_threshold: Optional[float] = NearDupThresholdOpt,
+               semantic_dup: Optional[float] = SemanticDupOpt,
+               decontaminate: Optional[list[str]] = DecontaminateOpt, filters: Optional[str] = FiltersOpt,
+               pii: Optional[str] = PiiOpt):
+    """Score new rows with a trained curation run's weight model and keep what passes (after the curation
+    stages; near-duplicates also of the rows the curation run saw)."""
+    from dpsel.config import RunConfig
     from dpsel.curation.filter import filter_rows
     from dpsel.engines import RayOptions
     ray = RayOptions(address=ray_address, workers=workers, batch_size=batch_size, num_gpus=gpus_per_worker)
-    result = filter_rows(scorer, inputs, out, threshold=threshold, engine=engine, ray=ray)
+    stages = RunConfig.load(None, _stage_overrides(near_dup, near_dup_threshold, semantic_dup, decontaminate,
+                                                   filters, pii)).stage_options()
+    result = filter_rows(scorer, inputs, out, threshold=threshold, engine=engine, ray=ray, stages=stages)
     _print_curation(result)
 
 

@@ -24,7 +24,7 @@ CURATE_METHODS = ("bads", "l2rw", "loss", "ifd", "rds", "random", "all")
 
 
 # The RunConfig fields, besides `data` and `out`, that curation reads (`dpsel.curation.run.curate_from_config`).
-CURATE_STAGE_FIELDS = ("curate", "model", "device", "seed", "engine", "ray")
+CURATE_STAGE_FIELDS = ("curate", "model", "device", "seed", "engine", "ray", "stages")
 
 
 class _Section(BaseModel):
@@ -97,6 +97,29 @@ class RaySection(_Section):
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
 
 
+# ---- curation stages (CONTRACT.md "Curation stages"; dpsel.stages) ----------------------------------------
+class StagesSection(_Section):
+    """`stages:` the curation stages before selection, for curate and filter alike."""
+    near_dup: bool = True
+    near_dup_threshold: float = Field(default=0.8, gt=0.0, le=1.0)      # Jaccard
+    semantic_dup: float | None = Field(default=None, ge=-1.0, le=1.0)    # cosine; None: off
+    decontaminate: list[str] = Field(default_factory=list)              # instruction sets to decontaminate against
+    filters: str = "none"                                                # none | default | FILE.yaml
+    pii: str = "flag"
+
+    @field_validator("decontaminate", mode="before")
+    @classmethod
+    def _path_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, os.PathLike)) else value
+
+    @field_validator("pii")
+    @classmethod
+    def _known_pii(cls, value: str) -> str:
+        if value not in ("flag", "redact", "drop"):
+            raise ValueError(f"pii must be flag, redact or drop, not {value!r}")
+        return value
+
+
 class RunConfig(_Section):
     """A whole run. Sections: `data`, `curate`, `tune`; shared: `model`, `device`, `seed`, `out`."""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -108,6 +131,7 @@ class RunConfig(_Section):
     out: str | None = None
     engine: str = "local"                                # filter: local | ray (Ray Data; see `ray`)
     ray: RaySection = Field(default_factory=RaySection)
+    stages: StagesSection = Field(default_factory=StagesSection)
 
     @field_validator("engine")
     @classmethod
@@ -223,6 +247,23 @@ class RunConfig(_Section):
         takes it as one parameter, so the stage's cache key covers exactly these settings."""
         return self.model_dump(mode="json", include=set(CURATE_STAGE_FIELDS))
 
+    def stage_options(self):
+        """The `dpsel.curation.stages.StageOptions` of this run."""
+        from dpsel.curation.stages import StageOptions
+        from dpsel.stages.pipeline import StagesConfig
+        section = self.stages
+        return StageOptions(StagesConfig(near_dup=section.near_dup, near_dup_threshold=section.near_dup_threshold,
+                                         semantic_dup=section.semantic_dup, filters=section.filters, pii=section.pii),
+                            decontaminate=list(section.decontaminate))
+
+    def with_eval_decontamination(self) -> "RunConfig":
+        """curate-then-tune: the pool is also decontaminated against the run's own eval set."""
+        if self.data.eval is None:
+            return self
+        evals = [self.data.eval] if isinstance(self.data.eval, str) else list(self.data.eval)
+        wanted = list(dict.fromkeys([*self.stages.decontaminate, *evals]))
+        return self.model_copy(update={"stages": self.stages.model_copy(update={"decontaminate": wanted})})
+
     def ray_options(self):
         """The `dpsel.engines.RayOptions` of an `engine: ray` run."""
         from dpsel.engines import RayOptions
@@ -256,10 +297,14 @@ _PLAIN_KEYS: dict[str, tuple[str | None, str]] = {
     "model": (None, "model"), "device": (None, "device"), "seed": (None, "seed"), "out": (None, "out"),
     "engine": (None, "engine"), "ray_address": ("ray", "address"), "ray_workers": ("ray", "workers"),
     "ray_batch_size": ("ray", "batch_size"), "ray_gpus_per_worker": ("ray", "gpus_per_worker"),
+    # curation stages
+    "near_dup": ("stages", "near_dup"), "near_dup_threshold": ("stages", "near_dup_threshold"),
+    "semantic_dup": ("stages", "semantic_dup"), "decontaminate": ("stages", "decontaminate"),
+    "filters": ("stages", "filters"), "pii": ("stages", "pii"),
 }
 _SHARED_KEYS = ("method", "steps")
 _EXCLUSIVE_RULES = {"budget": "threshold", "threshold": "budget"}
-_SECTIONS = ("data", "curate", "tune", "ray")
+_SECTIONS = ("data", "curate", "tune", "ray", "stages")
 
 
 def _check_exclusive(overrides: Mapping[str, Any], stage: str | None) -> None:

@@ -236,8 +236,9 @@ def output_error(error: OSError, path: Path | str | None = None) -> Exception:
 
 
 def scores_table(ids: list[str], weights: np.ndarray, stds: np.ndarray, kept: np.ndarray,
-                 reasons: list[str], details: list[str], files: list[str], file_rows: np.ndarray) -> pa.Table:
-    """One row per input row, in input order."""
+                 reasons: list[str], details: list[str], files: list[str], file_rows: np.ndarray,
+                 dup_of: list | None = None) -> pa.Table:
+    """One row per input row, in input order; `dpsel_dup_of`: the id kept in a duplicate's place."""
     return pa.table({
         "dpsel_id": pa.array(ids, pa.string()),
         "dpsel_weight": pa.array(np.asarray(weights, np.float64)),
@@ -247,6 +248,7 @@ def scores_table(ids: list[str], weights: np.ndarray, stds: np.ndarray, kept: np
         "dpsel_detail": pa.array(details, pa.string()),
         "dpsel_file": pa.array(files, pa.string()),
         "dpsel_file_row": pa.array(np.asarray(file_rows, np.int64)),
+        "dpsel_dup_of": pa.array(dup_of if dup_of is not None else [None] * len(ids), pa.string()),
     })
 
 
@@ -254,19 +256,23 @@ MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string(
 
 
 def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept: np.ndarray,
-                  kept_messages: list[list[dict]] | None = None) -> pa.Table:
+                  kept_messages: list[list[dict]] | None = None, columns: dict | None = None,
+                  replace_messages: bool = False) -> pa.Table:
     """The kept rows with all original columns (schema untouched) plus `dpsel_id`, `dpsel_weight` and, where
     the input has no `messages` column, `messages`: the normalised conversation of each kept row, in order
-    (`kept_messages`; the {role, content} list shape TRL's SFTTrainer and chat templates take)."""
+    (`kept_messages`; the {role, content} list shape TRL's SFTTrainer and chat templates take).
+    `columns`: more per-input-row columns (e.g. `dpsel_pii`); `replace_messages`: `kept_messages` replace an
+    input `messages` column too (redacted conversations)."""
     keep_idx = pa.array(np.flatnonzero(kept), pa.int64())
     table = original.take(keep_idx)
     extra = {"dpsel_id": pa.array(ids, pa.string()).take(keep_idx),
              "dpsel_weight": pa.array(np.asarray(weights, np.float64)).take(keep_idx)}
-    if kept_messages is not None and "messages" not in original.column_names:
+    if kept_messages is not None and ("messages" not in original.column_names or replace_messages):
         if len(kept_messages) != len(keep_idx):
             raise ValueError(f"{len(kept_messages)} conversations for {len(keep_idx)} kept rows")
         extra["messages"] = pa.array([[{"role": m["role"], "content": m["content"]} for m in conversation]
                                       for conversation in kept_messages], MESSAGE_TYPE)
+    extra.update({name: values.take(keep_idx) for name, values in (columns or {}).items()})
     for name, column in extra.items():
         if name in table.column_names:
             table = table.set_column(table.column_names.index(name), name, column)

@@ -43,10 +43,17 @@ def _fmt(value: Any) -> Any:
 
 
 def flat_counts(counts: dict) -> dict:
-    """{"kept_rows": 7, "dropped_by_reason": {"duplicate": 1}} -> {"kept_rows": 7, "dropped (duplicate)": 1}."""
+    """{"kept_rows": 7, "dropped_by_reason": {"duplicate": 1}} -> {"kept_rows": 7, "dropped (duplicate)": 1};
+    per curation stage: "stage near_dup: dropped" (and its rows in and seconds)."""
     flat = {}
     for name, value in counts.items():
-        if isinstance(value, dict):
+        if name == "dropped_by_stage":
+            continue          # the same figures as "stages", below
+        if name == "stages":
+            for st in value:
+                flat.update({f"stage {st['stage']}: {what}": st[key] for what, key in
+                             (("rows in", "rows_in"), ("dropped", "dropped"), ("seconds", "seconds"))})
+        elif isinstance(value, dict):
             flat.update({f"dropped ({reason})": n for reason, n in value.items()})
         else:
             flat[name] = value

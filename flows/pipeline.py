@@ -175,12 +175,14 @@ def filter_flow(config: RunConfig) -> dict:
         return _filter_on_ray(config, out)
     shards = [file.url for file in expand_paths(config.data.inputs)]
     shard_outs = [os.fspath(out / "shards" / f"{i:05d}-{Path(url).stem}") for i, url in enumerate(shards)]
+    stages = config.stages.model_dump(mode="json")
     futures = filter_shard.map(scorer=unmapped(config.data.scorer), shard=shards, out=shard_outs,
-                               threshold=unmapped(config.curate.threshold))
+                               threshold=unmapped(config.curate.threshold), stages=unmapped(stages))
     results, states = [], []
     for future, shard, shard_out in zip(futures, shards, shard_outs):
         future.wait()
-        kwargs = dict(scorer=config.data.scorer, shard=shard, out=shard_out, threshold=config.curate.threshold)
+        kwargs = dict(scorer=config.data.scorer, shard=shard, out=shard_out, threshold=config.curate.threshold,
+                      stages=stages)
         result, state = _settle(filter_shard, future.state, kwargs)
         results.append(result)
         states.append(state)
@@ -193,7 +195,8 @@ def _filter_on_ray(config: RunConfig, out: Path) -> dict:
     """`engine: ray`: one Prefect task for the stage; Ray Data does the per-shard fan-out (one output set,
     duplicates found across shards)."""
     kwargs = dict(scorer=config.data.scorer, inputs=config.data.inputs, out=os.fspath(out),
-                  threshold=config.curate.threshold, ray_options=asdict(config.ray_options()))
+                  threshold=config.curate.threshold, ray_options=asdict(config.ray_options()),
+                  stages=config.stages.model_dump(mode="json"))
     summary, state = run_stage(filter_stage, **kwargs)
     _publish_curation(summary, "filter", "Filter (Ray Data)")
     return {"filter": summary, "stages": {"filter": state}}
@@ -217,7 +220,9 @@ def curate_then_tune_flow(config: RunConfig, compare: bool = False) -> dict:
     OUT/tune-curated/, OUT/tune-uncurated/, OUT/summary.json, OUT/report.md."""
     config.require("data.train", "data.meta", "out", flow="curate-then-tune")
     out = _out(config)
-    curated, curate_state = run_stage(curate_stage, **_curate_kwargs(config, out / "curate"))
+    # the pool is decontaminated against the eval set the tuned models are measured on
+    curated, curate_state = run_stage(curate_stage, **_curate_kwargs(config.with_eval_decontamination(),
+                                                                      out / "curate"))
     _publish_curation(curated, "curate", f"Curation ({curated.get('method')})")
 
     options = config.tune_options()

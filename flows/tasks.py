@@ -68,16 +68,19 @@ def curate_stage(train: Any, meta: Any, out: str, settings: dict, truth: str | N
 
 
 @task(name="filter-shard", cache_key_fn=content_cache_key("scorer", "shard"), **_STAGE_OPTIONS)
-def filter_shard(scorer: str, shard: str, out: str, threshold: float | None = None) -> dict:
-    """Score one shard with a saved scorer and keep what passes; outputs go to the shard's own folder."""
+def filter_shard(scorer: str, shard: str, out: str, threshold: float | None = None,
+                 stages: dict | None = None) -> dict:
+    """Score one shard with a saved scorer and keep what passes; outputs go to the shard's own folder.
+    `stages`: the run config's `stages:` section (the curation stages before scoring)."""
     from dpsel.curation.filter import filter_rows
 
-    result = filter_rows(scorer, [shard], out, threshold=threshold)
+    result = filter_rows(scorer, [shard], out, threshold=threshold, stages=_stage_options(stages))
     return {**curation_summary(result), "shard": shard}
 
 
 @task(name="filter", cache_key_fn=content_cache_key("scorer", "inputs"), **_STAGE_OPTIONS)
-def filter_stage(scorer: str, inputs: Any, out: str, threshold: float | None, ray_options: dict) -> dict:
+def filter_stage(scorer: str, inputs: Any, out: str, threshold: float | None, ray_options: dict,
+                 stages: dict | None = None) -> dict:
     """Filter all of `inputs` as one stage on Ray Data (`engine: ray`): Ray spreads the shards over its
     workers, so Prefect sees one task, whose progress artifact follows the rows Ray has scored."""
     from dpsel.curation.filter import filter_rows
@@ -87,8 +90,13 @@ def filter_stage(scorer: str, inputs: Any, out: str, threshold: float | None, ra
     with progress_reporter("filter[ray]", default_phase="scoring",
                            sinks=[progress_artifact_sink(artifact_key("filter-progress"))]) as progress:
         result = filter_rows(scorer, inputs, out, threshold=threshold, progress=progress, engine="ray",
-                             ray=RayOptions(**ray_options))
+                             ray=RayOptions(**ray_options), stages=_stage_options(stages))
     return curation_summary(result)
+
+
+def _stage_options(stages: dict | None):
+    from dpsel.config import RunConfig
+    return RunConfig.from_mapping({"stages": stages or {}}).stage_options()
 
 
 @task(name="filter-summary", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S,

@@ -205,7 +205,7 @@ def test_curated_parquet_loads_with_datasets(random_run, tmp_path):
     path = random_run[0].out_dir / "curated.parquet"
     loaded = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path))
     assert loaded.column_names == ["instruction", "output", "task", "source", "note", "dpsel_id", "dpsel_weight",
-                                   "messages"]
+                                   "messages", "dpsel_pii"]   # dpsel_pii: the PII stage's default `flag`
     scores = _scores(random_run[0].out_dir)
     assert loaded.num_rows == int(scores.dpsel_kept.sum())
     assert loaded["dpsel_id"] == scores[scores.dpsel_kept].dpsel_id.tolist()

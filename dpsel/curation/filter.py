@@ -11,6 +11,7 @@ import numpy as np
 from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
 from dpsel.curation.rows import Rows, as_path_list, check_weights, read_rows, rows_from, spread_scores
 from dpsel.curation.rules import SelectionRule, apply_rule, make_rule
+from dpsel.curation.stages import StageOptions, apply_stages, check_options, load_index
 from dpsel.errors import DpselInputError
 from dpsel.outputs import SELECTION_FILE, check_outputs_do_not_overwrite_inputs
 from dpsel.runlock import locks_out
@@ -66,12 +67,15 @@ def _score_in_chunks(scorer, rows: Rows, usable_idx: np.ndarray,
 
 @locks_out("inputs")
 def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budget: float | None = None,
-                progress: ProgressFn | None = None, engine: str = "local", ray=None) -> CurationResult:
+                progress: ProgressFn | None = None, engine: str = "local", ray=None,
+                stages: StageOptions | None = None) -> CurationResult:
     """Score new rows with a curation run's saved scorer and keep those that pass.
 
     Default rule: the threshold the curation run stored in scorer/selection.json (its lowest kept weight,
     per group for a per-group run). Writes the same files as `curate`; scorer/ is copied into `out`.
     `engine="ray"` reads and scores on Ray Data (`ray`: `dpsel.engines.RayOptions`); same outputs.
+    `stages`: the curation stages, as for `curate`, run in this process; near-duplicates are also found
+    against the rows of the curation run (its scorer/near_dup.npz).
     """
     from dpsel.engines import check_engine
 
@@ -80,17 +84,21 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
     if budget is not None or threshold is not None:  # the same checks as curate, before the scorer loads
         make_rule("filter", budget, threshold, None, False, "task")
     selection = _read_selection(scorer_dir)
+    stages = check_options(stages or StageOptions())
+    seen = load_index(scorer_dir, stages.config)
     out = Path(out)
     if check_engine(engine) == "ray":
         from dpsel.engines.ray_engine import score_with_ray
         scored = score_with_ray(scorer_dir, inputs, ray, progress)
         rows, scorer_kind = rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
         check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
+        apply_stages(rows, stages, seen)   # after scoring on Ray: the scores of dropped rows are not used
         mean, std = scored.weights[rows.usable], scored.stds[rows.usable]
         timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds,
                    **scored.split}
     else:
-        rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started)
+        rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started,
+                                                               lambda rows: apply_stages(rows, stages, seen))
     check_weights(mean, std, f"scorer {scorer_dir}")
     group_column = selection.get("group_column") or "task"
     groups = rows.group_values(group_column)
@@ -103,15 +111,18 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
               inputs={"in": inputs_entry(inputs, rows), "scorer": {"path": str(scorer_dir), "kind": scorer_kind}},
               weights=weights, stds=stds, keep=keep, rule=rule, scorer=scorer_dir, diagnostics={},
               timings=timings, started=started,
-              group_column=group_column if groups is not None else None)
+              group_column=group_column if groups is not None else None,
+              extra_manifest={"stages": {**stages.to_dict(), "near_dup_seen_rows": len(seen) if seen else 0}})
     return write_run(out, run)
 
 
-def _score_locally(scorer_dir: Path, inputs, out: Path, progress: ProgressFn | None, started: float):
-    """The local engine's read + score: the whole input in this process, scored a chunk at a time."""
+def _score_locally(scorer_dir: Path, inputs, out: Path, progress: ProgressFn | None, started: float,
+                   run_stages):
+    """The local engine's read + stages + score: the whole input in this process, scored a chunk at a time."""
     scorer = load_scorer(scorer_dir)
     rows = read_rows(inputs)
     check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
+    run_stages(rows)
     read_s = time.perf_counter() - started
     score_start = time.perf_counter()
     mean, std = _score_in_chunks(scorer, rows, np.flatnonzero(rows.usable), progress)

@@ -15,6 +15,7 @@ from dpsel.curation.rules import SelectionRule, effective_thresholds
 from dpsel.data import GROUP_COLUMNS
 from dpsel.outputs import (begin_staging, curated_table, file_records, new_run_id, output_error, output_paths,
                            publish, scores_table, write_manifest, write_scorer, write_tables)
+from dpsel.stages.pii import redact_text_columns
 from dpsel.version import __version__
 
 
@@ -73,6 +74,7 @@ class Run:
     truth: dict | None = None
     coverage: dict | None = None       # how every row got its weight (visits after burn-in; Scores.coverage)
     extra_manifest: dict = field(default_factory=dict)   # e.g. meta rows dropped as duplicates
+    near_dup_index: tuple | None = None  # (NearDupIndex, StagesConfig) of the curated rows, saved in scorer/
 
 
 def _selection_record(run: Run, cutoff: float | None, group_cutoffs: dict) -> dict:
@@ -106,7 +108,7 @@ def _outcome(run: Run) -> tuple:
     groups = run.rows.group_values(run.group_column) if run.group_column else None
     cutoff, group_cutoffs = effective_thresholds(run.weights, run.keep, groups)
     reasons, details = final_reasons(run.rows, run.keep, run.weights, run.rule, cutoff)
-    return cutoff, group_cutoffs, reasons, details, count_rows(reasons, run.rows.usable)
+    return cutoff, group_cutoffs, reasons, details, count_rows(reasons, run.rows.usable, run.rows.stage_stats)
 
 
 def _write_files(stage: Path, out: Path, run: Run, run_id: str) -> CurationResult:
@@ -116,12 +118,18 @@ def _write_files(stage: Path, out: Path, run: Run, run_id: str) -> CurationResul
     paths = output_paths(out)
 
     ids = run.rows.ids
+    redacted = run.rows.redacted is not None
+    curated = curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.conversations(run.keep),
+                            columns=run.rows.stage_columns, replace_messages=redacted)
+    if redacted:
+        curated = redact_text_columns(curated, skip=("dpsel_id",))
     write_tables(stage, scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
-                                     run.rows.file_rows),
-                 curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.data.messages(run.keep)),
-                 run_id=run_id)
+                                     run.rows.file_rows, run.rows.dup_of), curated, run_id=run_id)
     selection = {**_selection_record(run, cutoff, group_cutoffs), "run_id": run_id}
-    write_scorer(stage, run.scorer, selection)
+    scorer_dir = write_scorer(stage, run.scorer, selection)
+    if run.near_dup_index is not None and scorer_dir is not None:   # what `dpsel filter` dedups against
+        from dpsel.curation.stages import save_index
+        save_index(scorer_dir, *run.near_dup_index)
 
     group_stats = _group_stats(run.rows, run.weights, run.keep, run.group_column)
     report_paths = write_report(stage, _report_data(run, counts, cutoff, run_id))
@@ -168,6 +176,10 @@ def _report_data(run: Run, counts: dict, cutoff: float | None, run_id: str):
             is not None else float("nan")
     headline[f"{run.command} seconds (manifest timings)"] = stage_seconds(run.timings)
     tables = {}
+    if counts.get("stages"):   # curation stages, in order: rows in, dropped (by reason), seconds
+        tables["Curation stages"] = [{"stage": st["stage"], "rows in": st["rows_in"], "dropped": st["dropped"],
+                                      "by reason": ", ".join(f"{k} {v}" for k, v in st["by_reason"].items()) or "-",
+                                      "seconds": st["seconds"]} for st in counts["stages"]]
     if run.truth:
         tables["Against the truth file"] = [
             {"kind": k, "rows": run.truth["rows_by_kind"][k],

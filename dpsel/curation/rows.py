@@ -1,15 +1,15 @@
 """The row view curation works on: one input set's ids, drop reasons and files per row, which rows are usable
 (valid and first occurrence of their content), and the row accounting of a finished selection.
 
-Every input row ends up in exactly one bucket — kept, or dropped with a reason (`invalid`, `duplicate`,
-`low_weight`) — so `input_rows == kept_rows + dropped_rows` always holds.
+Every input row ends up in exactly one bucket — kept, or dropped with a reason (`invalid`, `duplicate`, a
+curation stage's reason, `low_weight`) — so `input_rows == kept_rows + dropped_rows` always holds.
 """
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,23 @@ REASON_LOW_WEIGHT = "low_weight"   # curation's own reason; invalid and duplicat
 class Rows:
     data: InstructionSet
     ids: list[str]
-    reasons: list[str]          # "" | invalid | duplicate (from the data layer)
+    reasons: list[str]          # "" | invalid | duplicate (from the data layer) | a stage's reason
     details: list[str]
     files: list[str]
     file_rows: np.ndarray       # row number within its file
-    usable: np.ndarray          # bool: valid and first occurrence
+    usable: np.ndarray          # bool: valid, first occurrence, kept by every curation stage
+    # set by `dpsel.curation.stages.apply_stages`: per row the id kept in a duplicate's place (else None),
+    # per stage its statistics, the columns stages add (dpsel_pii), redacted messages (pii redact)
+    dup_of: list | None = None
+    stage_stats: list[dict] = field(default_factory=list)
+    stage_columns: dict = field(default_factory=dict)
+    redacted: object = None
+
+    def conversations(self, mask: np.ndarray) -> list[list[dict]]:
+        """Normalised messages of the rows where `mask` is true; redacted ones after `--pii redact`."""
+        if self.redacted is None:
+            return self.data.messages(mask)
+        return self.redacted.filter(np.asarray(mask, bool)).to_pylist()
 
     @property
     def n(self) -> int:
@@ -152,7 +164,8 @@ def final_reasons(rows: Rows, keep: np.ndarray, weights: np.ndarray,
     return reasons, details
 
 
-def count_rows(reasons: list[str], usable: np.ndarray) -> dict:
+def count_rows(reasons: list[str], usable: np.ndarray, stage_stats: list[dict] = ()) -> dict:
+    """Rows by bucket; with the stages' statistics, also dropped rows per stage (`low_weight` is selection's)."""
     by_reason = {REASON_INVALID: 0, REASON_DUPLICATE: 0, REASON_LOW_WEIGHT: 0}
     for reason in reasons:
         if reason:
@@ -160,5 +173,11 @@ def count_rows(reasons: list[str], usable: np.ndarray) -> dict:
     kept = sum(1 for r in reasons if not r)
     dropped = sum(by_reason.values())
     assert kept + dropped == len(reasons)
-    return {"input_rows": len(reasons), "usable_rows": int(usable.sum()), "kept_rows": kept,
-            "dropped_rows": dropped, "dropped_by_reason": by_reason}
+    counts = {"input_rows": len(reasons), "usable_rows": int(usable.sum()), "kept_rows": kept,
+              "dropped_rows": dropped, "dropped_by_reason": by_reason}
+    if stage_stats:
+        counts["dropped_by_stage"] = {**{s["stage"]: s["dropped"] for s in stage_stats},
+                                      "selection": by_reason[REASON_LOW_WEIGHT]}
+        counts["stages"] = list(stage_stats)
+        assert sum(counts["dropped_by_stage"].values()) == dropped, "stage accounting"
+    return counts

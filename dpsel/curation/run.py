@@ -1,7 +1,7 @@
 """`curate`: read the training and meta sets, select, keep or drop every input row, write the run's record.
 
-Selection only ever sees the usable rows (valid and first occurrence of their content); the meta set is
-trusted, so a bad row there is an error.
+Selection only ever sees the usable rows (valid, first occurrence of their content, and kept by every curation
+stage: `dpsel.curation.stages`); the meta set is trusted, so a bad row there is an error.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
 from dpsel.curation.rows import (Rows, as_path_list, check_weights, drop_meta_duplicates, read_rows,
                                  require_all_usable, spread_scores)
 from dpsel.curation.rules import apply_rule, make_rule
+from dpsel.curation.stages import StageOptions, apply_stages, check_options
 from dpsel.curation.truth import load_truth, truth_auroc
 from dpsel.errors import DpselInputError
 from dpsel.outputs import check_outputs_do_not_overwrite_inputs
@@ -31,7 +32,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
            threshold: float | None = None, task_budgets: dict[str, float] | None = None,
            per_group: bool = False, group_column: str = "task", config: SelectConfig | None = None,
            progress: ProgressFn | None = None, truth=None, restart: bool = False, engine: str = "local",
-           ray=None) -> CurationResult:
+           ray=None, stages: StageOptions | None = None) -> CurationResult:
     """Score every training row with `method` against the trusted `meta` set and keep the best.
 
     Keeps the top `budget` fraction of the usable rows (default 0.7; `all` keeps everything) or the rows with
@@ -41,6 +42,8 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     (dpsel's files in an existing `out` are replaced; other files there are left alone).
     `engine="ray"` runs the method's pool-scoring passes on Ray (`ray`: `dpsel.engines.RayOptions`; methods in
     `dpsel.engines.RAY_CURATE_METHODS`, any other is an input error); same outputs.
+    `stages`: the curation stages before selection (default: the contract's, near-dup at 0.8 and PII flag);
+    they run in this process whatever the engine.
     """
     from dpsel.engines import curate_engine
     from dpsel.engines.ray_engine import pool_executor
@@ -49,13 +52,17 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     ray_options = curate_engine(engine, method, ray)
     config = config or SelectConfig()
     rule = make_rule(method, budget, threshold, task_budgets, per_group, group_column)
+    stages = check_options(stages or StageOptions())
     out = Path(out)
     train_rows, meta_rows, meta_duplicates = _read_inputs(train, meta, out, truth)
+    stages_start = time.perf_counter()
+    near_dup_index = apply_stages(train_rows, stages)
+    stages_s = time.perf_counter() - stages_start
     if rule.uses_groups and train_rows.group_values(group_column) is None:
         raise DpselInputError("per-group budgets need this column in the training set", column=group_column,
                               file=", ".join(f.path for f in train_rows.data.files))
     if not train_rows.usable.any():
-        raise DpselInputError("no usable training rows (all invalid or duplicate)",
+        raise DpselInputError("no usable training rows (all invalid, duplicate or dropped by a curation stage)",
                               file=", ".join(f.path for f in train_rows.data.files))
     read_s = time.perf_counter() - started
 
@@ -63,9 +70,9 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     groups = train_rows.group_values(group_column)
     # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
     usable_groups = None if groups is None else list(groups[train_rows.usable])
-    checkpoints = open_checkpoints(out, method, config, train_rows, meta_rows, restart)
+    checkpoints = open_checkpoints(out, method, config, train_rows, meta_rows, restart, stages)
     with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)):
-        scores = select(train_rows.data.messages(train_rows.usable), meta_rows.data.messages(meta_rows.usable),
+        scores = select(train_rows.conversations(train_rows.usable), meta_rows.data.messages(meta_rows.usable),
                         method, config, progress, groups=usable_groups)
     check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
     select_s = time.perf_counter() - select_start
@@ -80,11 +87,13 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
         inputs["truth"] = {"paths": [str(truth)], "sha256": file_sha256(truth)}
     run = Run(command="curate", method=scores.method, config=scores.config or config.to_dict(), rows=train_rows,
               inputs=inputs, weights=weights, stds=stds, keep=keep, rule=rule, scorer=scores.scorer,
-              diagnostics=scores.diagnostics, timings={"read_s": read_s, "select_s": select_s,
+              diagnostics=scores.diagnostics, timings={"read_s": read_s, "stages_s": stages_s, "select_s": select_s,
                                                        "method": dict(scores.timings), "engine": engine},
               started=started, group_column=group_column if groups is not None else None, truth=truth_info,
               coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates,
-                                                                "resumed_from_checkpoint": checkpoints.resumed})
+                                                                "resumed_from_checkpoint": checkpoints.resumed,
+                                                                "stages": stages.to_dict()},
+              near_dup_index=(near_dup_index, stages.config) if near_dup_index is not None else None)
     result = write_run(out, run)
     checkpoints.discard()  # published: nothing left to resume
     return result
@@ -106,9 +115,11 @@ def _read_inputs(train, meta, out: Path, truth) -> tuple[Rows, Rows, dict]:
 
 
 def open_checkpoints(out: Path, method: str, config: SelectConfig, train_rows: Rows, meta_rows: Rows,
-                     restart: bool) -> checkpoint.Checkpoints:
-    """This run's checkpoints beside `out`; a checkpoint of a run with another config or input is refused."""
+                     restart: bool, stages: StageOptions | None = None) -> checkpoint.Checkpoints:
+    """This run's checkpoints beside `out`; a checkpoint of a run with another config, input or stages (they
+    decide which rows selection sees) is refused."""
     fingerprint = {"dpsel_version": __version__, "method": method, "config": config.to_dict(),
+                   "stages": (stages or StageOptions()).to_dict(),
                    "inputs": {name: [f.sha256 for f in rows.data.files]
                               for name, rows in (("train", train_rows), ("meta", meta_rows))}}
     return checkpoint.Checkpoints.open(out, fingerprint, restart=restart)
@@ -121,4 +132,4 @@ def curate_from_config(config: "RunConfig", out=None, **options) -> CurationResu
     return curate(config.data.train, config.data.meta, Path(out if out is not None else config.out),
                   method=config.curate.method, budget=config.curate.budget, threshold=config.curate.threshold,
                   config=config.select_config(), truth=config.data.truth, engine=config.engine,
-                  ray=config.ray_options(), **options)
+                  ray=config.ray_options(), stages=config.stage_options(), **options)

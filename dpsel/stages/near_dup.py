@@ -136,6 +136,10 @@ class NearDup(Block):
     def decide(self, rows: Rows, **_) -> Verdict:
         seen = len(self.index)
         everything, empty = self.extended(rows)
+        # a row already in the index (`filter` on rows that were curated) is that row again, judged
+        # before: it keeps its verdict, never matches, and is not added twice
+        again = np.isin(everything.ids[seen:], self.index.ids) if seen else np.zeros(len(rows), bool)
+        empty[seen:] |= again
         self.index = everything              # the old index is no longer referenced: freed
         keeper = self._keepers(everything, empty)
         verdict = Verdict.keep_all(len(rows))
@@ -143,7 +147,7 @@ class NearDup(Block):
         duplicate = mine != np.arange(seen, len(everything))
         verdict.reason[duplicate] = REASON
         verdict.dup_of[duplicate] = [i.decode() for i in everything.ids[mine[duplicate]].tolist()]
-        everything.compact(np.concatenate([np.arange(seen), seen + np.flatnonzero(~duplicate)]))
+        everything.compact(np.concatenate([np.arange(seen), seen + np.flatnonzero(~duplicate & ~again)]))
         return verdict
 
     def _keepers(self, index: NearDupIndex, skip: np.ndarray) -> np.ndarray:

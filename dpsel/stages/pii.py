@@ -93,6 +93,16 @@ def _redacted_messages(messages: pa.ListArray) -> pa.ListArray:
                                     mask=messages.is_null())
 
 
+def redact_text_columns(table: pa.Table, skip: tuple[str, ...] = ()) -> pa.Table:
+    """The table with every top-level string column masked like the messages (`--pii redact` must not
+    leave the PII in an input's `instruction`/`output`/`text` columns that ride along to curated.parquet)."""
+    for k, field in enumerate(table.schema):
+        if field.name in skip or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            continue
+        table = table.set_column(k, field, scan(table.column(k).combine_chunks())[0])
+    return table
+
+
 class Pii(Block):
     name = "pii"
 

@@ -1,0 +1,144 @@
+"""The curation stages (`dpsel.stages`) on a run's rows: after reading, before selection (curate) or scoring
+(filter). Rows a stage drops get its reason in the row view, so selection never sees them and the row
+accounting (`rows.count_rows`) covers them; duplicates get `dup_of`; `dpsel_pii` and redacted messages ride
+along to the outputs. The near-dup index of the curated rows is saved in `scorer/` for `dpsel filter`.
+
+Engines: the stages run in this process (the driver) for the local and the Ray engine alike, and on every
+torchrun rank (they are deterministic, so every rank keeps the same rows).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from dpsel.curation.rows import Rows, as_path_list
+from dpsel.data import read_instruction_set
+from dpsel.errors import DpselInputError
+from dpsel.outputs import MESSAGE_TYPE
+from dpsel.stages.base import Rows as StageRows
+from dpsel.stages.near_dup import NearDup, NearDupIndex
+from dpsel.stages.pii import COLUMN as PII_COLUMN, MODES as PII_MODES
+from dpsel.stages.pipeline import StagesConfig, build_blocks, run_stages
+
+INDEX_FILE = "near_dup.npz"         # in scorer/: the curated rows' near-dup state
+INDEX_META_FILE = "near_dup.json"   # the settings its band keys were built with
+DUPLICATE_REASONS = ("duplicate", "near_duplicate", "semantic_duplicate")
+_MESSAGES = "dpsel_messages"
+
+
+@dataclass
+class StageOptions:
+    """What the stages of one run are: the contract's options (`StagesConfig`) and the decontamination sets."""
+    config: StagesConfig = field(default_factory=StagesConfig)
+    decontaminate: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self.config), "decontaminate": list(self.decontaminate)}
+
+
+def check_options(options: StageOptions) -> StageOptions:
+    """Bad values are input errors naming the option (exit 2), found before any work."""
+    config = options.config
+    if not 0 < config.near_dup_threshold <= 1:
+        raise DpselInputError(f"--near-dup-threshold must be a Jaccard similarity in (0, 1], "
+                              f"not {config.near_dup_threshold}")
+    if config.semantic_dup is not None:
+        if not -1 <= config.semantic_dup <= 1:
+            raise DpselInputError(f"--semantic-dup must be a cosine in [-1, 1], not {config.semantic_dup}")
+        if importlib.util.find_spec("dpsel.models.embedder") is None:
+            raise DpselInputError("--semantic-dup needs sentence embeddings, and this build of dpsel has no "
+                                  "embedder (dpsel.models.embedder) yet; leave --semantic-dup out")
+    if config.pii not in PII_MODES:
+        raise DpselInputError(f"--pii must be one of {', '.join(PII_MODES)}, not {config.pii!r}")
+    from dpsel.stages.filters import FilterRules
+    try:
+        FilterRules.from_spec(config.filters)
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as error:
+        raise DpselInputError(f"--filters {config.filters!r}: {error}") from None
+    return options
+
+
+def _messages(data, usable: np.ndarray) -> pa.Array:
+    """Normalised messages of the usable rows; other rows empty (the exact stage carries their verdict)."""
+    out: list = [[] for _ in range(len(data))]
+    for i, conversation in zip(np.flatnonzero(usable).tolist(), data.messages(usable)):
+        out[i] = conversation
+    return pa.array(out, MESSAGE_TYPE)
+
+
+def conversation_table(rows: Rows) -> pa.Table:
+    """The rows as the stages read them: id, messages and the reader's reason."""
+    return pa.table({"dpsel_id": pa.array(rows.ids, pa.string()), _MESSAGES: _messages(rows.data, rows.usable),
+                     "dpsel_reason": pa.array(rows.reasons, pa.string())})
+
+
+def eval_texts(paths: list[str]) -> pa.Array:
+    """The normalised conversations of every usable row of the decontamination sets."""
+    texts = [pa.array([], pa.string())]
+    for path in paths:
+        data = read_instruction_set(as_path_list(path))
+        usable = data.usable_mask()
+        texts.append(StageRows(pa.table({"dpsel_id": data.ids, _MESSAGES: _messages(data, usable)})).text
+                     .filter(pa.array(usable)))
+    return pa.concat_arrays([t.cast(pa.string()) for t in texts])
+
+
+def _resolve_chains(ids: list[str], reason: np.ndarray, dup_of: np.ndarray) -> np.ndarray:
+    """An exact duplicate of a row that a later stage dropped as a near/semantic duplicate points to the row
+    kept in its place, not to the dropped one."""
+    index = {ids[i]: i for i in np.flatnonzero(np.isin(reason, DUPLICATE_REASONS[1:])).tolist()}
+    for i in np.flatnonzero(reason == "duplicate").tolist():
+        seen = set()
+        while dup_of[i] in index and dup_of[i] not in seen:
+            seen.add(dup_of[i])
+            dup_of[i] = dup_of[index[dup_of[i]]]
+    return dup_of
+
+
+def apply_stages(rows: Rows, options: StageOptions, seen: NearDupIndex | None = None) -> NearDupIndex | None:
+    """Run the stages on `rows` and record their verdicts in it; returns the near-dup index of the kept rows
+    (None without the near-dup stage)."""
+    blocks = build_blocks(options.config, eval_texts(options.decontaminate), seen=seen)
+    outcome = run_stages(conversation_table(rows), blocks)
+    dropped = np.flatnonzero((outcome.reason != "") & ~np.isin(outcome.reason, ("invalid", "duplicate")))
+    dup_of = _resolve_chains(rows.ids, outcome.reason, outcome.dup_of)
+    for i in dropped.tolist():
+        rows.reasons[i] = outcome.reason[i]
+        rows.details[i] = f"{outcome.reason[i]} of {dup_of[i]}" if dup_of[i] is not None else outcome.reason[i]
+    rows.usable = rows.usable & (outcome.reason == "")
+    rows.dup_of = dup_of.tolist()
+    rows.stage_stats = [stats.as_dict() for stats in outcome.stats]
+    rows.stage_columns = {name: outcome.columns[name] for name in (PII_COLUMN,) if name in outcome.columns}
+    if options.config.pii == "redact" and _MESSAGES in outcome.columns:
+        rows.redacted = outcome.columns[_MESSAGES]
+    near_dup = next((b for b in blocks if isinstance(b, NearDup)), None)
+    return near_dup.index if near_dup is not None else None
+
+
+def save_index(scorer_dir: Path, index: NearDupIndex | None, config: StagesConfig) -> None:
+    if index is None or not scorer_dir.is_dir():
+        return
+    index.save(scorer_dir / INDEX_FILE)
+    (scorer_dir / INDEX_META_FILE).write_text(json.dumps({"threshold": config.near_dup_threshold,
+                                                          "rows": len(index)}) + "\n")
+
+
+def load_index(scorer_dir: Path, config: StagesConfig) -> NearDupIndex | None:
+    """The curated rows' near-dup index, for a filter run with the near-dup stage on; None if the scorer
+    has none (a run made without near-dup, or before stages existed)."""
+    path = scorer_dir / INDEX_FILE
+    if not config.near_dup or not path.exists():
+        return None
+    built = json.loads((scorer_dir / INDEX_META_FILE).read_text()).get("threshold")
+    if built != config.near_dup_threshold:
+        raise DpselInputError(f"the scorer's near-dup index was built at --near-dup-threshold {built}; give that "
+                              f"value (not {config.near_dup_threshold}) or --no-near-dup",
+                              file=str(scorer_dir / INDEX_META_FILE))
+    return NearDupIndex.load(path)
