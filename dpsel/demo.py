@@ -80,7 +80,7 @@ def plan(config: RunConfig, size: DemoSize, rates=None, seeds: int = TUNING_SEED
     methods = method_configs(config)
     if rates is None:
         rates = probe({c.tune.method: c.tune.r for c in methods.values()}, config.tune.batch_size or 16,
-                      config.tune.max_length or 128, config.device)
+                      config.tune.max_length or 128, config.device, list(DEMO_TASKS))
     phases = phase_seconds(rates, pretrain_steps=size.base.steps, selection_steps=config.curate.steps or 0,
                            tune_steps=config.tune.steps or 0, runs_per_method=2 * seeds, eval_rows=size.test_rows)
     tuned = ", ".join(f"{name} (r={c.tune.r}, lr {c.tune.lr:g})" for name, c in methods.items())

@@ -9,7 +9,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-PROBE_STEPS = 4   # the first step pays one-off costs; the median of the rest is the rate
+PROBE_STEPS = 6   # the first step pays one-off costs; the mean of the rest is the rate (batches differ in length)
 PROBE_EVAL_ROWS = 16
 # One bads sampler step costs about this many full-training steps of the tiny model, its share of the meta
 # reference fit and of the posterior pass over every row included (measured on the quick and full demos).
@@ -27,11 +27,12 @@ class Rates:
     eval_row: float
 
 
-def _probe_rows(count: int) -> list:
+def _probe_rows(count: int, tasks) -> list:
     from dpsel.data import alpaca_to_messages
     from dpsel.synth import make_rows
 
-    return [alpaca_to_messages(r["instruction"], r["output"], r["input"]) for r in make_rows(count, rng=99)]
+    rows = make_rows(count, tasks=tasks, rng=99)
+    return [alpaca_to_messages(r["instruction"], r["output"], r["input"]) for r in rows]
 
 
 def _step_seconds(model, tokenizer, rows, batch_size: int, max_length: int, device: str) -> float:
@@ -41,7 +42,7 @@ def _step_seconds(model, tokenizer, rows, batch_size: int, max_length: int, devi
     config = TrainConfig(max_steps=PROBE_STEPS, learning_rate=1e-3, per_device_train_batch_size=batch_size,
                          max_length=max_length, use_cpu=resolve_device(device).type == "cpu")
     result = train(model, tokenizer, rows, config=config, progress=False)
-    return statistics.median(result.step_seconds[1:] or result.step_seconds)
+    return statistics.fmean(result.step_seconds[1:] or result.step_seconds)
 
 
 def _eval_seconds(model, tokenizer, rows, max_length: int) -> float:
@@ -52,12 +53,13 @@ def _eval_seconds(model, tokenizer, rows, max_length: int) -> float:
     return (time.perf_counter() - started) / PROBE_EVAL_ROWS
 
 
-def probe(methods: dict[str, int], batch_size: int, max_length: int, device: str = "auto") -> Rates:
-    """Time PROBE_STEPS steps of full training and of each adapter method {method: r} on the tiny model."""
+def probe(methods: dict[str, int], batch_size: int, max_length: int, device: str = "auto", tasks=None) -> Rates:
+    """Time PROBE_STEPS steps of full training and of each adapter method {method: r} on the tiny model, on
+    synthetic rows of `tasks` (all families when None)."""
     from dpsel.loading import load_model
     from peft_train.adapters import build_adapter, needs_4bit
 
-    rows = _probe_rows(batch_size * PROBE_STEPS)
+    rows = _probe_rows(batch_size * PROBE_STEPS, tasks)
     model, tokenizer = load_model("tiny", device=device)
     eval_row = _eval_seconds(model, tokenizer, rows, max_length)
     full = _step_seconds(model, tokenizer, rows, batch_size, max_length, device)
