@@ -12,8 +12,9 @@ from dataclasses import dataclass
 PROBE_STEPS = 6   # the first step pays one-off costs; the mean of the rest is the rate (batches differ in length)
 PROBE_EVAL_ROWS = 16
 # One bads sampler step costs about this many full-training steps of the tiny model, its share of the meta
-# reference fit and of the posterior pass over every row included (measured on the quick and full demos).
-SELECTION_STEP_COST = 2.6
+# reference fit, the prior's evidence and the posterior pass over every row included (measured: 9.8 on the
+# quick demo, 9.9 on the full one).
+SELECTION_STEP_COST = 10.0
 # Prefect's embedded server start, data generation, model loading and saving: about this many seconds per
 # flow run on 2 free cores (measured on the demo).
 OVERHEAD_S = 4.0
