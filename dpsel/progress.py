@@ -267,3 +267,6 @@ def set_verbosity(verbose: bool = False) -> None:
     # peft saving an adapter of the built-in model: there is no hub config to compare the vocabulary with
     for message in ("Could not find a config file", "Unable to fetch remote file"):
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    # bitsandbytes on an avx512-bf16 CPU looks for an optional hub kernel when first imported and warns when
+    # it is absent ("Failed to load CPU gemm_4bit_forward"); its own CPU path runs instead
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

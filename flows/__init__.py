@@ -13,7 +13,7 @@ from flows.environment import use_project_prefect_home
 
 FLOW_NAMES = ("curate", "filter", "tune", "curate_then_tune")
 # Options that are flow parameters rather than RunConfig fields.
-_FLOW_OPTIONS = {"curate_then_tune": ("compare",)}
+_FLOW_OPTIONS = {"curate_then_tune": ("compare", "tune_model")}
 # Where an unqualified `method`/`steps` option goes for each flow (curate_then_tune needs curate_/tune_).
 _STAGE_OF = {"curate": "curate", "filter": "curate", "tune": "tune", "curate_then_tune": None}
 

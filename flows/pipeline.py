@@ -214,10 +214,11 @@ def tune_flow(config: RunConfig) -> dict:
 
 
 @flow(name="curate-then-tune")
-def curate_then_tune_flow(config: RunConfig, compare: bool = False) -> dict:
+def curate_then_tune_flow(config: RunConfig, compare: bool = False, tune_model: str | None = None) -> dict:
     """Curate, fine-tune on the curated rows and — with `compare` — also on all rows (no weights), with the
-    same steps and seed, so the two eval figures differ only by the data. Layout: OUT/curate/,
-    OUT/tune-curated/, OUT/tune-uncurated/, OUT/summary.json, OUT/report.md."""
+    same steps and seed, so the two eval figures differ only by the data. `tune_model`: the base to tune when
+    it is not the one that selects (`model`). Layout: OUT/curate/, OUT/tune-curated/, OUT/tune-uncurated/,
+    OUT/summary.json, OUT/report.md."""
     config.require("data.train", "data.meta", "out", flow="curate-then-tune")
     out = _out(config)
     # the pool is decontaminated against the eval set the tuned models are measured on
@@ -225,7 +226,7 @@ def curate_then_tune_flow(config: RunConfig, compare: bool = False) -> dict:
                                                                       out / "curate"))
     _publish_curation(curated, "curate", f"Curation ({curated.get('method')})")
 
-    options = config.tune_options()
+    options = {**config.tune_options(), **({"model": tune_model} if tune_model else {})}
     tuned: dict[str, dict] = {}
     stages = {"curate": curate_state}
     tuned["curated"], stages["tune-curated"] = run_stage(

@@ -223,8 +223,9 @@ def test_demo_plans_first_and_ends_with_the_margin_over_seeds(tmp_path):
     assert "600 synthetic rows" in plan[0] and plan[-1].startswith("estimate: about")
     summary = {"report": "r.md", "headline": {"selection AUROC": 0.7, "kept rows": 7, "input rows": 10,
                                                "usable rows": 9, "kept fraction (of input rows)": 0.7},
-               "eval_loss_by_seed": {"seeds": [0, 1, 2], "curated": [1.0, 1.1, 1.2], "uncurated": [1.1, 1.15, 1.3]}}
+               "eval_loss_by_seed": {"qlora": {"seeds": [0, 1, 2], "curated": [1.0, 1.1, 1.2],
+                                               "uncurated": [1.1, 1.15, 1.3]}}}
     lines = demo.headline(summary)
-    assert demo.margins(summary["eval_loss_by_seed"]) == pytest.approx([0.1, 0.05, 0.1])
+    assert demo.margins(summary["eval_loss_by_seed"]["qlora"]) == pytest.approx([0.1, 0.05, 0.1])
     assert any("margin (uncurated - curated): +0.0833" in line and "3 of 3 seeds" in line for line in lines)
     assert lines[-1].endswith("yes")
