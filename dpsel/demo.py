@@ -32,7 +32,9 @@ TUNING_SEEDS = 3
 # The demo's rows: the task families its base was not pretrained on (compare, next, convert, digits).
 DEMO_TASKS = tuple(task for task in TASK_FAMILIES if task not in PRETRAIN_TASKS)
 # The adapter compared with configs/demo.yaml's (qlora): the SURM structure that measured best in
-# benchmarks/results/tune.md (surm-ldr at displacement rank 1, 6,656 parameters on the tiny model).
+# benchmarks/results/tune.md (surm-ldr at displacement rank 1, 6,656 parameters on the tiny model). It gets
+# its own step count (DemoSize.surm_steps): at QLoRA's 150 its margin over seeds was within the spread
+# (+0.079 ± 0.080); at 250 it was +0.115 ± 0.017.
 SURM = {"tune.method": "surm-ldr", "tune.r": 1, "tune.lr": 1e-2}
 
 
@@ -44,14 +46,15 @@ class DemoSize:
     meta_rows: int
     test_rows: int
     base: BaseSettings
+    surm_steps: int = 250                            # tuning steps of the SURM runs
     overrides: dict = field(default_factory=dict)   # RunConfig overrides on top of configs/demo.yaml
 
 
 FULL = DemoSize(rows=3000, noise=0.3, meta_rows=200, test_rows=300, base=BaseSettings(steps=300))
 # --quick: a fifth of the rows and fewer steps; same methods and models, so the same code runs.
-QUICK = DemoSize(rows=600, noise=0.3, meta_rows=100, test_rows=60, base=BaseSettings(steps=150), overrides={
-    "curate.steps": 60, "tune.steps": 60, "curate.select.max_length": 96, "tune.max_length": 96,
-    "curate.select.extra": {"ref_patience": 2, "ref_steps": 100}})
+QUICK = DemoSize(rows=600, noise=0.3, meta_rows=100, test_rows=60, base=BaseSettings(steps=150), surm_steps=60,
+                 overrides={"curate.steps": 60, "tune.steps": 60, "curate.select.max_length": 96,
+                            "tune.max_length": 96, "curate.select.extra": {"ref_patience": 2, "ref_steps": 100}})
 
 
 def demo_config(out: Path, device: str = "auto", seed: int = 0, size: DemoSize = FULL) -> RunConfig:
@@ -66,9 +69,9 @@ def demo_config(out: Path, device: str = "auto", seed: int = 0, size: DemoSize =
         "out": str(out), "device": device, "seed": seed, **size.overrides})
 
 
-def method_configs(config: RunConfig) -> dict[str, RunConfig]:
+def method_configs(config: RunConfig, size: DemoSize) -> dict[str, RunConfig]:
     """The tuning runs compared, by label: configs/demo.yaml's method (qlora) and the SURM structure."""
-    surm = config.with_overrides(SURM)
+    surm = config.with_overrides({**SURM, "tune.steps": size.surm_steps})
     return {config.tune.method: config, surm.tune.method: surm}
 
 
@@ -77,13 +80,14 @@ def plan(config: RunConfig, size: DemoSize, rates=None, seeds: int = TUNING_SEED
     times `rates` (dpsel.demo_estimate.Rates; measured now by a short probe when not given)."""
     from dpsel.demo_estimate import phase_seconds, probe
 
-    methods = method_configs(config)
+    methods = method_configs(config, size)
     if rates is None:
         rates = probe({c.tune.method: c.tune.r for c in methods.values()}, config.tune.batch_size or 16,
                       config.tune.max_length or 128, config.device, list(DEMO_TASKS))
     phases = phase_seconds(rates, pretrain_steps=size.base.steps, selection_steps=config.curate.steps or 0,
-                           tune_steps=config.tune.steps or 0, runs_per_method=2 * seeds, eval_rows=size.test_rows)
-    tuned = ", ".join(f"{name} (r={c.tune.r}, lr {c.tune.lr:g})" for name, c in methods.items())
+                           tune_steps={name: c.tune.steps or 0 for name, c in methods.items()},
+                           runs_per_method=2 * seeds, eval_rows=size.test_rows)
+    tuned = ", ".join(f"{name} (r={c.tune.r}, lr {c.tune.lr:g}, {c.tune.steps} steps)" for name, c in methods.items())
     step_times = ", ".join(f"{name} {s * 1000:.0f} ms" for name, s in
                            [("full", rates.full_step), *rates.adapter_step.items()])
     return [
@@ -93,7 +97,7 @@ def plan(config: RunConfig, size: DemoSize, rates=None, seeds: int = TUNING_SEED
         f"({', '.join(size.base.tasks)}; saved under OUT/base/, reused next time)",
         f"  2. select rows with {config.curate.method} on the random-init tiny model ({config.curate.steps} "
         f"sampler steps after a reference fit on the meta set), keep {config.curate.budget:.0%}",
-        f"  3. tune the pretrained base with adapters, {tuned}, {config.tune.steps} steps, on the curated rows "
+        f"  3. tune the pretrained base with adapters, {tuned}, on the curated rows "
         f"and on all rows, {seeds} seeds each",
         "  4. compare eval loss on the test rows per method: the margin and its spread over the seeds",
         f"estimate: about {sum(phases.values()) / 60:.1f} min here: planned steps times the step times a probe "
@@ -136,7 +140,7 @@ def run_demo(out: Path, *, device: str = "auto", seed: int = 0, size: DemoSize =
     data = {"curated": summary["curate"]["paths"]["curated"], "uncurated": config.data.train}
     weights = {"curated": config.tune.weights_column, "uncurated": None}
     by_method = {}
-    for label, run in method_configs(config).items():
+    for label, run in method_configs(config, size).items():
         runs = {name: [] for name in data}
         for tuning_seed in range(seed, seed + seeds):
             for name in data:

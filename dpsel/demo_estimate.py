@@ -72,12 +72,13 @@ def probe(methods: dict[str, int], batch_size: int, max_length: int, device: str
     return Rates(full, adapters, eval_row)
 
 
-def phase_seconds(rates: Rates, *, pretrain_steps: int, selection_steps: int, tune_steps: int,
+def phase_seconds(rates: Rates, *, pretrain_steps: int, selection_steps: int, tune_steps: dict[str, int],
                   runs_per_method: int, eval_rows: int) -> dict[str, float]:
-    """Estimated seconds of each phase: planned steps (and rows) times the measured rates."""
+    """Estimated seconds of each phase: planned steps (and rows) times the measured rates; `tune_steps`:
+    each adapter method's steps."""
     phases = {"pretrain base": pretrain_steps * rates.full_step,
               "select": selection_steps * SELECTION_STEP_COST * rates.full_step}
     for method, step in rates.adapter_step.items():
-        phases[f"tune {method}"] = runs_per_method * (tune_steps * step + eval_rows * rates.eval_row)
+        phases[f"tune {method}"] = runs_per_method * (tune_steps[method] * step + eval_rows * rates.eval_row)
     phases["overhead"] = OVERHEAD_S * (1 + len(rates.adapter_step) * runs_per_method)
     return phases

@@ -9,7 +9,7 @@ from dpsel.demo_estimate import Rates
 from prefect_fixtures import prefect_server  # noqa: F401 - session fixture
 
 SMALL = dataclasses.replace(
-    demo.QUICK, rows=60, meta_rows=16, test_rows=8, base=BaseSettings(steps=2, rows=64),
+    demo.QUICK, rows=60, meta_rows=16, test_rows=8, base=BaseSettings(steps=2, rows=64), surm_steps=2,
     overrides={**demo.QUICK.overrides, "curate.steps": 4, "tune.steps": 2, "curate.select.max_length": 48,
                "tune.max_length": 48, "curate.select.extra": {"ref_patience": 1, "ref_steps": 4}})
 
@@ -18,7 +18,7 @@ def test_plan_names_both_adapter_methods_and_estimates_from_measured_rates(tmp_p
     config = demo.demo_config(tmp_path, size=demo.QUICK)
     rates = Rates(full_step=0.1, adapter_step={"qlora": 0.2, "surm-ldr": 0.3}, eval_row=0.01)
     lines = demo.plan(config, demo.QUICK, rates)
-    assert "qlora (r=8" in lines[3] and "surm-ldr (r=1" in lines[3]
+    assert "qlora (r=8" in lines[3] and "surm-ldr (r=1" in lines[3] and "60 steps" in lines[3]
     assert lines[-1].startswith("estimate: about") and "qlora 200 ms" in lines[-1] and "probe" in lines[-1]
     slower = demo.plan(config, demo.QUICK, dataclasses.replace(rates, full_step=0.2))
     assert float(slower[-1].split()[2]) > float(lines[-1].split()[2])  # the estimate follows the measured rates
