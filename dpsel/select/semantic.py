@@ -66,7 +66,3 @@ def pseudo_groups(q: np.ndarray, seed: int, rows_per_group: int = 60, most: int 
     k = int(np.clip(len(q) // rows_per_group, 2, most))
     return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(q).astype(int)
 
-
-def has_groups(groups: np.ndarray) -> bool:
-    counts = np.bincount(np.asarray(groups)) if len(groups) else np.zeros(0, dtype=int)
-    return (counts >= 2).sum() >= 2

@@ -1,16 +1,19 @@
 """The empirical-Bayes prior: each row's prior mean weight from the evidence that it looks bad (the reference's
-within-group loss rank, group consistency), and the evidence-only ablation scores."""
+within-group loss rank, group consistency, the embedder's question–answer consistency and pseudo-groups), and the
+evidence-only ablation scores."""
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 
 from dpsel.select.bads.config import BadsSettings
 from dpsel.select.base import Messages
-from dpsel.select.consistency import (combine_evidence, consistency_z, evidence_z, group_consistency,
+from dpsel.select.consistency import (combine_evidence, consistency_z, evidence_z, group_consistency, has_groups,
                                       prior_mean_from_z)
 
-
+log = logging.getLogger(__name__)
 SEMANTIC_EVIDENCE = ("qa_consistency", "pseudo_group_consistency")
 
 
@@ -28,7 +31,7 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
     group consistency over pseudo-groups; {} (the log says what the prior falls back to) without an embedder.
     `report` gets the embedder's manifest record and its encoding cost."""
     from dpsel.models.embedder import EmbeddingCache, try_embedder
-    from dpsel.select.semantic import has_groups, pseudo_groups, qa_consistency, robust_z, row_embeddings
+    from dpsel.select.semantic import pseudo_groups, qa_consistency, robust_z, row_embeddings
     embedder = try_embedder(settings.embedder)
     if embedder is None:
         return {}
@@ -38,7 +41,10 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
     report["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
     evidence = {"qa_consistency": robust_z(-qa_consistency(q, a, seed, extra))}
     if settings.group_consistency and not has_groups(groups):
-        confidence = group_consistency(train, pseudo_groups(q, seed), seed)
+        pseudo = pseudo_groups(q, seed)
+        log.info("bads prior: no group column; group consistency over %d pseudo-groups (k-means of the "
+                 "instruction embeddings)", len(np.unique(pseudo)))
+        confidence = group_consistency(train, pseudo, seed)
         if confidence is not None:
             evidence["pseudo_group_consistency"] = consistency_z(confidence)
     return evidence
@@ -49,14 +55,15 @@ def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndar
                      ) -> dict[str, np.ndarray]:
     """The evidence behind the empirical-Bayes prior, each as a normal score (high = looks bad): the reference's
     within-group loss rank, when the pool has groups how unlike its group's answers the row's answer is, and the
-    embedder's evidence (`semantic_evidence`)."""
+    embedder's evidence (`semantic_evidence`, with pseudo-groups where the pool has none)."""
     evidence = {"reference": evidence_z(ref_nll, groups)}
-    if settings.group_consistency:
-        confidence = group_consistency(train, groups, seed)  # None (logged) without groups
-        if confidence is not None:
-            evidence["group_consistency"] = consistency_z(confidence)
+    if settings.group_consistency and has_groups(groups):
+        evidence["group_consistency"] = consistency_z(group_consistency(train, groups, seed))
     if settings.semantic:
         evidence.update(semantic_evidence(train, meta, groups, settings, seed, report if report is not None else {}))
+    if settings.group_consistency and "group_consistency" not in evidence \
+            and "pseudo_group_consistency" not in evidence:
+        group_consistency(train, groups, seed)  # logs that group consistency is off, and what the prior keeps
     return evidence
 
 
