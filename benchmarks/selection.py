@@ -54,6 +54,8 @@ VARIANTS = {
 }
 DEFAULT_METHODS = "bads,loss,rds,bads-paper,random"
 KINDS = ("wrong", "swapped", "garbage", "truncated", "refusal")
+DEFAULT_PEERS = "quality-clf,dsir,task-disagreement"
+TEXT_PEERS = "qa-cosine,rds-embed,char-lm,fasttext,quality-clf"
 
 
 def auroc_report(weights: np.ndarray, kinds: np.ndarray) -> dict:
@@ -77,10 +79,16 @@ def load_rows(path: Path):
 
 
 def make_data(args, workdir: Path):
+    """One seed's rows: synth (with or without its task column) or the docstring real-text set (no task column)."""
     from dpsel.data import row_id
-    from dpsel.synth import generate
-    paths = generate(workdir, rows=args.rows, noise=args.noise, seed=args.seed, meta_rows=args.meta_rows,
-                     test_rows=args.test_rows)
+    if args.dataset == "realtext":
+        from realtext import write
+        paths = write(workdir, rows=args.rows, noise=args.noise, meta_rows=args.meta_rows, test_rows=args.test_rows,
+                      seed=args.seed)
+    else:
+        from dpsel.synth import generate
+        paths = generate(workdir, rows=args.rows, noise=args.noise, seed=args.seed, meta_rows=args.meta_rows,
+                         test_rows=args.test_rows)
     train, train_table = load_rows(paths["train"])
     meta, _ = load_rows(paths["meta"])
     test, test_table = load_rows(paths["test"])
@@ -88,9 +96,10 @@ def make_data(args, workdir: Path):
     ids = [row_id(m) for m in train]
     first = ~pd.Series(ids).duplicated().to_numpy()  # dedup: first occurrence kept
     dup_kinds = truth.kind.to_numpy()[~first]
+    has_tasks = args.dataset == "synth"
     data = {"train": [m for m, k in zip(train, first) if k], "meta": meta, "test": test,
-            "tasks": train_table.task.to_numpy()[first], "kinds": truth.kind.to_numpy()[first],
-            "test_tasks": test_table.task.tolist(),
+            "tasks": train_table.task.to_numpy()[first] if has_tasks else None, "kinds": truth.kind.to_numpy()[first],
+            "test_tasks": test_table.task.tolist() if has_tasks else None,
             "dedup": {"removed": int((~first).sum()), "removed_that_are_duplicates": int((dup_kinds == "duplicate").sum()),
                       "duplicates_planted": int((truth.kind == "duplicate").sum())}}
     return data
@@ -113,7 +122,8 @@ def run_method(name: str, data: dict, args, progress_every: float = 30.0) -> dic
     started = time.perf_counter()
     from peft_train.memory import PeakMemory
     with PeakMemory(args.device) as memory:
-        scores = select(data["train"], data["meta"], method, config, progress, groups=list(data["tasks"]))
+        groups = None if data["tasks"] is None else list(data["tasks"])
+        scores = select(data["train"], data["meta"], method, config, progress, groups=groups)
     seconds = time.perf_counter() - started
     w = scores.weight_mean
     keep = np.ones(len(w), dtype=bool) if name == "all" else kept_mask(w, args.budget, args.seed)
@@ -146,8 +156,14 @@ def score_result(name: str, weights: np.ndarray, seconds: float, data: dict, arg
     return result
 
 
-def run_peer(name: str, data: dict, args) -> dict:
+def all_peers() -> dict:
     from peers import PEERS
+    from peers_text import PEERS as TEXT_PEERS
+    return {**PEERS, **TEXT_PEERS}
+
+
+def run_peer(name: str, data: dict, args) -> dict:
+    PEERS = all_peers()
     started = time.perf_counter()
     scores = PEERS[name](data, args.seed)
     return score_result(name, np.asarray(scores, dtype=np.float64), time.perf_counter() - started, data, args)
@@ -336,6 +352,9 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="synth", choices=("synth", "synth-notask", "realtext"),
+                        help="synth (with its task column), synth without it, or the docstring real-text set "
+                             "(benchmarks/realtext.py); results go to selection[-DATASET].{json,md}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--noise", type=float, default=0.3)
@@ -355,7 +374,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--extra", default="{}", help="JSON merged into SelectConfig.extra for every method")
     parser.add_argument("--seed", type=int, default=0, help="one data seed (see --seeds)")
     parser.add_argument("--seeds", default="0,1,2", help="comma list of data seeds; every figure is mean ± sd over them")
-    parser.add_argument("--peers", default="quality-clf,dsir,task-disagreement",
+    parser.add_argument("--peers", default=DEFAULT_PEERS,
                         help="comma list of the cheap peers in benchmarks/peers.py run on the same data")
     parser.add_argument("--base", default="pretrained", choices=("pretrained", "random"),
                         help="tiny model only: pretrain it on clean synth rows first (cached), or start random-init")
@@ -383,7 +402,11 @@ def main(argv=None) -> dict:
     unknown = [m for m in names if m not in VARIANTS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(VARIANTS)}")
-    from peers import PEERS
+    PEERS = all_peers()
+    if args.dataset != "synth":  # no task column: task-disagreement has nothing to read; no synth base to pretrain
+        args.peers = args.peers if args.peers != DEFAULT_PEERS else TEXT_PEERS
+        args.base = "random" if args.dataset == "realtext" else args.base
+        args.train_steps = 0
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     if set(peers) - set(PEERS):
         parser.error(f"unknown peers {sorted(set(peers) - set(PEERS))}; choose from {', '.join(PEERS)}")
@@ -400,7 +423,7 @@ def main(argv=None) -> dict:
         args.pretrain_info = None
         for k, seed in enumerate(seeds):
             args.seed = seed
-            data = make_data(args, workdir / f"synth-{seed}")
+            data = make_data(args, workdir / f"{args.dataset}-{seed}")
             if k == 0 and args.model_size == "tiny" and args.base == "pretrained":
                 if args.pretrain_seed in seeds:
                     parser.error("--pretrain-seed must differ from every data seed")
@@ -416,11 +439,12 @@ def main(argv=None) -> dict:
     report["seconds"] = time.perf_counter() - started
     report["args"].pop("model_path", None)
     report["pretrain"] = report["args"].pop("pretrain_info", None)
-    runs = saved_runs(out / "selection.json")
+    stem = "selection" if args.dataset == "synth" else f"selection-{args.dataset}"
+    runs = saved_runs(out / f"{stem}.json")
     base = report["args"].get("base", "random") if args.model_size == "tiny" else args.model_size
     runs[f"{base}-{args.rows}"] = report
-    (out / "selection.json").write_text(json.dumps({"runs": runs}, indent=2, default=float) + "\n")
-    (out / "selection.md").write_text(full_markdown(runs))
+    (out / f"{stem}.json").write_text(json.dumps({"runs": runs}, indent=2, default=float) + "\n")
+    (out / f"{stem}.md").write_text(full_markdown(runs))
     print(multi_seed_markdown(report))
     return report
 
@@ -537,7 +561,7 @@ def _pm(entry: dict | None, digits: int = 3) -> str:
 def multi_seed_markdown(report: dict) -> str:
     a, summary = report["args"], report["summary"]
     base = a.get("base", "random") if a["model_size"] == "tiny" else a["model_size"]
-    lines = [f"## {a['rows']} rows, {base} base, seeds {', '.join(map(str, report['seeds']))}", "",
+    lines = [f"## {a.get('dataset', 'synth')}: {a['rows']} rows, {base} base, seeds {', '.join(map(str, report['seeds']))}", "",
              f"`dpsel synth --rows {a['rows']} --noise {a['noise']}`, {a['meta_rows']} meta rows (the trusted set every "
              f"method and peer gets), model `{a['model_size']}` on `{a['device']}`, {a['threads']} torch thread(s), "
              f"selection run length {'--steps ' + str(a['steps']) if a['steps'] else 'the method default (epochs)'}, "

@@ -99,7 +99,7 @@ def curate(train, meta, out=None, *, truth=None, per_task: bool = False, config=
            verbose: bool = False, restart: bool = False, **options) -> Result:
     """Score every row of `train` against the trusted `meta` set and keep the best (`dpsel curate`).
 
-    `options` are the CLI's, with underscores: method, budget, threshold, model, steps, seed, device,
+    `options` are the CLI's, with underscores: method, budget, threshold, model, embedder, steps, seed, device,
     variant, weight_param, batch_size, meta_batch_size, max_length, extra, engine, ray_address, and the
     curation stages' near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii. `out`
     defaults to a new temporary folder. `progress`: True draws progress on stderr, False nothing, or a

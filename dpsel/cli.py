@@ -143,6 +143,9 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum mean weight to keep."),
            per_task: bool = typer.Option(False, "--per-task", help="Apply the budget within each `task` group."),
            model: Optional[str] = typer.Option(None, "--model", help="'tiny' (default, built in), a local directory, or a hub id."),
+           embedder: Optional[str] = typer.Option(None, "--embedder", help="Sentence embedder for the meaning "
+                                                  "evidence: 'default' (packaged all-MiniLM-L6-v2), a local "
+                                                  "folder, a hub id (offline), or 'none'."),
            steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (method default if unset)."),
            epochs: Optional[float] = typer.Option(None, "--epochs", help="bads/l2rw: passes over the pool after burn-in (--steps overrides)."),
            seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0); seeded CPU runs are reproducible."),
@@ -169,7 +172,7 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
     from dpsel.progress import default_phase_of, progress_reporter
     run = RunConfig.load(config, {
         "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
-        "threshold": threshold, "model": model, "steps": steps, "epochs": epochs, "seed": seed, "device": device, "truth": truth,
+        "threshold": threshold, "model": model, "embedder": embedder, "steps": steps, "epochs": epochs, "seed": seed, "device": device, "truth": truth,
         "curate.select.variant": variant, "curate.select.weight_param": weight_param,
         "curate.select.batch_size": batch_size, "curate.select.max_length": max_length,
         "engine": engine, "ray_address": ray_address,

@@ -24,7 +24,7 @@ CURATE_METHODS = ("bads", "l2rw", "loss", "ifd", "rds", "random", "all")
 
 
 # The RunConfig fields, besides `data` and `out`, that curation reads (`dpsel.curation.run.curate_from_config`).
-CURATE_STAGE_FIELDS = ("curate", "model", "device", "seed", "engine", "ray", "stages")
+CURATE_STAGE_FIELDS = ("curate", "model", "embedder", "device", "seed", "engine", "ray", "stages")
 
 
 class _Section(BaseModel):
@@ -126,6 +126,7 @@ class RunConfig(_Section):
     curate: CurateConfig = Field(default_factory=CurateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     model: str = "tiny"
+    embedder: str = "default"                            # curate: sentence embedder (dpsel.models.embedder) | none
     device: str = "auto"
     seed: int = 0
     out: str | None = None
@@ -236,7 +237,7 @@ class RunConfig(_Section):
     def select_config(self) -> SelectConfig:
         """The `SelectConfig` the curation stage passes to `dpsel.select.select`."""
         params = self.curate.select
-        return SelectConfig(model=self.model, device=self.device, seed=self.seed, steps=self.curate.steps,
+        return SelectConfig(model=self.model, embedder=self.embedder, device=self.device, seed=self.seed, steps=self.curate.steps,
                             epochs=self.curate.epochs,
                             batch_size=params.batch_size, meta_batch_size=params.meta_batch_size,
                             max_length=params.max_length, variant=params.variant,
@@ -254,7 +255,7 @@ class RunConfig(_Section):
         section = self.stages
         return StageOptions(StagesConfig(near_dup=section.near_dup, near_dup_threshold=section.near_dup_threshold,
                                          semantic_dup=section.semantic_dup, filters=section.filters, pii=section.pii),
-                            decontaminate=list(section.decontaminate))
+                            decontaminate=list(section.decontaminate), embedder=self.embedder)
 
     def with_eval_decontamination(self) -> "RunConfig":
         """curate-then-tune: the pool is also decontaminated against the run's own eval set."""
@@ -294,7 +295,8 @@ _PLAIN_KEYS: dict[str, tuple[str | None, str]] = {
     "scorer": ("data", "scorer"), "inputs": ("data", "inputs"), "in": ("data", "inputs"),
     "budget": ("curate", "budget"), "threshold": ("curate", "threshold"), "epochs": ("curate", "epochs"),
     "lr": ("tune", "lr"), "r": ("tune", "r"), "weights_column": ("tune", "weights_column"),
-    "model": (None, "model"), "device": (None, "device"), "seed": (None, "seed"), "out": (None, "out"),
+    "model": (None, "model"), "embedder": (None, "embedder"), "device": (None, "device"), "seed": (None, "seed"),
+    "out": (None, "out"),
     "engine": (None, "engine"), "ray_address": ("ray", "address"), "ray_workers": ("ray", "workers"),
     "ray_batch_size": ("ray", "batch_size"), "ray_gpus_per_worker": ("ray", "gpus_per_worker"),
     # curation stages

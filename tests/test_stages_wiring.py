@@ -140,13 +140,28 @@ def test_bad_stage_values_exit_2_naming_the_option(data, flags, option):
     assert result.exit_code == 2 and option in result.output
 
 
-def test_semantic_dup_without_embedder_is_an_input_error(data):
-    import importlib.util
-    if importlib.util.find_spec("dpsel.models.embedder") is not None:
-        pytest.skip("an embedder exists: semantic dedup runs")
+TOPICS = [("How do I bake a loaf of bread at home?",
+           "Mix flour, water, yeast and salt, let it rise, then bake it for forty minutes."),
+          ("Why do cats purr?", "Cats purr when content and also to soothe themselves when hurt."),
+          ("What causes the tides?", "The moon's gravity pulls the oceans, raising the water twice a day."),
+          ("How do I reverse a list in Python?", "Call list.reverse() or take the slice items[::-1]."),
+          ("Name a primary colour.", "Red is one of the three primary colours of paint."),
+          ("What is the boiling point of water at sea level?", "One hundred degrees Celsius.")]
+PARAPHRASE = ("What is the way to bake a bread loaf at home?",
+              "Mix flour, water, salt and yeast, let it rise, and bake for forty minutes.")
+
+
+def test_semantic_dup_drops_a_paraphrase_with_the_packaged_embedder(data, tmp_path):
+    pytest.importorskip("sentence_transformers")
+    rows = [*TOPICS, PARAPHRASE]
+    pd.DataFrame([{"instruction": q, "output": a} for q, a in rows]).to_parquet(data["train"])
+    scores, manifest = _curate(data, tmp_path / "run", "--semantic-dup", "0.9", "--no-near-dup")
+    assert scores.dpsel_reason.tolist() == [""] * len(TOPICS) + ["semantic_duplicate"]
+    assert scores.dpsel_dup_of.tolist()[-1] == scores.dpsel_id[0]
+    assert manifest["counts"]["dropped_by_stage"]["semantic_dup"] == 1
     result = runner.invoke(app, ["curate", "--train", str(data["train"]), "--meta", str(data["meta"]),
-                                 "--out", str(data["dir"] / "run"), "--semantic-dup", "0.95"])
-    assert result.exit_code == 2 and "--semantic-dup" in result.output and "embedder" in result.output
+                                 "--out", str(tmp_path / "off"), "--semantic-dup", "0.9", "--embedder", "none"])
+    assert result.exit_code == 2 and "--semantic-dup" in result.output and "--embedder" in result.output
 
 
 def test_filter_drops_near_duplicates_of_rows_the_scorer_has_seen(data):

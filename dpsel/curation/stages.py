@@ -9,7 +9,6 @@ torchrun rank (they are deterministic, so every rank keeps the same rows).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ class StageOptions:
     """What the stages of one run are: the contract's options (`StagesConfig`) and the decontamination sets."""
     config: StagesConfig = field(default_factory=StagesConfig)
     decontaminate: list[str] = field(default_factory=list)
+    embedder: str = "default"        # the semantic-dup stage's sentence embedder (dpsel.models.embedder)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self.config), "decontaminate": list(self.decontaminate)}
@@ -52,9 +52,9 @@ def check_options(options: StageOptions) -> StageOptions:
     if config.semantic_dup is not None:
         if not -1 <= config.semantic_dup <= 1:
             raise DpselInputError(f"--semantic-dup must be a cosine in [-1, 1], not {config.semantic_dup}")
-        if importlib.util.find_spec("dpsel.models.embedder") is None:
-            raise DpselInputError("--semantic-dup needs sentence embeddings, and this build of dpsel has no "
-                                  "embedder (dpsel.models.embedder) yet; leave --semantic-dup out")
+        if str(options.embedder).lower() in ("none", "off", "false"):
+            raise DpselInputError("--semantic-dup needs sentence embeddings and --embedder is none; give an "
+                                  "embedder or leave --semantic-dup out")
     if config.pii not in PII_MODES:
         raise DpselInputError(f"--pii must be one of {', '.join(PII_MODES)}, not {config.pii!r}")
     from dpsel.stages.filters import FilterRules
@@ -102,11 +102,30 @@ def _resolve_chains(ids: list[str], reason: np.ndarray, dup_of: np.ndarray) -> n
     return dup_of
 
 
+def conversation_embeddings(rows: Rows, spec: str) -> np.ndarray:
+    """Per row, the normalised sum of its question and answer embeddings (zeros for unusable rows). They go
+    through the per-row-id cache that bads' evidence reads, so a run embeds each row once."""
+    from dpsel.models.embedder import EmbedderUnavailable, load_embedder
+    from dpsel.select.semantic import row_embeddings
+    try:
+        embedder = load_embedder(spec)
+    except EmbedderUnavailable as error:
+        raise DpselInputError(f"--semantic-dup needs the sentence embedder: {error}") from None
+    question, answer = row_embeddings(embedder, rows.conversations(rows.usable))
+    both = question + answer
+    both /= np.linalg.norm(both, axis=1, keepdims=True) + 1e-12
+    vectors = np.zeros((rows.n, both.shape[1] if len(both) else 1), np.float32)
+    vectors[rows.usable] = both
+    return vectors
+
+
 def apply_stages(rows: Rows, options: StageOptions, seen: NearDupIndex | None = None) -> NearDupIndex | None:
     """Run the stages on `rows` and record their verdicts in it; returns the near-dup index of the kept rows
     (None without the near-dup stage)."""
     blocks = build_blocks(options.config, eval_texts(options.decontaminate), seen=seen)
-    outcome = run_stages(conversation_table(rows), blocks)
+    semantic = options.config.semantic_dup is not None and rows.usable.any()
+    embeddings = conversation_embeddings(rows, options.embedder) if semantic else None
+    outcome = run_stages(conversation_table(rows), blocks, embeddings)
     dropped = np.flatnonzero((outcome.reason != "") & ~np.isin(outcome.reason, ("invalid", "duplicate")))
     dup_of = _resolve_chains(rows.ids, outcome.reason, outcome.dup_of)
     for i in dropped.tolist():

@@ -19,6 +19,7 @@ ProgressFn = Callable[[int, int, dict], None]  # (step, total_steps, latest diag
 class SelectConfig:
     """Everything a selection method may need; methods ignore what they do not use."""
     model: str = "tiny"
+    embedder: str = "default"         # sentence embedder for meaning evidence (dpsel.models.embedder); "none": off
     device: str = "auto"
     seed: int = 0
     steps: int | None = None          # None: the method's default (bads, l2rw: from `epochs`)

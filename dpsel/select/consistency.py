@@ -53,6 +53,12 @@ def group_self_confidence(answers: list[str], groups: np.ndarray, seed: int, fol
     return pred_probs[np.arange(len(groups)), groups]  # cleanlab's self-confidence score
 
 
+def has_groups(groups: np.ndarray) -> bool:
+    """Two or more groups of at least 2 rows: something to be consistent with."""
+    counts = np.bincount(np.asarray(groups)) if len(groups) else np.zeros(0, dtype=int)
+    return int((counts >= 2).sum()) >= 2
+
+
 def group_consistency(messages: list, groups: np.ndarray, seed: int, folds: int = 5) -> np.ndarray | None:
     """p(own group | answer) per row, or None (logged) when the pool has no groups to be consistent with.
 
@@ -61,7 +67,7 @@ def group_consistency(messages: list, groups: np.ndarray, seed: int, folds: int 
     """
     groups = np.asarray(groups)
     counts = np.bincount(groups) if len(groups) else np.zeros(0, dtype=int)
-    if (counts >= 2).sum() < 2:
+    if not has_groups(groups):
         log.warning("bads prior: no group column with two or more groups of at least 2 rows; "
                  "group-consistency evidence off (prior from the LM evidence only)")
         return None

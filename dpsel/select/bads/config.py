@@ -43,6 +43,8 @@ class BadsSettings:
     eb_prior: bool = True             # Beta prior means from the reference's per-group loss ranks
     eb_gamma: float = 1.0             # how sharply the reference ranks move the prior mean
     group_consistency: bool = True    # prior evidence: does the answer look like its group's? (select/consistency.py)
+    semantic: bool = True             # prior evidence from the embedder (select/semantic.py)
+    embedder: str = "default"         # SelectConfig.embedder: a sentence-transformers folder / hub id, or "none"
     centre_losses: str = "group"      # "group" | "global" | "none"
     standardise_losses: bool = True   # divide centred losses by the group's running std
     baseline_momentum: float = 0.95
@@ -57,7 +59,7 @@ class BadsSettings:
             # The plain form: θ anchored at the base model, symmetric Beta prior, raw losses, plain SGLD at T = 1.
             base = cls(anchor="base", eb_prior=False, centre_losses="none", standardise_losses=False,
                        precondition=False, temperature_theta=1.0, lr_theta=1e-6, prior_scale=1.0,
-                       posterior_pass=False, group_consistency=False, kappa=6.0)
+                       posterior_pass=False, group_consistency=False, semantic=False, kappa=6.0)
         elif variant != "default":
             raise DpselInputError(f"unknown bads variant {variant!r}; use 'default' or 'paper'")
         names = {f.name for f in fields(cls)}
@@ -68,6 +70,7 @@ class BadsSettings:
     def from_config(cls, config: SelectConfig) -> "BadsSettings":
         """The variant's settings with the run's overrides: `extra`, then --epochs, then --steps (which wins)."""
         settings = cls.for_variant(config.variant, config.extra)
+        settings.embedder = config.extra.get("embedder", config.embedder)
         if config.epochs is not None:
             settings.epochs, settings.steps = float(config.epochs), None
         if config.steps is not None:

@@ -150,7 +150,9 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
     ref_seconds = time.perf_counter() - ref_started
 
     evidence_started = time.perf_counter()
-    prior_evidence, prior_mean, ablation_priors = prior_means(train, ref_nll, group_ids, settings, config.seed)
+    evidence_report: dict = {}
+    prior_evidence, prior_mean, ablation_priors = prior_means(train, ref_nll, group_ids, settings, config.seed,
+                                                              meta, evidence_report)
     evidence_seconds = time.perf_counter() - evidence_started
     if settings.anchor == "base":
         lm.load_theta(base_state)
@@ -158,6 +160,7 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
                      features, checkpoint, dp, progress)
     result.coverage["prior_evidence"] = list(prior_evidence) + (
         ["theta"] if settings.posterior_pass and settings.refresh_prior == "min" else [])
+    result.coverage.update(evidence_report)  # the embedder behind the evidence, its weights' sha256, rows/s
     result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids))
     lm.model.eval()
 

