@@ -44,7 +44,7 @@ def _fmt(value: Any) -> Any:
 
 def flat_counts(counts: dict) -> dict:
     """{"kept_rows": 7, "dropped_by_reason": {"duplicate": 1}} -> {"kept_rows": 7, "dropped (duplicate)": 1};
-    per curation stage: "stage near_dup: dropped" (and its rows in and seconds)."""
+    per curation stage: "stage near_dup: dropped" (and its rows in; its seconds are in the manifest's timings)."""
     flat = {}
     for name, value in counts.items():
         if name == "dropped_by_stage":
@@ -52,7 +52,7 @@ def flat_counts(counts: dict) -> dict:
         if name == "stages":
             for st in value:
                 flat.update({f"stage {st['stage']}: {what}": st[key] for what, key in
-                             (("rows in", "rows_in"), ("dropped", "dropped"), ("seconds", "seconds"))})
+                             (("rows in", "rows_in"), ("dropped", "dropped"))})
         elif isinstance(value, dict):
             flat.update({f"dropped ({reason})": n for reason, n in value.items()})
         else:

@@ -136,6 +136,8 @@ def _write_files(stage: Path, out: Path, run: Run, run_id: str) -> CurationResul
     paths.update({k: out / v.relative_to(stage) for k, v in report_paths.items() if k != "report"})
     timings = {**run.timings, "write_s": time.perf_counter() - write_start,
                "total_s": time.perf_counter() - run.started}
+    if run.rows.stage_stats:
+        timings["stages"] = {st["stage"]: st["seconds"] for st in run.rows.stage_stats}
     manifest = {
         "run_id": run_id,
         "dpsel_version": __version__,
@@ -179,7 +181,7 @@ def _report_data(run: Run, counts: dict, cutoff: float | None, run_id: str):
     if counts.get("stages"):   # curation stages, in order: rows in, dropped (by reason), seconds
         tables["Curation stages"] = [{"stage": st["stage"], "rows in": st["rows_in"], "dropped": st["dropped"],
                                       "by reason": ", ".join(f"{k} {v}" for k, v in st["by_reason"].items()) or "-",
-                                      "seconds": st["seconds"]} for st in counts["stages"]]
+                                      "seconds": st["seconds"]} for st in run.rows.stage_stats]
     if run.truth:
         tables["Against the truth file"] = [
             {"kind": k, "rows": run.truth["rows_by_kind"][k],

@@ -178,6 +178,7 @@ def count_rows(reasons: list[str], usable: np.ndarray, stage_stats: list[dict] =
     if stage_stats:
         counts["dropped_by_stage"] = {**{s["stage"]: s["dropped"] for s in stage_stats},
                                       "selection": by_reason[REASON_LOW_WEIGHT]}
-        counts["stages"] = list(stage_stats)
+        # counts are facts that two engines or two runs must agree on: each stage's seconds go to `timings`
+        counts["stages"] = [{k: v for k, v in s.items() if k != "seconds"} for s in stage_stats]
         assert sum(counts["dropped_by_stage"].values()) == dropped, "stage accounting"
     return counts

@@ -165,6 +165,8 @@ class NearDup(Block):
         """Unique (row, star centre) pairs: each row against the first row of every band group it is in."""
         n, live = len(bands), np.flatnonzero(~skip)
         unique = np.zeros(0, np.int64)
+        if len(live) < 2:                    # no pair to form (an empty file, or every row skipped)
+            return np.zeros((0, 2), np.int64)
         for band in range(bands.shape[1]):   # merged band by band: pairs repeat across bands
             order = live[np.argsort(bands[live, band], kind="stable")]
             values = bands[order, band]
