@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -103,3 +104,24 @@ def test_ray_curate_refuses_a_local_only_method(tmp_path):
     with pytest.raises(DpselInputError, match="method 'l2rw'.*local-only"):
         curate(tmp_path / "train.parquet", tmp_path / "meta.parquet", tmp_path / "out", method="l2rw",
                engine="ray")
+
+
+def test_near_dup_signatures_on_ray_give_the_local_verdicts(ray_local, monkeypatch):
+    """The near-dup stage's MinHash signatures and band keys computed by Ray actors (several blocks, two
+    actors) give the same index and the same verdicts, `dup_of` included, as in this process."""
+    from test_stages import make_table, planted
+
+    from dpsel.engines.ray_engine import RayBlocks
+    from dpsel.stages import near_dup
+    from dpsel.stages.base import Rows, mapping_blocks_on
+    monkeypatch.setattr(near_dup, "CHUNK_ROWS", 64)   # 330 rows: six blocks, so order across blocks matters
+    table = make_table(planted()[0])
+    local = near_dup.NearDup()
+    expected = local(Rows(table))
+    on_ray = near_dup.NearDup()
+    with mapping_blocks_on(RayBlocks(RayOptions(workers=2))):
+        got = on_ray(Rows(table))
+    assert got.reason.tolist() == expected.reason.tolist() and (got.reason != "").sum() == 30
+    assert got.dup_of.tolist() == expected.dup_of.tolist()
+    for name in ("ids", "bands", "sketch"):
+        assert np.array_equal(getattr(on_ray.index, name), getattr(local.index, name)), name

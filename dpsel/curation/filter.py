@@ -88,11 +88,15 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
     seen = load_index(scorer_dir, stages.config)
     out = Path(out)
     if check_engine(engine) == "ray":
-        from dpsel.engines.ray_engine import score_with_ray
-        scored = score_with_ray(scorer_dir, inputs, ray, progress)
-        rows, scorer_kind = rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
-        check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
-        apply_stages(rows, stages, seen)   # after scoring on Ray: the scores of dropped rows are not used
+        from dpsel.engines import RayOptions
+        from dpsel.engines.ray_engine import block_map, engine_runtime, score_with_ray
+        from dpsel.stages.base import mapping_blocks_on
+        ray = ray or RayOptions()
+        with engine_runtime(ray), mapping_blocks_on(block_map(ray)):   # one runtime: scoring, then the stages
+            scored = score_with_ray(scorer_dir, inputs, ray, progress)
+            rows, scorer_kind = rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
+            check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
+            apply_stages(rows, stages, seen)   # after scoring on Ray: the scores of dropped rows are not used
         mean, std = scored.weights[rows.usable], scored.stds[rows.usable]
         timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds,
                    **scored.split}

@@ -43,11 +43,12 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     `engine="ray"` runs the method's pool-scoring passes on Ray (`ray`: `dpsel.engines.RayOptions`; methods in
     `dpsel.engines.RAY_CURATE_METHODS`, any other is an input error); same outputs.
     `stages`: the curation stages before selection (default: the contract's, near-dup at 0.8 and PII flag);
-    they run in this process whatever the engine.
+    they run in this process, but for the near-dup signatures, which run on Ray actors with `engine="ray"`.
     """
     from dpsel.engines import curate_engine
-    from dpsel.engines.ray_engine import pool_executor
+    from dpsel.engines.ray_engine import block_map, engine_runtime, pool_executor
     from dpsel.models.passes import executing_on
+    from dpsel.stages.base import mapping_blocks_on
     started = time.perf_counter()
     ray_options = curate_engine(engine, method, ray)
     config = config or SelectConfig()
@@ -55,25 +56,27 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     stages = check_options(stages or StageOptions())
     out = Path(out)
     train_rows, meta_rows, meta_duplicates = _read_inputs(train, meta, out, truth)
-    stages_start = time.perf_counter()
-    near_dup_index = apply_stages(train_rows, stages)
-    stages_s = time.perf_counter() - stages_start
-    if rule.uses_groups and train_rows.group_values(group_column) is None:
-        raise DpselInputError("per-group budgets need this column in the training set", column=group_column,
-                              file=", ".join(f.path for f in train_rows.data.files))
-    if not train_rows.usable.any():
-        raise DpselInputError("no usable training rows (all invalid, duplicate or dropped by a curation stage)",
-                              file=", ".join(f.path for f in train_rows.data.files))
-    read_s = time.perf_counter() - started
+    with engine_runtime(ray_options):   # one Ray runtime (if any) for the stages and the method's passes
+        stages_start = time.perf_counter()
+        with mapping_blocks_on(block_map(ray_options)):   # near-dup signatures on Ray actors too
+            near_dup_index = apply_stages(train_rows, stages)
+        stages_s = time.perf_counter() - stages_start
+        if rule.uses_groups and train_rows.group_values(group_column) is None:
+            raise DpselInputError("per-group budgets need this column in the training set", column=group_column,
+                                  file=", ".join(f.path for f in train_rows.data.files))
+        if not train_rows.usable.any():
+            raise DpselInputError("no usable training rows (all invalid, duplicate or dropped by a curation stage)",
+                                  file=", ".join(f.path for f in train_rows.data.files))
+        read_s = time.perf_counter() - started
 
-    select_start = time.perf_counter()
-    groups = train_rows.group_values(group_column)
-    # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
-    usable_groups = None if groups is None else list(groups[train_rows.usable])
-    checkpoints = open_checkpoints(out, method, config, train_rows, meta_rows, restart, stages)
-    with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)):
-        scores = select(train_rows.conversations(train_rows.usable), meta_rows.data.messages(meta_rows.usable),
-                        method, config, progress, groups=usable_groups)
+        select_start = time.perf_counter()
+        groups = train_rows.group_values(group_column)
+        # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
+        usable_groups = None if groups is None else list(groups[train_rows.usable])
+        checkpoints = open_checkpoints(out, method, config, train_rows, meta_rows, restart, stages)
+        with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)):
+            scores = select(train_rows.conversations(train_rows.usable), meta_rows.data.messages(meta_rows.usable),
+                            method, config, progress, groups=usable_groups)
     check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
     select_s = time.perf_counter() - select_start
     weights, stds = spread_scores(train_rows, scores.weight_mean, scores.weight_std)

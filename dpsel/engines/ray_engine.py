@@ -2,7 +2,9 @@
 (normalising and scoring) over a pool of stateful actors (`map_batches`); the driver keeps what needs the
 whole input at once (duplicates across shards, the keep rule, the output files).
 
-Two users: `filter --engine ray` (`score_with_ray`: the scorer/ folder loaded once per actor) and the pool
+Three users: the curation stages' per-row work (`RayBlocks`: the near-dup MinHash signatures and LSH band keys;
+the driver keeps the band grouping and the clustering, on ~220 bytes a row), `filter --engine ray`
+(`score_with_ray`: the scorer/ folder loaded once per actor) and the pool
 passes of `curate --engine ray` (`RayPasses`, the model layer's executor that `curate` installs: the model of the
 pass — the meta-fitted reference, or the base for `rds` — shipped to each actor once as its safetensors files,
 runs the pass function the method handed over on every pool row: the NLL, the `bads` features or the RDS+
@@ -249,6 +251,49 @@ class RayPasses:
 
     def run(self, fn: RowPass, lm: LM, messages: list, max_length: int) -> np.ndarray:
         return pass_with_ray(lm, messages, max_length, self.options, fn)
+
+
+class ApplyToBlock:
+    """One Ray actor of a curation stage's per-row work: `fn` (a module-level function of one Arrow block,
+    e.g. the near-dup signatures) on each block, the row index carried through to check the order."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        out = self.fn(block.drop_columns([_ROW]))
+        if out.num_rows != block.num_rows:
+            raise RuntimeError(f"a stage's block function gave {out.num_rows} rows for {block.num_rows}")
+        return out.append_column(_ROW, block.column(_ROW))
+
+
+@dataclass
+class RayBlocks:
+    """The curation stages' block map (`dpsel.stages.base.mapping_blocks_on`) on Ray: the table's blocks go
+    through a pool of `ApplyToBlock` actors and come back whole, in input order (checked)."""
+    options: RayOptions
+
+    def __call__(self, fn, table: pa.Table, rows: int) -> Iterator[pa.Table]:
+        import dataclasses
+        indexed = table.append_column(_ROW, pa.array(np.arange(table.num_rows), pa.int64()))
+        out = map_on_actors(indexed, ApplyToBlock, {"fn": fn},
+                            dataclasses.replace(self.options, batch_size=rows)).table
+        got = np.zeros(0, np.int64) if out is None else out.column(_ROW).to_numpy()
+        if not np.array_equal(got, np.arange(table.num_rows)):
+            raise RuntimeError(f"Ray returned {len(got)} rows for {table.num_rows}, or out of order")
+        if out is not None:
+            yield out.drop_columns([_ROW])
+
+
+def engine_runtime(options: RayOptions | None):
+    """One Ray runtime held across a run's Ray work (the stages, then the passes or the scoring), so its
+    start-up is paid once; nothing to hold for the local engine (None)."""
+    return contextlib.nullcontext() if options is None else ray_runtime(options)
+
+
+def block_map(options: RayOptions | None):
+    """What the curation stages' per-row work runs on: Ray actors with `options`, or this process (None)."""
+    return None if options is None else RayBlocks(options)
 
 
 def pool_executor(options: RayOptions | None) -> Executor:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -195,3 +198,32 @@ class Block:
             raise AssertionError(f"{self.name}: {len(verdict.reason)} verdicts for {len(rows)} rows")
         self.stats.add(verdict, time.perf_counter() - started)
         return verdict
+
+
+# Where a block's per-row work runs (the near-dup signatures): `map_blocks(fn, table, rows)` gives `fn` of each
+# `rows`-row slice of `table`, in order. This process by default; an engine installs its own (`mapping_blocks_on`,
+# e.g. Ray actors) — blocks never import an engine, and `fn` is a module-level function (it pickles by reference).
+BlockFn = Callable[[pa.Table], pa.Table]
+BlockMap = Callable[[BlockFn, pa.Table, int], Iterable[pa.Table]]
+
+
+def map_in_process(fn: BlockFn, table: pa.Table, rows: int) -> Iterator[pa.Table]:
+    for start in range(0, table.num_rows, rows):
+        yield fn(table.slice(start, rows))
+
+
+_block_map: ContextVar[BlockMap] = ContextVar("dpsel_block_map", default=map_in_process)
+
+
+@contextmanager
+def mapping_blocks_on(block_map: BlockMap | None) -> Iterator[None]:
+    """Within the block, `map_blocks` runs on `block_map` (None: this process)."""
+    token = _block_map.set(block_map or map_in_process)
+    try:
+        yield
+    finally:
+        _block_map.reset(token)
+
+
+def map_blocks(fn: BlockFn, table: pa.Table, rows: int) -> Iterable[pa.Table]:
+    return _block_map.get()(fn, table, rows)

@@ -18,16 +18,19 @@ pair). Measured peak at 1M rows: see benchmarks/results/dedup.md.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import rensa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from dpsel.data.schema import ID_COLUMN
-from dpsel.stages.base import Block, Rows, Verdict, flat_hashes, shingle_hashes, splitmix64, words_of
+from dpsel.stages.base import (Block, Rows, Verdict, flat_hashes, map_blocks, shingle_hashes, splitmix64,
+                               words_of)
 
 REASON = "near_duplicate"
 SEED = 20250101
@@ -93,6 +96,39 @@ def _band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return (key >> np.uint64(32)).astype(np.uint32)
 
 
+TEXT, BANDS, SKETCH, EMPTY = "text", "bands", "sketch", "empty"
+
+
+def sign_block(block: pa.Table, *, ngram: int, num_perm: int, bands: int, band_rows: int) -> pa.Table:
+    """One block of row texts -> per row its LSH band keys, its b-bit sketch and whether it has no words.
+    A module-level function of one block, so an engine can run it anywhere (`base.map_blocks`)."""
+    tokens, offsets = flat_hashes(words_of(block.column(TEXT).combine_chunks()))
+    shingles, row_offsets = shingle_hashes(tokens, offsets, ngram)
+    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(shingles, row_offsets.astype(np.uint64),
+                                                                 num_perm, SEED)
+    signature = np.array(matrix.to_rows(), np.uint32).reshape(-1, num_perm)
+    return pa.table({BANDS: _as_fixed_binary(_band_keys(signature, bands, band_rows)),
+                     SKETCH: _as_fixed_binary((signature & 0xFF).astype(np.uint8)),
+                     EMPTY: pa.array(np.diff(row_offsets) == 0)})
+
+
+def _as_fixed_binary(matrix: np.ndarray) -> pa.Array:
+    """A [rows, k] array as one fixed-size binary value per row, sharing its bytes (Arrow-native, so it
+    travels between processes without a per-row Python object)."""
+    matrix = np.ascontiguousarray(matrix)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(matrix.shape[1] * matrix.itemsize), len(matrix),
+                                                [None, pa.py_buffer(matrix)])
+
+
+def _fixed_width(column: pa.ChunkedArray, dtype, width: int) -> np.ndarray:
+    """A fixed-size binary column back to a [rows, width] array of `dtype` (no per-row Python)."""
+    array = column.combine_chunks()
+    if not len(array):
+        return np.zeros((0, width), dtype)
+    data = np.frombuffer(array.buffers()[1], dtype)
+    return data[array.offset * width:(array.offset + len(array)) * width].reshape(len(array), width)
+
+
 class NearDup(Block):
     name = "near_dup"
 
@@ -111,26 +147,28 @@ class NearDup(Block):
         return self.bands * 4 + self.num_perm + ID_BYTES
 
     def extended(self, rows: Rows) -> tuple[NearDupIndex, np.ndarray]:
-        """The index with every row of `rows` appended (filled in chunks, so no second copy of the new
-        rows' entries is ever held), and per entry: no words at all (such rows never match)."""
+        """The index with every row of `rows` appended (filled block by block, so no second copy of the new
+        rows' entries is ever held), and per entry: no words at all (such rows never match). The signatures
+        are computed by the installed block map (`base.map_blocks`: this process, or Ray actors)."""
         seen, total = len(self.index), len(self.index) + len(rows)
         longest = pc.max(pc.binary_length(rows.table.column(ID_COLUMN))).as_py() or 0
         width = max(ID_BYTES, self.index.ids.dtype.itemsize, longest)     # ids are never cut
         out = NearDupIndex(np.empty(total, f"S{width}"), np.empty((total, self.bands), np.uint32),
                            np.empty((total, self.num_perm), np.uint8))
         out.ids[:seen], out.bands[:seen], out.sketch[:seen] = self.index.ids, self.index.bands, self.index.sketch
+        out.ids[seen:] = [i.encode() for i in rows.ids.tolist()]
         empty = np.zeros(total, bool)
-        for start in range(0, len(rows), CHUNK_ROWS):
-            tokens, offsets = flat_hashes(words_of(rows.text.slice(start, CHUNK_ROWS)))
-            shingles, row_offsets = shingle_hashes(tokens, offsets, self.ngram)
-            matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
-                shingles, row_offsets.astype(np.uint64), self.num_perm, SEED)
-            signature = np.array(matrix.to_rows(), np.uint32).reshape(-1, self.num_perm)
-            at = slice(seen + start, seen + start + len(signature))
-            out.ids[at] = [i.encode() for i in rows.ids[start:start + CHUNK_ROWS].tolist()]
-            out.bands[at] = _band_keys(signature, self.bands, self.band_rows)
-            out.sketch[at] = signature & 0xFF
-            empty[at] = np.diff(row_offsets) == 0
+        sign = functools.partial(sign_block, ngram=self.ngram, num_perm=self.num_perm, bands=self.bands,
+                                 band_rows=self.band_rows)
+        at = seen
+        for block in map_blocks(sign, pa.table({TEXT: rows.text}), CHUNK_ROWS):
+            n = block.num_rows
+            out.bands[at:at + n] = _fixed_width(block.column(BANDS), np.uint32, self.bands)
+            out.sketch[at:at + n] = _fixed_width(block.column(SKETCH), np.uint8, self.num_perm)
+            empty[at:at + n] = block.column(EMPTY).to_numpy(zero_copy_only=False)
+            at += n
+        if at != total:
+            raise RuntimeError(f"near-dup signatures came back for {at - seen} of {len(rows)} rows")
         return out, empty
 
     def decide(self, rows: Rows, **_) -> Verdict:
