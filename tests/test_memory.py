@@ -12,3 +12,12 @@ def test_peak_memory_sees_what_a_block_allocates_on_cpu():
         del block
     assert big.delta >= 48 * 2**20 > small.delta
     assert peak_rss() >= current_rss() > 0
+
+
+def test_a_nested_block_does_not_hide_the_enclosing_blocks_peak():
+    with PeakMemory("cpu") as outer:
+        block = np.ones(64 * 2**20 // 8)
+        del block
+        with PeakMemory("cpu") as inner:   # resets the kernel's high-water mark the outer block relies on
+            pass
+    assert outer.delta >= 48 * 2**20 > inner.delta
