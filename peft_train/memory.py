@@ -124,8 +124,8 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated()
             return self
         self.proc = psutil.Process()
-        self._erased_from = len(_ERASED_MARKS)
         self.exact = _reset_high_water_mark()
+        self._erased_from = len(_ERASED_MARKS)   # marks erased from now on were set inside this block
         self.base = self.proc.memory_info().rss
         self.peak = self.base
 
