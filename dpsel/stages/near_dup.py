@@ -5,10 +5,11 @@ How: each row's word 5-shingles (64-bit hashes, `base.shingle_hashes`) go to `re
 ~280 µs/row for `datasketch`'s `update_batch` on the same pre-hashed shingles). Only two things per row
 are kept: `bands` 32-bit band keys and a `num_perm`-byte sketch (the low 8 bits of every MinHash value,
 "b-bit MinHash"). Rows sharing a band key in any band are candidates (a star from the band group's first
-row); a candidate pair is kept when its b-bit estimate of Jaccard reaches the threshold (this drops the
-band-collision false positives that LSH alone keeps); clusters are the connected components of the kept
-pairs, and each cluster keeps its first row in input order (previously curated rows, the `seen` index,
-come before every new row), so the keeper never depends on anything but row order.
+row); a candidate pair is kept when its b-bit estimate of Jaccard reaches `verify_threshold` (this drops
+the band-collision false positives that LSH alone keeps, while a pair at the threshold passes 98% of the
+time); clusters are the connected components of the kept pairs, and each cluster keeps its first row in
+input order (previously curated rows, the `seen` index, come before every new row), so the keeper never
+depends on anything but row order.
 
 Memory (state, per row): bands*4 + num_perm + 20 (id; longer ids widen it) bytes = 220 bytes at the
 defaults (threshold 0.8, 128 permutations: 18 bands of 7 rows). Signatures are computed in chunks and
@@ -19,6 +20,8 @@ pair). Measured peak at 1M rows: see benchmarks/results/dedup.md.
 from __future__ import annotations
 
 import functools
+import math
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,9 +39,21 @@ REASON = "near_duplicate"
 SEED = 20250101
 CHUNK_ROWS = 2048     # rensa's digests come back as Python lists: ~40 bytes a value while converted
 ID_BYTES = 20
+RECALL_AT_THRESHOLD = 0.98   # of a pair at exactly the threshold: by the bands, and again by the check
 
 
-def lsh_bands(threshold: float, num_perm: int, recall: float = 0.98) -> tuple[int, int]:
+def verify_threshold(threshold: float, num_perm: int, recall: float = RECALL_AT_THRESHOLD) -> float:
+    """The b-bit MinHash estimate a candidate pair must reach so that a pair at exactly `threshold` passes
+    with probability `recall`, the bands' own target: checking against `threshold` itself would drop half of
+    the pairs at it (the estimate's sd is ~0.035 at 0.8 with 128 permutations), and LSH plus its check would
+    find ~49% of them. Together the two find ~96% of pairs at the threshold and half of those at ~0.73."""
+    chance = 1 / 256
+    agree = threshold + chance * (1 - threshold)
+    sd = math.sqrt(agree * (1 - agree) / num_perm) / (1 - chance)
+    return threshold - statistics.NormalDist().inv_cdf(recall) * sd if threshold < 1 else 1.0
+
+
+def lsh_bands(threshold: float, num_perm: int, recall: float = RECALL_AT_THRESHOLD) -> tuple[int, int]:
     """(bands, rows per band): the longest band (fewest chance collisions) for which a pair at exactly
     `threshold` still becomes a candidate with probability >= `recall`."""
     for rows in range(num_perm, 0, -1):
@@ -138,6 +153,7 @@ class NearDup(Block):
             raise ValueError(f"near-dup threshold must be in (0, 1], got {threshold}")
         self.threshold, self.num_perm, self.ngram = threshold, num_perm, ngram
         self.bands, self.band_rows = lsh_bands(threshold, num_perm)
+        self.verify_at = verify_threshold(threshold, num_perm)
         # rows kept so far (the given seen index, then every batch's kept rows): later batches are
         # deduplicated against earlier ones, and `index.save` hands the state to a later run
         self.index = seen if seen is not None else NearDupIndex.empty(self.bands, num_perm)
@@ -214,11 +230,11 @@ class NearDup(Block):
         return np.stack([unique // max(n, 1), unique % max(n, 1)], axis=1)
 
     def _similar(self, sketch: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-        """b-bit MinHash estimate of each pair's Jaccard >= threshold (chance agreement 1/256 removed)."""
+        """b-bit MinHash estimate of each pair's Jaccard >= `verify_at` (chance agreement 1/256 removed)."""
         keep = np.zeros(len(pairs), bool)
         for start in range(0, len(pairs), 65536):
             a, b = pairs[start:start + 65536].T
             agree = (sketch[a] == sketch[b]).mean(axis=1)
-            keep[start:start + 65536] = (agree - 1 / 256) / (1 - 1 / 256) >= self.threshold - 1e-9
+            keep[start:start + 65536] = (agree - 1 / 256) / (1 - 1 / 256) >= self.verify_at - 1e-9
         return keep
 
