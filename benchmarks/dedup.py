@@ -210,7 +210,7 @@ def _run_state(folder: Path, rows: int, env: dict) -> dict | None:
 
 def _reuse(args, methods: dict, misses: dict) -> None:
     """Entries of methods not run this time, from the last report on the same pool (marked `reused`)."""
-    path = RESULTS / "dedup.json"
+    path = RESULTS / f"{args.name}.json"
     if not args.reuse or not path.exists():
         return
     old = json.loads(path.read_text())
@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path)
     parser.add_argument("--methods", default=f"dpsel,dpsel@{LOOSE},datatrove,data_juicer")
     parser.add_argument("--state-rows", type=int, default=1_000_000, help="near-dup state/clustering check")
+    parser.add_argument("--name", default="dedup", help="results file name (e.g. dedup-1m for a 1M-row run)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the entries of methods not run now from results/dedup.json (same rows and seed)")
     args = parser.parse_args()
@@ -276,8 +277,8 @@ def main() -> None:
                        f"{LOOSE}); Data-Juicer with jaccard_threshold=0.8. Peak RSS of dpsel: near-dup only "
                        "(before its decontamination pass).")}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dedup.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "dedup.md").write_text(_markdown(report))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(_markdown(report))
     print(_markdown(report))
 
 
