@@ -51,6 +51,13 @@ class BadsSettings:
     rao_blackwell: bool = True        # logits: average E[w_i | θ, ℓ̃_i] (1-D quadrature) at each visit, not the draw
     diag_every: int = 10
     weight_hidden: int = 32
+    # θ's space: "embedder" (a question→answer map in the sentence embedder's space, embedding_problem.py),
+    # "lm" (the causal LM's parameters) or "auto": the embedder when it loads and the model is the built-in,
+    # language-free `tiny` (a real --model, --variant paper, torchrun or no embedder keep the LM; the run says so)
+    theta_space: str = "auto"
+    embed_alpha: float = 1.0          # ridge penalty of the embedding maps (θ₀ and the meta-only reference)
+    embed_loss_scale: float = 0.1     # τ in ℓ = (1 − cos)/τ: losses on the scale of an LM's per-token NLL
+    fluency: bool = True              # prior evidence: word-order fluency of the answer (select/fluency.py)
 
     @classmethod
     def for_variant(cls, variant: str, extra: dict) -> "BadsSettings":
@@ -59,7 +66,8 @@ class BadsSettings:
             # The plain form: θ anchored at the base model, symmetric Beta prior, raw losses, plain SGLD at T = 1.
             base = cls(anchor="base", eb_prior=False, centre_losses="none", standardise_losses=False,
                        precondition=False, temperature_theta=1.0, lr_theta=1e-6, prior_scale=1.0,
-                       posterior_pass=False, group_consistency=False, semantic=False, kappa=6.0)
+                       posterior_pass=False, group_consistency=False, semantic=False, kappa=6.0,
+                       fluency=False, theta_space="lm")
         elif variant != "default":
             raise DpselInputError(f"unknown bads variant {variant!r}; use 'default' or 'paper'")
         names = {f.name for f in fields(cls)}
