@@ -66,6 +66,8 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
+    if settings.pseudo_groups is None:
+        settings.pseudo_groups = False  # see BadsSettings.pseudo_groups
     cache = EmbeddingCache(embedder)
     q, a = row_embeddings(embedder, train, cache)
     q_meta, a_meta = row_embeddings(embedder, meta, cache)

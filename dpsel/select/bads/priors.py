@@ -49,7 +49,7 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
     extra = row_embeddings(embedder, meta, cache) if meta else None
     report["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
     evidence = {"qa_consistency": robust_z(-qa_consistency(q, a, seed, extra))}
-    if settings.group_consistency and not has_groups(groups):
+    if settings.group_consistency and settings.pseudo_groups is not False and not has_groups(groups):
         pseudo = pseudo_groups(q, seed)
         log.info("bads prior: no group column; group consistency over %d pseudo-groups (k-means of the "
                  "instruction embeddings)", len(np.unique(pseudo)))
@@ -71,7 +71,7 @@ def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndar
     if settings.semantic:
         evidence.update(semantic_evidence(train, meta, groups, settings, seed, report if report is not None else {}))
     if settings.fluency:
-        evidence["fluency"] = fluency_evidence(train, meta)
+        evidence["fluency"] = fluency_evidence(train, meta) - settings.fluency_margin
     if settings.group_consistency and "group_consistency" not in evidence \
             and "pseudo_group_consistency" not in evidence:
         group_consistency(train, groups, seed)  # logs that group consistency is off, and what the prior keeps
