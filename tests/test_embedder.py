@@ -76,7 +76,7 @@ def test_prior_evidence_lists_the_embedder_evidence_without_a_group_column(embed
     report = {}
     evidence = prior_evidence_z(rows, np.zeros(len(rows)), infer_groups(rows, None), BadsSettings(), 0,
                                 meta=rows[:4], report=report)
-    assert list(evidence) == ["reference", "qa_consistency", "pseudo_group_consistency"]
+    assert list(evidence) == ["reference", "qa_consistency", "pseudo_group_consistency", "fluency"]
     assert report["embedder"]["weights_sha256"]["model.safetensors"] == PUBLISHED_SHA256
     assert "semantic" not in evidence and not BadsSettings.for_variant("paper", {}).semantic
 
@@ -89,7 +89,7 @@ def test_missing_embedder_says_what_the_run_falls_back_to(caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="dpsel.models.embedder"):
         evidence = prior_evidence_z(rows, np.zeros(len(rows)), infer_groups(rows, None),
                                     BadsSettings(embedder=str(tmp_path / "missing")), 0)
-    assert list(evidence) == ["reference"]
+    assert list(evidence) == ["reference", "fluency"]  # fluency reads words, not embeddings
 
 
 def test_curate_manifest_names_the_embedder_and_the_evidence(embedder, tmp_path):
@@ -103,6 +103,7 @@ def test_curate_manifest_names_the_embedder_and_the_evidence(embedder, tmp_path)
     curate(tmp_path / "train.parquet", tmp_path / "meta.parquet", tmp_path / "out", method="bads", budget=0.5,
            config=config)
     coverage = json.loads((tmp_path / "out" / "manifest.json").read_text())["coverage"]
-    assert coverage["prior_evidence"] == ["reference", "qa_consistency", "pseudo_group_consistency", "theta"]
+    assert coverage["prior_evidence"] == ["reference", "qa_consistency", "fluency", "theta"]
+    assert coverage["theta_space"]["space"] == "embedder"
     assert coverage["embedder"]["weights_sha256"]["model.safetensors"] == PUBLISHED_SHA256
     assert coverage["embedder"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"

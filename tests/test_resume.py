@@ -32,11 +32,12 @@ def small(tmp_path_factory) -> Path:
     pq.write_table(pa.Table.from_pylist(rows), root / "train.parquet")
     meta = [{"instruction": f"Add {i} and 1.", "output": str(i + 1), "task": "a"} for i in range(100, 106)]
     pq.write_table(pa.Table.from_pylist(meta), root / "meta.parquet")
-    # a short reference fit (ref_steps) and small batches keep the sampler's share of the run large
+    # a short reference fit (ref_steps) and small batches keep the sampler's share of the run large; θ is the LM's
+    # (the embedder θ's sampler is over in milliseconds, too soon to be killed mid-run)
     (root / "run.yaml").write_text(
         f"data:\n  train: {root / 'train.parquet'}\n  meta: {root / 'meta.parquet'}\n"
         f"curate:\n  method: bads\n  steps: {STEPS}\n  select:\n    batch_size: 4\n    meta_batch_size: 2\n"
-        "    max_length: 48\n    extra:\n      ref_steps: 4\n      ref_eval_every: 2\n")
+        "    max_length: 48\n    extra:\n      ref_steps: 4\n      ref_eval_every: 2\n      theta_space: lm\n")
     return root
 
 

@@ -31,6 +31,7 @@ _SCORER_IMPL = {
     "all": ("dpsel.select.scorers", "ConstantScorer"),
     "random": ("dpsel.select.scorers", "RandomScorer"),
     "bads": ("dpsel.select.bads", "BadsScorer"),
+    "bads-embedder": ("dpsel.select.bads", "EmbedderBadsScorer"),
     "l2rw": ("dpsel.select.l2rw", "L2rwScorer"),
     "loss": ("dpsel.select.reference", "ReferenceScorer"),
     "ifd": ("dpsel.select.reference", "ReferenceScorer"),

@@ -15,9 +15,9 @@ the model changes nothing else.
 (per-task normalisation, `baseline.GroupBaseline`; it stands in for the dropped normaliser's gradient, which
 is what keeps every weight from being pushed down alike). Minibatch terms are scaled by N/B and M/B_m.
 
-Files: config (settings), model, problems, weights (parametrisations), baseline, kernel, runner, result,
+Files: config (settings), model, problems, embedding_problem (θ in the sentence embedder's space), weights (parametrisations), baseline, kernel, runner, result,
 posterior (the posterior pass), priors (empirical Bayes), parallel (torchrun), timing, method
-(`select_bads`), scorer (`BadsScorer`). The names below are the package's public ones.
+(`select_bads`), embedder_method (its embedder-θ path), scorer (`BadsScorer`, `EmbedderBadsScorer`). The names below are the package's public ones.
 """
 from dpsel.select.bads.baseline import GroupBaseline
 from dpsel.select.bads.config import DEFAULT_EPOCHS, BadsSettings
@@ -25,14 +25,15 @@ from dpsel.select.bads.method import reference_budget, select_bads
 from dpsel.select.bads.model import beta_prior_params, conditional_weight_moments, log_joint
 from dpsel.select.bads.posterior import posterior_pass, posterior_pass_over_pool
 from dpsel.select.bads.priors import empirical_bayes_mean, evidence_ablations, prior_evidence_z
+from dpsel.select.bads.embedding_problem import EmbeddingProblem
 from dpsel.select.bads.problems import LMProblem, SelectionProblem, infer_groups
 from dpsel.select.bads.result import SamplerResult, coverage_summary
 from dpsel.select.bads.runner import run_sampler
-from dpsel.select.bads.scorer import BadsScorer
+from dpsel.select.bads.scorer import BadsScorer, EmbedderBadsScorer
 from dpsel.select.bads.timing import measure_plain_step
 from dpsel.select.bads.weights import AmortizedWeights, LogitWeights
 
-__all__ = ["AmortizedWeights", "BadsScorer", "BadsSettings", "DEFAULT_EPOCHS", "GroupBaseline", "LMProblem",
+__all__ = ["AmortizedWeights", "BadsScorer", "EmbedderBadsScorer", "EmbeddingProblem", "BadsSettings", "DEFAULT_EPOCHS", "GroupBaseline", "LMProblem",
            "LogitWeights", "SamplerResult", "SelectionProblem", "beta_prior_params", "conditional_weight_moments",
            "coverage_summary", "empirical_bayes_mean", "evidence_ablations", "infer_groups", "log_joint",
            "measure_plain_step", "posterior_pass", "posterior_pass_over_pool", "prior_evidence_z",

@@ -51,6 +51,20 @@ class BadsSettings:
     rao_blackwell: bool = True        # logits: average E[w_i | θ, ℓ̃_i] (1-D quadrature) at each visit, not the draw
     diag_every: int = 10
     weight_hidden: int = 32
+    # θ's space: "embedder" (a question→answer map in the sentence embedder's space, embedding_problem.py),
+    # "lm" (the causal LM's parameters) or "auto": the embedder when it loads and the model is the built-in,
+    # language-free `tiny` (a real --model, --variant paper, torchrun or no embedder keep the LM; the run says so)
+    theta_space: str = "auto"
+    embed_alpha: float = 1.0          # ridge penalty of the embedding maps (θ₀ and the meta-only reference)
+    embed_loss_scale: float = 0.1     # τ in ℓ = (1 − cos)/τ: losses on the scale of an LM's per-token NLL
+    fluency: bool = True              # prior evidence: word-order fluency of the answer (select/fluency.py)
+    # Fluency's robust z is lowered by this before the prior's `max`, so only the clearly disfluent tail counts
+    # (docstring set, seed 0, embedder θ: margin 0 → AUROC 0.872, wrong 0.67; margin 1 → 0.869, wrong 0.73)
+    fluency_margin: float = 1.0
+    # Pseudo-groups (k-means of the instructions) where the pool has no group column. None: on for the LM θ, off
+    # for the embedder θ, whose question–answer evidence they only add noise to (docstring set, seed 0: 0.684
+    # AUROC alone; the prior's `max` with them 0.789, without them 0.865)
+    pseudo_groups: bool | None = None
 
     @classmethod
     def for_variant(cls, variant: str, extra: dict) -> "BadsSettings":
@@ -59,7 +73,8 @@ class BadsSettings:
             # The plain form: θ anchored at the base model, symmetric Beta prior, raw losses, plain SGLD at T = 1.
             base = cls(anchor="base", eb_prior=False, centre_losses="none", standardise_losses=False,
                        precondition=False, temperature_theta=1.0, lr_theta=1e-6, prior_scale=1.0,
-                       posterior_pass=False, group_consistency=False, semantic=False, kappa=6.0)
+                       posterior_pass=False, group_consistency=False, semantic=False, kappa=6.0,
+                       fluency=False, theta_space="lm")
         elif variant != "default":
             raise DpselInputError(f"unknown bads variant {variant!r}; use 'default' or 'paper'")
         names = {f.name for f in fields(cls)}

@@ -12,11 +12,13 @@ from dpsel.checkpoint import RankCheckpoints, current as current_checkpoints, fl
 from dpsel.errors import DpselInputError
 from dpsel.parallel.collectives import from_env
 from dpsel.select.bads.config import BadsSettings
+from dpsel.select.bads.embedder_method import select_bads_embedder, theta_space
 from dpsel.select.bads.parallel import gather_result, subset_rows
 from dpsel.select.bads.priors import evidence_ablations, prior_means
 from dpsel.select.bads.problems import LMProblem, infer_groups
 from dpsel.select.bads.runner import run_sampler
 from dpsel.select.bads.scorer import BadsScorer
+from dpsel.select.bads.weights import final_weights
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 
 
@@ -93,31 +95,6 @@ def _sample(lm, train_rows, meta_rows, group_ids: np.ndarray, config: SelectConf
     return result if dp is None else gather_result(dp, result)
 
 
-def _final_weights(result, config: SelectConfig, scaled_features: np.ndarray, features: torch.Tensor):
-    """(weight mean, weight std, weight net, φ samples): the amortised run's own net, or a net distilled from
-    the rows the run backs, which also scores the under-visited rows."""
-    from dpsel.select.features import distil_weight_net
-    weight_mean, weight_std = result.weight_mean, result.weight_std
-    if config.weight_param == "amortized":
-        return weight_mean, weight_std, result.weights_model.net, \
-            result.phi_samples or [result.weights_model.net.state_dict()]
-    backed = ~result.under_visited
-    if not backed.any():  # no row had enough visits: the net can only learn the prior means
-        backed = np.ones(len(backed), dtype=bool)
-        result.coverage["weight_network_fit_on"] = "prior means (no row reached min_visits)"
-    net = distil_weight_net(scaled_features[backed], weight_mean[backed], config.seed)
-    if result.under_visited.any():
-        # Too few visits for a posterior of their own: the net distilled from the well-visited rows scores
-        # them (std 0 there means "no draws", which the coverage record states).
-        with torch.no_grad():
-            low = torch.as_tensor(np.flatnonzero(result.under_visited))
-            weight_mean = weight_mean.copy()
-            weight_mean[low.numpy()] = torch.sigmoid(net(features[low])).double().numpy()
-            weight_std = weight_std.copy()
-            weight_std[low.numpy()] = 0.0
-    return weight_mean, weight_std, net, [net.state_dict()]
-
-
 def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfig,
                 progress: ProgressFn | None = None, groups=None) -> Scores:
     """Fit the meta reference (θ₀, features, empirical-Bayes prior), then sample (θ, w) by SGLD."""
@@ -128,6 +105,9 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
     settings = BadsSettings.from_config(config)
     seed_all(config.seed)
     dp = _data_parallel(config)
+    space, embedder, why = theta_space(config, settings, dp)
+    if space == "embedder":
+        return select_bads_embedder(train, meta, config, settings, embedder, why, progress, groups)
     lm = build_lm(config)
     train_rows = EncodedRows(train, lm.tokenizer, config.max_length, lm.pad_id)
     meta_rows = EncodedRows(meta, lm.tokenizer, config.max_length, lm.pad_id)
@@ -158,13 +138,14 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
         lm.load_theta(base_state)
     result = _sample(lm, train_rows, meta_rows, group_ids, config, settings, (prior_mean, ablation_priors),
                      features, checkpoint, dp, progress)
+    result.coverage["theta_space"] = {"space": "lm", "why": why}
     result.coverage["prior_evidence"] = list(prior_evidence) + (
         ["theta"] if settings.posterior_pass and settings.refresh_prior == "min" else [])
     result.coverage.update(evidence_report)  # the embedder behind the evidence, its weights' sha256, rows/s
     result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids))
     lm.model.eval()
 
-    weight_mean, weight_std, net, phi_samples = _final_weights(result, config, stats.apply(raw_features), features)
+    weight_mean, weight_std, net, phi_samples = final_weights(result, config, stats.apply(raw_features), features)
     lm.load_theta(ref_state)  # the scorer featurises unseen rows with the reference, as the run did
     from dpsel.data import row_id
     scorer = BadsScorer([row_id(m) for m in train], weight_mean, weight_std,

@@ -1,6 +1,6 @@
 """The empirical-Bayes prior: each row's prior mean weight from the evidence that it looks bad (the reference's
-within-group loss rank, group consistency, the embedder's question–answer consistency and pseudo-groups), and the
-evidence-only ablation scores."""
+within-group loss rank, group consistency, the embedder's question–answer consistency and pseudo-groups, the
+answer's word-order fluency), and the evidence-only ablation scores."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +15,15 @@ from dpsel.select.consistency import (combine_evidence, consistency_z, evidence_
 
 log = logging.getLogger(__name__)
 SEMANTIC_EVIDENCE = ("qa_consistency", "pseudo_group_consistency")
+
+
+def fluency_evidence(train: list[Messages], meta: list[Messages] | None) -> np.ndarray:
+    """Normal score (high = looks bad) of the answer's word-order fluency (select/fluency.py), robust-z'd so only
+    the disfluent tail stands out in the prior's `max`."""
+    from dpsel.select.consistency import answer_text
+    from dpsel.select.fluency import bigram_fluency
+    from dpsel.select.semantic import robust_z
+    return robust_z(-bigram_fluency([answer_text(m) for m in train], [answer_text(m) for m in meta or []]))
 
 
 def empirical_bayes_mean(ref_nll: np.ndarray, groups: np.ndarray, beta: float, gamma: float) -> np.ndarray:
@@ -40,7 +49,7 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
     extra = row_embeddings(embedder, meta, cache) if meta else None
     report["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
     evidence = {"qa_consistency": robust_z(-qa_consistency(q, a, seed, extra))}
-    if settings.group_consistency and not has_groups(groups):
+    if settings.group_consistency and settings.pseudo_groups is not False and not has_groups(groups):
         pseudo = pseudo_groups(q, seed)
         log.info("bads prior: no group column; group consistency over %d pseudo-groups (k-means of the "
                  "instruction embeddings)", len(np.unique(pseudo)))
@@ -51,16 +60,18 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
 
 
 def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
-                     seed: int, meta: list[Messages] | None = None, report: dict | None = None
-                     ) -> dict[str, np.ndarray]:
+                     seed: int, meta: list[Messages] | None = None, report: dict | None = None,
+                     reference_z: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The evidence behind the empirical-Bayes prior, each as a normal score (high = looks bad): the reference's
     within-group loss rank, when the pool has groups how unlike its group's answers the row's answer is, and the
     embedder's evidence (`semantic_evidence`, with pseudo-groups where the pool has none)."""
-    evidence = {"reference": evidence_z(ref_nll, groups)}
+    evidence = {"reference": evidence_z(ref_nll, groups) if reference_z is None else reference_z}
     if settings.group_consistency and has_groups(groups):
         evidence["group_consistency"] = consistency_z(group_consistency(train, groups, seed))
     if settings.semantic:
         evidence.update(semantic_evidence(train, meta, groups, settings, seed, report if report is not None else {}))
+    if settings.fluency:
+        evidence["fluency"] = fluency_evidence(train, meta) - settings.fluency_margin
     if settings.group_consistency and "group_consistency" not in evidence \
             and "pseudo_group_consistency" not in evidence:
         group_consistency(train, groups, seed)  # logs that group consistency is off, and what the prior keeps
@@ -69,21 +80,25 @@ def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndar
 
 def evidence_ablations(prior_evidence: dict[str, np.ndarray], alternatives: dict[str, np.ndarray],
                        groups: np.ndarray) -> dict[str, np.ndarray]:
-    """Scores from the evidence alone, no posterior (higher = keep): each source, and the sources with θ's loss
-    combined by `max` (the default's prior) and by Stouffer's Σz/√k (the rule it was chosen over)."""
+    """Scores from the evidence alone, no posterior (higher = keep): each source, the prior itself (the sources
+    combined by `max`: `evidence_prior_only`), and the sources with θ's loss combined by `max` and by Stouffer's
+    Σz/√k (the rule it was chosen over)."""
     out = {f"{name}_only": -z for name, z in prior_evidence.items() if name != "reference"}  # reference: below
-    if "theta_loss_only" in alternatives and "group_consistency" in prior_evidence:
+    if len(prior_evidence) > 1:
+        out["evidence_prior_only"] = -combine_evidence(list(prior_evidence.values()), "max")
+    if "theta_loss_only" in alternatives and len(prior_evidence) > 1:
         zs = [*prior_evidence.values(), evidence_z(-alternatives["theta_loss_only"], groups)]
         out.update(evidence_max=-combine_evidence(zs, "max"), evidence_stouffer=-combine_evidence(zs, "stouffer"))
     return out
 
 
 def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
-                seed: int, meta: list[Messages] | None = None, report: dict | None = None
+                seed: int, meta: list[Messages] | None = None, report: dict | None = None,
+                reference_z: np.ndarray | None = None
                 ) -> tuple[dict[str, np.ndarray], torch.Tensor, dict[str, torch.Tensor]]:
     """(the prior evidence, the prior mean per row, the ablations' prior means): the evidence combined by
-    `max`, or β everywhere without the empirical-Bayes prior; `no_group_consistency` from the reference alone."""
-    prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed, meta, report) \
+    `max`, or β everywhere without the empirical-Bayes prior; `reference_only` from the reference alone."""
+    prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed, meta, report, reference_z) \
         if settings.eb_prior else {}
     if prior_evidence:
         prior_mean = torch.as_tensor(prior_mean_from_z(combine_evidence(list(prior_evidence.values()), "max"),
@@ -96,7 +111,7 @@ def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, 
         ablation_priors["no_semantic"] = torch.as_tensor(prior_mean_from_z(combine_evidence(
             [z for name, z in prior_evidence.items() if name not in semantic], "max"), settings.beta,
             settings.eb_gamma))
-    if "group_consistency" in prior_evidence:  # the same run's posterior pass from the reference-only prior
-        ablation_priors["no_group_consistency"] = torch.as_tensor(
+    if len(prior_evidence) > 1:  # the same run's posterior pass from the reference-only prior
+        ablation_priors["reference_only"] = torch.as_tensor(
             prior_mean_from_z(prior_evidence["reference"], settings.beta, settings.eb_gamma))
     return prior_evidence, prior_mean, ablation_priors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyro.distributions as dist
 import torch
 
@@ -71,3 +72,28 @@ def build_weights(weight_param: str, settings: BadsSettings, *, prior_mean: torc
                                    seed)
         return weights, {"params": weights.params(), "lr": settings.lr_phi, "temperature": settings.temperature_w}
     raise DpselInputError(f"unknown weight parametrisation {weight_param!r}; use 'logits' or 'amortized'")
+
+
+def final_weights(result, config, scaled_features: np.ndarray, features: torch.Tensor):
+    """(weight mean, weight std, weight net, φ samples): the amortised run's own net, or a net distilled from
+    the rows the run backs, which also scores the under-visited rows."""
+    from dpsel.select.features import distil_weight_net
+    weight_mean, weight_std = result.weight_mean, result.weight_std
+    if config.weight_param == "amortized":
+        return weight_mean, weight_std, result.weights_model.net, \
+            result.phi_samples or [result.weights_model.net.state_dict()]
+    backed = ~result.under_visited
+    if not backed.any():  # no row had enough visits: the net can only learn the prior means
+        backed = np.ones(len(backed), dtype=bool)
+        result.coverage["weight_network_fit_on"] = "prior means (no row reached min_visits)"
+    net = distil_weight_net(scaled_features[backed], weight_mean[backed], config.seed)
+    if result.under_visited.any():
+        # Too few visits for a posterior of their own: the net distilled from the well-visited rows scores
+        # them (std 0 there means "no draws", which the coverage record states).
+        with torch.no_grad():
+            low = torch.as_tensor(np.flatnonzero(result.under_visited))
+            weight_mean = weight_mean.copy()
+            weight_mean[low.numpy()] = torch.sigmoid(net(features[low])).double().numpy()
+            weight_std = weight_std.copy()
+            weight_std[low.numpy()] = 0.0
+    return weight_mean, weight_std, net, [net.state_dict()]

@@ -1,0 +1,115 @@
+"""`select_bads` with θ in the sentence embedder's space (embedding_problem.py): which θ a run gets, and the run.
+
+The reference is the same map fitted on the meta rows alone (closed-form ridge): its distance on each pool row is
+the prior's `reference` evidence, as the meta-fitted LM's loss is on the LM path. θ₀ is the ridge map fitted on the
+meta rows plus the pool; SGLD then samples (θ, w) with the unchanged BADS model, and the weight net is distilled on
+embedding features so `filter` scores new shards in the same space.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from dpsel.errors import DpselInputError
+from dpsel.select.bads.config import BadsSettings
+from dpsel.select.bads.embedding_problem import EmbeddingProblem, embedding_features, map_distance, ridge_map
+from dpsel.select.bads.priors import evidence_ablations, prior_means
+from dpsel.select.bads.problems import infer_groups
+from dpsel.select.bads.runner import run_sampler
+from dpsel.select.bads.scorer import EmbedderBadsScorer
+from dpsel.select.bads.weights import final_weights
+from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
+
+log = logging.getLogger(__name__)
+THETA_SPACES = ("auto", "embedder", "lm")
+
+
+def theta_space(config: SelectConfig, settings: BadsSettings, data_parallel) -> tuple[str, object, str]:
+    """(space, the embedder or None, why): where θ lives for this run, said in the log and the manifest."""
+    from dpsel.models.embedder import try_embedder
+    choice = settings.theta_space
+    if choice not in THETA_SPACES:
+        raise DpselInputError(f"unknown theta_space {choice!r}; use one of {', '.join(THETA_SPACES)}")
+    if choice == "lm":
+        return "lm", None, "asked for (theta_space=lm)"
+    if choice == "auto":
+        kept = ("--variant paper" if config.variant == "paper" else
+                f"--model {config.model}" if config.model != "tiny" else
+                "torchrun data parallelism" if data_parallel is not None else None)
+        if kept:
+            return "lm", None, f"the LM's parameters: {kept}"
+    embedder = try_embedder(settings.embedder)
+    if embedder is None:
+        if choice == "embedder":
+            raise DpselInputError(f"theta_space=embedder needs an embedder; {settings.embedder!r} is not available")
+        log.warning("bads: no sentence embedder, so θ falls back to the built-in byte LM's parameters (it knows no "
+                    "language; expect weaker selection on real text)")
+        return "lm", None, "no embedder available: fell back to the built-in LM"
+    if data_parallel is not None:
+        raise DpselInputError("theta_space=embedder runs in one process; use theta_space=lm under torchrun")
+    return "embedder", embedder, f"a question→answer map in {embedder.name}'s space"
+
+
+def select_bads_embedder(train: list[Messages], meta: list[Messages], config: SelectConfig, settings: BadsSettings,
+                         embedder, why: str, progress: ProgressFn | None = None, groups=None) -> Scores:
+    """The reference map on meta, the prior's evidence, SGLD over (W, b, w), the weight net and its scorer."""
+    from dpsel.checkpoint import current as current_checkpoints
+    from dpsel.data import row_id
+    from dpsel.models.embedder import EmbeddingCache
+    from dpsel.select.consistency import answer_text
+    from dpsel.select.features import FeatureStats
+    from dpsel.select.semantic import robust_z, row_embeddings
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    if settings.pseudo_groups is None:
+        settings.pseudo_groups = False  # see BadsSettings.pseudo_groups
+    cache = EmbeddingCache(embedder)
+    q, a = row_embeddings(embedder, train, cache)
+    q_meta, a_meta = row_embeddings(embedder, meta, cache)
+    group_ids = infer_groups(train, groups)
+    reference = ridge_map(q_meta, a_meta, settings.embed_alpha)
+    theta0 = ridge_map(np.vstack([q_meta, q]), np.vstack([a_meta, a]), settings.embed_alpha)
+    ref_distance = map_distance(torch.as_tensor(q), torch.as_tensor(a), *reference).numpy()
+    ref_seconds = time.perf_counter() - started
+
+    evidence_started = time.perf_counter()
+    report: dict = {}
+    prior_evidence, prior_mean, ablation_priors = prior_means(train, ref_distance, group_ids, settings, config.seed,
+                                                              meta, report, reference_z=robust_z(ref_distance))
+    evidence_seconds = time.perf_counter() - evidence_started
+    maps = [theta0, reference]
+    words = np.asarray([len(answer_text(m).split()) for m in train])
+    raw_features = embedding_features(q, a, words, maps)
+    stats = FeatureStats.fit(raw_features)
+    features = torch.as_tensor(stats.apply(raw_features), dtype=torch.float32)
+
+    problem = EmbeddingProblem(q, a, q_meta, a_meta, group_ids, theta0, settings.embed_loss_scale)
+    result = run_sampler(problem, settings, batch_size=config.batch_size, meta_batch_size=config.meta_batch_size,
+                         seed=config.seed, prior_mean=prior_mean, features=features,
+                         weight_param=config.weight_param, progress=progress,
+                         measure_plain_steps=int(config.extra.get("measure_plain_steps", 0)),
+                         checkpoint=current_checkpoints(), ablation_priors=ablation_priors)
+    result.coverage["theta_space"] = {"space": "embedder", "why": why}
+    result.coverage["prior_evidence"] = list(prior_evidence) + (
+        ["theta"] if settings.posterior_pass and settings.refresh_prior == "min" else [])
+    result.coverage["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
+    result.coverage.update({k: v for k, v in report.items() if k != "embedder"})
+    result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids))
+
+    weight_mean, weight_std, net, phi_samples = final_weights(result, config, stats.apply(raw_features), features)
+    scorer = EmbedderBadsScorer([row_id(m) for m in train], weight_mean, weight_std,
+                                {"seed": config.seed, "weight_param": config.weight_param, "variant": config.variant,
+                                 "theta_space": "embedder", "embedder": settings.embedder, "embedder_sha": embedder.sha,
+                                 "hidden": settings.weight_hidden, "features": stats.to_dict()})
+    scorer.attach(maps, net, phi_samples)
+    timings = dict(result.timings, reference_seconds=ref_seconds, prior_evidence_seconds=evidence_seconds,
+                   seconds=time.perf_counter() - started)
+    cfg = config.to_dict()
+    cfg["bads"] = asdict(settings)
+    return Scores("bads", weight_mean, weight_std, cfg, dict(result.diagnostics), timings, scorer,
+                  coverage=result.coverage, alternatives=dict(result.alternatives, reference_loss_only=-ref_distance))

@@ -1,0 +1,103 @@
+"""bads with θ in the sentence embedder's space (issue 18): the problem, the run, `filter`, the fallback."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from dpsel.select import load_scorer, select
+from dpsel.select.bads import BadsSettings, EmbeddingProblem
+from dpsel.select.base import SelectConfig
+
+TOPICS = {
+    "cooking": ("How long should I boil an egg for a soft yolk?", "Boil it for about six minutes, then cool it "
+                "in cold water so the yolk stays soft."),
+    "astronomy": ("Why does the Moon show phases?", "Sunlight lights half of the Moon and we see that half from "
+                  "changing angles as it orbits."),
+    "finance": ("What is compound interest?", "Interest earned on both the principal and the interest added in "
+                "earlier periods."),
+    "gardening": ("When should tomatoes be planted outdoors?", "After the last frost, once the soil has warmed "
+                  "and nights stay mild."),
+}
+SWAPPED = [3, 14, 25, 36]  # each gets the next topic's answer
+
+
+def _row(question, answer):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def _pool(n_per_topic=10, tag="reader", swapped=()):
+    topics = list(TOPICS)
+    rows = [_row(f"{q} (asked by {tag} {i})", f"{a} Note {i}.") for q, a in TOPICS.values() for i in range(n_per_topic)]
+    for i in swapped:
+        rows[i] = _row(rows[i][0]["content"], TOPICS[topics[(i // n_per_topic + 1) % len(topics)]][1])
+    return rows
+
+
+CONFIG = SelectConfig(model="tiny", device="cpu", seed=0, batch_size=8, meta_batch_size=4, max_length=64)
+
+
+def test_embedding_problem_losses_and_gradients_have_the_rows_shapes():
+    gen = np.random.default_rng(0)
+    unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(gen.standard_normal((n, 6)))  # noqa
+    q, a = unit(10), unit(10)
+    problem = EmbeddingProblem(q, a, unit(3), unit(3), np.zeros(10, dtype=int), (torch.eye(6), torch.zeros(6)), 0.1)
+    train, meta = problem.losses(np.array([0, 4, 7]), np.array([1, 2]))
+    assert train.shape == (3,) and meta.shape == (2,)
+    assert torch.allclose(train, torch.as_tensor(1 - np.sum(q[[0, 4, 7]] * a[[0, 4, 7]], 1), dtype=torch.float32)
+                          / 0.1, atol=1e-5)  # W = I: the loss is the scaled cosine distance of q and a
+    (train.sum() + meta.sum()).backward()
+    weight, bias = problem.theta()
+    assert weight.grad.shape == (6, 6) and bias.grad.shape == (6,) and weight.grad.abs().sum() > 0
+    assert problem.all_losses().shape == (10,)
+
+
+@pytest.fixture(scope="module")
+def run():
+    train = _pool(swapped=SWAPPED)
+    meta = _pool(2, tag="editor")
+    return train, select(train, meta, "bads", CONFIG)
+
+
+def test_embedder_theta_ranks_swapped_answers_low_and_the_manifest_says_so(run):
+    train, scores = run
+    clean = np.setdiff1d(np.arange(len(train)), SWAPPED)
+    assert scores.weight_mean[SWAPPED].max() < np.median(scores.weight_mean[clean])
+    assert scores.coverage["theta_space"]["space"] == "embedder"
+    assert scores.coverage["prior_evidence"] == ["reference", "qa_consistency", "fluency", "theta"]
+    assert scores.coverage["embedder"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert {"bads[theta_loss_only]", "bads[posterior_pass_reference_only]", "bads[evidence_prior_only]"} <= \
+        {f"bads[{k}]" for k in scores.alternatives}
+
+
+def test_filter_scores_unseen_rows_in_the_embedder_space(run, tmp_path):
+    _, scores = run
+    scores.scorer.save(tmp_path / "scorer")
+    scorer = load_scorer(tmp_path / "scorer")
+    assert scorer.kind == "bads-embedder"
+    swapped = [1, 12, 23, 34]
+    unseen = _pool(10, tag="newcomer", swapped=swapped)
+    mean, _ = scorer.score(unseen)
+    clean = np.setdiff1d(np.arange(len(unseen)), swapped)
+    assert np.mean(mean[swapped]) < np.mean(mean[clean])
+
+
+def test_without_an_embedder_theta_falls_back_to_the_lm_and_says_so(caplog, tmp_path):
+    from dpsel.select.bads.embedder_method import theta_space
+    settings = BadsSettings(embedder=str(tmp_path / "missing"))
+    with caplog.at_level(logging.WARNING):
+        space, embedder, why = theta_space(CONFIG, settings, None)
+    assert (space, embedder) == ("lm", None) and "fell back to the built-in LM" in why
+    assert "θ falls back to the built-in byte LM" in caplog.text
+    assert theta_space(SelectConfig(model="/some/causal-lm"), BadsSettings(), None)[0] == "lm"  # --model: LM's θ
+    assert theta_space(CONFIG, BadsSettings.for_variant("paper", {}), None)[0] == "lm"
+
+
+def test_shuffled_answers_read_as_less_fluent():
+    from dpsel.select.fluency import bigram_fluency
+    answers = [a for _, a in TOPICS.values()] * 5
+    shuffled = [" ".join(reversed(a.split())) for _, a in TOPICS.values()]
+    scores = bigram_fluency(answers + shuffled)
+    assert scores[-len(shuffled):].max() < scores[:len(answers)].min()
