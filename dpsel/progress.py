@@ -268,5 +268,7 @@ def set_verbosity(verbose: bool = False) -> None:
     for message in ("Could not find a config file", "Unable to fetch remote file"):
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
     # bitsandbytes on an avx512-bf16 CPU looks for an optional hub kernel when first imported and warns when
-    # it is absent ("Failed to load CPU gemm_4bit_forward"); its own CPU path runs instead
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # it is absent ("Failed to load CPU gemm_4bit_forward"); its own CPU path runs instead. The hub-kernel
+    # loader (`kernels`) says offline that it skips its publisher check for that kernel.
+    for library in ("bitsandbytes", "kernels"):
+        logging.getLogger(library).setLevel(logging.ERROR)

@@ -106,3 +106,19 @@ def test_on_a_terminal_a_bar_per_phase_names_stage_and_phase():
         progress(150, 150, {"meta_loss": 1.2})
     shown = stream.getvalue()
     assert "curate[bads] · reference fit on the meta set" in shown and "curate[bads] · SGLD sampling" in shown
+
+
+def test_quiet_output_holds_no_library_warnings_from_a_4bit_model(tmp_path):
+    """A default (quiet) run that loads and runs a 4-bit base prints nothing of its own: bitsandbytes looks for
+    an optional hub kernel on first use, and offline the loader (`kernels`) says it skips its trust check."""
+    import os
+    import subprocess
+    import sys
+    code = ("from dpsel.progress import set_verbosity; set_verbosity(False)\n"
+            "import torch\nfrom peft_train.models import load_model\n"
+            "model, _ = load_model('tiny', quant='nf4', device='cpu')\nmodel.eval()\n"
+            "with torch.no_grad():\n    model(torch.tensor([[1, 2, 3, 4]]))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == "", done.stderr
