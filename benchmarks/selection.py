@@ -41,6 +41,7 @@ VARIANTS = {
     "bads-no-group-norm": ("bads", {}, {"centre_losses": "global"}),
     "bads-plain-sgld": ("bads", {}, {"precondition": False, "lr_theta": 1e-5}),
     "bads-visits": ("bads", {}, {"posterior_pass": False}),  # ablation: weights from visits only (the old form)
+    "bads-lm": ("bads", {}, {"theta_space": "lm"}),   # θ = the LM's parameters even where the embedder loads
     # ablations as their own runs (θ trained under that prior): the prior concentration before issue 13's second
     # session, and the whole default before it (no group consistency, κ = 6)
     "bads-kappa6": ("bads", {}, {"kappa": 6.0}),
