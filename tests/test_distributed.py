@@ -41,8 +41,11 @@ def test_two_process_bads_covers_every_row_once_and_keeps_what_one_process_keeps
     assert done.stderr.count(f"rank 1 of 2: done with its shard; rank 0 writes and reports the run in "
                              f"{tmp_path / 'dp'}") == 1, done.stderr[-3000:]
     assert done.stderr.count("SGLD sampling 1/") == 1, done.stderr[-3000:]
+    # torchrun keeps θ in the LM (the embedder θ is one process only; the run says so): compare like with like
+    assert json.loads((tmp_path / "dp" / "manifest.json").read_text())["coverage"]["theta_space"]["space"] == "lm"
     single = curate(pool["train"], pool["meta"], tmp_path / "one", method="bads",
-                    config=SelectConfig(steps=STEPS, batch_size=BATCH, max_length=MAX_LENGTH, seed=0))
+                    config=SelectConfig(steps=STEPS, batch_size=BATCH, max_length=MAX_LENGTH, seed=0,
+                                        extra={"theta_space": "lm"}))
 
     two = pd.read_parquet(tmp_path / "dp" / "scores.parquet")
     one = pd.read_parquet(single.out_dir / "scores.parquet")
