@@ -52,6 +52,7 @@ whose job is to say whether a set is clean.
 """
 from __future__ import annotations
 
+from dpsel.data.arrays import lean_memory_pool
 from dpsel.data.batch import NormalizedBatch
 from dpsel.data.columnar import rows_to_score
 from dpsel.data.dedup import SeenIds
@@ -64,6 +65,8 @@ from dpsel.data.reference import MAX_MESSAGE_CHARS, RowProblem, reference_row
 from dpsel.data.schema import Shape
 from dpsel.data.stats import ValidationSummary
 from dpsel.data.validate import validate_paths
+
+lean_memory_pool()   # the data path's per-batch buffers go back to the OS (see its docstring)
 
 __all__ = [
     "GROUP_COLUMNS", "MAX_MESSAGE_CHARS", "REASON_DUPLICATE", "REASON_INVALID", "REASON_LOW_WEIGHT",

@@ -15,6 +15,8 @@ Shape = Literal["alpaca", "chat"]
 ID_COLUMN = "dpsel_id"
 ADDED_COLUMNS = ("dpsel_messages", "dpsel_reason", "dpsel_detail", "dpsel_file")
 ALPACA_TEXT_COLUMNS = ("instruction", "output", "input")
+# normalised conversations as dpsel writes them (curated.parquet's `messages`, the stages' input)
+MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 def is_text(dtype: pa.DataType) -> bool:
