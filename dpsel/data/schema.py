@@ -91,7 +91,7 @@ class PlannedFile:
 
 def open_parquet(handle, url: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(handle)
+        return pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)   # stream column chunks: memory flat in file size
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DpselInputError(f"not a readable Parquet file ({exc})", file=url) from exc
 
