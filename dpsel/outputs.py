@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from dpsel.data.schema import MESSAGE_TYPE
 from dpsel.errors import DpselInputError
 from dpsel.io import file_sha256, write_json_atomic, write_parquet_atomic
 
@@ -252,11 +253,10 @@ def scores_table(ids: list[str], weights: np.ndarray, stds: np.ndarray, kept: np
     })
 
 
-MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept: np.ndarray,
-                  kept_messages: list[list[dict]] | None = None, columns: dict | None = None,
+                  kept_messages: list[list[dict]] | pa.Array | pa.ChunkedArray | None = None, columns: dict | None = None,
                   replace_messages: bool = False) -> pa.Table:
     """The kept rows with all original columns (schema untouched) plus `dpsel_id`, `dpsel_weight` and, where
     the input has no `messages` column, `messages`: the normalised conversation of each kept row, in order
@@ -270,8 +270,11 @@ def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept:
     if kept_messages is not None and ("messages" not in original.column_names or replace_messages):
         if len(kept_messages) != len(keep_idx):
             raise ValueError(f"{len(kept_messages)} conversations for {len(keep_idx)} kept rows")
-        extra["messages"] = pa.array([[{"role": m["role"], "content": m["content"]} for m in conversation]
-                                      for conversation in kept_messages], MESSAGE_TYPE)
+        if isinstance(kept_messages, (pa.Array, pa.ChunkedArray)):   # built columnar (InstructionSet.message_array)
+            extra["messages"] = kept_messages.cast(MESSAGE_TYPE)
+        else:
+            extra["messages"] = pa.array([[{"role": m["role"], "content": m["content"]} for m in conversation]
+                                          for conversation in kept_messages], MESSAGE_TYPE)
     extra.update({name: values.take(keep_idx) for name, values in (columns or {}).items()})
     for name, column in extra.items():
         if name in table.column_names:

@@ -119,7 +119,7 @@ def _write_files(stage: Path, out: Path, run: Run, run_id: str) -> CurationResul
 
     ids = run.rows.ids
     redacted = run.rows.redacted is not None
-    curated = curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.conversations(run.keep),
+    curated = curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.conversation_array(run.keep),
                             columns=run.rows.stage_columns, replace_messages=redacted)
     if redacted:
         curated = redact_text_columns(curated, skip=("dpsel_id",))

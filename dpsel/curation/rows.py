@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from dpsel.curation.rules import SelectionRule
 from dpsel.data import REASON_DUPLICATE, REASON_INVALID, InstructionSet, read_instruction_set
@@ -44,6 +45,12 @@ class Rows:
         if self.redacted is None:
             return self.data.messages(mask)
         return self.redacted.filter(np.asarray(mask, bool)).to_pylist()
+
+    def conversation_array(self, mask: np.ndarray) -> pa.Array | pa.ChunkedArray:
+        """`conversations` as an Arrow list array (`MESSAGE_TYPE`), without a Python object per message."""
+        if self.redacted is None:
+            return self.data.message_array(mask)
+        return self.redacted.filter(pa.array(np.asarray(mask, bool)))
 
     @property
     def n(self) -> int:

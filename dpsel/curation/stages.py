@@ -20,7 +20,6 @@ import yaml
 from dpsel.curation.rows import Rows, as_path_list
 from dpsel.data import read_instruction_set
 from dpsel.errors import DpselInputError
-from dpsel.outputs import MESSAGE_TYPE
 from dpsel.stages.base import Rows as StageRows
 from dpsel.stages.near_dup import NearDup, NearDupIndex
 from dpsel.stages.pii import COLUMN as PII_COLUMN, MODES as PII_MODES
@@ -65,12 +64,10 @@ def check_options(options: StageOptions) -> StageOptions:
     return options
 
 
-def _messages(data, usable: np.ndarray) -> pa.Array:
-    """Normalised messages of the usable rows; other rows empty (the exact stage carries their verdict)."""
-    out: list = [[] for _ in range(len(data))]
-    for i, conversation in zip(np.flatnonzero(usable).tolist(), data.messages(usable)):
-        out[i] = conversation
-    return pa.array(out, MESSAGE_TYPE)
+def _messages(data, usable: np.ndarray) -> pa.ChunkedArray:
+    """Normalised messages of the usable rows; other rows empty (the exact stage carries their verdict).
+    Built columnar (`InstructionSet.message_array`): no Python object per message."""
+    return data.message_array(usable, everywhere=True)
 
 
 def conversation_table(rows: Rows) -> pa.Table:

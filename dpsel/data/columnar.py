@@ -56,6 +56,10 @@ class Rows:
     def prompt_response_chars(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def message_items(self, rows: np.ndarray) -> tuple[pa.Array, pa.Array, np.ndarray]:
+        """(role, content, row offsets) of the clean `rows`' messages, flat and columnar (no Python objects)."""
+        raise NotImplementedError
+
 
 class _AlpacaRows(Rows):
     shape = "alpaca"
@@ -77,6 +81,15 @@ class _AlpacaRows(Rows):
         prompts, outputs = self.prompt.take(index).to_pylist(), self.output.take(index).to_pylist()
         return [[{"role": "user", "content": p}, {"role": "assistant", "content": o}]
                 for p, o in zip(prompts, outputs)]
+
+    def message_items(self, rows):
+        index = pa.array(rows, pa.int64())
+        both = pa.concat_arrays([self.prompt.take(index), self.output.take(index)])
+        interleaved = np.stack([np.arange(len(rows)), len(rows) + np.arange(len(rows))], axis=1).ravel()
+        roles = pa.DictionaryArray.from_arrays(pa.array(np.tile([0, 1], len(rows)), pa.int8()),
+                                               pa.array(["user", "assistant"], pa.large_string()))
+        return (roles.dictionary_decode(), both.take(pa.array(interleaved, pa.int64())),
+                np.arange(0, 2 * len(rows) + 1, 2, dtype=np.int64))
 
     def ids(self, rows):
         prompt, output = take_rows(self.prompt, rows, self.n), take_rows(self.output, rows, self.n)
@@ -135,6 +148,10 @@ class _ChatRows(Rows):
         items = [{"role": r, "content": c} for r, c in zip(roles, contents)]
         return [items[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
 
+    def message_items(self, rows):
+        index, offsets = self._items(rows)
+        return self.role.take(index), self.content.take(index), np.asarray(offsets, np.int64)
+
     def ids(self, rows):
         index, offsets = self._items(rows)
         role, content = self.role.take(index), self.content.take(index)
@@ -163,6 +180,30 @@ def messages_with_overrides(rows: Rows, wanted: np.ndarray, overrides: dict[int,
     fast = wanted[rows.clean[wanted]]
     built = dict(zip(fast.tolist(), rows.messages(fast)))
     return [built[k] if k in built else overrides[k] for k in wanted.tolist()]
+
+
+def message_array(rows: Rows, wanted: np.ndarray, overrides: dict[int, list[dict]], message_type: pa.DataType,
+                  everywhere: bool = False) -> pa.Array:
+    """`messages_with_overrides` as one Arrow list array of `message_type`, built columnar: the clean rows from
+    `Rows.message_items`, only the override rows through Python. With `everywhere`, the array has one entry
+    per row of the batch: the conversation of the `wanted` rows, an empty list elsewhere."""
+    item_type = message_type.value_type
+    fast = wanted[rows.clean[wanted]]
+    role, content, offsets = rows.message_items(fast)
+    built = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.StructArray.from_arrays(
+        [role.cast(item_type.field("role").type), content.cast(item_type.field("content").type)],
+        fields=list(item_type)))
+    slow = wanted[~rows.clean[wanted]]
+    if len(slow):
+        order = np.concatenate([fast, slow]).argsort(kind="stable")
+        built = pa.concat_arrays([built, pa.array([overrides[k] for k in slow.tolist()], message_type)]
+                                 ).take(pa.array(order, pa.int64()))
+    if not everywhere:
+        return built
+    lengths = np.zeros(rows.n, np.int32)
+    lengths[wanted] = np.diff(built.offsets.to_numpy())
+    return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)),
+                                    built.flatten())
 
 
 def verdicts(batch: pa.RecordBatch, rows: Rows

@@ -67,13 +67,17 @@ class SeenIds:
         first = np.full(len(hi), -1, np.int64)
         if not len(self._hi):
             return first
-        left = np.searchsorted(self._hi, hi, "left")
-        right = np.searchsorted(self._hi, hi, "right")
-        single = np.flatnonzero(right - left == 1)
+        left = np.searchsorted(self._hi, hi, "left")            # one binary search per id, not two
+        inside = np.minimum(left, len(self._hi) - 1)
+        found = self._hi[inside] == hi
+        nxt = np.minimum(left + 1, len(self._hi) - 1)
+        shared = found & (left + 1 < len(self._hi)) & (self._hi[nxt] == hi)   # 64-bit prefix shared: compare all
+        single = np.flatnonzero(found & ~shared)
         hit = single[self._lo[left[single]] == lo[single]]
         first[hit] = self._row[left[hit]]
-        for k in np.flatnonzero(right - left > 1):     # 64-bit prefix shared by several ids: compare all
-            match = np.flatnonzero(self._lo[left[k]:right[k]] == lo[k])
+        for k in np.flatnonzero(shared):
+            right = np.searchsorted(self._hi, hi[k], "right")
+            match = np.flatnonzero(self._lo[left[k]:right] == lo[k])
             if len(match):
                 first[k] = self._row[left[k] + match[0]]
         return first

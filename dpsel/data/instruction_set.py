@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from dpsel.data.columnar import messages_with_overrides, normal_rows
+from dpsel.data.columnar import message_array, messages_with_overrides, normal_rows
 from dpsel.data.reasons import REASON_DUPLICATE, REASON_INVALID
-from dpsel.data.schema import ID_COLUMN, Shape
+from dpsel.data.schema import ID_COLUMN, MESSAGE_TYPE, Shape
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class InstructionSet:
     original_columns: list[str]
     shape: Shape
     files: list[FileInfo]
-    ids: pa.Array
+    ids: pa.ChunkedArray              # one chunk per batch read
     reasons: np.ndarray               # object: "" | "invalid" | "duplicate"
     details: pa.Array
     file_index: np.ndarray
@@ -59,16 +59,30 @@ class InstructionSet:
 
     def messages(self, mask: Any = None, chunk_rows: int = 65536) -> list[list[dict]]:
         """Normalised messages of all rows, or of the rows where boolean `mask` is true."""
-        wanted = np.arange(len(self)) if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool))
         out: list[list[dict]] = []
-        for begin in range(0, len(wanted), chunk_rows):   # bounded transient Arrow copies
-            part = wanted[begin:begin + chunk_rows]
-            sub = self.table.take(pa.array(part, pa.int64()))
+        for rows, wanted, local in self._chunks(mask, chunk_rows, False):
+            out += messages_with_overrides(rows, wanted, local)
+        return out
+
+    def message_array(self, mask: Any = None, chunk_rows: int = 65536, everywhere: bool = False) -> pa.ChunkedArray:
+        """`messages` as Arrow (`MESSAGE_TYPE`, one chunk per `chunk_rows`), built columnar: no Python object
+        per message. With `everywhere`, one entry per row: an empty list where `mask` is false."""
+        chunks = [message_array(rows, wanted, local, MESSAGE_TYPE, everywhere)
+                  for rows, wanted, local in self._chunks(mask, chunk_rows, everywhere)]
+        return pa.chunked_array(chunks, MESSAGE_TYPE)
+
+    def _chunks(self, mask: Any, chunk_rows: int, everywhere: bool):
+        """Per chunk of the wanted rows (of all rows, with `everywhere`): the chunk in normal form, the wanted
+        positions in it, and the reference path's messages of its rows (bounded transient Arrow copies)."""
+        selected = np.ones(len(self), bool) if mask is None else np.asarray(mask, dtype=bool)
+        order = np.arange(len(self)) if everywhere else np.flatnonzero(selected)
+        for begin in range(0, len(order), chunk_rows):
+            part = order[begin:begin + chunk_rows]
+            sub = self.table.slice(begin, len(part)) if everywhere else self.table.take(pa.array(part, pa.int64()))
             rows = normal_rows(sub, self.shape)
             local = {k: self.overrides[g] for k, g in enumerate(part.tolist()) if g in self.overrides}
             rows.clean[list(local)] = False
-            out += messages_with_overrides(rows, np.arange(len(part)), local)
-        return out
+            yield rows, np.flatnonzero(selected[part]), local
 
     @property
     def frame(self) -> pd.DataFrame:

@@ -108,7 +108,7 @@ def read_instruction_set(paths, batch_rows: int = 65536) -> InstructionSet:
         return np.concatenate(parts) if parts else empty
     return InstructionSet(
         table, list(table.column_names), planned[0].shape, files,
-        ids=pa.concat_arrays(ids) if ids else pa.array([], pa.string()),
+        ids=pa.chunked_array(ids, pa.string()),   # chunks as read: no second copy of every id
         reasons=REASON_CODES[joined(codes, np.zeros(0, np.int8))],
         details=pa.concat_arrays(details) if details else pa.array([], pa.string()),
         file_index=joined(file_index, np.zeros(0, np.int32)), file_rows=joined(file_rows, np.zeros(0, np.int64)),

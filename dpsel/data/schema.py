@@ -15,6 +15,8 @@ Shape = Literal["alpaca", "chat"]
 ID_COLUMN = "dpsel_id"
 ADDED_COLUMNS = ("dpsel_messages", "dpsel_reason", "dpsel_detail", "dpsel_file")
 ALPACA_TEXT_COLUMNS = ("instruction", "output", "input")
+# normalised conversations as dpsel writes them (curated.parquet's `messages`, the stages' input)
+MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 def is_text(dtype: pa.DataType) -> bool:
@@ -89,7 +91,7 @@ class PlannedFile:
 
 def open_parquet(handle, url: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(handle)
+        return pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)   # stream column chunks: memory flat in file size
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DpselInputError(f"not a readable Parquet file ({exc})", file=url) from exc
 

@@ -203,7 +203,7 @@ def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
                         {"scorer_dir": str(scorer_dir), "shape": data.shape, "use_gpu": options.num_gpus > 0},
                         options, progress)
     table = run.table
-    expected = data.ids.take(pa.array(usable, pa.int64()))
+    expected = data.ids.take(pa.array(usable, pa.int64())).combine_chunks()
     got = pa.array([], pa.string()) if table is None else table.column(_ID).combine_chunks()
     if not got.equals(expected):
         raise RuntimeError(f"Ray returned rows that do not match the input ({len(got)} ids for {len(usable)} "
