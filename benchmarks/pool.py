@@ -105,6 +105,8 @@ def child(case: str, path: Path, work: Path, threads: int) -> None:
     policy = configure_threads(threads)
     import torch
     torch.set_num_threads(threads)
+    from dpsel.data.arrays import lean_memory_pool
+    lean_memory_pool()   # as the command line does
     result = CASES[case](path, work)
     import pyarrow as pa
     result.update({"peak_rss": peak_rss(), "threads": policy.describe(),

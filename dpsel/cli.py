@@ -31,6 +31,8 @@ def _global_options(
     from dpsel.threads import configure_threads
     configure_threads(threads)   # first: before anything imports torch (transformers does; dpsel.threads says why)
     set_verbosity(verbose)
+    from dpsel.data.arrays import lean_memory_pool
+    lean_memory_pool()           # the command's process only: a library import leaves the Arrow pool alone
 
 
 SeedOpt = typer.Option(0, "--seed", help="Random seed; seeded CPU runs are reproducible bit for bit.")

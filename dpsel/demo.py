@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=TUNING_SEEDS, help="tuning seeds per training set (spread)")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show library logs and warnings")
     args = parser.parse_args(argv)
+    from dpsel.data.arrays import lean_memory_pool
+    lean_memory_pool()   # as the command line does
     from dpsel.progress import announce, set_verbosity
     from dpsel.threads import configure_threads
 

@@ -253,10 +253,9 @@ def scores_table(ids: list[str], weights: np.ndarray, stds: np.ndarray, kept: np
     })
 
 
-
-
 def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept: np.ndarray,
-                  kept_messages: list[list[dict]] | pa.Array | pa.ChunkedArray | None = None, columns: dict | None = None,
+                  kept_messages: list[list[dict]] | pa.Array | pa.ChunkedArray | None = None,
+                  columns: dict | None = None,
                   replace_messages: bool = False) -> pa.Table:
     """The kept rows with all original columns (schema untouched) plus `dpsel_id`, `dpsel_weight` and, where
     the input has no `messages` column, `messages`: the normalised conversation of each kept row, in order

@@ -17,8 +17,9 @@ Polars/DuckDB would only help with the per-row sha256, which neither beat by eno
 (measured: DuckDB's sha256 ~0.85 µs/row, Python's hashlib loop ~1 µs/row, polars-hash ~0.4 µs/row; again
 for issue 20, same process, 1M canonical texts of ~160 bytes, one thread: DuckDB 2.0.1 1.31 s, the hashlib
 loop over the Arrow buffer 1.55 s -- not worth a 69 MB install). Messages for the stages and curated.parquet
-are built the same columnar way (`InstructionSet.message_array`), and Arrow's pool is jemalloc
-(`arrays.lean_memory_pool`) so per-batch buffers do not stay resident.
+are built the same columnar way (`InstructionSet.message_array`). The command line (and the demo) make
+jemalloc Arrow's memory pool (`arrays.lean_memory_pool`) so per-batch buffers do not stay resident; importing
+the library leaves the process's pool alone.
 
 Accepted shapes (decided per file from its schema; `messages` wins when both shapes' columns exist):
 - alpaca: text columns `instruction`, `output`, optional `input` (null/empty input = none).
@@ -56,7 +57,6 @@ whose job is to say whether a set is clean.
 """
 from __future__ import annotations
 
-from dpsel.data.arrays import lean_memory_pool
 from dpsel.data.batch import NormalizedBatch
 from dpsel.data.columnar import rows_to_score
 from dpsel.data.dedup import SeenIds
@@ -69,8 +69,6 @@ from dpsel.data.reference import MAX_MESSAGE_CHARS, RowProblem, reference_row
 from dpsel.data.schema import Shape
 from dpsel.data.stats import ValidationSummary
 from dpsel.data.validate import validate_paths
-
-lean_memory_pool()   # the data path's per-batch buffers go back to the OS (see its docstring)
 
 __all__ = [
     "GROUP_COLUMNS", "MAX_MESSAGE_CHARS", "REASON_DUPLICATE", "REASON_INVALID", "REASON_LOW_WEIGHT",

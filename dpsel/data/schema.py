@@ -91,7 +91,8 @@ class PlannedFile:
 
 def open_parquet(handle, url: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)   # stream column chunks: memory flat in file size
+        # stream column chunks through a 1 MiB buffer: memory flat in the file's size
+        return pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DpselInputError(f"not a readable Parquet file ({exc})", file=url) from exc
 
