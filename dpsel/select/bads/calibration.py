@@ -5,8 +5,9 @@ its best single source (issue 18: synth 0.807 vs question–answer consistency 0
 two-group model (Efron's empirical Bayes): the meta rows are draws from the clean distribution, the pool a mixture
 π₀·clean + (1 − π₀)·bad. A pool row at score s gets the tail-area false-discovery rate
 Fdr(s) = π₀·P_meta(S ≥ s) / P_pool(S ≥ s), and P(bad | s) = 1 − Fdr(s). A source whose tail is no heavier in the
-pool than in meta (uninformative, or anti-informative like fluency on fluent boilerplate) gets P(bad) ≈ 0 and so
-drops out; one that is informative only in its far tail (fluency on shuffled words) counts only there. The sources
+pool than in meta (uninformative, or anti-informative like fluency on fluent boilerplate) gets π₀ ≈ 1 and P(bad) ≈ 0
+on average, and so drops out (only its few most extreme rows keep some: 150 meta rows say little about the pool's
+top 1%); an informative source's least suspicious rows get the base rate 1 − π₀ (a tail area, not a local rate); one that is informative only in its far tail (fluency on shuffled words) counts only there. The sources
 are combined by noisy-or, 1 − Π(1 − P_k(bad)): a row is bad if any calibrated source says so.
 """
 from __future__ import annotations
