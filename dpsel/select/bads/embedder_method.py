@@ -96,9 +96,7 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
                          measure_plain_steps=int(config.extra.get("measure_plain_steps", 0)),
                          checkpoint=current_checkpoints(), ablation_priors=ablation_priors)
     result.coverage["theta_space"] = {"space": "embedder", "why": why}
-    combined = report.get("prior_combine", {}).get("rule")
-    result.coverage["prior_evidence"] = [name for name in prior_evidence
-                                         if combined != "tail" or name != "reference"] + (
+    result.coverage["prior_evidence"] = report.get("prior_combine", {}).get("used", list(prior_evidence)) + (
         ["theta"] if settings.posterior_pass and settings.refresh_prior == "min" else [])
     result.coverage["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
     result.coverage.update({k: v for k, v in report.items() if k != "embedder"})

@@ -142,9 +142,11 @@ def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, 
     calibration: dict = {}
     prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed, meta, report, reference_z,
                                       calibration) if settings.eb_prior else {}
-    if report is not None and prior_evidence:
-        report["prior_combine"] = {"rule": combine, "calibrated_on_meta": sorted(calibration)}
     used = [name for name in prior_evidence if combine != "tail" or name != "reference"]
+    if combine == "tail" and any(name in calibration for name in used):
+        used = [name for name in used if name in calibration]  # _combined_mean reads only these
+    if report is not None and prior_evidence:
+        report["prior_combine"] = {"rule": combine, "calibrated_on_meta": sorted(calibration), "used": used}
     if prior_evidence:
         prior_mean = torch.as_tensor(_combined_mean(prior_evidence, calibration, used, combine, settings))
     else:
