@@ -66,7 +66,10 @@ def test_embedder_theta_ranks_swapped_answers_low_and_the_manifest_says_so(run):
     clean = np.setdiff1d(np.arange(len(train)), SWAPPED)
     assert scores.weight_mean[SWAPPED].max() < np.median(scores.weight_mean[clean])
     assert scores.coverage["theta_space"]["space"] == "embedder"
-    assert scores.coverage["prior_evidence"] == ["reference", "qa_consistency", "fluency", "theta"]
+    # the meta-only reference map is the question–answer map again on fewer rows: left out of the tail prior
+    assert scores.coverage["prior_evidence"] == ["qa_consistency", "fluency", "theta"]
+    assert scores.coverage["prior_combine"] == {"rule": "tail", "calibrated_on_meta": ["fluency", "qa_consistency"],
+                                                  "used": ["qa_consistency", "fluency"]}
     assert scores.coverage["embedder"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert {"bads[theta_loss_only]", "bads[posterior_pass_reference_only]", "bads[evidence_prior_only]"} <= \
         {f"bads[{k}]" for k in scores.alternatives}

@@ -48,7 +48,7 @@ def test_pool_larger_than_the_run_gets_every_row_scored(variant):
     if variant == "default":
         assert coverage["rows_scored_by"] == {"posterior_pass": 60}
         # no group column, θ in the embedder's space: q–a consistency and fluency (pseudo-groups off there)
-        assert coverage["prior_evidence"] == ["reference", "qa_consistency", "fluency", "theta"]
+        assert coverage["prior_evidence"] == ["qa_consistency", "fluency", "theta"]
         assert np.all(scores.weight_std > 0)  # every row has posterior spread from the θ draws
     else:
         assert coverage["rows_scored_by"]["under_visited"] >= 60 - 12
@@ -78,7 +78,8 @@ def test_curate_manifest_records_coverage(tmp_path):
     assert coverage["rows_scored_by"] == {"posterior_pass": 48}
     assert set(coverage["visits_after_burn_in"]) == {"min", "median", "max"}
     # the pool has a task column: its own groups, no pseudo-groups
-    assert coverage["prior_evidence"] == ["reference", "group_consistency", "qa_consistency", "fluency", "theta"]
+    # tail prior: only sources that score the meta rows (group consistency cannot: meta has no group column)
+    assert coverage["prior_evidence"] == ["qa_consistency", "fluency", "theta"]
 
 
 def test_rds_ranks_off_domain_rows_below_on_domain():

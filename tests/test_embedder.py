@@ -103,7 +103,7 @@ def test_curate_manifest_names_the_embedder_and_the_evidence(embedder, tmp_path)
     curate(tmp_path / "train.parquet", tmp_path / "meta.parquet", tmp_path / "out", method="bads", budget=0.5,
            config=config)
     coverage = json.loads((tmp_path / "out" / "manifest.json").read_text())["coverage"]
-    assert coverage["prior_evidence"] == ["reference", "qa_consistency", "fluency", "theta"]
+    assert coverage["prior_evidence"] == ["qa_consistency", "fluency", "theta"]
     assert coverage["theta_space"]["space"] == "embedder"
     assert coverage["embedder"]["weights_sha256"]["model.safetensors"] == PUBLISHED_SHA256
     assert coverage["embedder"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"

@@ -65,6 +65,12 @@ class BadsSettings:
     # for the embedder θ, whose question–answer evidence they only add noise to (docstring set, seed 0: 0.684
     # AUROC alone; the prior's `max` with them 0.789, without them 0.865)
     pseudo_groups: bool | None = None
+    # How the prior's evidence becomes prior means: "tail" (each source calibrated on the meta rows into P(bad),
+    # noisy-or, calibration.py), "max" (the robust z's `max`), or "auto": tail for the embedder θ, max for the LM θ.
+    # Tail leaves the embedder's meta-only reference map out of the prior: it is the question–answer map again,
+    # fitted on 150 rows instead of the pool (tuned on the docstring set, seed 0: max 0.875 → tail 0.876, and
+    # tail with the reference 0.865)
+    prior_combine: str = "auto"
 
     @classmethod
     def for_variant(cls, variant: str, extra: dict) -> "BadsSettings":

@@ -17,7 +17,7 @@ import torch
 from dpsel.errors import DpselInputError
 from dpsel.select.bads.config import BadsSettings
 from dpsel.select.bads.embedding_problem import EmbeddingProblem, embedding_features, map_distance, ridge_map
-from dpsel.select.bads.priors import evidence_ablations, prior_means
+from dpsel.select.bads.priors import combine_rule, evidence_ablations, prior_means
 from dpsel.select.bads.problems import infer_groups
 from dpsel.select.bads.runner import run_sampler
 from dpsel.select.bads.scorer import EmbedderBadsScorer
@@ -80,7 +80,8 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     evidence_started = time.perf_counter()
     report: dict = {}
     prior_evidence, prior_mean, ablation_priors = prior_means(train, ref_distance, group_ids, settings, config.seed,
-                                                              meta, report, reference_z=robust_z(ref_distance))
+                                                              meta, report, reference_z=robust_z(ref_distance),
+                                                              combine=combine_rule(settings, "embedder"))
     evidence_seconds = time.perf_counter() - evidence_started
     maps = [theta0, reference]
     words = np.asarray([len(answer_text(m).split()) for m in train])
@@ -95,11 +96,11 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
                          measure_plain_steps=int(config.extra.get("measure_plain_steps", 0)),
                          checkpoint=current_checkpoints(), ablation_priors=ablation_priors)
     result.coverage["theta_space"] = {"space": "embedder", "why": why}
-    result.coverage["prior_evidence"] = list(prior_evidence) + (
+    result.coverage["prior_evidence"] = report.get("prior_combine", {}).get("used", list(prior_evidence)) + (
         ["theta"] if settings.posterior_pass and settings.refresh_prior == "min" else [])
     result.coverage["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
     result.coverage.update({k: v for k, v in report.items() if k != "embedder"})
-    result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids))
+    result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids, prior_mean))
 
     weight_mean, weight_std, net, phi_samples = final_weights(result, config, stats.apply(raw_features), features)
     scorer = EmbedderBadsScorer([row_id(m) for m in train], weight_mean, weight_std,

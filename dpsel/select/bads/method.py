@@ -14,7 +14,7 @@ from dpsel.parallel.collectives import from_env
 from dpsel.select.bads.config import BadsSettings
 from dpsel.select.bads.embedder_method import select_bads_embedder, theta_space
 from dpsel.select.bads.parallel import gather_result, subset_rows
-from dpsel.select.bads.priors import evidence_ablations, prior_means
+from dpsel.select.bads.priors import combine_rule, evidence_ablations, prior_means
 from dpsel.select.bads.problems import LMProblem, infer_groups
 from dpsel.select.bads.runner import run_sampler
 from dpsel.select.bads.scorer import BadsScorer
@@ -132,7 +132,8 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
     evidence_started = time.perf_counter()
     evidence_report: dict = {}
     prior_evidence, prior_mean, ablation_priors = prior_means(train, ref_nll, group_ids, settings, config.seed,
-                                                              meta, evidence_report)
+                                                              meta, evidence_report,
+                                                              combine=combine_rule(settings, "lm"))
     evidence_seconds = time.perf_counter() - evidence_started
     if settings.anchor == "base":
         lm.load_theta(base_state)

@@ -17,13 +17,19 @@ log = logging.getLogger(__name__)
 SEMANTIC_EVIDENCE = ("qa_consistency", "pseudo_group_consistency")
 
 
-def fluency_evidence(train: list[Messages], meta: list[Messages] | None) -> np.ndarray:
+def fluency_evidence(train: list[Messages], meta: list[Messages] | None,
+                     calibration: dict | None = None) -> np.ndarray:
     """Normal score (high = looks bad) of the answer's word-order fluency (select/fluency.py), robust-z'd so only
-    the disfluent tail stands out in the prior's `max`."""
+    the disfluent tail stands out in the prior's `max`. `calibration` gets (pool, meta) disfluency: the counts are
+    the same for both and each answer's own are left out, so meta rows are scored as pool rows are."""
     from dpsel.select.consistency import answer_text
     from dpsel.select.fluency import bigram_fluency
     from dpsel.select.semantic import robust_z
-    return robust_z(-bigram_fluency([answer_text(m) for m in train], [answer_text(m) for m in meta or []]))
+    pool_answers, meta_answers = [answer_text(m) for m in train], [answer_text(m) for m in meta or []]
+    disfluency = -bigram_fluency(pool_answers, meta_answers)
+    if calibration is not None and meta_answers:
+        calibration["fluency"] = (disfluency, -bigram_fluency(meta_answers, pool_answers))
+    return robust_z(disfluency)
 
 
 def empirical_bayes_mean(ref_nll: np.ndarray, groups: np.ndarray, beta: float, gamma: float) -> np.ndarray:
@@ -35,10 +41,12 @@ def empirical_bayes_mean(ref_nll: np.ndarray, groups: np.ndarray, beta: float, g
 
 
 def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups: np.ndarray,
-                      settings: BadsSettings, seed: int, report: dict) -> dict[str, np.ndarray]:
+                      settings: BadsSettings, seed: int, report: dict,
+                      calibration: dict | None = None) -> dict[str, np.ndarray]:
     """The embedder's evidence (select/semantic.py): question–answer consistency and, without a group column,
     group consistency over pseudo-groups; {} (the log says what the prior falls back to) without an embedder.
-    `report` gets the embedder's manifest record and its encoding cost."""
+    `report` gets the embedder's manifest record and its encoding cost; `calibration` (pool, meta) inconsistency,
+    each meta row predicted by a map fitted on the pool and the other meta folds, as pool rows are."""
     from dpsel.models.embedder import EmbeddingCache, try_embedder
     from dpsel.select.semantic import pseudo_groups, qa_consistency, robust_z, row_embeddings
     embedder = try_embedder(settings.embedder)
@@ -48,7 +56,10 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
     q, a = row_embeddings(embedder, train, cache)
     extra = row_embeddings(embedder, meta, cache) if meta else None
     report["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
-    evidence = {"qa_consistency": robust_z(-qa_consistency(q, a, seed, extra))}
+    inconsistency = -qa_consistency(q, a, seed, extra)
+    evidence = {"qa_consistency": robust_z(inconsistency)}
+    if calibration is not None and extra is not None and len(extra[0]) >= 2:
+        calibration["qa_consistency"] = (inconsistency, -qa_consistency(*extra, seed, (q, a)))
     if settings.group_consistency and settings.pseudo_groups is not False and not has_groups(groups):
         pseudo = pseudo_groups(q, seed)
         log.info("bads prior: no group column; group consistency over %d pseudo-groups (k-means of the "
@@ -61,17 +72,20 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
 
 def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
                      seed: int, meta: list[Messages] | None = None, report: dict | None = None,
-                     reference_z: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                     reference_z: np.ndarray | None = None,
+                     calibration: dict | None = None) -> dict[str, np.ndarray]:
     """The evidence behind the empirical-Bayes prior, each as a normal score (high = looks bad): the reference's
     within-group loss rank, when the pool has groups how unlike its group's answers the row's answer is, and the
-    embedder's evidence (`semantic_evidence`, with pseudo-groups where the pool has none)."""
+    embedder's evidence (`semantic_evidence`, with pseudo-groups where the pool has none). `calibration` gets
+    (pool, meta) badness of the sources that can score the meta rows out of sample (calibration.py)."""
     evidence = {"reference": evidence_z(ref_nll, groups) if reference_z is None else reference_z}
     if settings.group_consistency and has_groups(groups):
         evidence["group_consistency"] = consistency_z(group_consistency(train, groups, seed))
     if settings.semantic:
-        evidence.update(semantic_evidence(train, meta, groups, settings, seed, report if report is not None else {}))
+        evidence.update(semantic_evidence(train, meta, groups, settings, seed, report if report is not None else {},
+                                          calibration))
     if settings.fluency:
-        evidence["fluency"] = fluency_evidence(train, meta) - settings.fluency_margin
+        evidence["fluency"] = fluency_evidence(train, meta, calibration) - settings.fluency_margin
     if settings.group_consistency and "group_consistency" not in evidence \
             and "pseudo_group_consistency" not in evidence:
         group_consistency(train, groups, seed)  # logs that group consistency is off, and what the prior keeps
@@ -79,38 +93,73 @@ def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndar
 
 
 def evidence_ablations(prior_evidence: dict[str, np.ndarray], alternatives: dict[str, np.ndarray],
-                       groups: np.ndarray) -> dict[str, np.ndarray]:
-    """Scores from the evidence alone, no posterior (higher = keep): each source, the prior itself (the sources
-    combined by `max`: `evidence_prior_only`), and the sources with θ's loss combined by `max` and by Stouffer's
-    Σz/√k (the rule it was chosen over)."""
+                       groups: np.ndarray, prior_mean: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Scores from the evidence alone, no posterior (higher = keep): each source, the prior itself
+    (`evidence_prior_only`: `prior_mean` where given, else the sources' `max`; `evidence_prior_max` the `max`
+    beside a `prior_mean`), and the sources with θ's loss combined by `max` and by Stouffer's Σz/√k."""
     out = {f"{name}_only": -z for name, z in prior_evidence.items() if name != "reference"}  # reference: below
     if len(prior_evidence) > 1:
-        out["evidence_prior_only"] = -combine_evidence(list(prior_evidence.values()), "max")
+        by_max = -combine_evidence(list(prior_evidence.values()), "max")
+        if prior_mean is None:
+            out["evidence_prior_only"] = by_max
+        else:
+            out["evidence_prior_only"], out["evidence_prior_max"] = np.asarray(prior_mean, dtype=np.float64), by_max
     if "theta_loss_only" in alternatives and len(prior_evidence) > 1:
         zs = [*prior_evidence.values(), evidence_z(-alternatives["theta_loss_only"], groups)]
         out.update(evidence_max=-combine_evidence(zs, "max"), evidence_stouffer=-combine_evidence(zs, "stouffer"))
     return out
 
 
+def combine_rule(settings: BadsSettings, space: str) -> str:
+    """BadsSettings.prior_combine resolved for θ's space: `auto` is `tail` for the embedder θ, `max` for the LM."""
+    from dpsel.errors import DpselInputError
+    rule = settings.prior_combine
+    if rule not in ("auto", "tail", "max"):
+        raise DpselInputError(f"unknown prior_combine {rule!r}; use 'auto', 'tail' or 'max'")
+    return ("tail" if space == "embedder" else "max") if rule == "auto" else rule
+
+
+def _combined_mean(prior_evidence: dict[str, np.ndarray], calibration: dict, names: list[str], combine: str,
+                   settings: BadsSettings) -> np.ndarray:
+    """Prior means from the sources `names`: noisy-or of their meta-calibrated P(bad) (`tail`, over those that
+    have a calibration) or the `max` of their normal scores."""
+    from dpsel.select.bads.calibration import noisy_or, prior_mean_from_bad_probability, tail_bad_probability
+    calibrated = [name for name in names if name in calibration]
+    if combine == "tail" and calibrated:
+        bad = noisy_or([tail_bad_probability(*calibration[name]) for name in calibrated])
+        return prior_mean_from_bad_probability(bad, settings.beta)
+    return prior_mean_from_z(combine_evidence([prior_evidence[name] for name in names], "max"), settings.beta,
+                             settings.eb_gamma)
+
+
 def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
                 seed: int, meta: list[Messages] | None = None, report: dict | None = None,
-                reference_z: np.ndarray | None = None
+                reference_z: np.ndarray | None = None, combine: str = "max"
                 ) -> tuple[dict[str, np.ndarray], torch.Tensor, dict[str, torch.Tensor]]:
     """(the prior evidence, the prior mean per row, the ablations' prior means): the evidence combined by
-    `max`, or β everywhere without the empirical-Bayes prior; `reference_only` from the reference alone."""
-    prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed, meta, report, reference_z) \
-        if settings.eb_prior else {}
+    `combine` (`_combined_mean`; `tail` leaves the reference out, see BadsSettings.prior_combine), or β
+    everywhere without the empirical-Bayes prior; `reference_only` from the reference alone."""
+    calibration: dict = {}
+    prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed, meta, report, reference_z,
+                                      calibration) if settings.eb_prior else {}
+    used = [name for name in prior_evidence if combine != "tail" or name != "reference"]
+    if combine == "tail" and any(name in calibration for name in used):
+        used = [name for name in used if name in calibration]  # _combined_mean reads only these
+    if report is not None and prior_evidence:
+        report["prior_combine"] = {"rule": combine, "calibrated_on_meta": sorted(calibration), "used": used}
     if prior_evidence:
-        prior_mean = torch.as_tensor(prior_mean_from_z(combine_evidence(list(prior_evidence.values()), "max"),
-                                                       settings.beta, settings.eb_gamma))
+        prior_mean = torch.as_tensor(_combined_mean(prior_evidence, calibration, used, combine, settings))
     else:
         prior_mean = torch.full((len(train),), settings.beta, dtype=torch.float64)
     ablation_priors = {}
     semantic = [name for name in prior_evidence if name in SEMANTIC_EVIDENCE]
     if semantic:  # the same run's posterior pass from the prior without the embedder's evidence
-        ablation_priors["no_semantic"] = torch.as_tensor(prior_mean_from_z(combine_evidence(
-            [z for name, z in prior_evidence.items() if name not in semantic], "max"), settings.beta,
-            settings.eb_gamma))
+        rest = [name for name in used if name not in semantic] or ["reference"]
+        ablation_priors["no_semantic"] = torch.as_tensor(_combined_mean(prior_evidence, calibration, rest,
+                                                                        combine, settings))
+    if combine == "tail" and calibration:  # the rule it replaced, through the same posterior pass
+        ablation_priors["max_prior"] = torch.as_tensor(_combined_mean(prior_evidence, calibration,
+                                                                      list(prior_evidence), "max", settings))
     if len(prior_evidence) > 1:  # the same run's posterior pass from the reference-only prior
         ablation_priors["reference_only"] = torch.as_tensor(
             prior_mean_from_z(prior_evidence["reference"], settings.beta, settings.eb_gamma))
