@@ -107,3 +107,29 @@ def test_curate_manifest_names_the_embedder_and_the_evidence(embedder, tmp_path)
     assert coverage["theta_space"]["space"] == "embedder"
     assert coverage["embedder"]["weights_sha256"]["model.safetensors"] == PUBLISHED_SHA256
     assert coverage["embedder"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_embedding_is_stored_chunk_by_chunk_with_progress_and_resumes(embedder, tmp_path):
+    """A stopped encode keeps the chunks it finished; the re-run encodes only the rest and reports progress."""
+    import dataclasses
+
+    class StopAfter:
+        def __init__(self, chunks):
+            self.left = chunks
+
+        def __call__(self, done, total, diag):
+            if self.left == 0:
+                raise KeyboardInterrupt
+            self.left -= 1
+
+    texts = [f"how do I sort list number {i}?" for i in range(10)]
+    ids = [f"row{i}" for i in range(10)]
+    with pytest.raises(KeyboardInterrupt):   # stopped while reporting its second chunk (8 rows stored)
+        EmbeddingCache(embedder, tmp_path).embed(ids, texts, "question", StopAfter(1), chunk_rows=4)
+    cache, calls = EmbeddingCache(embedder, tmp_path), []
+    vectors = cache.embed(ids, texts, "question", lambda done, total, diag: calls.append((done, total, diag)),
+                          chunk_rows=4)
+    assert cache.stats["cached"] == 8 and cache.stats["encoded"] == 2      # two chunks of 4 were kept
+    assert calls == [(2, 2, {"phase": "embedding questions"})]
+    fresh = EmbeddingCache(dataclasses.replace(embedder), tmp_path / "other").embed(ids, texts, "question")
+    assert np.allclose(vectors, fresh, atol=1e-5)

@@ -39,6 +39,9 @@ FALLBACK = ("the prior keeps the reference-loss evidence (and group consistency 
             "column); no question-answer consistency, no pseudo-groups")
 
 
+ENCODE_CHUNK_ROWS = 1024   # rows encoded, then stored, at a time: the unit of progress and of resume
+
+
 class EmbedderUnavailable(RuntimeError):
     """No embedder could be loaded; the message says why and what the run falls back to."""
 
@@ -179,8 +182,11 @@ class EmbeddingCache:
         db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB)")
         return db
 
-    def embed(self, ids: list[str], texts: list[str], field: str) -> np.ndarray:
-        """[len(ids), dim] float32: cached rows read back, the others encoded in batches and stored."""
+    def embed(self, ids: list[str], texts: list[str], field: str, progress=None,
+              chunk_rows: int = ENCODE_CHUNK_ROWS) -> np.ndarray:
+        """[len(ids), dim] float32: cached rows read back, the others encoded chunk by chunk, each chunk stored
+        (committed) as soon as it is done, so a stopped run keeps what it encoded and a re-run goes on from
+        there; `progress(done, total, diag)` after every chunk (phase "embedding <field>s")."""
         keys = [f"{field}:{i}" for i in ids]
         with self._connect() as db:
             found = {}
@@ -189,13 +195,17 @@ class EmbeddingCache:
                 found.update(db.execute(f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})",
                                         chunk).fetchall())
             missing = [j for j, k in enumerate(keys) if k not in found]
-            if missing:
+            for start in range(0, len(missing), chunk_rows):
+                part = missing[start:start + chunk_rows]
                 started = time.perf_counter()
-                vectors = self.embedder.encode([texts[j] for j in missing])
+                vectors = self.embedder.encode([texts[j] for j in part])
                 self.stats["encode_seconds"] += time.perf_counter() - started
                 db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
-                               [(keys[j], v.tobytes()) for j, v in zip(missing, vectors)])
-                found.update({keys[j]: v.tobytes() for j, v in zip(missing, vectors)})
+                               [(keys[j], v.tobytes()) for j, v in zip(part, vectors)])
+                db.commit()
+                found.update({keys[j]: v.tobytes() for j, v in zip(part, vectors)})
+                if progress is not None:
+                    progress(start + len(part), len(missing), {"phase": f"embedding {field}s"})
         self.stats["rows"] += len(keys)
         self.stats["cached"] += len(keys) - len(missing)
         self.stats["encoded"] += len(missing)

@@ -25,13 +25,13 @@ def question_text(messages: Messages) -> str:
     return "\n".join(m["content"] for m in messages[:-1])
 
 
-def row_embeddings(embedder: Embedder, rows: list[Messages], cache: EmbeddingCache | None = None):
-    """(question, answer) embeddings [N, d] each, through the per-row-id cache."""
+def row_embeddings(embedder: Embedder, rows: list[Messages], cache: EmbeddingCache | None = None, progress=None):
+    """(question, answer) embeddings [N, d] each, through the per-row-id cache (`progress`: per encoded chunk)."""
     from dpsel.data import row_id
     cache = cache or EmbeddingCache(embedder)
     ids = [row_id(m) for m in rows]
-    return (cache.embed(ids, [question_text(m) for m in rows], "question"),
-            cache.embed(ids, [answer_text(m) for m in rows], "answer"))
+    return (cache.embed(ids, [question_text(m) for m in rows], "question", progress),
+            cache.embed(ids, [answer_text(m) for m in rows], "answer", progress))
 
 
 def qa_consistency(q: np.ndarray, a: np.ndarray, seed: int, extra: tuple[np.ndarray, np.ndarray] | None = None,

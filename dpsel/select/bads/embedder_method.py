@@ -69,8 +69,8 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     if settings.pseudo_groups is None:
         settings.pseudo_groups = False  # see BadsSettings.pseudo_groups
     cache = EmbeddingCache(embedder)
-    q, a = row_embeddings(embedder, train, cache)
-    q_meta, a_meta = row_embeddings(embedder, meta, cache)
+    q, a = row_embeddings(embedder, train, cache, progress)
+    q_meta, a_meta = row_embeddings(embedder, meta, cache, progress)
     group_ids = infer_groups(train, groups)
     reference = ridge_map(q_meta, a_meta, settings.embed_alpha)
     theta0 = ridge_map(np.vstack([q_meta, q]), np.vstack([a_meta, a]), settings.embed_alpha)
