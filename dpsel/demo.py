@@ -75,6 +75,20 @@ def method_configs(config: RunConfig, size: DemoSize) -> dict[str, RunConfig]:
     return {config.tune.method: config, surm.tune.method: surm}
 
 
+def _selection_model(config: RunConfig) -> str:
+    """What bads samples θ in on this machine (dpsel.select.bads: the embedder when it is installed and the
+    model is the built-in tiny one)."""
+    from dpsel.models.embedder import EmbedderUnavailable, packaged_folder
+    if config.curate.method == "bads" and config.model == "tiny":
+        try:
+            packaged_folder()
+            return ("θ a question→answer map in the packaged sentence embedder's space, prior from its "
+                    "label-free evidence")
+        except EmbedderUnavailable:
+            pass
+    return "θ the random-init tiny model, after a reference fit on the meta set"
+
+
 def plan(config: RunConfig, size: DemoSize, rates=None, seeds: int = TUNING_SEEDS) -> list[str]:
     """What the demo is about to do, and how long that should take here: the planned steps times the step
     times `rates` (dpsel.demo_estimate.Rates; measured now by a short probe when not given)."""
@@ -95,8 +109,8 @@ def plan(config: RunConfig, size: DemoSize, rates=None, seeds: int = TUNING_SEED
         f"{size.test_rows} clean test rows of {', '.join(DEMO_TASKS)}; model {config.model!r}, device {config.device}",
         f"  1. pretrain the tiny model {size.base.steps} steps on {size.base.rows:,} clean rows of other tasks "
         f"({', '.join(size.base.tasks)}; saved under OUT/base/, reused next time)",
-        f"  2. select rows with {config.curate.method} on the random-init tiny model ({config.curate.steps} "
-        f"sampler steps after a reference fit on the meta set), keep {config.curate.budget:.0%}",
+        f"  2. select rows with {config.curate.method}: {_selection_model(config)} ({config.curate.steps} "
+        f"sampler steps), keep {config.curate.budget:.0%}",
         f"  3. tune the pretrained base with adapters, {tuned}, on the curated rows "
         f"and on all rows, {seeds} seeds each",
         "  4. compare eval loss on the test rows per method: the margin and its spread over the seeds",
