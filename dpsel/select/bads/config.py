@@ -57,9 +57,6 @@ class BadsSettings:
     theta_space: str = "auto"
     embed_alpha: float = 1.0          # ridge penalty of the embedding maps (θ₀ and the meta-only reference)
     embed_loss_scale: float = 0.1     # τ in ℓ = (1 − cos)/τ: losses on the scale of an LM's per-token NLL
-    # Posterior pass of the embedder θ: each row's loss out of fold (EmbeddingProblem.hold_out_folds) rather than
-    # under draws that trained on it
-    theta_out_of_fold: bool = False
     fluency: bool = True              # prior evidence: word-order fluency of the answer (select/fluency.py)
     # Fluency's robust z is lowered by this before the prior's `max`, so only the clearly disfluent tail counts
     # (docstring set, seed 0, embedder θ: margin 0 → AUROC 0.872, wrong 0.67; margin 1 → 0.869, wrong 0.73)

@@ -90,8 +90,6 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     features = torch.as_tensor(stats.apply(raw_features), dtype=torch.float32)
 
     problem = EmbeddingProblem(q, a, q_meta, a_meta, group_ids, theta0, settings.embed_loss_scale)
-    if settings.theta_out_of_fold:
-        problem.hold_out_folds(prior_mean.numpy(), settings.embed_alpha, config.seed)
     result = run_sampler(problem, settings, batch_size=config.batch_size, meta_batch_size=config.meta_batch_size,
                          seed=config.seed, prior_mean=prior_mean, features=features,
                          weight_param=config.weight_param, progress=progress,

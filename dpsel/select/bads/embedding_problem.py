@@ -41,32 +41,6 @@ class EmbeddingProblem(SelectionProblem):
         self.weight = torch.nn.Parameter(theta0[0].clone())
         self.bias = torch.nn.Parameter(theta0[1].clone())
         self.scale = float(scale)
-        self.fold_shifts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def hold_out_folds(self, weights: np.ndarray, alpha: float, seed: int, folds: int = 5) -> None:
-        """Make `all_losses` (the posterior pass) score each pool row out of fold. A θ draw has trained on the row
-        it scores, and a d×d map on a few thousand rows fits its own rows' answers; so each fold's rows are
-        scored under the draw shifted by what leaving that fold out moves the weighted ridge map (the Gaussian
-        posterior mean of θ given fixed weights): θ_draw + (ridge without fold k − ridge on all), pool rows
-        weighted by `weights`, meta rows by 1."""
-        from sklearn.linear_model import Ridge
-        from sklearn.model_selection import KFold
-        q, a = self.q.numpy(), self.a.numpy()
-        xs, ys = np.vstack([self.q_meta.numpy(), q]), np.vstack([self.a_meta.numpy(), a])
-        sample = np.concatenate([np.ones(self.n_meta), np.asarray(weights, dtype=np.float64)])
-
-        def fit(keep: np.ndarray):
-            model = Ridge(alpha=alpha).fit(xs[keep], ys[keep], sample_weight=sample[keep])
-            return torch.as_tensor(model.coef_.T, dtype=torch.float32), torch.as_tensor(model.intercept_,
-                                                                                       dtype=torch.float32)
-        everything = np.ones(len(xs), dtype=bool)
-        w_all, b_all = fit(everything)
-        self.fold_shifts = []
-        for _, held in KFold(min(folds, self.n_train), shuffle=True, random_state=seed).split(q):
-            keep = everything.copy()
-            keep[self.n_meta + held] = False
-            w_k, b_k = fit(keep)
-            self.fold_shifts.append((torch.as_tensor(held, dtype=torch.long), w_k - w_all, b_k - b_all))
 
     def theta(self):
         return [self.weight, self.bias]
@@ -81,13 +55,7 @@ class EmbeddingProblem(SelectionProblem):
 
     @torch.no_grad()
     def all_losses(self) -> torch.Tensor:
-        if not self.fold_shifts:
-            return self._loss(self.q, self.a)
-        losses = torch.empty(self.n_train)
-        for rows, shift_w, shift_b in self.fold_shifts:
-            losses[rows] = map_distance(self.q[rows], self.a[rows], self.weight + shift_w,
-                                        self.bias + shift_b) / self.scale
-        return losses
+        return self._loss(self.q, self.a)
 
 
 PROJECTION_DIM = 16  # per embedding kept as weight-net features (a fixed random projection, as for the LM's states)
