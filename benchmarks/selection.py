@@ -451,7 +451,10 @@ def main(argv=None) -> dict:
 
 
 def merge_reports(paths: list[Path], out: Path) -> dict:
-    """One report from several single-process runs over disjoint seeds (run side by side to use both cores)."""
+    """One report from several runs with the same settings, written under --out with the first file's name.
+    Disjoint seeds are appended (single-process runs side by side, to use both cores); on a seed two files share,
+    their methods are joined and a method in both keeps the first file's row (a peers-only run, `--methods ''`,
+    adds its peers to a committed report without touching its bads rows)."""
     merged: dict = {}
     for path in paths:
         for key, report in saved_runs(path).items():
@@ -459,20 +462,31 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
                 continue
             if key not in merged:
                 merged[key] = {**report, "per_seed": [], "seeds": []}
-            merged[key]["per_seed"] += report["per_seed"]
-            merged[key]["seeds"] += report["seeds"]
-            merged[key]["seconds"] = max(merged[key].get("seconds", 0), report["seconds"])
+            _join_seeds(merged[key], report)
     for report in merged.values():
         report["summary"] = summarise(report["per_seed"])
         report["notes"] = multi_seed_targets(report["summary"])
         report["args"]["seeds"] = ",".join(map(str, report["seeds"]))
     out.mkdir(parents=True, exist_ok=True)
-    runs = {**saved_runs(out / "selection.json"), **merged}
-    (out / "selection.json").write_text(json.dumps({"runs": runs}, indent=2, default=float) + "\n")
-    (out / "selection.md").write_text(full_markdown(runs))
+    target = out / paths[0].name
+    runs = {**saved_runs(target), **merged}
+    target.write_text(json.dumps({"runs": runs}, indent=2, default=float) + "\n")
+    target.with_suffix(".md").write_text(full_markdown(runs))
     for report in merged.values():
         print(multi_seed_markdown(report))
     return merged
+
+
+def _join_seeds(into: dict, report: dict) -> None:
+    by_seed = {run["seed"]: run for run in into["per_seed"]}
+    for run in report["per_seed"]:
+        if run["seed"] not in by_seed:
+            into["per_seed"].append(run)
+            into["seeds"].append(run["seed"])
+            continue
+        have = {m["method"] for m in by_seed[run["seed"]]["methods"]}
+        by_seed[run["seed"]]["methods"] += [m for m in run["methods"] if m["method"] not in have]
+    into["seconds"] = max(into.get("seconds", 0), report["seconds"])
 
 
 def run_seed(names: list[str], peers: list[str], data: dict, args) -> dict:

@@ -291,6 +291,21 @@ def flow(ctx: typer.Context,
     run_flow(name.replace("-", "_"), config=config, **overrides)
 
 
+embedder_app = typer.Typer(no_args_is_help=True, help="Sentence embedders for the meaning evidence.")
+app.add_typer(embedder_app, name="embedder")
+
+
+@embedder_app.command("distil")
+@handle_errors
+def embedder_distil(out: Path = typer.Option(..., "--out", help="Folder for the static embedder."),
+                    source: str = typer.Option("default", "--source", help="Embedder to distil (default: the "
+                                               "packaged all-MiniLM-L6-v2; a folder or a locally cached hub id)."),
+                    dims: int = typer.Option(256, "--dims", min=2, help="PCA dimensions kept.")):
+    """Distil a static (model2vec) embedder from SOURCE offline; use it with --embedder OUT."""
+    from dpsel.models.distil import distil_static
+    typer.echo(f"static embedder: {distil_static(out, source=source, dims=dims)} (use it with --embedder)")
+
+
 def _parse_extra_options(args: list[str]) -> dict:
     """`--train a.parquet --steps 5 --compare` -> {"train": "a.parquet", "steps": "5", "compare": True}."""
     options, i = {}, 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import sqlite3
@@ -39,6 +40,7 @@ FALLBACK = ("the prior keeps the reference-loss evidence (and group consistency 
             "column); no question-answer consistency, no pseudo-groups")
 
 
+DISTIL_RECORD = "dpsel_distil.json"  # a static embedder's provenance (dpsel.models.distil), named in the manifest
 ENCODE_CHUNK_ROWS = 1024   # rows encoded, then stored, at a time: the unit of progress and of resume
 
 
@@ -92,6 +94,7 @@ class Embedder:
     weights_sha256: dict[str, str]
     check: dict[str, float]
     batch_size: int = 64
+    distilled_from: dict | None = None   # a static (model2vec) embedder: its source's name, sha256 and settings
 
     @property
     def sha(self) -> str:
@@ -104,8 +107,9 @@ class Embedder:
 
     def record(self) -> dict:
         """What the manifest names: the embedder, its weights' sha256 and the behaviour check."""
-        return {"name": self.name, "weights_sha256": self.weights_sha256, "sha": self.sha,
-                "behaviour_check": self.check}
+        record = {"name": self.name, "weights_sha256": self.weights_sha256, "sha": self.sha,
+                  "behaviour_check": self.check}
+        return {**record, "distilled_from": self.distilled_from} if self.distilled_from else record
 
 
 def behaviour_check(model) -> dict[str, float]:
@@ -118,7 +122,8 @@ def behaviour_check(model) -> dict[str, float]:
     return check
 
 
-def _resolve(spec: str) -> tuple[str, Path]:
+def resolve_folder(spec: str) -> tuple[str, Path]:
+    """(name, local folder) of an embedder spec: `default`, a folder, or a hub id already in the local cache."""
     if spec == DEFAULT:
         return PACKAGED_NAME, packaged_folder()
     path = Path(spec).expanduser()
@@ -138,7 +143,7 @@ def _resolve(spec: str) -> tuple[str, Path]:
 def load_embedder(spec: str = DEFAULT, device: str = "cpu") -> Embedder:
     """The checked embedder for `spec` (once per process); EmbedderUnavailable says why not and the fallback."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    name, where = _resolve(spec)
+    name, where = resolve_folder(spec)
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as error:
@@ -151,7 +156,9 @@ def load_embedder(spec: str = DEFAULT, device: str = "cpu") -> Embedder:
     hashes = {str(p.relative_to(where)): file_sha256(p) for p in weight_files(where)}
     if name == PACKAGED_NAME and hashes.get("model.safetensors") != PUBLISHED_SHA256:
         log.warning("packaged embedder weights differ from the published all-MiniLM-L6-v2 (sha256 %s)", hashes)
-    embedder = Embedder(name, model, hashes, behaviour_check(model))
+    provenance = where / DISTIL_RECORD
+    embedder = Embedder(name, model, hashes, behaviour_check(model),
+                        distilled_from=json.loads(provenance.read_text()) if provenance.exists() else None)
     log.info("embedder %s loaded in %.1fs (%s)", name, time.perf_counter() - started, embedder.check)
     return embedder
 
