@@ -110,9 +110,10 @@ def _peak_filter(scorer, folder, rows: int, out) -> int:
 
 
 def test_filter_memory_does_not_grow_with_rows(scorer, tmp_path, monkeypatch):
-    """4x the rows, well under 1.5x the peak: memory is bounded by the batch plus the small per-row state.
+    """4x the rows, under 1.25x the peak: memory is bounded by the batch plus the small per-row state (measured
+    1.04x; the whole input held at once measured 1.44x here, so 1.5x would not tell them apart).
     (Arrow's max_memory only rises in a process: the larger input runs last.)"""
     monkeypatch.setattr(stream, "BATCH_ROWS", 500)
     small = _peak_filter(scorer, tmp_path / "small", 2000, tmp_path / "out-small")
     large = _peak_filter(scorer, tmp_path / "large", 8000, tmp_path / "out-large")
-    assert large < 1.5 * small, (small, large)
+    assert large < 1.25 * small, (small, large)
