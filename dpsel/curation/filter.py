@@ -1,5 +1,7 @@
 """`filter_rows`: score new rows with a curation run's saved scorer and keep those that pass, writing the same
-record as `curate` (the scorer is copied along)."""
+record as `curate` (the scorer is copied along). The local engine streams the input (`dpsel.curation.stream`:
+memory flat in the rows but for small per-row state); the Ray engine, semantic dedup and an empty input hold
+the whole input, with the same outputs."""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from dpsel.curation.record import CurationResult, Run, input_files_entry, inputs_entry, write_run
-from dpsel.curation.rows import Rows, as_path_list, check_weights, read_rows, rows_from, spread_scores
+from dpsel.curation.rows import as_path_list, check_weights, read_rows, rows_from, spread_scores
 from dpsel.curation.rules import SelectionRule, apply_rule, make_rule
 from dpsel.curation.stages import StageOptions, apply_stages, check_options, load_index
 from dpsel.curation.stream import plan_input, score_in_chunks, stream_filter
@@ -127,7 +129,8 @@ def _filter_streamed(scorer_dir: Path, plan, out: Path, selection: dict, thresho
     rule = _filter_rule(selection, threshold, budget, scorer_dir, has_groups)
     make = _run(selection, scorer_dir, input_files_entry(plan.paths, plan.n, plan.shape, plan.files),
                 getattr(scorer, "kind", None), stages, seen, rule, group_column, has_groups, started)
-    return stream_filter(plan, scorer, stages, seen, rule, group_column, out, progress, make)
+    return stream_filter(plan, scorer, stages, seen, rule, group_column, out, progress, make,
+                         scorer_name=f"scorer {scorer_dir}")
 
 
 def _score_locally(scorer_dir: Path, inputs, out: Path, progress: ProgressFn | None, started: float,

@@ -231,7 +231,7 @@ def _parts(rows: Rows, weights: np.ndarray, stds: np.ndarray, keep: np.ndarray, 
 def stream_filter(plan: InputPlan, scorer, options: StageOptions, seen: NearDupIndex | None, rule: SelectionRule,
                   group_column: str, out: Path, progress: ProgressFn | None,
                   make_run: Callable[[StreamedRows, np.ndarray, np.ndarray, np.ndarray, dict], Run],
-                  batch_rows: int | None = None) -> CurationResult:
+                  scorer_name: str = "the scorer", batch_rows: int | None = None) -> CurationResult:
     """Filter `plan`'s rows batch by batch (see the module docstring) and write the run into `out`.
     `make_run(rows, weights, stds, keep, timings)`: the run record, for `record.finish_run`."""
     started, batch_rows = time.perf_counter(), batch_rows or BATCH_ROWS
@@ -252,7 +252,7 @@ def stream_filter(plan: InputPlan, scorer, options: StageOptions, seen: NearDupI
                 score_start = time.perf_counter()
                 mean, std = score_in_chunks(scorer, rows, np.flatnonzero(rows.usable), None)
                 totals.score_s += time.perf_counter() - score_start
-                check_weights(mean, std, "the scorer")
+                check_weights(mean, std, scorer_name)
                 span = totals.spread(rows, nb.start_row, mean, std)
                 groups.add(rows)
                 totals.pick_previews(rows, nb.start_row)
