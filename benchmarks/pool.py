@@ -128,6 +128,8 @@ def row(rows: int, case: str, result: dict, ceiling: dict | None) -> dict:
 def slopes(by_case: dict, sizes: list[int]) -> dict:
     """Growth between the two sizes: peak RSS ratio, bytes per extra row; for model cases, seconds per extra
     row and the 1M-row seconds extrapolated along that line."""
+    if len(sizes) < 2:
+        return {}
     small, large = sorted(sizes)[-2:]
     out = {}
     for case, per_size in by_case.items():
@@ -163,6 +165,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(old: list[dict], new: list[dict]) -> tuple[list[dict], dict]:
+    """`old` rows with those of the same (rows, case) as a `new` row replaced in place; new others appended."""
+    fresh = {(r["rows"], r["case"]): r for r in new}
+    table = [fresh.pop((r["rows"], r["case"]), r) for r in old] + list(fresh.values())
+    by_case: dict = {}
+    for r in table:
+        by_case.setdefault(r["case"], {})[r["rows"]] = r
+    return table, by_case
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -173,6 +185,8 @@ def main() -> None:
     parser.add_argument("--child", default=None)
     parser.add_argument("--path", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "pool")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of OUT.json's other cases (and sizes), replacing only what this run measured")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.path, args.work, args.threads)
@@ -195,6 +209,10 @@ def main() -> None:
             table.append(row(rows, case, run_child(case, Path(str(rows)), args.work, args.threads), None))
             by_case.setdefault(case, {})[rows] = table[-1]
             print(json.dumps(table[-1]), flush=True)
+    if args.merge and args.out.with_suffix(".json").exists():
+        table, by_case = merged(json.loads(args.out.with_suffix(".json").read_text())["table"], table)
+        args.sizes = sorted({r["rows"] for r in table if r["case"] in DATA_CASES})
+        args.model_sizes = sorted({r["rows"] for r in table if r["case"] in MODEL_CASES})
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} at start, "
                          f"{os.getloadavg()[0]:.1f} at end", "threads": args.threads, "arrow_pool": pool_name,
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "total_s": time.perf_counter() - started,

@@ -317,16 +317,23 @@ def markdown_table(rows: list[dict], cell: Callable[[Any], str] = _fmt) -> list[
     return lines + [""]
 
 
+def example_rows(weights: np.ndarray, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows the report shows: the `EXAMPLES_SHOWN` highest-weight scored rows (ties: earlier first) and
+    the lowest (ties: later first)."""
+    scored = np.flatnonzero(usable)
+    order = scored[np.argsort(-weights[scored], kind="stable")]
+    return order[:EXAMPLES_SHOWN], order[::-1][:EXAMPLES_SHOWN]
+
+
 def _examples(data: ReportData) -> list[str]:
     """Highest- and lowest-weight scored rows, so a reader can see what the method kept and dropped."""
     if not data.previews:
         return []
-    scored = np.flatnonzero(data.usable)
-    if len(scored) == 0:
+    highest, lowest = example_rows(data.weights, data.usable)
+    if len(highest) == 0:
         return []
-    order = scored[np.argsort(-data.weights[scored], kind="stable")]
     lines = []
-    for title, picks in (("Highest weight", order[:EXAMPLES_SHOWN]), ("Lowest weight", order[::-1][:EXAMPLES_SHOWN])):
+    for title, picks in (("Highest weight", highest), ("Lowest weight", lowest)):
         lines += [f"### {title}", "", "| row | weight | kept | text |", "|---|---|---|---|"]
         for i in picks:
             text = escape(data.previews[i][:EXAMPLE_CHARS])

@@ -1,5 +1,7 @@
 """`filter_rows`: score new rows with a curation run's saved scorer and keep those that pass, writing the same
-record as `curate` (the scorer is copied along)."""
+record as `curate` (the scorer is copied along). The local engine streams the input (`dpsel.curation.stream`:
+memory flat in the rows but for small per-row state); the Ray engine, semantic dedup and an empty input hold
+the whole input, with the same outputs."""
 from __future__ import annotations
 
 import json
@@ -8,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
-from dpsel.curation.rows import Rows, as_path_list, check_weights, read_rows, rows_from, spread_scores
+from dpsel.curation.record import CurationResult, Run, input_files_entry, inputs_entry, write_run
+from dpsel.curation.rows import as_path_list, check_weights, read_rows, rows_from, spread_scores
 from dpsel.curation.rules import SelectionRule, apply_rule, make_rule
 from dpsel.curation.stages import StageOptions, apply_stages, check_options, load_index
+from dpsel.curation.stream import plan_input, score_in_chunks, stream_filter
 from dpsel.errors import DpselInputError
 from dpsel.outputs import SELECTION_FILE, check_outputs_do_not_overwrite_inputs
 from dpsel.runlock import locks_out
@@ -43,26 +46,6 @@ def _read_selection(scorer_dir: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DpselInputError(f"unreadable selection file ({exc})", file=str(path)) from exc
-
-
-SCORE_CHUNK_ROWS = 8192   # rows tokenised and scored at a time: memory bounded by the chunk, not the input
-
-
-def _score_in_chunks(scorer, rows: Rows, usable_idx: np.ndarray,
-                     progress: ProgressFn | None) -> tuple[np.ndarray, np.ndarray]:
-    """The scorer's weights for the usable rows, a chunk of rows at a time (messages built per chunk)."""
-    mean, std = np.zeros(len(usable_idx)), np.zeros(len(usable_idx))
-    for start in range(0, len(usable_idx), SCORE_CHUNK_ROWS):
-        part = usable_idx[start:start + SCORE_CHUNK_ROWS]
-        chunk = np.zeros(rows.n, dtype=bool)
-        chunk[part] = True
-        m, s = scorer.score(rows.data.messages(chunk), [rows.ids[i] for i in part])
-        mean[start:start + len(part)], std[start:start + len(part)] = m, s
-        if progress is not None:
-            progress(start + len(part), len(usable_idx), {"rows": float(start + len(part))})
-    if progress is not None and not len(usable_idx):
-        progress(1, 1, {"rows": 0.0})
-    return mean, std
 
 
 @locks_out("inputs")
@@ -100,6 +83,9 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
         mean, std = scored.weights[rows.usable], scored.stds[rows.usable]
         timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds,
                    **scored.split}
+    elif _streamable(stages, plan := plan_input(inputs)):
+        return _filter_streamed(scorer_dir, plan, out, selection, threshold, budget, progress, stages, seen,
+                                started)
     else:
         rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started,
                                                                lambda rows: apply_stages(rows, stages, seen))
@@ -109,26 +95,53 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
     rule = _filter_rule(selection, threshold, budget, scorer_dir, groups is not None)
     weights, stds = spread_scores(rows, mean, std)
     keep = apply_rule(rule, weights, rows.usable, groups)
-
-    method = selection.get("method") or scorer_kind or "unknown"
-    run = Run(command="filter", method=method, config=dict(selection.get("config") or {}), rows=rows,
-              inputs={"in": inputs_entry(inputs, rows), "scorer": {"path": str(scorer_dir), "kind": scorer_kind}},
-              weights=weights, stds=stds, keep=keep, rule=rule, scorer=scorer_dir, diagnostics={},
-              timings=timings, started=started,
-              group_column=group_column if groups is not None else None,
-              extra_manifest={"stages": {**stages.to_dict(), "near_dup_seen_rows": len(seen) if seen else 0}})
+    run = _run(selection, scorer_dir, inputs_entry(inputs, rows), scorer_kind, stages, seen, rule, group_column,
+               groups is not None, started)(rows, weights, stds, keep, timings)
     return write_run(out, run)
+
+
+def _run(selection: dict, scorer_dir: Path, inputs: dict, scorer_kind: str | None, stages: StageOptions, seen,
+         rule: SelectionRule, group_column: str, has_groups: bool, started: float):
+    """The run record of a filter, given (rows, weights, stds, keep, timings)."""
+    method = selection.get("method") or scorer_kind or "unknown"
+
+    def make(rows, weights, stds, keep, timings) -> Run:
+        return Run(command="filter", method=method, config=dict(selection.get("config") or {}), rows=rows,
+                   inputs={"in": inputs, "scorer": {"path": str(scorer_dir), "kind": scorer_kind}},
+                   weights=weights, stds=stds, keep=keep, rule=rule, scorer=scorer_dir, diagnostics={},
+                   timings=timings, started=started, group_column=group_column if has_groups else None,
+                   extra_manifest={"stages": {**stages.to_dict(), "near_dup_seen_rows": len(seen) if seen else 0}})
+    return make
+
+
+def _streamable(stages: StageOptions, plan) -> bool:
+    """The local engine streams (dpsel.curation.stream); semantic dedup compares every pair of rows'
+    embeddings, and an empty input has no batch to take the outputs' columns from: those hold the whole input."""
+    return stages.config.semantic_dup is None and plan.n > 0
+
+
+def _filter_streamed(scorer_dir: Path, plan, out: Path, selection: dict, threshold, budget, progress, stages,
+                     seen, started: float) -> CurationResult:
+    scorer = load_scorer(scorer_dir)
+    check_outputs_do_not_overwrite_inputs(out, [f.path for f in plan.files], plan.paths)
+    group_column = selection.get("group_column") or "task"
+    has_groups = group_column in plan.schema.names
+    rule = _filter_rule(selection, threshold, budget, scorer_dir, has_groups)
+    make = _run(selection, scorer_dir, input_files_entry(plan.paths, plan.n, plan.shape, plan.files),
+                getattr(scorer, "kind", None), stages, seen, rule, group_column, has_groups, started)
+    return stream_filter(plan, scorer, stages, seen, rule, group_column, out, progress, make,
+                         scorer_name=f"scorer {scorer_dir}")
 
 
 def _score_locally(scorer_dir: Path, inputs, out: Path, progress: ProgressFn | None, started: float,
                    run_stages):
-    """The local engine's read + stages + score: the whole input in this process, scored a chunk at a time."""
+    """The local engine's read + stages + score, the whole input in this process (semantic dedup on)."""
     scorer = load_scorer(scorer_dir)
     rows = read_rows(inputs)
     check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
     run_stages(rows)
     read_s = time.perf_counter() - started
     score_start = time.perf_counter()
-    mean, std = _score_in_chunks(scorer, rows, np.flatnonzero(rows.usable), progress)
+    mean, std = score_in_chunks(scorer, rows, np.flatnonzero(rows.usable), progress)
     timings = {"read_s": read_s, "score_s": time.perf_counter() - score_start}
     return rows, mean, std, timings, getattr(scorer, "kind", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,8 +32,12 @@ class CurationResult:
 # Writing a run
 # ------------------------------------------------------------------------------------------------
 def inputs_entry(paths, rows: Rows) -> dict:
-    return {"paths": as_path_list(paths), "rows": rows.n, "shape": rows.data.shape,
-            "files": [{"path": f.path, "rows": f.rows, "sha256": f.sha256} for f in rows.data.files]}
+    return input_files_entry(paths, rows.n, rows.data.shape, rows.data.files)
+
+
+def input_files_entry(paths, n: int, shape, files) -> dict:
+    return {"paths": as_path_list(paths), "rows": n, "shape": shape,
+            "files": [{"path": f.path, "rows": f.rows, "sha256": f.sha256} for f in files]}
 
 
 def _group_stats(rows: Rows, weights: np.ndarray, keep: np.ndarray, extra_column: str | None) -> dict:
@@ -89,10 +94,21 @@ def write_run(out: Path, run: Run) -> CurationResult:
     from dpsel.parallel.env import is_writer
     if not is_writer():  # torchrun: rank 0 writes the run; the other ranks only sampled their shard
         return CurationResult(out_dir=out, paths={}, counts=_outcome(run)[-1], manifest={})
+    with staged_run(out) as (stage, run_id):
+        write_start = time.perf_counter()
+        cutoff, group_cutoffs, reasons, details, counts = _outcome(run)
+        _write_tables(stage, run, run_id, reasons, details)
+        return finish_run(stage, out, run, run_id, (cutoff, group_cutoffs, counts), write_start)
+
+
+@contextmanager
+def staged_run(out: Path):
+    """(staging folder, run id) of a new run into `out`: published as `out` when the block ends, removed if it
+    raises (environment errors, e.g. a full disk, become input errors naming the path)."""
     run_id = new_run_id()
     stage = begin_staging(out, run_id)
     try:
-        result = _write_files(stage, out, run, run_id)
+        yield stage, run_id
         publish(stage, out, run_id)
     except BaseException as error:
         shutil.rmtree(stage, ignore_errors=True)
@@ -100,7 +116,6 @@ def write_run(out: Path, run: Run) -> CurationResult:
         if mapped is error:
             raise
         raise mapped from error
-    return result
 
 
 def _outcome(run: Run) -> tuple:
@@ -111,12 +126,7 @@ def _outcome(run: Run) -> tuple:
     return cutoff, group_cutoffs, reasons, details, count_rows(reasons, run.rows.usable, run.rows.stage_stats)
 
 
-def _write_files(stage: Path, out: Path, run: Run, run_id: str) -> CurationResult:
-    from dpsel.report import kept_fraction, write_report   # plotting is imported only when a report is written
-    write_start = time.perf_counter()
-    cutoff, group_cutoffs, reasons, details, counts = _outcome(run)
-    paths = output_paths(out)
-
+def _write_tables(stage: Path, run: Run, run_id: str, reasons: list[str], details: list[str]) -> None:
     ids = run.rows.ids
     redacted = run.rows.redacted is not None
     curated = curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.conversation_array(run.keep),
@@ -125,6 +135,14 @@ def _write_files(stage: Path, out: Path, run: Run, run_id: str) -> CurationResul
         curated = redact_text_columns(curated, skip=("dpsel_id",))
     write_tables(stage, scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
                                      run.rows.file_rows, run.rows.dup_of), curated, run_id=run_id)
+
+
+def finish_run(stage: Path, out: Path, run: Run, run_id: str, outcome: tuple, write_start: float) -> CurationResult:
+    """Everything but scores.parquet and curated.parquet (already in `stage`): scorer/, report, manifest (last).
+    `outcome`: (cutoff, group cutoffs, counts) of the selection."""
+    from dpsel.report import kept_fraction, write_report   # plotting is imported only when a report is written
+    cutoff, group_cutoffs, counts = outcome
+    paths = output_paths(out)
     selection = {**_selection_record(run, cutoff, group_cutoffs), "run_id": run_id}
     scorer_dir = write_scorer(stage, run.scorer, selection)
     if run.near_dup_index is not None and scorer_dir is not None:   # what `dpsel filter` dedups against

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,10 +89,14 @@ class Previews(Sequence):
             raise IndexError(index)
         row = np.zeros(len(self), dtype=bool)
         row[index] = True
-        messages = self.data.messages(row)[0]
-        user = next((m["content"] for m in reversed(messages or []) if m.get("role") == "user"), "") or ""
-        answer = (messages[-1].get("content") if messages else "") or ""
-        return f"{user.strip()[:70]} → {answer.strip()[:50]}"
+        return preview_text(self.data.messages(row)[0])
+
+
+def preview_text(messages: list[dict] | None) -> str:
+    """A row's preview: last user prompt -> response, both cut short."""
+    user = next((m["content"] for m in reversed(messages or []) if m.get("role") == "user"), "") or ""
+    answer = (messages[-1].get("content") if messages else "") or ""
+    return f"{user.strip()[:70]} → {answer.strip()[:50]}"
 
 
 def read_rows(paths) -> Rows:
@@ -153,11 +158,17 @@ def spread_scores(rows: Rows, usable_mean: np.ndarray, usable_std: np.ndarray) -
 def final_reasons(rows: Rows, keep: np.ndarray, weights: np.ndarray,
                   rule: SelectionRule, cutoff: float | None) -> tuple[list[str], list[str]]:
     """Drop reason and detail per row: the data layer's (invalid/duplicate) first, then low_weight."""
+    return final_reasons_of(rows.reasons, rows.details, keep, weights, rule, cutoff)
+
+
+def final_reasons_of(given: list[str], given_details: list[str], keep: np.ndarray, weights: np.ndarray,
+                     rule: SelectionRule, cutoff: float | None) -> tuple[list[str], list[str]]:
+    """`final_reasons` of rows whose reasons and details before selection are `given`, `given_details`."""
     reasons, details = [], []
-    for i in range(rows.n):
-        if rows.reasons[i]:
-            reasons.append(rows.reasons[i])
-            details.append(rows.details[i])
+    for i in range(len(given)):
+        if given[i]:
+            reasons.append(given[i])
+            details.append(given_details[i])
         elif keep[i]:
             reasons.append("")
             details.append("")
@@ -173,14 +184,20 @@ def final_reasons(rows: Rows, keep: np.ndarray, weights: np.ndarray,
 
 def count_rows(reasons: list[str], usable: np.ndarray, stage_stats: list[dict] = ()) -> dict:
     """Rows by bucket; with the stages' statistics, also dropped rows per stage (`low_weight` is selection's)."""
+    return counts_of(Counter(reasons), int(usable.sum()), stage_stats)
+
+
+def counts_of(tally: Counter, usable_rows: int, stage_stats: list[dict] = ()) -> dict:
+    """`count_rows` from the number of rows per final reason ("" = kept), e.g. summed batch by batch."""
     by_reason = {REASON_INVALID: 0, REASON_DUPLICATE: 0, REASON_LOW_WEIGHT: 0}
-    for reason in reasons:
+    for reason, n in tally.items():
         if reason:
-            by_reason[reason] = by_reason.get(reason, 0) + 1
-    kept = sum(1 for r in reasons if not r)
+            by_reason[reason] = by_reason.get(reason, 0) + n
+    kept = tally.get("", 0)
     dropped = sum(by_reason.values())
-    assert kept + dropped == len(reasons)
-    counts = {"input_rows": len(reasons), "usable_rows": int(usable.sum()), "kept_rows": kept,
+    input_rows = sum(tally.values())
+    assert kept + dropped == input_rows
+    counts = {"input_rows": input_rows, "usable_rows": usable_rows, "kept_rows": kept,
               "dropped_rows": dropped, "dropped_by_reason": by_reason}
     if stage_stats:
         counts["dropped_by_stage"] = {**{s["stage"]: s["dropped"] for s in stage_stats},

@@ -87,15 +87,17 @@ def eval_texts(paths: list[str]) -> pa.Array:
     return pa.concat_arrays([t.cast(pa.string()) for t in texts])
 
 
-def _resolve_chains(ids: list[str], reason: np.ndarray, dup_of: np.ndarray) -> np.ndarray:
+def _resolve_chains(ids: list[str], reason: np.ndarray, dup_of: np.ndarray, dropped: dict | None = None) -> np.ndarray:
     """An exact duplicate of a row that a later stage dropped as a near/semantic duplicate points to the row
-    kept in its place, not to the dropped one."""
-    index = {ids[i]: i for i in np.flatnonzero(np.isin(reason, DUPLICATE_REASONS[1:])).tolist()}
+    kept in its place, not to the dropped one. `dropped` (id -> dup_of of such rows) carries them from batch to
+    batch of a streamed run; this batch's are added to it."""
+    dropped = {} if dropped is None else dropped
+    dropped.update({ids[i]: dup_of[i] for i in np.flatnonzero(np.isin(reason, DUPLICATE_REASONS[1:])).tolist()})
     for i in np.flatnonzero(reason == "duplicate").tolist():
         seen = set()
-        while dup_of[i] in index and dup_of[i] not in seen:
+        while dup_of[i] in dropped and dup_of[i] not in seen:
             seen.add(dup_of[i])
-            dup_of[i] = dup_of[index[dup_of[i]]]
+            dup_of[i] = dropped[dup_of[i]]
     return dup_of
 
 
@@ -122,10 +124,19 @@ def apply_stages(rows: Rows, options: StageOptions, seen: NearDupIndex | None = 
     blocks = build_blocks(options.config, eval_texts(options.decontaminate), seen=seen)
     semantic = options.config.semantic_dup is not None and rows.usable.any()
     embeddings = conversation_embeddings(rows, options.embedder) if semantic else None
+    record_stages(rows, options, blocks, embeddings)
+    near_dup = next((b for b in blocks if isinstance(b, NearDup)), None)
+    return near_dup.index if near_dup is not None else None
+
+
+def record_stages(rows: Rows, options: StageOptions, blocks: list, embeddings: np.ndarray | None = None,
+                  dropped: dict | None = None) -> None:
+    """Run `blocks` (built once per run: their state and statistics carry over from batch to batch) on `rows`
+    and record their verdicts in it. `dropped`: see `_resolve_chains`."""
     outcome = run_stages(conversation_table(rows), blocks, embeddings)
-    dropped = np.flatnonzero((outcome.reason != "") & ~np.isin(outcome.reason, ("invalid", "duplicate")))
-    dup_of = _resolve_chains(rows.ids, outcome.reason, outcome.dup_of)
-    for i in dropped.tolist():
+    dropped_rows = np.flatnonzero((outcome.reason != "") & ~np.isin(outcome.reason, ("invalid", "duplicate")))
+    dup_of = _resolve_chains(rows.ids, outcome.reason, outcome.dup_of, dropped)
+    for i in dropped_rows.tolist():
         rows.reasons[i] = outcome.reason[i]
         rows.details[i] = f"{outcome.reason[i]} of {dup_of[i]}" if dup_of[i] is not None else outcome.reason[i]
     rows.usable = rows.usable & (outcome.reason == "")
@@ -134,8 +145,6 @@ def apply_stages(rows: Rows, options: StageOptions, seen: NearDupIndex | None = 
     rows.stage_columns = {name: outcome.columns[name] for name in (PII_COLUMN,) if name in outcome.columns}
     if options.config.pii == "redact" and _MESSAGES in outcome.columns:
         rows.redacted = outcome.columns[_MESSAGES]
-    near_dup = next((b for b in blocks if isinstance(b, NearDup)), None)
-    return near_dup.index if near_dup is not None else None
 
 
 def save_index(scorer_dir: Path, index: NearDupIndex | None, config: StagesConfig) -> None:

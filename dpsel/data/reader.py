@@ -88,28 +88,63 @@ def _concat(tables: list[pa.Table], urls: list[str]) -> pa.Table:
 def read_instruction_set(paths, batch_rows: int = 65536) -> InstructionSet:
     """Read the whole input into an `InstructionSet` (see the `dpsel.data` docstring for what raises)."""
     planned = plan_files(expand_paths(paths))
-    tables = [p.schema.empty_table() for p in planned]   # keeps columns of files with no rows
-    ids, codes, details, file_index, file_rows, duplicate_of = [], [], [], [], [], []
-    overrides: dict[int, list[dict]] = {}
-    file_of = {p.file.url: i for i, p in enumerate(planned)}
-    for nb in iter_planned(planned, batch_rows):
-        tables.append(pa.Table.from_batches([nb.batch]))
-        ids.append(nb.id_array)
-        codes.append(nb.codes)
-        details.append(nb.detail_array)
-        file_index.append(np.full(nb.num_rows, file_of[nb.file.url], np.int32))
-        file_rows.append(nb.start_row_in_file + np.arange(nb.num_rows, dtype=np.int64))
-        duplicate_of.append(nb.duplicate_of)
-        overrides.update({nb.start_row + k: m for k, m in nb.overrides.items()})
-    table = _concat(tables, [p.file.url for p in planned])
     files = [FileInfo(p.file.url, p.rows, file_sha256(p.file.path, p.file.fs)) for p in planned]
+    parts = _Parts(planned)
+    for nb in iter_planned(planned, batch_rows):
+        parts.add(nb, pa.Table.from_batches([nb.batch]), nb.start_row)
+    tables = [p.schema.empty_table() for p in planned]   # keeps columns of files with no rows
+    return parts.build(_concat(tables + parts.tables, [p.file.url for p in planned]), files)
 
-    def joined(parts, empty):
-        return np.concatenate(parts) if parts else empty
-    return InstructionSet(
-        table, list(table.column_names), planned[0].shape, files,
-        ids=pa.chunked_array(ids, pa.string()),   # chunks as read: no second copy of every id
-        reasons=REASON_CODES[joined(codes, np.zeros(0, np.int8))],
-        details=pa.concat_arrays(details) if details else pa.array([], pa.string()),
-        file_index=joined(file_index, np.zeros(0, np.int32)), file_rows=joined(file_rows, np.zeros(0, np.int64)),
-        duplicate_of=joined(duplicate_of, np.zeros(0, np.int64)), overrides=overrides)
+
+def batch_set(nb: NormalizedBatch, planned: list[PlannedFile], files: list[FileInfo],
+              schema: pa.Schema) -> InstructionSet:
+    """One batch of a streamed input as an `InstructionSet` of its own (rows numbered from 0 within it; its
+    `duplicate_of` keeps the input's row numbers), its table conformed to the input's `schema`
+    (`input_schema`), so every batch has the columns and types of the whole input read at once."""
+    parts = _Parts(planned)
+    parts.add(nb, conform(pa.Table.from_batches([nb.batch]), schema), 0)
+    return parts.build(parts.tables[0], files)
+
+
+def input_schema(planned: list[PlannedFile]) -> pa.Schema:
+    """The schema `read_instruction_set`'s table has: the files' schemas unified as their tables concatenate."""
+    return _concat([p.schema.empty_table() for p in planned], [p.file.url for p in planned]).schema
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns, in its order and types (missing columns null), and its metadata."""
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+class _Parts:
+    """Row-aligned arrays of read batches, built into an `InstructionSet`."""
+
+    def __init__(self, planned: list[PlannedFile]):
+        self.planned, self.file_of = planned, {p.file.url: i for i, p in enumerate(planned)}
+        self.tables, self.ids, self.codes, self.details = [], [], [], []
+        self.file_index, self.file_rows, self.duplicate_of = [], [], []
+        self.overrides: dict[int, list[dict]] = {}
+
+    def add(self, nb: NormalizedBatch, table: pa.Table, start_row: int) -> None:
+        self.tables.append(table)
+        self.ids.append(nb.id_array)
+        self.codes.append(nb.codes)
+        self.details.append(nb.detail_array)
+        self.file_index.append(np.full(nb.num_rows, self.file_of[nb.file.url], np.int32))
+        self.file_rows.append(nb.start_row_in_file + np.arange(nb.num_rows, dtype=np.int64))
+        self.duplicate_of.append(nb.duplicate_of)
+        self.overrides.update({start_row + k: m for k, m in nb.overrides.items()})
+
+    def build(self, table: pa.Table, files: list[FileInfo]) -> InstructionSet:
+        def joined(parts, empty):
+            return np.concatenate(parts) if parts else empty
+        return InstructionSet(
+            table, list(table.column_names), self.planned[0].shape, files,
+            ids=pa.chunked_array(self.ids, pa.string()),   # chunks as read: no second copy of every id
+            reasons=REASON_CODES[joined(self.codes, np.zeros(0, np.int8))],
+            details=pa.concat_arrays(self.details) if self.details else pa.array([], pa.string()),
+            file_index=joined(self.file_index, np.zeros(0, np.int32)),
+            file_rows=joined(self.file_rows, np.zeros(0, np.int64)),
+            duplicate_of=joined(self.duplicate_of, np.zeros(0, np.int64)), overrides=self.overrides)

@@ -162,45 +162,62 @@ class NearDup(Block):
     def bytes_per_row(self) -> int:
         return self.bands * 4 + self.num_perm + ID_BYTES
 
-    def extended(self, rows: Rows) -> tuple[NearDupIndex, np.ndarray]:
-        """The index with every row of `rows` appended (filled block by block, so no second copy of the new
-        rows' entries is ever held), and per entry: no words at all (such rows never match). The signatures
-        are computed by the installed block map (`base.map_blocks`: this process, or Ray actors)."""
-        seen, total = len(self.index), len(self.index) + len(rows)
+    def grown(self, index: NearDupIndex, rows: Rows, capacity: int = 0) -> NearDupIndex:
+        """`index` with room for `capacity` more entries (their contents unset) and ids wide enough for `rows`'
+        ids (ids are never cut); `index` itself when it already has both."""
         longest = pc.max(pc.binary_length(rows.table.column(ID_COLUMN))).as_py() or 0
-        width = max(ID_BYTES, self.index.ids.dtype.itemsize, longest)     # ids are never cut
-        out = NearDupIndex(np.empty(total, f"S{width}"), np.empty((total, self.bands), np.uint32),
-                           np.empty((total, self.num_perm), np.uint8))
-        out.ids[:seen], out.bands[:seen], out.sketch[:seen] = self.index.ids, self.index.bands, self.index.sketch
-        out.ids[seen:] = [i.encode() for i in rows.ids.tolist()]
-        empty = np.zeros(total, bool)
+        width = max(ID_BYTES, index.ids.dtype.itemsize, longest)
+        if width == index.ids.dtype.itemsize and capacity == 0:
+            return index
+        size = len(index) + capacity
+        out = NearDupIndex(np.empty(size, f"S{width}"), np.empty((size, self.bands), np.uint32),
+                           np.empty((size, self.num_perm), np.uint8))
+        n = len(index)
+        out.ids[:n], out.bands[:n], out.sketch[:n] = index.ids, index.bands, index.sketch
+        return out
+
+    def sign_into(self, index: NearDupIndex, empty: np.ndarray, at: int, rows: Rows) -> int:
+        """Fill entries `at`.. of `index` (allocated by `grown`) with `rows`' ids and signatures, block by
+        block (no second copy of the new entries is ever held), and `empty[at:]` with whether a row has no
+        words at all (such rows never match); returns the next free entry. The signatures are computed by the
+        installed block map (`base.map_blocks`: this process, or Ray actors)."""
+        index.ids[at:at + len(rows)] = [i.encode() for i in rows.ids.tolist()]
         sign = functools.partial(sign_block, ngram=self.ngram, num_perm=self.num_perm, bands=self.bands,
                                  band_rows=self.band_rows)
-        at = seen
+        start = at
         for block in map_blocks(sign, pa.table({TEXT: rows.text}), CHUNK_ROWS):
             n = block.num_rows
-            out.bands[at:at + n] = _fixed_width(block.column(BANDS), np.uint32, self.bands)
-            out.sketch[at:at + n] = _fixed_width(block.column(SKETCH), np.uint8, self.num_perm)
+            index.bands[at:at + n] = _fixed_width(block.column(BANDS), np.uint32, self.bands)
+            index.sketch[at:at + n] = _fixed_width(block.column(SKETCH), np.uint8, self.num_perm)
             empty[at:at + n] = block.column(EMPTY).to_numpy(zero_copy_only=False)
             at += n
-        if at != total:
-            raise RuntimeError(f"near-dup signatures came back for {at - seen} of {len(rows)} rows")
+        if at - start != len(rows):
+            raise RuntimeError(f"near-dup signatures came back for {at - start} of {len(rows)} rows")
+        return at
+
+    def extended(self, rows: Rows) -> tuple[NearDupIndex, np.ndarray]:
+        """The index with every row of `rows` appended, and per entry: no words at all."""
+        out = self.grown(self.index, rows, len(rows))
+        empty = np.zeros(len(out), bool)
+        self.sign_into(out, empty, len(self.index), rows)
         return out, empty
+
+    def keepers(self, everything: NearDupIndex, empty: np.ndarray, seen: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per entry of `everything` (the `seen` earlier entries, then new rows), the entry kept in its place
+        (itself when it is no duplicate). A new row already among the seen entries (`filter` on rows that were
+        curated) is that row again, judged before: it never matches (so keeps its verdict); also returned, per new
+        row, is whether it is such a row."""
+        again = np.isin(everything.ids[seen:], everything.ids[:seen]) if seen else np.zeros(len(empty) - seen, bool)
+        empty[seen:] |= again
+        return self._keepers(everything, empty), again
 
     def decide(self, rows: Rows, **_) -> Verdict:
         seen = len(self.index)
         everything, empty = self.extended(rows)
-        # a row already in the index (`filter` on rows that were curated) is that row again, judged
-        # before: it keeps its verdict, never matches, and is not added twice
-        again = np.isin(everything.ids[seen:], self.index.ids) if seen else np.zeros(len(rows), bool)
-        empty[seen:] |= again
         self.index = everything              # the old index is no longer referenced: freed
-        keeper = self._keepers(everything, empty)
-        verdict = Verdict.keep_all(len(rows))
-        mine = keeper[seen:]
-        duplicate = mine != np.arange(seen, len(everything))
-        verdict.reason[duplicate] = REASON
-        verdict.dup_of[duplicate] = [i.decode() for i in everything.ids[mine[duplicate]].tolist()]
+        keeper, again = self.keepers(everything, empty, seen)
+        verdict, duplicate = verdict_of(everything, keeper[seen:], seen)
+        # a row seen before is not added twice
         everything.compact(np.concatenate([np.arange(seen), seen + np.flatnonzero(~duplicate & ~again)]))
         return verdict
 
@@ -238,3 +255,33 @@ class NearDup(Block):
             keep[start:start + 65536] = (agree - 1 / 256) / (1 - 1 / 256) >= self.verify_at - 1e-9
         return keep
 
+
+
+def verdict_of(index: NearDupIndex, keeper: np.ndarray, first: int) -> tuple[Verdict, np.ndarray]:
+    """The verdict of entries `first`.. of `index` given each one's keeper entry; and which are duplicates."""
+    verdict = Verdict.keep_all(len(keeper))
+    duplicate = keeper != np.arange(first, first + len(keeper))
+    verdict.reason[duplicate] = REASON
+    verdict.dup_of[duplicate] = [i.decode() for i in index.ids[keeper[duplicate]].tolist()]
+    return verdict, duplicate
+
+
+class NearDupVerdicts(Block):
+    """The near-dup stage of a streamed run, whose clustering ran once over all rows beforehand (so each row's
+    verdict is the one the whole input in one batch gets): hands out the verdicts of the rows it is given,
+    in order, batch after batch. `index` holds the seen entries then the new rows; `keeper` their keepers."""
+    name = NearDup.name
+
+    def __init__(self, index: NearDupIndex, keeper: np.ndarray, seen: int, stats=None):
+        super().__init__()
+        self.index, self.keeper, self.at = index, keeper, seen
+        if stats is not None:
+            self.stats = stats
+
+    def decide(self, rows: Rows, **_) -> Verdict:
+        keeper = self.keeper[self.at:self.at + len(rows)]
+        if len(keeper) != len(rows):
+            raise RuntimeError("near-dup: more rows than were signed")
+        verdict, _ = verdict_of(self.index, keeper, self.at)
+        self.at += len(rows)
+        return verdict

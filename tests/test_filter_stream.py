@@ -1,0 +1,119 @@
+"""`filter` streamed (dpsel.curation.stream): the same outputs as the whole input held at once, whatever the
+batch size, and memory that does not grow with the rows beyond the allowed per-row state."""
+from __future__ import annotations
+
+import json
+import random
+import tracemalloc
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import dpsel.curation.filter as filter_module
+import dpsel.curation.stream as stream
+from dpsel.curation import curate, filter_rows
+from dpsel.curation.stages import StageOptions
+from dpsel.stages.pipeline import StagesConfig
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega river stone cloud paper garden window").split()
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    """Alpaca rows with near-duplicates (one word changed, often far apart), exact repeats, invalid rows, PII
+    and a task column."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        pick = rng.random()
+        if rows and pick < 0.15:                       # a near-duplicate of any earlier row
+            base = dict(rng.choice(rows))
+            words = base["output"].split() or ["x"]
+            words[rng.randrange(len(words))] = rng.choice(WORDS)
+            row = {**base, "output": " ".join(words)}
+        elif rows and pick < 0.22:                     # an exact repeat
+            row = dict(rng.choice(rows))
+        else:
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(25, 40)))
+            row = {"instruction": f"Explain item {i} {rng.choice(WORDS)}", "input": "", "output": text}
+            if pick > 0.95:
+                row["output"] += f" mail me at user{i}@example.com"
+            if 0.93 < pick <= 0.95:
+                row["output"] = " "                    # invalid
+        rows.append({**row, "task": rng.choice(["qa", "code", "chat"])})
+    return rows
+
+
+def _shards(folder, rows: list[dict], parts: int) -> str:
+    folder.mkdir(parents=True)
+    size = -(-len(rows) // parts)
+    for k in range(parts):
+        pq.write_table(pa.Table.from_pylist(rows[k * size:(k + 1) * size]), folder / f"part-{k}.parquet")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    work = tmp_path_factory.mktemp("stream")
+    meta = work / "meta.parquet"
+    pq.write_table(pa.Table.from_pylist([{"instruction": f"Question {i}", "input": "", "output": f"Answer {i}."}
+                                         for i in range(40)]), meta)
+    return curate(str(meta), str(meta), work / "run", method="random").out_dir / "scorer"
+
+
+def _outputs(out) -> tuple[pa.Table, pa.Table, dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    facts = {k: manifest[k] for k in ("inputs", "method", "selection", "counts", "groups", "outputs")}
+    facts["selection"].pop("run_id")
+    return pq.read_table(out / "scores.parquet"), pq.read_table(out / "curated.parquet"), facts
+
+
+def _whole(monkeypatch, *args, **kwargs):
+    with monkeypatch.context() as patch:
+        patch.setattr(filter_module, "_streamable", lambda stages, plan: False)
+        return filter_rows(*args, **kwargs)
+
+
+@pytest.mark.parametrize("rule, pii", [({"threshold": 0.4}, "flag"), ({"budget": 0.6}, "redact"), ({}, "drop")])
+def test_streamed_filter_writes_what_the_whole_input_gives(scorer, tmp_path, monkeypatch, rule, pii):
+    inputs = _shards(tmp_path / "in", _rows(300, seed=2), parts=3)
+    options = StageOptions(StagesConfig(pii=pii))
+    whole = _whole(monkeypatch, scorer, inputs, tmp_path / "whole", stages=options, **rule)
+    monkeypatch.setattr(stream, "BATCH_ROWS", 16)     # many batches per shard: near-dups far apart
+    streamed = filter_rows(scorer, inputs, tmp_path / "streamed", stages=options, **rule)
+    expected, got = _outputs(whole.out_dir), _outputs(streamed.out_dir)
+    assert got[0].equals(expected[0]) and got[1].equals(expected[1])
+    assert got[2] == expected[2]
+    counts = got[2]["counts"]
+    assert counts["input_rows"] == counts["kept_rows"] + counts["dropped_rows"] == 300
+    by_reason = counts["dropped_by_reason"]
+    assert by_reason["near_duplicate"] and by_reason["duplicate"] and by_reason["invalid"]   # the data has them
+    assert got[0].schema.metadata[b"dpsel_run_id"] == streamed.manifest["run_id"].encode()
+    assert (streamed.out_dir / "report.md").read_text().count("|") > 0
+    assert not [p.name for p in streamed.out_dir.iterdir() if p.name.startswith(".")]   # no pending files
+
+
+def _peak_filter(scorer, folder, rows: int, out) -> int:
+    """Peak of Python's and Arrow's allocations while filtering `rows` generated rows."""
+    inputs = _shards(folder, _rows(rows, seed=3), parts=2)
+    arrow = pa.default_memory_pool()
+    arrow.release_unused()
+    tracemalloc.start()
+    try:
+        before = arrow.max_memory()
+        filter_rows(scorer, inputs, out, threshold=0.5)
+        python = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return python + max(arrow.max_memory() - before, 0)
+
+
+def test_filter_memory_does_not_grow_with_rows(scorer, tmp_path, monkeypatch):
+    """4x the rows, under 1.25x the peak: memory is bounded by the batch plus the small per-row state (measured
+    1.04x; the whole input held at once measured 1.44x here, so 1.5x would not tell them apart).
+    (Arrow's max_memory only rises in a process: the larger input runs last.)"""
+    monkeypatch.setattr(stream, "BATCH_ROWS", 500)
+    small = _peak_filter(scorer, tmp_path / "small", 2000, tmp_path / "out-small")
+    large = _peak_filter(scorer, tmp_path / "large", 8000, tmp_path / "out-large")
+    assert large < 1.25 * small, (small, large)
