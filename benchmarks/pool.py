@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from scale import case_ceiling, case_filter_data, case_read, case_validate, make_pool  # noqa: E402
+from scale import run_child as run_script_child, write_report  # noqa: E402
 from peft_train.memory import current_rss, peak_rss  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "cache"
@@ -91,13 +91,8 @@ MODEL_CASES = ("loss", "bads", "filter")
 
 
 def run_child(case: str, path: Path, work: Path, threads: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    command = [sys.executable, __file__, "--child", case, "--path", str(path), "--work", str(work),
-               "--threads", str(threads)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"case {case} on {path} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_script_child(case, path, work, threads, script=__file__,
+                            env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
 
 
 def child(case: str, path: Path, work: Path, threads: int) -> None:
@@ -223,10 +218,7 @@ def main() -> None:
                        "runs the issue asks for do not fit this session's time on a shared 2-core machine; their "
                        "1M-row cost above is EXTRAPOLATED linearly from the slope between the two sizes, not measured. "
                        "No GPU figure: none was used for this run.")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown)
 
 
 if __name__ == "__main__":

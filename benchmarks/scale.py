@@ -187,10 +187,12 @@ CASES = {"make-pool": case_make_pool, "ceiling": case_ceiling, "validate": case_
          "filter-model": case_filter_model, "adapter-step": case_adapter_step}
 
 
-def run_child(case: str, path: Path, work: Path, threads: int) -> dict:
-    """One case in a fresh interpreter (its own peak RSS); returns its JSON line."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    command = [sys.executable, __file__, "--child", case, "--path", str(path), "--work", str(work),
+def run_child(case: str, path: Path, work: Path, threads: int, script: str = __file__,
+              env: dict | None = None) -> dict:
+    """One case of `script` (this one, or another benchmark with the same `--child` options) in a fresh
+    interpreter (its own peak RSS), with `env` added to the environment; returns its JSON line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    command = [sys.executable, script, "--child", case, "--path", str(path), "--work", str(work),
                "--threads", str(threads)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -207,6 +209,14 @@ def child(case: str, path: Path, work: Path, threads: int) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+def write_report(out: Path, report: dict, markdown) -> None:
+    """`out`.json and `out`.md (the Markdown printed too)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
 def summarise(rows: int, case: str, result: dict, ceiling: dict) -> dict:
     rate = rows / result["seconds"] if result["seconds"] else None
     beyond = result["peak_rss"] - result["base_rss"]
@@ -296,10 +306,7 @@ def main() -> None:
                                   "ratio_to_raw_forward_cpu": model["raw_forward_cpu_seconds"] / model["cpu_seconds"],
                                   "seconds": model["seconds"], "peak_rss_mb": model["peak_rss"] / 2**20}
         report["adapter_step"] = run_child("adapter-step", pool, work, args.threads)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown)
 
 
 if __name__ == "__main__":
