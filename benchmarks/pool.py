@@ -102,6 +102,11 @@ def child(case: str, path: Path, work: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     from dpsel.data.arrays import lean_memory_pool
     lean_memory_pool()   # as the command line does
+    if case in MODEL_CASES:   # a cold embedding cache: every model case pays for its own embeddings
+        import shutil
+        cache = work / f"cache-{case}-{path.name}"
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ["DPSEL_CACHE"] = str(cache)
     result = CASES[case](path, work)
     import pyarrow as pa
     result.update({"peak_rss": peak_rss(), "threads": policy.describe(),
