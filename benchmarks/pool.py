@@ -206,7 +206,9 @@ def main() -> None:
             print(json.dumps(table[-1]), flush=True)
     for rows in args.model_sizes:
         for case in [c for c in args.cases if c in MODEL_CASES]:
-            table.append(row(rows, case, run_child(case, Path(str(rows)), args.work, args.threads), None))
+            result = run_child(case, Path(str(rows)), args.work, args.threads)
+            pool_name = result.get("arrow_pool", pool_name)
+            table.append(row(rows, case, result, None))
             by_case.setdefault(case, {})[rows] = table[-1]
             print(json.dumps(table[-1]), flush=True)
     if args.merge and args.out.with_suffix(".json").exists():
