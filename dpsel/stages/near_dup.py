@@ -40,6 +40,7 @@ SEED = 20250101
 CHUNK_ROWS = 2048     # rensa's digests come back as Python lists: ~40 bytes a value while converted
 ID_BYTES = 20
 RECALL_AT_THRESHOLD = 0.98   # of a pair at exactly the threshold: by the bands, and again by the check
+CHANCE = 1 / 256             # two unrelated 8-bit sketch values agree this often
 
 
 def verify_threshold(threshold: float, num_perm: int, recall: float = RECALL_AT_THRESHOLD) -> float:
@@ -47,9 +48,8 @@ def verify_threshold(threshold: float, num_perm: int, recall: float = RECALL_AT_
     with probability `recall`, the bands' own target: checking against `threshold` itself would drop half of
     the pairs at it (the estimate's sd is ~0.035 at 0.8 with 128 permutations), and LSH plus its check would
     find ~49% of them. Together the two find ~96% of pairs at the threshold and half of those at ~0.73."""
-    chance = 1 / 256
-    agree = threshold + chance * (1 - threshold)
-    sd = math.sqrt(agree * (1 - agree) / num_perm) / (1 - chance)
+    agree = threshold + CHANCE * (1 - threshold)
+    sd = math.sqrt(agree * (1 - agree) / num_perm) / (1 - CHANCE)
     return threshold - statistics.NormalDist().inv_cdf(recall) * sd if threshold < 1 else 1.0
 
 
@@ -207,7 +207,7 @@ class NearDup(Block):
         (itself when it is no duplicate). A new row already among the seen entries (`filter` on rows that were
         curated) is that row again, judged before: it never matches (so keeps its verdict); also returned, per new
         row, is whether it is such a row."""
-        again = np.isin(everything.ids[seen:], everything.ids[:seen]) if seen else np.zeros(len(empty) - seen, bool)
+        again = np.isin(everything.ids[seen:], everything.ids[:seen]) if seen else np.zeros(len(empty), bool)
         empty[seen:] |= again
         return self._keepers(everything, empty), again
 
@@ -247,14 +247,13 @@ class NearDup(Block):
         return np.stack([unique // max(n, 1), unique % max(n, 1)], axis=1)
 
     def _similar(self, sketch: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-        """b-bit MinHash estimate of each pair's Jaccard >= `verify_at` (chance agreement 1/256 removed)."""
+        """b-bit MinHash estimate of each pair's Jaccard >= `verify_at` (chance agreement removed)."""
         keep = np.zeros(len(pairs), bool)
         for start in range(0, len(pairs), 65536):
             a, b = pairs[start:start + 65536].T
             agree = (sketch[a] == sketch[b]).mean(axis=1)
-            keep[start:start + 65536] = (agree - 1 / 256) / (1 - 1 / 256) >= self.verify_at - 1e-9
+            keep[start:start + 65536] = (agree - CHANCE) / (1 - CHANCE) >= self.verify_at - 1e-9
         return keep
-
 
 
 def verdict_of(index: NearDupIndex, keeper: np.ndarray, first: int) -> tuple[Verdict, np.ndarray]:
