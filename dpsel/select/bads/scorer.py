@@ -59,18 +59,25 @@ class EmbedderBadsScorer(SeenTableScorer):
     def attach(self, maps: list[tuple[torch.Tensor, torch.Tensor]], net, phi_samples: list[dict]) -> None:
         self.maps, self.net, self.phi_samples = maps, net, phi_samples
 
+    def _embedder(self):
+        """The run's embedder, loaded (and its weights checked) once per scorer, not once per scored chunk."""
+        if getattr(self, "_loaded_embedder", None) is None:
+            from dpsel.errors import DpselInputError
+            from dpsel.models.embedder import try_embedder
+            embedder = try_embedder(self.info["embedder"])
+            if embedder is None or embedder.sha != self.info["embedder_sha"]:
+                raise DpselInputError(f"this bads scorer judges rows in the space of embedder "
+                                      f"{self.info['embedder']!r} (sha {self.info['embedder_sha'][:16]}), "
+                                      "which is not available here")
+            self._loaded_embedder = embedder
+        return self._loaded_embedder
+
     def _score_unseen(self, messages, ids):
-        from dpsel.errors import DpselInputError
-        from dpsel.models.embedder import try_embedder
         from dpsel.select.bads.embedding_problem import embedding_features
         from dpsel.select.consistency import answer_text
         from dpsel.select.features import FeatureStats
         from dpsel.select.semantic import row_embeddings
-        embedder = try_embedder(self.info["embedder"])
-        if embedder is None or embedder.sha != self.info["embedder_sha"]:
-            raise DpselInputError(f"this bads scorer judges rows in the space of embedder {self.info['embedder']!r} "
-                                  f"(sha {self.info['embedder_sha'][:16]}), which is not available here")
-        q, a = row_embeddings(embedder, messages)
+        q, a = row_embeddings(self._embedder(), messages)
         words = np.asarray([len(answer_text(m).split()) for m in messages])
         stats = FeatureStats.from_dict(self.info["features"])
         return net_draws(self.net, self.phi_samples, stats.apply(embedding_features(q, a, words, self.maps)))
