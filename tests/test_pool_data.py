@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dpsel.data import alpaca_to_messages, row_id
 from dpsel.data.columnar import message_array, normal_rows
+from dpsel.data.normalize import sha_ids, sha_ids_hashlib
 from dpsel.data.schema import MESSAGE_TYPE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,9 +102,56 @@ def _peaks(path: Path) -> dict:
 def test_validate_peak_allocation_does_not_grow_with_rows(tmp_path):
     """Four times the rows, read in the same batches: the peak of Arrow's pool and of Python's traced
     allocations stays within a small factor (a per-row structure would make it ~4x); only the duplicate
-    index (10 bytes of id + 8 of row number per distinct row) may grow."""
-    small, large = _peaks(_pool(tmp_path / "small.parquet", 2000)), _peaks(_pool(tmp_path / "large.parquet", 8000))
-    assert (small["rows"], large["rows"]) == (2000, 8000)
+    index (10 bytes of id + 8 of row number per distinct row) may grow. Both sizes have more batches than
+    the reader holds at once (the caller's and those read ahead)."""
+    small, large = _peaks(_pool(tmp_path / "small.parquet", 4000)), _peaks(_pool(tmp_path / "large.parquet", 16000))
+    assert (small["rows"], large["rows"]) == (4000, 16000)
     assert large["arrow_peak"] <= 1.5 * small["arrow_peak"], (small, large)
-    index_growth = 18 * 2 * (8000 - 2000)        # the duplicate index, counted twice for its merge copy
+    index_growth = 18 * 2 * (16000 - 4000)        # the duplicate index, counted twice for its merge copy
     assert large["python_peak"] <= 1.5 * small["python_peak"] + index_growth, (small, large)
+
+
+@_SETTINGS
+@given(st.lists(_TEXT, max_size=20), st.integers(0, 5))
+def test_column_sha_ids_equal_the_per_row_hashlib_ids_on_sliced_columns(values, skip):
+    column = pa.array(values, pa.large_string()).slice(min(skip, len(values)))
+    assert sha_ids(column).to_pylist() == sha_ids_hashlib(column).to_pylist()
+    assert sha_ids(column).type == pa.string()
+
+
+def _shard(path: Path, rows: int, bad_row: int | None = None) -> Path:
+    """An Alpaca shard of distinct rows in row groups of 10; `bad_row` holds bytes that are not UTF-8."""
+    outputs = [f"answer {k}".encode() for k in range(rows)]
+    if bad_row is not None:
+        outputs[bad_row] = b"\xff\xfe broken"
+    table = pa.table({"instruction": [f"question {k} of {path.stem}" for k in range(rows)],
+                      "output": pa.array(outputs, pa.binary()).cast(pa.string(), safe=False)})
+    pq.write_table(table, path, row_group_size=10)
+    return path
+
+
+def test_read_ahead_keeps_input_order_and_the_first_error_in_input_order(tmp_path):
+    """Batches prepared ahead on worker threads still come out in input order with continuous row numbers, and
+    a bad row is reported as the first error even when a later batch (read ahead) is also bad."""
+    from dpsel.data import iter_batches
+    from dpsel.errors import DpselInputError
+    good = [_shard(tmp_path / f"{name}.parquet", 35) for name in ("a", "b")]
+    seen = [(nb.start_row, nb.file.url.rsplit("/", 1)[-1]) for nb in iter_batches(good, batch_rows=10)]
+    assert seen == [(k * 10 if k < 4 else 35 + (k - 4) * 10, "a.parquet" if k < 4 else "b.parquet")
+                    for k in range(8)]
+    bad = [_shard(tmp_path / "c.parquet", 40, bad_row=12), _shard(tmp_path / "d.parquet", 40, bad_row=37)]
+    batches = iter_batches(bad, batch_rows=10)
+    assert next(batches).start_row == 0            # the batch before the bad one arrives whole
+    with pytest.raises(DpselInputError, match="row 12 of this file") as error:
+        next(batches)
+    assert "c.parquet" in str(error.value)
+
+
+def test_a_reader_left_early_stops_its_threads(tmp_path):
+    import threading
+    from dpsel.data import iter_batches
+    before = threading.active_count()
+    batches = iter_batches([_shard(tmp_path / "a.parquet", 200)], batch_rows=10)
+    next(batches)
+    batches.close()
+    assert threading.active_count() == before

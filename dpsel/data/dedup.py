@@ -67,7 +67,9 @@ class SeenIds:
         first = np.full(len(hi), -1, np.int64)
         if not len(self._hi):
             return first
-        left = np.searchsorted(self._hi, hi, "left")            # one binary search per id, not two
+        order = np.argsort(hi, kind="stable")     # sorted needles: the binary searches walk memory in order
+        left = np.empty(len(hi), np.int64)
+        left[order] = np.searchsorted(self._hi, hi[order], "left")   # one binary search per id, not two
         inside = np.minimum(left, len(self._hi) - 1)
         found = self._hi[inside] == hi
         nxt = np.minimum(left + 1, len(self._hi) - 1)

@@ -94,7 +94,19 @@ def _bytes_present(text: pa.Array) -> np.ndarray:
 
 
 def sha_ids(canonical: pa.Array) -> pa.Array:
-    """`dpsel_id` (first 20 hex chars of sha256) of every value of a string column."""
+    """`dpsel_id` (first 20 hex chars of sha256) of every value of a string column, by polars-hash's sha256
+    (Rust, off the GIL: 0.28 s per 1M rows against 0.78 s for a per-row hashlib loop, `sha_ids_hashlib`)."""
+    if not len(canonical):
+        return pa.array([], pa.string())
+    import polars as pl      # here, not at import: the library's other users need no polars
+    import polars_hash  # noqa: F401  (registers the `chash` namespace)
+    frame = pl.from_arrow(pa.table({"c": canonical.cast(pa.large_string())}), rechunk=False)
+    hashed = frame.select(pl.col("c").chash.sha2_256().str.slice(0, ID_HEX_CHARS)).to_series().to_arrow()
+    return hashed.cast(pa.string())
+
+
+def sha_ids_hashlib(canonical: pa.Array) -> pa.Array:
+    """`sha_ids` by hashlib, one row at a time: the reference the fast path is tested against."""
     data = canonical.cast(pa.large_binary())
     buffers = data.buffers()
     offsets = value_offsets(data).tolist()

@@ -2,7 +2,9 @@
 index), `read_instruction_set` holds it whole as one Arrow table plus row-aligned arrays."""
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -60,22 +62,58 @@ def iter_batches(paths, batch_rows: int = 8192, *, mark_duplicates: bool = True)
 def iter_planned(planned: list[PlannedFile], batch_rows: int, mark_duplicates: bool = True
                   ) -> Iterator[NormalizedBatch]:
     seen = SeenIds()
-    start = 0
-    for plan in planned:
-        in_file = 0
-        for batch in _read_batches(plan, batch_rows):
-            _check_utf8(batch, plan.file, start, in_file)
-            rows = normal_rows(batch, plan.shape)
-            ids, problems, overrides = verdicts(batch, rows)
-            first_seen = None
-            if mark_duplicates:
-                valid = np.ones(batch.num_rows, dtype=bool)
-                valid[list(problems)] = False
-                first_seen = seen.first_rows(ids, start + np.arange(batch.num_rows), valid)
-            yield NormalizedBatch(plan.file, plan.shape, batch, start, in_file, rows, ids, problems, overrides,
-                                  first_seen)
-            start += batch.num_rows
-            in_file += batch.num_rows
+    for plan, batch, start, in_file, rows, (ids, problems, overrides) in _prepared(planned, batch_rows):
+        first_seen = None
+        if mark_duplicates:
+            valid = np.ones(batch.num_rows, dtype=bool)
+            valid[list(problems)] = False
+            first_seen = seen.first_rows(ids, start + np.arange(batch.num_rows), valid)
+        yield NormalizedBatch(plan.file, plan.shape, batch, start, in_file, rows, ids, problems, overrides,
+                              first_seen)
+
+
+PREPARED_AHEAD = 3   # batches read and prepared ahead of the one the caller holds (bounded memory)
+PREPARE_THREADS = 2  # batches prepared at once: the work is Arrow kernels and polars, mostly off the GIL
+
+
+def _prepared(planned: list[PlannedFile], batch_rows: int) -> Iterator[tuple]:
+    """(plan, batch, input row, row in file, normal rows, verdicts) per batch, in input order.
+
+    One thread reads (Parquet decoding, in order); PREPARE_THREADS threads do each batch's own work (UTF-8
+    check, normal rows, canonical text and ids), up to PREPARED_AHEAD batches ahead of the caller, whose own
+    work (the duplicate index, writing) overlaps theirs. Errors surface in input order: a batch's own when
+    the caller reaches it, a read error after every batch read before it."""
+    def batches():
+        start = 0
+        for plan in planned:
+            in_file = 0
+            for batch in _read_batches(plan, batch_rows):
+                yield plan, batch, start, in_file
+                start += batch.num_rows
+                in_file += batch.num_rows
+
+    def prepare(read: Future):
+        item = read.result()
+        if item is None:
+            return None
+        plan, batch, start, in_file = item
+        _check_utf8(batch, plan.file, start, in_file)
+        rows = normal_rows(batch, plan.shape)
+        return plan, batch, start, in_file, rows, verdicts(batch, rows)
+
+    source = batches()
+    with ThreadPoolExecutor(1, "dpsel-read") as reader, ThreadPoolExecutor(PREPARE_THREADS, "dpsel-prep") as workers:
+        def submit() -> Future:      # reads run one at a time, in submission order: batch k is the k-th read
+            return workers.submit(prepare, reader.submit(next, source, None))
+
+        pending = deque(submit() for _ in range(PREPARED_AHEAD + 1))
+        try:
+            while (item := pending.popleft().result()) is not None:
+                pending.append(submit())
+                yield item
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _concat(tables: list[pa.Table], urls: list[str]) -> pa.Table:
@@ -85,7 +123,7 @@ def _concat(tables: list[pa.Table], urls: list[str]) -> pa.Table:
         raise DpselInputError(f"shards have incompatible column types ({exc})", file=", ".join(urls)) from exc
 
 
-def read_instruction_set(paths, batch_rows: int = 65536) -> InstructionSet:
+def read_instruction_set(paths, batch_rows: int = 32768) -> InstructionSet:
     """Read the whole input into an `InstructionSet` (see the `dpsel.data` docstring for what raises)."""
     planned = plan_files(expand_paths(paths))
     files = [FileInfo(p.file.url, p.rows, file_sha256(p.file.path, p.file.fs)) for p in planned]

@@ -39,7 +39,7 @@ def _comparable(spec: str) -> str:
     return spec if "://" in spec else os.path.abspath(spec)
 
 
-def validate_paths(paths, batch_rows: int = 65536) -> ValidationSummary:
+def validate_paths(paths, batch_rows: int = 16384) -> ValidationSummary:
     """Strictly check an instruction set (raises `DpselInputError` on the first bad row) and summarise it.
     Streams: memory is one batch plus ~18 bytes per distinct row (the duplicate check)."""
     checked, skipped = skip_known_outputs(expand_paths(paths), paths)

@@ -10,21 +10,26 @@ MiniLM: the same behaviour check, the weights' sha256 in the manifest, the embed
 
     dpsel embedder distil --out DIR            # or: dpsel.models.distil.distil_static("DIR")
     dpsel curate ... --embedder DIR
+    dpsel curate ... --embedder static         # distilled once from the packaged MiniLM into the user cache
 
 Needs `model2vec` and `skeletoken` (the `static` extra); nothing is downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
 
 from dpsel.errors import DpselInputError
-from dpsel.models.embedder import DEFAULT, DISTIL_RECORD, EmbedderUnavailable, file_sha256, resolve_folder, \
-    weight_files
+from dpsel.models.embedder_files import DEFAULT, DISTIL_RECORD, EmbedderUnavailable, cache_root, file_sha256, \
+    packaged_folder, resolve_folder, weight_files
 
+log = logging.getLogger(__name__)
 DEFAULT_DIMS = 256      # model2vec's default PCA size (MiniLM's own is 384)
+STATIC = "static"       # the `--embedder` spec of the packaged MiniLM's static distillation (`static_folder`)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -64,3 +69,40 @@ def distil_static(out: str | Path, source: str = DEFAULT, dims: int | None = DEF
               "vocabulary": len(keep_tokens) if keep_tokens else "source tokenizer's"}
     (out / DISTIL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def static_folder() -> Path:
+    """The static embedder distilled from the packaged MiniLM, built once (about 30 s) into the user cache under
+    a name that carries the source's hash, so a new source builds a new one; concurrent runs build it once."""
+    from filelock import FileLock
+    source = packaged_folder()
+    target = cache_root() / "embedders" / f"static-{source.name}-d{DEFAULT_DIMS}"
+    with FileLock(str(target) + ".lock"):
+        if not (target / DISTIL_RECORD).exists():
+            partial = target.with_name(target.name + f".partial-{os.getpid()}")
+            log.warning("building the static embedder once from %s into %s (about 30 s per core)", source, target)
+            try:
+                with _quiet_progress_bars():
+                    distil_static(partial, source=DEFAULT)
+            except DpselInputError as error:
+                raise EmbedderUnavailable(f"the static embedder could not be built: {error}") from None
+            partial.rename(target)
+    return target
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    """model2vec draws a tqdm bar per token batch and transformers one per weight load; the run's own log says
+    what happens. (tqdm reads TQDM_DISABLE only when it is imported, so the bar is switched off where drawn.)"""
+    import functools
+    from model2vec.distill import inference
+    from transformers.utils import logging as hf_logging
+    bar, bars_on = inference.tqdm, hf_logging.is_progress_bar_enabled()
+    inference.tqdm = functools.partial(bar, disable=True)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        inference.tqdm = bar
+        if bars_on:
+            hf_logging.enable_progress_bar()

