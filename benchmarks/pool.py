@@ -54,13 +54,17 @@ def _synth(work: Path, rows: int, seed: int) -> dict:
     return generate(folder, rows=rows, meta_rows=200, test_rows=10, seed=seed)
 
 
-def _curate(method: str, rows: int, work: Path) -> dict:
+def _curate(method: str, rows: int, work: Path, embedder: str = "default") -> dict:
+    from dpsel.config import SelectConfig
     from dpsel.curation.run import curate
     paths = _synth(work, rows, seed=0)
     base = current_rss()
     start = time.perf_counter()
-    result = curate(paths["train"], paths["meta"], work / f"{method}-{rows}", method=method)
+    name = f"{method}-{rows}" if embedder == "default" else f"{method}-{embedder}-{rows}"
+    result = curate(paths["train"], paths["meta"], work / name, method=method, config=SelectConfig(embedder=embedder),
+                    truth=paths["truth"])
     return {"seconds": time.perf_counter() - start, "base_rss": base, "kept": result.counts["kept_rows"],
+            "auroc": (result.auroc or {}).get("overall"),
             "timings": {k: v for k, v in result.manifest["timings"].items() if isinstance(v, (int, float))}}
 
 
@@ -72,22 +76,36 @@ def case_bads(path: Path, work: Path) -> dict:
     return _curate("bads", int(path.name), work)
 
 
-def case_filter(path: Path, work: Path) -> dict:
-    """`filter` with the scorer of the bads run on the same size, on a fresh pool (another seed)."""
+def case_bads_static(path: Path, work: Path) -> dict:
+    """`bads` with `--embedder static` (the packaged MiniLM distilled once by model2vec, built before timing)."""
+    from dpsel.models.distil import static_folder
+    static_folder()
+    return _curate("bads", int(path.name), work, embedder="static")
+
+
+def _filter(scorer_run: str, rows: int, work: Path) -> dict:
+    """`filter` with the scorer of a bads run on the same size, on a fresh pool (another seed)."""
     from dpsel.curation.filter import filter_rows
-    rows = int(path.name)
-    scorer = work / f"bads-{rows}" / "scorer"
     fresh = _synth(work, rows, seed=1)["train"]
     base = current_rss()
     start = time.perf_counter()
-    result = filter_rows(scorer, fresh, work / f"filter-{rows}")
+    result = filter_rows(work / f"{scorer_run}-{rows}" / "scorer", fresh, work / f"filter-{scorer_run}-{rows}")
     return {"seconds": time.perf_counter() - start, "base_rss": base, "kept": result.counts["kept_rows"]}
 
 
+def case_filter(path: Path, work: Path) -> dict:
+    return _filter("bads", int(path.name), work)
+
+
+def case_filter_static(path: Path, work: Path) -> dict:
+    return _filter("bads-static", int(path.name), work)
+
+
 CASES = {"ceiling": case_ceiling, "validate": case_validate, "read": case_read, "stages": case_stages,
-         "filter-data": case_filter_data, "loss": case_loss, "bads": case_bads, "filter": case_filter}
+         "filter-data": case_filter_data, "loss": case_loss, "bads": case_bads, "filter": case_filter,
+         "bads-static": case_bads_static, "filter-static": case_filter_static}
 DATA_CASES = ("ceiling", "validate", "read", "stages", "filter-data")
-MODEL_CASES = ("loss", "bads", "filter")
+MODEL_CASES = ("loss", "bads", "filter", "bads-static", "filter-static")
 
 
 def run_child(case: str, path: Path, work: Path, threads: int) -> dict:
@@ -121,7 +139,7 @@ def row(rows: int, case: str, result: dict, ceiling: dict | None) -> dict:
            "bytes_per_row_beyond_fixed": round((result["peak_rss"] - result["base_rss"]) / rows, 1)}
     if ceiling is not None:
         out["ratio_to_ceiling"] = round(rate / (rows / ceiling["seconds"]), 3)
-    out.update({k: result[k] for k in ("read_s", "stages", "timings", "kept") if k in result})
+    out.update({k: result[k] for k in ("read_s", "stages", "timings", "kept", "auroc") if k in result})
     return out
 
 

@@ -248,3 +248,32 @@ def test_pipeline_exact_reader_verdicts_semantic_and_redact():
     assert in_memory.reason.tolist() == ["", "duplicate", ""] and in_memory.dup_of[1] == "a"
     with pytest.raises(ValueError, match="order"):
         run_stages(table, list(reversed(blocks)))
+
+
+def test_spilled_sketch_reads_back_the_rows_asked_for_across_chunks(tmp_path, monkeypatch):
+    from dpsel.stages.near_dup import SpilledSketch
+    monkeypatch.setattr(SpilledSketch, "READ_ROWS", 7)
+    held = np.random.default_rng(0).integers(0, 256, (50, 16), dtype=np.uint8)
+    spilled = SpilledSketch(tmp_path / "s.u8", 16)
+    for start in range(0, 50, 12):
+        spilled[start:start + 12] = held[start:start + 12]
+    assert len(spilled) == 50 and spilled[:50] is spilled
+    rows = np.array([0, 6, 7, 8, 20, 21, 49])
+    np.testing.assert_array_equal(spilled.take(rows), held[rows])
+    with pytest.raises(RuntimeError, match="row order"):
+        spilled[10:12] = held[10:12]
+    spilled.close()
+
+
+def test_near_dup_verdicts_are_the_same_with_spilled_sketches(tmp_path):
+    """The clustering reads the sketches of candidate pairs back from the spill: the same keepers as held."""
+    from dpsel.stages.near_dup import SpilledSketch
+    near = NearDup()
+    held, empty = near.extended(Rows(make_table(planted()[0])))
+    spilled = SpilledSketch(tmp_path / "s.u8", near.num_perm)
+    spilled[0:len(held)] = held.sketch
+    again = NearDupIndex(held.ids, held.bands, spilled)
+    keep_held, _ = near.keepers(held, empty.copy(), 0)
+    keep_spilled, _ = near.keepers(again, empty.copy(), 0)
+    np.testing.assert_array_equal(keep_held, keep_spilled)
+    assert (keep_held != np.arange(len(keep_held))).any()      # the planted copies were found

@@ -40,11 +40,11 @@ from dpsel.io import file_sha256
 from dpsel.outputs import CURATED_FILE, SCORES_FILE, curated_table, scores_table, with_run_id
 from dpsel.select.base import ProgressFn
 from dpsel.stages.base import Rows as StageRows
-from dpsel.stages.near_dup import NearDup, NearDupIndex, NearDupVerdicts
+from dpsel.stages.near_dup import NearDup, NearDupIndex, NearDupVerdicts, SpilledSketch
 from dpsel.stages.pii import redact_text_columns
 from dpsel.stages.pipeline import build_blocks
 
-BATCH_ROWS = 65536        # rows read, staged, scored and written at a time
+BATCH_ROWS = 32768        # rows read, staged, scored and written at a time
 SCORE_CHUNK_ROWS = 8192   # rows tokenised and scored at a time: memory bounded by the chunk, not the input
 _PENDING = ".pending-"    # staging-folder prefix of a budget run's rows before selection (never published)
 
@@ -158,25 +158,41 @@ class _Writer:
             self.writer.close()
 
 
-def _sign_near_dups(plan: InputPlan, blocks: list, batch_rows: int) -> None:
-    """Pass 1: every usable row's near-dup signature, clustered once; the near-dup block becomes the verdicts."""
+def _sign_near_dups(plan: InputPlan, blocks: list, batch_rows: int, spill: Path) -> None:
+    """Pass 1: every usable row's near-dup signature, clustered once; the near-dup block becomes the verdicts.
+    Band keys are held (the clustering groups them); the sketches go to the file `spill`, read back only for
+    the rows in candidate pairs, and are deleted when the clustering is done."""
     position = next((k for k, b in enumerate(blocks) if isinstance(b, NearDup)), None)
     if position is None:
         return
     started, near = time.perf_counter(), blocks[position]
     seen = len(near.index)
-    index, empty, at = near.index, np.zeros(seen + plan.n, bool), seen
+    sketch = SpilledSketch(spill, near.num_perm)
+    try:
+        sketch[0:seen] = near.index.sketch
+        index = NearDupIndex(near.index.ids, near.index.bands, sketch)
+        keeper, judged = _cluster_streamed(plan, near, index, seen, batch_rows)
+    finally:
+        sketch.close()
+        spill.unlink(missing_ok=True)
+    near.stats.seconds += time.perf_counter() - started
+    blocks[position] = NearDupVerdicts(judged, keeper, seen, stats=near.stats)
+
+
+def _cluster_streamed(plan: InputPlan, near: NearDup, index: NearDupIndex, seen: int, batch_rows: int
+                      ) -> tuple[np.ndarray, NearDupIndex]:
+    """(keeper per entry, the ids alone) of the seen entries and every usable row of the input, signed a batch
+    at a time into `index`."""
+    start_index, empty, at = index, np.zeros(seen + plan.n, bool), seen
     for nb in iter_planned(plan.planned, batch_rows):
         rows = rows_from(batch_set(nb, plan.planned, plan.files, plan.schema))
         alive = StageRows(conversation_table(rows).filter(pa.array(rows.usable)))
-        index = near.grown(index, alive, plan.n if index is near.index else 0)
+        index = near.grown(index, alive, plan.n if index is start_index else 0)
         at = near.sign_into(index, empty, at, alive)
     signed = NearDupIndex(index.ids[:at], index.bands[:at], index.sketch[:at])
     keeper, _ = near.keepers(signed, empty[:at], seen)
-    judged = NearDupIndex(signed.ids, np.zeros((0, near.bands), np.uint32), np.zeros((0, near.num_perm), np.uint8))
-    del index, signed, empty                # the signatures: only the ids and each row's keeper stay
-    near.stats.seconds += time.perf_counter() - started
-    blocks[position] = NearDupVerdicts(judged, keeper, seen, stats=near.stats)
+    # the signatures are dropped: only the ids and each row's keeper stay
+    return keeper, NearDupIndex(signed.ids, np.zeros((0, near.bands), np.uint32), np.zeros((0, near.num_perm), np.uint8))
 
 
 @dataclass
@@ -236,12 +252,12 @@ def stream_filter(plan: InputPlan, scorer, options: StageOptions, seen: NearDupI
     `make_run(rows, weights, stds, keep, timings)`: the run record, for `record.finish_run`."""
     started, batch_rows = time.perf_counter(), batch_rows or BATCH_ROWS
     blocks = build_blocks(options.config, eval_texts(options.decontaminate), seen=seen)
-    _sign_near_dups(plan, blocks, batch_rows)
     n = plan.n
-    totals = _Totals(np.zeros(n), np.zeros(n), np.zeros(n, bool), np.zeros(n, bool))
     columns = [c for c in dict.fromkeys([*GROUP_COLUMNS, group_column]) if c in plan.schema.names]
     groups, dropped, stats = _Groups(columns), {}, []
     with staged_run(out) as (stage, run_id):
+        _sign_near_dups(plan, blocks, batch_rows, stage / f"{_PENDING}near-dup-sketches.u8")
+        totals = _Totals(np.zeros(n), np.zeros(n), np.zeros(n, bool), np.zeros(n, bool))
         final = rule.threshold is not None     # a threshold decides each row at once; a budget needs every weight
         names = (SCORES_FILE, CURATED_FILE) if final else (f"{_PENDING}{SCORES_FILE}", f"{_PENDING}{CURATED_FILE}")
         writers = [_Writer(stage / name, run_id if final else None) for name in names]

@@ -72,7 +72,8 @@ def iter_planned(planned: list[PlannedFile], batch_rows: int, mark_duplicates: b
                               first_seen)
 
 
-PREPARED_AHEAD = 3   # batches read and prepared ahead of the one the caller holds (bounded memory)
+READ_AHEAD_ROWS = 65536   # rows read and prepared ahead of the batch the caller holds (bounded memory),
+READ_AHEAD_BATCHES = 4    # and no more batches than this (small batches)
 PREPARE_THREADS = 2  # batches prepared at once: the work is Arrow kernels and polars, mostly off the GIL
 
 
@@ -80,9 +81,10 @@ def _prepared(planned: list[PlannedFile], batch_rows: int) -> Iterator[tuple]:
     """(plan, batch, input row, row in file, normal rows, verdicts) per batch, in input order.
 
     One thread reads (Parquet decoding, in order); PREPARE_THREADS threads do each batch's own work (UTF-8
-    check, normal rows, canonical text and ids), up to PREPARED_AHEAD batches ahead of the caller, whose own
-    work (the duplicate index, writing) overlaps theirs. Errors surface in input order: a batch's own when
-    the caller reaches it, a read error after every batch read before it."""
+    check, normal rows, canonical text and ids), up to READ_AHEAD_ROWS rows and READ_AHEAD_BATCHES batches
+    (at least one batch per thread) ahead of the caller, whose own work (the duplicate index, writing) overlaps
+    theirs. Errors surface in input order: a batch's own when the caller reaches it, a read error after every
+    batch read before it."""
     def batches():
         start = 0
         for plan in planned:
@@ -106,7 +108,8 @@ def _prepared(planned: list[PlannedFile], batch_rows: int) -> Iterator[tuple]:
         def submit() -> Future:      # reads run one at a time, in submission order: batch k is the k-th read
             return workers.submit(prepare, reader.submit(next, source, None))
 
-        pending = deque(submit() for _ in range(PREPARED_AHEAD + 1))
+        ahead = max(PREPARE_THREADS, min(READ_AHEAD_BATCHES, READ_AHEAD_ROWS // max(batch_rows, 1)))
+        pending = deque(submit() for _ in range(ahead))
         try:
             while (item := pending.popleft().result()) is not None:
                 pending.append(submit())

@@ -101,6 +101,49 @@ class NearDupIndex:
             return cls(f["ids"], f["bands"], f["sketch"])
 
 
+class SpilledSketch:
+    """Sketches appended to a file in row order instead of held in memory (`filter` on a pool: 128 bytes a row
+    that only the few rows in candidate pairs are ever read back for). Stands in for `NearDupIndex.sketch`:
+    `index.sketch[at:at + n] = block` appends; `take(rows)` reads the given rows back."""
+
+    READ_ROWS = 65536      # rows read back at a time (8 MB at 128 bytes a row)
+
+    def __init__(self, path, width: int):
+        self.path, self.width, self.rows = path, width, 0
+        self._handle = open(path, "wb")
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __setitem__(self, where: slice, values: np.ndarray) -> None:
+        if where.start != self.rows:
+            raise RuntimeError(f"spilled sketches are written in row order: row {where.start}, expected {self.rows}")
+        self._handle.write(np.ascontiguousarray(values, np.uint8).tobytes())
+        self.rows += len(values)
+
+    def __getitem__(self, where: slice) -> SpilledSketch:
+        if where != slice(None, self.rows):
+            raise RuntimeError("a spilled sketch is read back with take(), not sliced")
+        return self
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), width] uint8 of `rows` (ascending, unique), read a chunk of the file at a time."""
+        self._handle.flush()
+        out = np.empty((len(rows), self.width), np.uint8)
+        with open(self.path, "rb") as handle:
+            for start in range(0, self.rows, self.READ_ROWS):
+                lo, hi = np.searchsorted(rows, [start, start + self.READ_ROWS])
+                if lo == hi:
+                    continue
+                handle.seek(start * self.width)
+                chunk = np.frombuffer(handle.read(min(self.READ_ROWS, self.rows - start) * self.width), np.uint8)
+                out[lo:hi] = chunk.reshape(-1, self.width)[rows[lo:hi] - start]
+        return out
+
+    def close(self) -> None:
+        self._handle.close()
+
+
 def _band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """Hash each band's `rows` MinHash values into one 32-bit key (chance collisions are verified away)."""
     grouped = signature[:, :bands * rows].reshape(len(signature), bands, rows).astype(np.uint64)
@@ -169,11 +212,13 @@ class NearDup(Block):
         width = max(ID_BYTES, index.ids.dtype.itemsize, longest)
         if width == index.ids.dtype.itemsize and capacity == 0:
             return index
-        size = len(index) + capacity
+        size, n = len(index) + capacity, len(index)
+        spilled = isinstance(index.sketch, SpilledSketch)     # appended to as rows are signed: nothing to copy
         out = NearDupIndex(np.empty(size, f"S{width}"), np.empty((size, self.bands), np.uint32),
-                           np.empty((size, self.num_perm), np.uint8))
-        n = len(index)
-        out.ids[:n], out.bands[:n], out.sketch[:n] = index.ids, index.bands, index.sketch
+                           index.sketch if spilled else np.empty((size, self.num_perm), np.uint8))
+        out.ids[:n], out.bands[:n] = index.ids, index.bands
+        if not spilled:
+            out.sketch[:n] = index.sketch
         return out
 
     def sign_into(self, index: NearDupIndex, empty: np.ndarray, at: int, rows: Rows) -> int:
@@ -249,6 +294,9 @@ class NearDup(Block):
     def _similar(self, sketch: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         """b-bit MinHash estimate of each pair's Jaccard >= `verify_at` (chance agreement removed)."""
         keep = np.zeros(len(pairs), bool)
+        if isinstance(sketch, SpilledSketch):     # read back only the rows that are in a pair
+            rows = np.unique(pairs)
+            sketch, pairs = sketch.take(rows), np.searchsorted(rows, pairs)
         for start in range(0, len(pairs), 65536):
             a, b = pairs[start:start + 65536].T
             agree = (sketch[a] == sketch[b]).mean(axis=1)
