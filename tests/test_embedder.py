@@ -133,3 +133,24 @@ def test_embedding_is_stored_chunk_by_chunk_with_progress_and_resumes(embedder, 
     assert calls == [(2, 2, {"phase": "embedding questions"})]
     fresh = EmbeddingCache(dataclasses.replace(embedder), tmp_path / "other").embed(ids, texts, "question")
     assert np.allclose(vectors, fresh, atol=1e-5)
+
+
+def test_cached_encoded_and_repeated_rows_come_back_in_order(tmp_path):
+    """A mix of rows already in the cache, rows to encode and a repeated id: every row gets its own text's
+    vector, in the order asked, and a repeated id is encoded once."""
+    from dpsel.models.embedder import Embedder
+
+    class Lengths:       # a stand-in model: the vector of a text is (its length, 1)
+        calls: list = []
+
+        def encode(self, texts, **_):
+            self.calls.append(list(texts))
+            return np.array([[len(t), 1.0] for t in texts], np.float32)
+
+    model = Lengths()
+    cache = EmbeddingCache(Embedder("lengths", model, {"w": "0" * 64}, {}), root=tmp_path)
+    cache.embed(["b"], ["bb"], "q")
+    vectors = cache.embed(["a", "b", "a", "c"], ["a", "bb", "a", "cccc"], "q", chunk_rows=1)
+    np.testing.assert_array_equal(vectors[:, 0], [1, 2, 1, 4])
+    assert model.calls == [["bb"], ["a"], ["cccc"]]
+    assert cache.stats["cached"] == 2 and cache.stats["encoded"] == 3

@@ -111,6 +111,28 @@ def try_embedder(spec: str | None, device: str = "auto") -> Embedder | None:
         return None
 
 
+class _Filled:
+    """A [rows, dim] float32 array filled by row numbers as vectors arrive (dim known from the first ones)."""
+
+    def __init__(self, rows: int):
+        self.rows, self.array, self.have = rows, None, np.zeros(rows, bool)
+
+    def put(self, rows: list[int], vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, np.float32).reshape(len(rows), -1)
+        if self.array is None:
+            self.array = np.empty((self.rows, vectors.shape[1]), np.float32)
+        self.array[rows] = vectors
+        self.have[rows] = True
+
+    def done(self, source: list[int]) -> np.ndarray:
+        """The array with every row taken from row `source[k]` (itself, or the first row of a repeated key)."""
+        if self.array is None:
+            return np.zeros((0, 0), np.float32)
+        repeated = np.flatnonzero(np.asarray(source) != np.arange(self.rows))
+        self.array[repeated] = self.array[np.asarray(source)[repeated]]
+        return self.array
+
+
 class EmbeddingCache:
     """Embeddings by (embedder sha, row id, field) in one SQLite file per embedder under the cache dir."""
 
@@ -132,13 +154,19 @@ class EmbeddingCache:
         (committed) as soon as it is done, so a stopped run keeps what it encoded and a re-run goes on from
         there; `progress(done, total, diag)` after every chunk (phase "embedding <field>s")."""
         keys = [f"{field}:{i}" for i in ids]
+        first = {}                                   # key -> its first row; a repeated key is copied at the end
+        for j, key in enumerate(keys):
+            first.setdefault(key, j)
+        out = _Filled(len(keys))                     # one [rows, dim] array filled in place: no per-row copies kept
         with self._connect() as db:
-            found = {}
-            for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
-                found.update(db.execute(f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})",
-                                        chunk).fetchall())
-            missing = [j for j, k in enumerate(keys) if k not in found]
+            unique = list(first)
+            for start in range(0, len(unique), 500):
+                chunk = unique[start:start + 500]
+                hits = db.execute(f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})",
+                                  chunk).fetchall()
+                if hits:
+                    out.put([first[k] for k, _ in hits], np.frombuffer(b"".join(v for _, v in hits), np.float32))
+            missing = [j for j in first.values() if not out.have[j]]
             for start in range(0, len(missing), chunk_rows):
                 part = missing[start:start + chunk_rows]
                 started = time.perf_counter()
@@ -147,7 +175,7 @@ class EmbeddingCache:
                 db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
                                [(keys[j], v.tobytes()) for j, v in zip(part, vectors)])
                 db.commit()
-                found.update({keys[j]: v.tobytes() for j, v in zip(part, vectors)})
+                out.put(part, vectors)
                 if progress is not None:
                     progress(start + len(part), len(missing), {"phase": f"embedding {field}s"})
                 if start == 0:
@@ -155,7 +183,7 @@ class EmbeddingCache:
         self.stats["rows"] += len(keys)
         self.stats["cached"] += len(keys) - len(missing)
         self.stats["encoded"] += len(missing)
-        return np.stack([np.frombuffer(found[k], dtype=np.float32) for k in keys]) if keys else np.zeros((0, 0))
+        return out.done([first[k] for k in keys])
 
     def _say_if_long(self, rows: int, rate: float) -> None:
         """Once the first chunk's rate is known: a long transformer encode on a CPU is worth one warning, since
