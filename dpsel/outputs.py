@@ -41,6 +41,7 @@ CURATED_FILE = "curated.parquet"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.md"
 SCORER_DIR = "scorer"
+CURATED_PARTS = ".curated-parts"   # in the staging folder: the Ray actors' parts of curated.parquet (merged on commit)
 SELECTION_FILE = "selection.json"  # in scorer/: the selection rule and effective threshold of the run
 RUN_ID_KEY = "dpsel_run_id"        # Parquet schema metadata key (and JSON field) naming the run
 STAGING_TAG = ".dpsel-staging-"    # .OUT.dpsel-staging-<run id>: a run being written
@@ -275,12 +276,23 @@ def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept:
             extra["messages"] = pa.array([[{"role": m["role"], "content": m["content"]} for m in conversation]
                                           for conversation in kept_messages], MESSAGE_TYPE)
     extra.update({name: values.take(keep_idx) for name, values in (columns or {}).items()})
-    for name, column in extra.items():
+    return set_columns(table, extra)
+
+
+def set_columns(table: pa.Table, columns: dict) -> pa.Table:
+    """The table with each of `columns` replacing the column of that name in place, or appended after."""
+    for name, column in columns.items():
         if name in table.column_names:
             table = table.set_column(table.column_names.index(name), name, column)
         else:
             table = table.append_column(name, column)
     return table
+
+
+def curated_part_name(first_row: int) -> str:
+    """A part of curated.parquet written by an engine's worker (`CURATED_PARTS` in the run's staging folder),
+    named by its first row's position among the rows sent to the workers: name order is input order."""
+    return f"{first_row:012d}.parquet"
 
 
 def with_run_id(table: pa.Table, run_id: str | None) -> pa.Table:
