@@ -289,10 +289,28 @@ def set_columns(table: pa.Table, columns: dict) -> pa.Table:
     return table
 
 
+CURATED_PART_SUFFIX = ".arrow"
+
+
 def curated_part_name(first_row: int) -> str:
     """A part of curated.parquet written by an engine's worker (`CURATED_PARTS` in the run's staging folder),
     named by its first row's position among the rows sent to the workers: name order is input order."""
-    return f"{first_row:012d}.parquet"
+    return f"{first_row:012d}{CURATED_PART_SUFFIX}"
+
+
+def write_curated_part(table: pa.Table, folder: Path, first_row: int) -> None:
+    """One worker's part, as an Arrow IPC file: internal to the staging folder, so the format that costs
+    nothing to read back (memory-mapped, no decoding) when the parts are merged into curated.parquet."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / curated_part_name(first_row)
+    temporary = target.with_name(f".{target.name}.tmp")   # a retried task never leaves half a part
+    with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(temporary, target)
+
+
+def read_curated_part(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 def with_run_id(table: pa.Table, run_id: str | None) -> pa.Table:

@@ -100,13 +100,12 @@ def test_curated_parts_out_of_place_are_an_error(tmp_path):
     """A part missing from the actors' set fails the commit instead of writing a curated.parquet with a hole."""
     from dpsel.curation.parts import merge_curated_parts
     from dpsel.curation.rows import read_rows
-    from dpsel.outputs import curated_part_name
+    from dpsel.outputs import write_curated_part
     pq.write_table(pa.Table.from_pylist(_rows(0, 6)), tmp_path / "in.parquet")
     rows = read_rows(tmp_path / "in.parquet")
     parts = tmp_path / "parts"
-    parts.mkdir()
     for first in (0, 4):   # rows 0-1 and 4-5: the part for rows 2-3 is missing
-        pq.write_table(pa.Table.from_pylist(_rows(first, first + 2)), parts / curated_part_name(first))
+        write_curated_part(pa.Table.from_pylist(_rows(first, first + 2)), parts, first)
     with pytest.raises(RuntimeError, match="not the part starting at row 2"):
         merge_curated_parts(parts, tmp_path / "curated.parquet", rows, np.ones(6, bool), np.ones(6, bool), "r")
     assert not (tmp_path / "curated.parquet").exists()

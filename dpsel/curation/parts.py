@@ -1,4 +1,4 @@
-"""curated.parquet from the parts an engine's workers wrote (`filter --engine ray`: each actor writes the rows it
+"""curated.parquet from the parts (Arrow IPC files) an engine's workers wrote (`filter --engine ray`: each actor writes the rows it
 scored, see `dpsel.engines.ray_engine.ScoreBatches`) into the run's staging folder: on commit the driver keeps
 the kept rows of each part, in name order (= input order), adds what the stages decided (their columns,
 `--pii redact`'s conversations and masking) exactly as `outputs.curated_table` does, and writes one file.
@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 
 from dpsel.curation.rows import Rows
 from dpsel.data.schema import MESSAGE_TYPE
-from dpsel.outputs import curated_part_name, set_columns, with_run_id
+from dpsel.outputs import CURATED_PART_SUFFIX, curated_part_name, read_curated_part, set_columns, with_run_id
 from dpsel.stages.pii import redact_text_columns
+
+GROUP_ROWS = 65536   # rows read and written at a time (the local engine's streamed batch)
 
 
 def merge_curated_parts(parts: Path, target: Path, rows: Rows, scored: np.ndarray, keep: np.ndarray,
@@ -24,7 +26,7 @@ def merge_curated_parts(parts: Path, target: Path, rows: Rows, scored: np.ndarra
     the `keep` rows (per input row); `parts` is removed. A part missing, extra or out of place is an error."""
     scored_rows = np.flatnonzero(scored)
     try:
-        written = _write_kept(sorted(parts.glob("*.parquet")), target, rows, scored_rows, keep, run_id)
+        written = _write_kept(sorted(parts.glob(f"*{CURATED_PART_SUFFIX}")), target, rows, scored_rows, keep, run_id)
         if written != len(scored_rows):
             raise RuntimeError(f"the curated parts in {parts} hold {written} rows for {len(scored_rows)} scored rows")
     except BaseException:
@@ -35,16 +37,21 @@ def merge_curated_parts(parts: Path, target: Path, rows: Rows, scored: np.ndarra
 
 def _write_kept(files: list[Path], target: Path, rows: Rows, scored_rows: np.ndarray, keep: np.ndarray,
                 run_id: str) -> int:
-    """The kept rows of each part file, in order, into `target`; returns how many rows the parts held."""
-    writer, at = None, 0
+    """The kept rows of the part files, in order, into `target`, a row group per ~`GROUP_ROWS` rows read
+    (the actors' small blocks as row groups would make the file slower to write and to read); returns how
+    many rows the parts held. Each part must start where the one before it ended (its name)."""
+    writer, at, group = None, 0, []
     try:
-        for path in files:
+        for k, path in enumerate(files):
             if path.name != curated_part_name(at):
                 raise RuntimeError(f"curated part {path.name} is not the part starting at row {at} "
                                    f"(parts: {[f.name for f in files]})")
-            part = pq.read_table(path)
-            rows_here = scored_rows[at:at + part.num_rows]
-            at += part.num_rows
+            group.append(read_curated_part(path))
+            at += group[-1].num_rows
+            if k + 1 < len(files) and sum(t.num_rows for t in group) < GROUP_ROWS:
+                continue
+            part, group = pa.concat_tables(group), []
+            rows_here = scored_rows[at - part.num_rows:at]
             table = with_run_id(_finished(part, rows, rows_here, keep[rows_here]), run_id)
             if writer is None:
                 writer = pq.ParquetWriter(target, table.schema)

@@ -92,15 +92,9 @@ class ScoreBatches:
                          _STD: pa.array(std, pa.float64()), _ROW: rows})
 
     def _write_part(self, block: pa.Table, ids: list[str], weight, message_array, first_row: int) -> None:
-        import pyarrow.parquet as pq
-
-        from dpsel.outputs import curated_part_name, curated_table
+        from dpsel.outputs import curated_table, write_curated_part
         part = curated_table(block, ids, weight, np.ones(block.num_rows, bool), message_array)
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        target = self.parts_dir / curated_part_name(first_row)
-        temporary = target.with_name(f".{target.name}.tmp")   # a retried task never leaves half a part
-        pq.write_table(part, temporary)
-        os.replace(temporary, target)
+        write_curated_part(part, self.parts_dir, first_row)
 
 
 class ModelPass:
