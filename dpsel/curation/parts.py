@@ -1,8 +1,8 @@
-"""curated.parquet from the parts (Arrow IPC files) an engine's workers wrote (`filter --engine ray`: each actor writes the rows it
-scored, see `dpsel.engines.ray_engine.ScoreBatches`) into the run's staging folder: on commit the driver keeps
-the kept rows of each part, in name order (= input order), adds what the stages decided (their columns,
-`--pii redact`'s conversations and masking) exactly as `outputs.curated_table` does, and writes one file.
-The contract's one curated.parquet stays one file; the parts never leave the staging folder."""
+"""curated.parquet from the parts (Arrow IPC files) that an engine's workers wrote into the run's staging folder
+(`filter --engine ray`: each actor writes the rows it scored, see `dpsel.engines.ray_engine.ScoreBatches`). On
+commit the driver keeps the kept rows of each part, in name order (= input order), adds what the stages decided
+(their columns, `--pii redact`'s conversations and masking) exactly as `outputs.curated_table` does, and writes
+one file: the contract's one curated.parquet stays one file; the parts never leave the staging folder."""
 from __future__ import annotations
 
 import shutil
