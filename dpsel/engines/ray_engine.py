@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from dpsel.data import InstructionSet, read_instruction_set, rows_to_score_and_write
-from dpsel.engines import RayOptions, require_ray
+from dpsel.engines import RayOptions, check_engine, require_ray
 from dpsel.models.passes import Executor, InProcess, RowPass
 from dpsel.select.base import ProgressFn
 
@@ -313,6 +313,13 @@ def engine_runtime(options: RayOptions | None):
     """One Ray runtime held across a run's Ray work (the stages, then the passes or the scoring), so its
     start-up is paid once; nothing to hold for the local engine (None)."""
     return contextlib.nullcontext() if options is None else ray_runtime(options)
+
+
+def flow_runtime(engine: str, options: RayOptions | None = None):
+    """One Ray runtime for several runs in a row (a flow's stages): started, or joined at `options.address`,
+    on entry and shut down on exit; each run inside finds it running and leaves it (`ray_runtime`), so the
+    start-up is paid once per flow, not once per stage. Nothing to hold for the local engine."""
+    return engine_runtime((options or RayOptions()) if check_engine(engine) == "ray" else None)
 
 
 def block_map(options: RayOptions | None):
