@@ -301,8 +301,8 @@ def curated_part_name(first_row: int) -> str:
 def write_curated_part(table: pa.Table, folder: Path, first_row: int) -> None:
     """One worker's part, as an Arrow IPC file: internal to the staging folder, so the format that costs
     nothing to read back (memory-mapped, no decoding) when the parts are merged into curated.parquet."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / curated_part_name(first_row)
+    target = folder / curated_part_name(first_row)   # `folder` made by the driver: a worker late for a failed
+    # run (its staging folder removed) fails here rather than leave a part behind
     temporary = target.with_name(f".{target.name}.tmp")   # a retried task never leaves half a part
     with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)

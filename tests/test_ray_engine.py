@@ -104,6 +104,7 @@ def test_curated_parts_out_of_place_are_an_error(tmp_path):
     pq.write_table(pa.Table.from_pylist(_rows(0, 6)), tmp_path / "in.parquet")
     rows = read_rows(tmp_path / "in.parquet")
     parts = tmp_path / "parts"
+    parts.mkdir()
     for first in (0, 4):   # rows 0-1 and 4-5: the part for rows 2-3 is missing
         write_curated_part(pa.Table.from_pylist(_rows(first, first + 2)), parts, first)
     with pytest.raises(RuntimeError, match="not the part starting at row 2"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +119,8 @@ def _filter_on_ray(scorer_dir: Path, inputs, out: Path, selection: dict, thresho
         run = _selected(rows, scored.weights[rows.usable], scored.stds[rows.usable], timings, scorer_kind,
                         scorer_dir, inputs, selection, threshold, budget, stages, seen, started)
         sent = rows.data.usable_mask()   # the rows the actors scored (and wrote), before the stages
-        merge = None
-        if scored.parts_written and sent.any():
-            def merge(target: Path) -> None:
-                merge_curated_parts(parts, target, rows, sent, run.keep, run_id)
+        merge = partial(merge_curated_parts, parts, rows=rows, scored=sent, keep=run.keep, run_id=run_id) \
+            if scored.parts_written and sent.any() else None
         return commit_run(stage, out, run, run_id, merge)
 
 

@@ -216,6 +216,8 @@ def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
     read_s = time.perf_counter() - started
     with ray_runtime(options) as ray:
         parts_dir = parts_dir if parts_dir is not None and _one_node(ray) else None
+        if parts_dir is not None:
+            parts_dir.mkdir()
         blocks = data.table.take(pa.array(usable, pa.int64()))
         run = map_on_actors(blocks.append_column(_ROW, pa.array(np.arange(len(usable)), pa.int64())), ScoreBatches,
                             {"scorer_dir": str(scorer_dir), "shape": data.shape, "use_gpu": options.num_gpus > 0,
