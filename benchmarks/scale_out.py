@@ -7,9 +7,12 @@ What the issue's targets mean and how this measures them.
   2 x `--rows`); the marginal time per row is the slope between them and the fixed cost the intercept. Both are
   reported, with the plain totals.
 - "Ray with 2 workers >= 1.7x Ray with 1" likewise compares marginal throughput (rows/s of the slope).
-- Each run's manifest splits the time: local = read (data layer) + score + write; Ray = driver read (the data
-  layer's single read: ids, verdicts, duplicates) + Ray (actors: normalise + score; collect) + write. The driver's
-  read and write are serial on every engine, so they bound what more actors can buy on one machine.
+- Each run's manifest splits the time: local (streamed) = read (data layer, stages, writing each batch's rows)
+  + score + write (the run's record: report, manifest); Ray = driver read (the data layer's single read: ids,
+  verdicts, duplicates) + Ray (actors: normalise, score, write their rows' curated parts; collect ids and
+  weights) + stages (near-dup signatures on the same runtime's actors, the rest in the driver) + write
+  (scores.parquet, the merge of the curated parts, the run's record). The driver's read, stages and write are
+  serial, so they bound what more actors can buy on one machine.
 - Filter, engine-bound: synth rows in 8 Parquet shards, each made unique, scored with a `random` curation's
   scorer (a seeded hash per row: scoring costs ~nothing, so this measures what the engine adds).
   Reference: pyarrow read_table + write_table of the same shards.
@@ -102,13 +105,13 @@ def _split(manifest: dict) -> dict:
         split = {"driver read": t["driver_read_s"], "ray first block": first,
                  "ray after first block": stream - first,
                  "ray set-up, collect, id check": t["ray_score_s"] - stream,
-                 "write": t["write_s"]}
+                 "stages": sum(t.get("stages", {}).values()), "write": t["write_s"]}
         scoring = scored / steady if scored > t["ray_first_block_rows"] else stream
     else:
         split = {"driver read": t["read_s"], "score": t["score_s"], "write": t["write_s"]}
         scoring = t["score_s"]
     steady_rows_s = scored / scoring if scoring else float("inf")
-    per_row = (split["driver read"] + scoring + split["write"]) / max(rows, 1)
+    per_row = (split["driver read"] + split.get("stages", 0.0) + scoring + split["write"]) / max(rows, 1)
     return {"seconds": split, "scoring_rows_per_s": steady_rows_s, "per_row_s": per_row}
 
 
@@ -144,15 +147,15 @@ def filter_timings(scorer: Path, folders: dict[int, Path], work: Path, repeats: 
             out = work / f"{name.replace(', ', '-').replace(' ', '')}-{rows}"
             seconds.setdefault(name, {})[rows], splits.setdefault(name, {})[rows] = timed_filter(
                 repeats, lambda: filter_rows(scorer, folder, out, **kwargs))
-            identical &= pq.read_table(out / "scores.parquet").equals(
-                pq.read_table(work / f"local-{rows}" / "scores.parquet"))
+            identical &= all(pq.read_table(out / name).equals(pq.read_table(work / f"local-{rows}" / name))
+                             for name in ("scores.parquet", "curated.parquet"))
     assert ray.is_initialized()
     small, large = sorted(folders)
     marginal = {name: (t[large] - t[small]) / (large - small) for name, t in seconds.items()}
     fixed = {name: t[small] - small * marginal[name] for name, t in seconds.items()}
     return {"rows": sorted(folders), "seconds": seconds, "split": splits,
             "marginal_seconds_per_row": marginal, "fixed_seconds": fixed,
-            "ray_scores_identical_to_local": bool(identical)}
+            "ray_outputs_identical_to_local": bool(identical)}
 
 
 def sampler_timings(root: Path, rows: int, steps: int, batch: int) -> dict:
@@ -210,7 +213,7 @@ def render_filter(title: str, block: dict) -> list[str]:
               f"**{(runs['ray, 2 workers']['per_row_s'] / runs['local']['per_row_s'] - 1) * 100:+.0f}%**.",
               f"Plain totals at {large:,} rows: Ray 2 / 1 {total['ray, 1 worker'] / total['ray, 2 workers']:.2f}×, "
               f"Ray 2 vs local {(total['ray, 2 workers'] / total['local'] - 1) * 100:+.0f}%. "
-              f"scores.parquet identical to local: {block['ray_scores_identical_to_local']}.", ""]
+              f"scores.parquet and curated.parquet identical to local: {block['ray_outputs_identical_to_local']}.", ""]
     return lines
 
 
@@ -223,7 +226,8 @@ def render(result: dict) -> str:
              f"{result.get('load_average_end')}.", "",
              "Marginal = the slope between the two sizes (the cost of each further row); fixed = the intercept "
              "(actor start, imports, scorer/model load, per-run set-up). In-run µs/row = (driver read + scoring "
-             "phase + write) / rows within the larger run, Ray's first block (its fixed cost) left out; "
+             "phase + write, and Ray's stages, which local counts in its read) / rows within the larger run, "
+             "Ray's first block (its fixed cost) left out; "
              "scoring-phase rows/s likewise. Split = where the larger run's time went, from its manifest (driver "
              "read and write are serial on every engine).", ""]
     lines += render_filter("Filter, engine-bound (`random` scorer: a hash per row)", result["filter_engine_bound"])

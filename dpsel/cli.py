@@ -283,7 +283,7 @@ FLOW_OPTIONS_HELP = """Options after NAME override the config file (--key value,
              epilog=FLOW_OPTIONS_HELP)
 @handle_errors
 def flow(ctx: typer.Context,
-         name: str = typer.Argument(..., help="curate | filter | tune | curate-then-tune"),
+         name: str = typer.Argument(..., help="curate | filter | tune | curate-then-tune | curate-then-filter"),
          config: Optional[Path] = typer.Option(None, "--config", help="Run config YAML (see configs/demo.yaml).")):
     """Run a Prefect flow (embedded server unless PREFECT_API_URL is set). Extra --key value options override the config."""
     from flows import run_flow

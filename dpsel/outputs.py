@@ -41,6 +41,7 @@ CURATED_FILE = "curated.parquet"
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.md"
 SCORER_DIR = "scorer"
+CURATED_PARTS = ".curated-parts"   # in the staging folder: the Ray actors' parts of curated.parquet (merged on commit)
 SELECTION_FILE = "selection.json"  # in scorer/: the selection rule and effective threshold of the run
 RUN_ID_KEY = "dpsel_run_id"        # Parquet schema metadata key (and JSON field) naming the run
 STAGING_TAG = ".dpsel-staging-"    # .OUT.dpsel-staging-<run id>: a run being written
@@ -275,12 +276,41 @@ def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept:
             extra["messages"] = pa.array([[{"role": m["role"], "content": m["content"]} for m in conversation]
                                           for conversation in kept_messages], MESSAGE_TYPE)
     extra.update({name: values.take(keep_idx) for name, values in (columns or {}).items()})
-    for name, column in extra.items():
+    return set_columns(table, extra)
+
+
+def set_columns(table: pa.Table, columns: dict) -> pa.Table:
+    """The table with each of `columns` replacing the column of that name in place, or appended after."""
+    for name, column in columns.items():
         if name in table.column_names:
             table = table.set_column(table.column_names.index(name), name, column)
         else:
             table = table.append_column(name, column)
     return table
+
+
+CURATED_PART_SUFFIX = ".arrow"
+
+
+def curated_part_name(first_row: int) -> str:
+    """A part of curated.parquet written by an engine's worker (`CURATED_PARTS` in the run's staging folder),
+    named by its first row's position among the rows sent to the workers: name order is input order."""
+    return f"{first_row:012d}{CURATED_PART_SUFFIX}"
+
+
+def write_curated_part(table: pa.Table, folder: Path, first_row: int) -> None:
+    """One worker's part, as an Arrow IPC file: internal to the staging folder, so the format that costs
+    nothing to read back (memory-mapped, no decoding) when the parts are merged into curated.parquet."""
+    target = folder / curated_part_name(first_row)   # `folder` made by the driver: a worker late for a failed
+    # run (its staging folder removed) fails here rather than leave a part behind
+    temporary = target.with_name(f".{target.name}.tmp")   # a retried task never leaves half a part
+    with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(temporary, target)
+
+
+def read_curated_part(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 def with_run_id(table: pa.Table, run_id: str | None) -> pa.Table:

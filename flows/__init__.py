@@ -11,15 +11,16 @@ from typing import Any
 
 from flows.environment import use_project_prefect_home
 
-FLOW_NAMES = ("curate", "filter", "tune", "curate_then_tune")
+FLOW_NAMES = ("curate", "filter", "tune", "curate_then_tune", "curate_then_filter")
 # Options that are flow parameters rather than RunConfig fields.
 _FLOW_OPTIONS = {"curate_then_tune": ("compare", "tune_model")}
 # Where an unqualified `method`/`steps` option goes for each flow (curate_then_tune needs curate_/tune_).
-_STAGE_OF = {"curate": "curate", "filter": "curate", "tune": "tune", "curate_then_tune": None}
+_STAGE_OF = {"curate": "curate", "filter": "curate", "tune": "tune", "curate_then_tune": None,
+             "curate_then_filter": "curate"}
 
 
 def run_flow(name: str, config: Any = None, *, echo: bool = True, **options: Any) -> dict:
-    """Run the flow `name` (curate | filter | tune | curate_then_tune) on `config` (a YAML path or a
+    """Run the flow `name` (curate | filter | tune | curate_then_tune | curate_then_filter) on `config` (a YAML path or a
     RunConfig) with `options` overriding it; prints where the outputs are and returns the flow's summary."""
     use_project_prefect_home()
     from dpsel.config import RunConfig

@@ -65,6 +65,13 @@ def _out(config: RunConfig) -> Path:
     return Path(config.out)
 
 
+def flow_engine(config: RunConfig):
+    """The flow's Ray runtime with `engine: ray` (started or joined once, shut down when the flow ends; every
+    stage inside runs on it), nothing for the local engine."""
+    from dpsel.engines.ray_engine import flow_runtime
+    return flow_runtime(config.engine, config.ray_options())
+
+
 # ---- headline figures and reports ----------------------------------------------------------------------
 
 def overall_auroc(auroc: Any) -> float | None:
@@ -153,7 +160,8 @@ def _publish_curation(summary: dict, prefix: str, title: str) -> None:
 def curate_flow(config: RunConfig) -> dict:
     """Data-point selection: scores, curated rows, manifest, report and scorer in `config.out`."""
     config.require("data.train", "data.meta", "out", flow="curate")
-    summary, state = run_stage(curate_stage, **_curate_kwargs(config, _out(config)))
+    with flow_engine(config):
+        summary, state = run_stage(curate_stage, **_curate_kwargs(config, _out(config)))
     _publish_curation(summary, "curate", f"Curation ({summary.get('method')})")
     return {"curate": summary, "stages": {"curate": state}}
 
@@ -163,7 +171,12 @@ def filter_flow(config: RunConfig) -> dict:
     """Score every shard of `data.inputs` with a saved scorer, one task per shard; per-shard outputs in
     OUT/shards/, totals in OUT/summary.json. Duplicates are detected within a shard, not across shards."""
     config.require("data.scorer", "data.inputs", "out", flow="filter")
-    out = _out(config)
+    with flow_engine(config):
+        return _filter(config, _out(config))
+
+
+def _filter(config: RunConfig, out: Path) -> dict:
+    """The filter flow's work: `data.inputs` with the scorer `data.scorer` into `out`."""
     if landing_folder_is_empty(config.data.inputs):
         # A scheduled filter over a landing folder: nothing landed yet is a normal outcome, said, not an error.
         message = f"no Parquet shards in {config.data.inputs} (missing or empty folder): nothing to filter"
@@ -222,8 +235,9 @@ def curate_then_tune_flow(config: RunConfig, compare: bool = False, tune_model: 
     config.require("data.train", "data.meta", "out", flow="curate-then-tune")
     out = _out(config)
     # the pool is decontaminated against the eval set the tuned models are measured on
-    curated, curate_state = run_stage(curate_stage, **_curate_kwargs(config.with_eval_decontamination(),
-                                                                      out / "curate"))
+    with flow_engine(config):
+        curated, curate_state = run_stage(curate_stage, **_curate_kwargs(config.with_eval_decontamination(),
+                                                                          out / "curate"))
     _publish_curation(curated, "curate", f"Curation ({curated.get('method')})")
 
     options = {**config.tune_options(), **({"model": tune_model} if tune_model else {})}
@@ -250,7 +264,27 @@ def curate_then_tune_flow(config: RunConfig, compare: bool = False, tune_model: 
     return summary
 
 
-FLOWS = {"curate": curate_flow, "filter": filter_flow, "tune": tune_flow, "curate_then_tune": curate_then_tune_flow}
+@flow(name="curate-then-filter", task_runner=ThreadPoolTaskRunner(max_workers=FILTER_WORKERS))
+def curate_then_filter_flow(config: RunConfig) -> dict:
+    """Curate `data.train` against `data.meta`, then filter `data.inputs` with that run's scorer (select on a
+    sample, keep what passes in the whole pool). With `engine: ray` both stages run on one Ray runtime, started
+    once for the flow. Layout: OUT/curate/, OUT/filter/ (the filter flow's OUT), OUT/summary.json."""
+    config.require("data.train", "data.meta", "data.inputs", "out", flow="curate-then-filter")
+    out = _out(config)
+    with flow_engine(config):
+        curated, curate_state = run_stage(curate_stage, **_curate_kwargs(config, out / "curate"))
+        _publish_curation(curated, "curate", f"Curation ({curated.get('method')})")
+        scored = config.model_copy(update={"data": config.data.model_copy(
+            update={"scorer": curated["paths"]["scorer"]})})
+        filtered = _filter(scored, out / "filter")
+    summary = {"curate": curated, "filter": filtered["filter"], "stages": {"curate": curate_state,
+                                                                           **filtered["stages"]}}
+    write_json_atomic(summary, out / "summary.json")
+    return summary
+
+
+FLOWS = {"curate": curate_flow, "filter": filter_flow, "tune": tune_flow, "curate_then_tune": curate_then_tune_flow,
+         "curate_then_filter": curate_then_filter_flow}
 
 
 def describe(name: str, summary: dict) -> str:
@@ -268,6 +302,8 @@ def describe(name: str, summary: dict) -> str:
             lines.append(f"{set_name}: eval_loss={_fmt(result['metrics'].get('eval_loss'))} "
                          f"eval_exact_match={_fmt(result['metrics'].get('eval_exact_match'))}")
         return "\n".join(lines)
+    if name == "curate_then_filter":
+        return "\n".join(describe(stage, {stage: summary[stage]}) for stage in ("curate", "filter"))
     stage = summary[name]
     lines = [f"{name}: outputs in {stage['out_dir']}"] + ([stage["message"]] if stage.get("message") else [])
     lines += [f"{label}: {_fmt(value)}" for label, value in curation_headline(stage).items() if value is not None]

@@ -3,7 +3,7 @@
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve schedules.yaml   (what `make schedule` runs)
 
 The file is a list of deployments (bare, or under `deployments:`), each with `name`, `flow` (curate | filter |
-tune | curate-then-tune), `cron` (optional: without it the deployment only runs when triggered), `timezone`,
+tune | curate-then-tune | curate-then-filter), `cron` (optional: without it the deployment only runs when triggered), `timezone`,
 `config` (a run config YAML, optional) and `parameters` (RunConfig fields, merged over `config`;
 `compare` for curate-then-tune). Relative paths are made absolute against the folder `flows.serve` runs in.
 Serving needs a real Prefect server (`make serve`): the runner polls it for due runs and runs them here.
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dpsel.errors import DpselInputError
 
-FlowName = Literal["curate", "filter", "tune", "curate-then-tune"]
+FlowName = Literal["curate", "filter", "tune", "curate-then-tune", "curate-then-filter"]
 _FLOW_PARAMETERS = {"curate-then-tune": ("compare",)}  # flow parameters besides `config`
 
 

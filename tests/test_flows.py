@@ -268,3 +268,45 @@ def test_filter_flow_on_ray_is_one_task_with_the_local_engines_outputs(prefect_s
         assert pq.read_table(tmp_path / "filtered" / name).equals(pq.read_table(local.out_dir / name))
     assert result["filter"]["counts"] == local.counts
     assert _artifacts("filter-progress")
+
+
+class _CountingRay:
+    """The real `ray` module, but `init`/`shutdown` only counted: the session's runtime stays up and serves the
+    stages' Ray work, while the flow's own runtime looks stopped until the flow starts it."""
+
+    def __init__(self, ray):
+        self._ray, self.inits, self.shutdowns, self.up = ray, 0, 0, False
+
+    def is_initialized(self) -> bool:
+        return self.up
+
+    def init(self, **kwargs) -> None:
+        self.inits, self.up = self.inits + 1, True
+
+    def shutdown(self) -> None:
+        self.shutdowns, self.up = self.shutdowns + 1, False
+
+    def __getattr__(self, name):
+        return getattr(self._ray, name)
+
+
+def test_curate_then_filter_on_ray_starts_one_runtime_for_both_stages(prefect_server, ray_local, synth, tmp_path,
+                                                                      monkeypatch):
+    """`engine: ray`: the flow starts one Ray runtime; curate's model passes and filter's scoring both run on
+    it (each stage on its own would start and stop a runtime), and it is stopped when the flow ends."""
+    import dpsel.engines.ray_engine as ray_engine
+    from flows.pipeline import curate_then_filter_flow
+
+    counting = _CountingRay(ray_local)
+    monkeypatch.setattr(ray_engine, "require_ray", lambda: counting)
+    shards, train = _training_rows_in_shards(synth, tmp_path / "new")
+    config = RunConfig.from_mapping({"data": {"train": synth["train"], "meta": synth["meta"], "inputs": str(shards)},
+                                     "curate": {"method": "loss", "steps": 10}, "engine": "ray",
+                                     "ray": {"workers": 2, "batch_size": 16}, "out": str(tmp_path / "run")})
+    result = curate_then_filter_flow(config)
+    assert (counting.inits, counting.shutdowns, counting.up) == (1, 1, False)
+    assert result["stages"] == {"curate": "Completed", "filter": "Completed"}
+    for stage in ("curate", "filter"):
+        assert result[stage]["timings"]["engine"] == "ray", stage
+    assert result["filter"]["counts"]["input_rows"] == train.num_rows
+    assert (tmp_path / "run" / "filter" / "curated.parquet").is_file()

@@ -68,6 +68,50 @@ def test_ray_filter_matches_local(ray_local, loss_run, four_shards):
     assert right["counts"]["input_rows"] == right["counts"]["kept_rows"] + right["counts"]["dropped_rows"]
 
 
+def test_ray_actors_write_curated_parts_that_equal_local_with_redaction_and_a_budget(ray_local, loss_run,
+                                                                                     four_shards):
+    """The actors write curated.parquet's parts (the driver merges the kept rows on commit): with `--pii redact`
+    (redacted messages and text columns, the `dpsel_pii` column) and a budget rule, the files equal the local
+    engine's, and no part is left in the published folder."""
+    from dpsel.curation.stages import StageOptions
+    from dpsel.stages.pipeline import StagesConfig
+    folder = loss_run / "pii"
+    folder.mkdir()
+    rows = _rows(200, 230)
+    rows[5]["output"] = "Write to jane.doe@example.com for the answer."
+    rows[9]["instruction"] = "Call +1 415 555 0100 and add 2 and 3."
+    pq.write_table(pa.Table.from_pylist(rows[:17]), folder / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[17:]), folder / "b.parquet")
+    scorer, stages = loss_run / "run" / "scorer", StageOptions(StagesConfig(pii="redact"))
+    local = filter_rows(scorer, folder, loss_run / "pii-local", budget=0.6, stages=stages)
+    on_ray = filter_rows(scorer, folder, loss_run / "pii-ray", budget=0.6, stages=stages, engine="ray",
+                         ray=RayOptions(workers=2, batch_size=4))
+    curated = pq.read_table(on_ray.out_dir / "curated.parquet")
+    assert curated.equals(pq.read_table(local.out_dir / "curated.parquet"))
+    assert pq.read_table(on_ray.out_dir / "scores.parquet").equals(pq.read_table(local.out_dir / "scores.parquet"))
+    assert 0 < curated.num_rows < 30 and ["phone"] in curated.column("dpsel_pii").to_pylist()   # row 9 kept
+    assert "555 0100" not in str(curated.to_pylist())   # redacted in `instruction` and `messages`
+    manifest = json.loads((on_ray.out_dir / "manifest.json").read_text())
+    assert manifest["timings"]["ray_parallel_write"] is True
+    assert sorted(p.name for p in on_ray.out_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_curated_parts_out_of_place_are_an_error(tmp_path):
+    """A part missing from the actors' set fails the commit instead of writing a curated.parquet with a hole."""
+    from dpsel.curation.parts import merge_curated_parts
+    from dpsel.curation.rows import read_rows
+    from dpsel.outputs import write_curated_part
+    pq.write_table(pa.Table.from_pylist(_rows(0, 6)), tmp_path / "in.parquet")
+    rows = read_rows(tmp_path / "in.parquet")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for first in (0, 4):   # rows 0-1 and 4-5: the part for rows 2-3 is missing
+        write_curated_part(pa.Table.from_pylist(_rows(first, first + 2)), parts, first)
+    with pytest.raises(RuntimeError, match="not the part starting at row 2"):
+        merge_curated_parts(parts, tmp_path / "curated.parquet", rows, np.ones(6, bool), np.ones(6, bool), "r")
+    assert not (tmp_path / "curated.parquet").exists()
+
+
 def test_unknown_engine_is_an_input_error():
     with pytest.raises(DpselInputError, match="--engine"):
         check_engine("spark")

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from dpsel.curation.record import CurationResult, Run, input_files_entry, inputs_entry, write_run
+from dpsel.curation.parts import merge_curated_parts
+from dpsel.curation.record import (CurationResult, Run, commit_run, input_files_entry, inputs_entry, staged_run,
+                                   write_run)
 from dpsel.curation.rows import as_path_list, check_weights, read_rows, rows_from, spread_scores
 from dpsel.curation.rules import SelectionRule, apply_rule, make_rule
 from dpsel.curation.stages import StageOptions, apply_stages, check_options, load_index
 from dpsel.curation.stream import plan_input, score_in_chunks, stream_filter
 from dpsel.errors import DpselInputError
-from dpsel.outputs import SELECTION_FILE, check_outputs_do_not_overwrite_inputs
+from dpsel.outputs import CURATED_PARTS, SELECTION_FILE, check_outputs_do_not_overwrite_inputs
 from dpsel.runlock import locks_out
 from dpsel.select import load_scorer
 from dpsel.select.base import ProgressFn, read_scorer_meta
@@ -71,33 +74,54 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
     seen = load_index(scorer_dir, stages.config)
     out = Path(out)
     if check_engine(engine) == "ray":
-        from dpsel.engines import RayOptions
-        from dpsel.engines.ray_engine import block_map, engine_runtime, score_with_ray
-        from dpsel.stages.base import mapping_blocks_on
-        ray = ray or RayOptions()
-        with engine_runtime(ray), mapping_blocks_on(block_map(ray)):   # one runtime: scoring, then the stages
-            scored = score_with_ray(scorer_dir, inputs, ray, progress)
-            rows, scorer_kind = rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
-            check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
-            apply_stages(rows, stages, seen)   # after scoring on Ray: the scores of dropped rows are not used
-        mean, std = scored.weights[rows.usable], scored.stds[rows.usable]
-        timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds,
-                   **scored.split}
-    elif _streamable(stages, plan := plan_input(inputs)):
+        return _filter_on_ray(scorer_dir, inputs, out, selection, threshold, budget, progress, ray, stages, seen,
+                              started)
+    if _streamable(stages, plan := plan_input(inputs)):
         return _filter_streamed(scorer_dir, plan, out, selection, threshold, budget, progress, stages, seen,
                                 started)
-    else:
-        rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started,
-                                                               lambda rows: apply_stages(rows, stages, seen))
+    rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started,
+                                                           lambda rows: apply_stages(rows, stages, seen))
+    return write_run(out, _selected(rows, mean, std, timings, scorer_kind, scorer_dir, inputs, selection,
+                                    threshold, budget, stages, seen, started))
+
+
+def _selected(rows, mean: np.ndarray, std: np.ndarray, timings: dict, scorer_kind: str | None, scorer_dir: Path,
+              inputs, selection: dict, threshold, budget, stages: StageOptions, seen, started: float) -> Run:
+    """The run record of a filter whose rows are all scored: the keep rule applied to every row."""
     check_weights(mean, std, f"scorer {scorer_dir}")
     group_column = selection.get("group_column") or "task"
     groups = rows.group_values(group_column)
     rule = _filter_rule(selection, threshold, budget, scorer_dir, groups is not None)
     weights, stds = spread_scores(rows, mean, std)
     keep = apply_rule(rule, weights, rows.usable, groups)
-    run = _run(selection, scorer_dir, inputs_entry(inputs, rows), scorer_kind, stages, seen, rule, group_column,
-               groups is not None, started)(rows, weights, stds, keep, timings)
-    return write_run(out, run)
+    return _run(selection, scorer_dir, inputs_entry(inputs, rows), scorer_kind, stages, seen, rule, group_column,
+                groups is not None, started)(rows, weights, stds, keep, timings)
+
+
+def _filter_on_ray(scorer_dir: Path, inputs, out: Path, selection: dict, threshold, budget, progress, ray,
+                   stages: StageOptions, seen, started: float) -> CurationResult:
+    """Read and score on Ray Data, the actors writing the scored rows' parts of curated.parquet into the staging
+    folder; the driver runs the stages (near-dup signatures on the same actors' runtime), applies the keep
+    rule to the weights and merges the parts' kept rows on commit (`curation.parts`)."""
+    from dpsel.engines import RayOptions
+    from dpsel.engines.ray_engine import block_map, engine_runtime, score_with_ray
+    from dpsel.stages.base import mapping_blocks_on
+    ray = ray or RayOptions()
+    with staged_run(out) as (stage, run_id):
+        parts = stage / CURATED_PARTS
+        with engine_runtime(ray), mapping_blocks_on(block_map(ray)):   # one runtime: scoring, then the stages
+            scored = score_with_ray(scorer_dir, inputs, ray, progress, parts_dir=parts)
+            rows, scorer_kind = rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
+            check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
+            apply_stages(rows, stages, seen)   # after scoring on Ray: the scores of dropped rows are not used
+        timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds,
+                   **scored.split}
+        run = _selected(rows, scored.weights[rows.usable], scored.stds[rows.usable], timings, scorer_kind,
+                        scorer_dir, inputs, selection, threshold, budget, stages, seen, started)
+        sent = rows.data.usable_mask()   # the rows the actors scored (and wrote), before the stages
+        merge = partial(merge_curated_parts, parts, rows=rows, scored=sent, keep=run.keep, run_id=run_id) \
+            if scored.parts_written and sent.any() else None
+        return commit_run(stage, out, run, run_id, merge)
 
 
 def _run(selection: dict, scorer_dir: Path, inputs: dict, scorer_kind: str | None, stages: StageOptions, seen,

@@ -8,14 +8,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from dpsel.curation.rows import Rows, as_path_list, count_rows, final_reasons
 from dpsel.curation.rules import SelectionRule, effective_thresholds
 from dpsel.data import GROUP_COLUMNS
-from dpsel.outputs import (begin_staging, curated_table, file_records, new_run_id, output_error, output_paths,
-                           publish, scores_table, write_manifest, write_scorer, write_tables)
+from dpsel.io import write_parquet_atomic
+from dpsel.outputs import (CURATED_FILE, SCORES_FILE, begin_staging, curated_table, file_records, new_run_id,
+                           output_error, output_paths, publish, scores_table, with_run_id, write_manifest,
+                           write_scorer, write_tables)
 from dpsel.stages.pii import redact_text_columns
 from dpsel.version import __version__
 
@@ -95,10 +98,17 @@ def write_run(out: Path, run: Run) -> CurationResult:
     if not is_writer():  # torchrun: rank 0 writes the run; the other ranks only sampled their shard
         return CurationResult(out_dir=out, paths={}, counts=_outcome(run)[-1], manifest={})
     with staged_run(out) as (stage, run_id):
-        write_start = time.perf_counter()
-        cutoff, group_cutoffs, reasons, details, counts = _outcome(run)
-        _write_tables(stage, run, run_id, reasons, details)
-        return finish_run(stage, out, run, run_id, (cutoff, group_cutoffs, counts), write_start)
+        return commit_run(stage, out, run, run_id)
+
+
+def commit_run(stage: Path, out: Path, run: Run, run_id: str,
+               write_curated: Callable[[Path], None] | None = None) -> CurationResult:
+    """Write the run into its staging folder: scores.parquet, curated.parquet (by `write_curated(path)` where
+    an engine's workers wrote its parts, see `dpsel.curation.parts`), then everything else, manifest last."""
+    write_start = time.perf_counter()
+    cutoff, group_cutoffs, reasons, details, counts = _outcome(run)
+    _write_tables(stage, run, run_id, reasons, details, write_curated)
+    return finish_run(stage, out, run, run_id, (cutoff, group_cutoffs, counts), write_start)
 
 
 @contextmanager
@@ -126,15 +136,21 @@ def _outcome(run: Run) -> tuple:
     return cutoff, group_cutoffs, reasons, details, count_rows(reasons, run.rows.usable, run.rows.stage_stats)
 
 
-def _write_tables(stage: Path, run: Run, run_id: str, reasons: list[str], details: list[str]) -> None:
+def _write_tables(stage: Path, run: Run, run_id: str, reasons: list[str], details: list[str],
+                  write_curated: Callable[[Path], None] | None = None) -> None:
     ids = run.rows.ids
+    scores = scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
+                          run.rows.file_rows, run.rows.dup_of)
+    if write_curated is not None:
+        write_parquet_atomic(with_run_id(scores, run_id), stage / SCORES_FILE)
+        write_curated(stage / CURATED_FILE)
+        return
     redacted = run.rows.redacted is not None
     curated = curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.conversation_array(run.keep),
                             columns=run.rows.stage_columns, replace_messages=redacted)
     if redacted:
         curated = redact_text_columns(curated, skip=("dpsel_id",))
-    write_tables(stage, scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
-                                     run.rows.file_rows, run.rows.dup_of), curated, run_id=run_id)
+    write_tables(stage, scores, curated, run_id=run_id)
 
 
 def finish_run(stage: Path, out: Path, run: Run, run_id: str, outcome: tuple, write_start: float) -> CurationResult:

@@ -58,7 +58,7 @@ whose job is to say whether a set is clean.
 from __future__ import annotations
 
 from dpsel.data.batch import NormalizedBatch
-from dpsel.data.columnar import rows_to_score
+from dpsel.data.columnar import rows_to_score, rows_to_score_and_write
 from dpsel.data.dedup import SeenIds
 from dpsel.data.instruction_set import FileInfo, InstructionSet
 from dpsel.data.normalize import alpaca_to_messages, row_id
@@ -74,5 +74,5 @@ __all__ = [
     "GROUP_COLUMNS", "MAX_MESSAGE_CHARS", "REASON_DUPLICATE", "REASON_INVALID", "REASON_LOW_WEIGHT",
     "FileInfo", "InstructionSet", "NormalizedBatch", "ResolvedFile", "RowProblem", "SeenIds", "Shape",
     "ValidationSummary", "alpaca_to_messages", "expand_paths", "iter_batches", "read_instruction_set",
-    "reference_row", "row_id", "rows_to_score", "validate_paths",
+    "reference_row", "row_id", "rows_to_score", "rows_to_score_and_write", "validate_paths",
 ]

@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from dpsel.data.arrays import numpy_bool, take_rows
 from dpsel.data.reference import MAX_MESSAGE_CHARS, RowProblem, reference_row
-from dpsel.data.schema import ID_COLUMN, Shape
+from dpsel.data.schema import ID_COLUMN, MESSAGE_TYPE, Shape
 from dpsel.data.normalize import ROLES, alpaca_canonical, chat_canonical, row_ids_alpaca, row_ids_chat, sha_ids
 
 
@@ -236,10 +236,24 @@ def verdicts(batch: pa.RecordBatch, rows: Rows
 def rows_to_score(batch: pa.RecordBatch | pa.Table, shape: Shape) -> tuple[list[str], np.ndarray, list[list[dict]]]:
     """(id of every row, valid mask, messages of the valid rows) of one batch, exactly as the reader computes
     them — for engines whose workers read rows themselves (the Ray actors); duplicates are not marked here."""
+    ids, valid, messages, _ = _scored_rows(batch, shape, None)
+    return ids, valid, messages
+
+
+def rows_to_score_and_write(batch: pa.RecordBatch | pa.Table, shape: Shape
+                            ) -> tuple[list[str], np.ndarray, list[list[dict]], pa.Array]:
+    """`rows_to_score` plus the valid rows' messages as one Arrow array (`MESSAGE_TYPE`, built columnar as
+    `InstructionSet.message_array`): for actors that also write their rows' part of curated.parquet."""
+    return _scored_rows(batch, shape, MESSAGE_TYPE)
+
+
+def _scored_rows(batch, shape: Shape, message_type: pa.DataType | None):
     if isinstance(batch, pa.Table):
         batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], batch.schema)
     rows = normal_rows(batch, shape)
     ids, problems, overrides = verdicts(batch, rows)
     valid = np.ones(batch.num_rows, dtype=bool)
     valid[list(problems)] = False
-    return ids.to_pylist(), valid, messages_with_overrides(rows, np.flatnonzero(valid), overrides)
+    wanted = np.flatnonzero(valid)
+    array = None if message_type is None else message_array(rows, wanted, overrides, message_type)
+    return ids.to_pylist(), valid, messages_with_overrides(rows, wanted, overrides), array

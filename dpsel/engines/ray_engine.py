@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import pyarrow as pa
 
-from dpsel.data import InstructionSet, read_instruction_set, rows_to_score
-from dpsel.engines import RayOptions, require_ray
+from dpsel.data import InstructionSet, read_instruction_set, rows_to_score_and_write
+from dpsel.engines import RayOptions, check_engine, require_ray
 from dpsel.models.passes import Executor, InProcess, RowPass
 from dpsel.select.base import ProgressFn
 
@@ -67,22 +67,34 @@ def ray_runtime(options: RayOptions) -> Iterator[object]:
 
 class ScoreBatches:
     """One Ray actor: loads the scorer once, then turns each block of usable input rows into their ids and
-    posterior weights, normalised exactly as the data layer's reader does."""
+    posterior weights, normalised exactly as the data layer's reader does. With `parts_dir`, it also writes
+    the block's rows as curated.parquet would hold them (every column, `dpsel_id`, `dpsel_weight`, `messages`)
+    to a part file there, named by the block's first row (`outputs.curated_part_name`): the driver keeps only
+    ids and weights and, on commit, merges the kept rows of the parts in name order (`curation.parts`)."""
 
-    def __init__(self, scorer_dir: str, shape: str, use_gpu: bool):
+    def __init__(self, scorer_dir: str, shape: str, use_gpu: bool, parts_dir: str | None = None):
         from dpsel.select import load_scorer
         self.scorer = load_scorer(scorer_dir)
         self.shape = shape
+        self.parts_dir = None if parts_dir is None else Path(parts_dir)
         if use_gpu:
             _move_to_gpu(self.scorer)
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        ids, valid, messages = rows_to_score(block, self.shape)
+        rows, block = block.column(_ROW), block.drop_columns([_ROW])
+        ids, valid, messages, message_array = rows_to_score_and_write(block, self.shape)
         if not valid.all():   # the driver sends usable rows only: its reader and the actor disagree
             raise RuntimeError(f"row {ids[int(np.flatnonzero(~valid)[0])]} is invalid on the actor, not on the driver")
         weight, std = self.scorer.score(messages, ids)
+        if self.parts_dir is not None and block.num_rows:
+            self._write_part(block, ids, weight, message_array, int(rows[0].as_py()))
         return pa.table({_ID: pa.array(ids, pa.string()), _WEIGHT: pa.array(weight, pa.float64()),
-                         _STD: pa.array(std, pa.float64())})
+                         _STD: pa.array(std, pa.float64()), _ROW: rows})
+
+    def _write_part(self, block: pa.Table, ids: list[str], weight, message_array, first_row: int) -> None:
+        from dpsel.outputs import curated_table, write_curated_part
+        part = curated_table(block, ids, weight, np.ones(block.num_rows, bool), message_array)
+        write_curated_part(part, self.parts_dir, first_row)
 
 
 class ModelPass:
@@ -132,6 +144,7 @@ class RayScored:
     seconds: float
     workers: int
     split: dict                  # manifest timings: driver read, Ray (actors, collect), first block, stream
+    parts_written: bool = False  # the actors wrote the usable rows' curated parts (`ScoreBatches`)
 
 
 def _worker_count(ray, options: RayOptions) -> int:
@@ -188,20 +201,27 @@ def _collect(ds, total_rows: int, progress: ProgressFn | None, run: ActorRun) ->
 
 
 def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
-                   progress: ProgressFn | None = None) -> RayScored:
+                   progress: ProgressFn | None = None, parts_dir: Path | None = None) -> RayScored:
     """Read `inputs` once and score its usable rows on Ray; every row comes back once, in input order.
 
     The driver reads with the data layer (`read_instruction_set`: ids, verdicts, duplicates across all shards,
     exactly as the local engine), so bad input fails before any Ray work; the actors score the usable rows
-    (as the local engine does), redoing their normalisation, and their ids are checked against the driver's."""
+    (as the local engine does), redoing their normalisation, and their ids are checked against the driver's.
+    `parts_dir`: the actors also write the usable rows' curated parts there (see `ScoreBatches`) when every
+    actor can reach it, i.e. on a one-node runtime (`RayScored.parts_written` says whether they did)."""
     options = options or RayOptions()
     started = time.perf_counter()
     data = read_instruction_set(inputs)
     usable = np.flatnonzero(data.usable_mask())
     read_s = time.perf_counter() - started
-    run = map_on_actors(data.table.take(pa.array(usable, pa.int64())), ScoreBatches,
-                        {"scorer_dir": str(scorer_dir), "shape": data.shape, "use_gpu": options.num_gpus > 0},
-                        options, progress)
+    with ray_runtime(options) as ray:
+        parts_dir = parts_dir if parts_dir is not None and _one_node(ray) else None
+        if parts_dir is not None:
+            parts_dir.mkdir()
+        blocks = data.table.take(pa.array(usable, pa.int64()))
+        run = map_on_actors(blocks.append_column(_ROW, pa.array(np.arange(len(usable)), pa.int64())), ScoreBatches,
+                            {"scorer_dir": str(scorer_dir), "shape": data.shape, "use_gpu": options.num_gpus > 0,
+                             "parts_dir": None if parts_dir is None else str(parts_dir)}, options, progress)
     table = run.table
     expected = data.ids.take(pa.array(usable, pa.int64())).combine_chunks()
     got = pa.array([], pa.string()) if table is None else table.column(_ID).combine_chunks()
@@ -215,7 +235,13 @@ def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
     return RayScored(data=data, weights=weights, stds=stds, seconds=seconds, workers=run.workers,
                      split={"driver_read_s": read_s, "ray_score_s": seconds - read_s,
                             "ray_first_block_s": run.first_block_s, "ray_first_block_rows": run.first_block_rows,
-                            "ray_stream_s": run.seconds})
+                            "ray_stream_s": run.seconds, "ray_parallel_write": parts_dir is not None},
+                     parts_written=parts_dir is not None)
+
+
+def _one_node(ray) -> bool:
+    """Whether the runtime is this machine alone: actors elsewhere could not write into the local staging folder."""
+    return sum(1 for node in ray.nodes() if node.get("Alive")) <= 1
 
 
 def pass_with_ray(lm: LM, messages: list, max_length: int, options: RayOptions, fn: RowPass,
@@ -289,6 +315,13 @@ def engine_runtime(options: RayOptions | None):
     """One Ray runtime held across a run's Ray work (the stages, then the passes or the scoring), so its
     start-up is paid once; nothing to hold for the local engine (None)."""
     return contextlib.nullcontext() if options is None else ray_runtime(options)
+
+
+def flow_runtime(engine: str, options: RayOptions | None = None):
+    """One Ray runtime for several runs in a row (a flow's stages): started, or joined at `options.address`,
+    on entry and shut down on exit; each run inside finds it running and leaves it (`ray_runtime`), so the
+    start-up is paid once per flow, not once per stage. Nothing to hold for the local engine."""
+    return engine_runtime((options or RayOptions()) if check_engine(engine) == "ray" else None)
 
 
 def block_map(options: RayOptions | None):
