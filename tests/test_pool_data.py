@@ -155,3 +155,24 @@ def test_a_reader_left_early_stops_its_threads(tmp_path):
     next(batches)
     batches.close()
     assert threading.active_count() == before
+
+
+def _ids_in_child(queue) -> None:
+    queue.put(sha_ids(pa.array(["x", "y"], pa.large_string())).to_pylist())
+
+
+def test_a_process_forked_after_hashing_still_hashes(tmp_path):
+    """polars' thread pool does not survive a fork; a child forked after the parent hashed must not hang on it
+    (it hashes with hashlib) and gets the same ids."""
+    import multiprocessing
+    expected = sha_ids(pa.array(["x", "y"] * 500, pa.large_string())).to_pylist()[:2]
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_ids_in_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == expected
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()

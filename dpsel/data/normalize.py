@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from json.encoder import encode_basestring
 
@@ -98,11 +99,25 @@ def sha_ids(canonical: pa.Array) -> pa.Array:
     (Rust, off the GIL: 0.28 s per 1M rows against 0.78 s for a per-row hashlib loop, `sha_ids_hashlib`)."""
     if not len(canonical):
         return pa.array([], pa.string())
+    if _POLARS["forked"]:
+        return sha_ids_hashlib(canonical)
     import polars as pl      # here, not at import: the library's other users need no polars
     import polars_hash  # noqa: F401  (registers the `chash` namespace)
+    _polars_in_use()
     frame = pl.from_arrow(pa.table({"c": canonical.cast(pa.large_string())}), rechunk=False)
     hashed = frame.select(pl.col("c").chash.sha2_256().str.slice(0, ID_HEX_CHARS)).to_series().to_arrow()
     return hashed.cast(pa.string())
+
+
+# polars' thread pool does not survive a fork: a process forked after this one used it waits forever on its
+# first polars call (seen with multiprocessing's fork start method). Such a child hashes with hashlib instead.
+_POLARS = {"used": False, "forked": False}
+
+
+def _polars_in_use() -> None:
+    if not _POLARS["used"]:
+        _POLARS["used"] = True
+        os.register_at_fork(after_in_child=lambda: _POLARS.update(forked=True))
 
 
 def sha_ids_hashlib(canonical: pa.Array) -> pa.Array:
