@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from json.encoder import encode_basestring
@@ -17,6 +18,7 @@ import pyarrow.compute as pc
 
 from dpsel.data.arrays import numpy_bool, value_offsets
 
+log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 ID_HEX_CHARS = 20
 
@@ -100,6 +102,10 @@ def sha_ids(canonical: pa.Array) -> pa.Array:
     if not len(canonical):
         return pa.array([], pa.string())
     if _POLARS["forked"]:
+        if not _POLARS["said"]:
+            _POLARS["said"] = True
+            log.info("ids: this process was forked after polars ran in its parent; hashing with hashlib (the same "
+                     "ids, about 3x slower)")
         return sha_ids_hashlib(canonical)
     import polars as pl      # here, not at import: the library's other users need no polars
     import polars_hash  # noqa: F401  (registers the `chash` namespace)
@@ -111,7 +117,7 @@ def sha_ids(canonical: pa.Array) -> pa.Array:
 
 # polars' thread pool does not survive a fork: a process forked after this one used it waits forever on its
 # first polars call (seen with multiprocessing's fork start method). Such a child hashes with hashlib instead.
-_POLARS = {"used": False, "forked": False}
+_POLARS = {"used": False, "forked": False, "said": False}
 
 
 def _polars_in_use() -> None:

@@ -4,11 +4,12 @@ static (model2vec) embedder's distillation in `dpsel.models.distil`; both build 
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import zipfile
 from pathlib import Path
+
+from dpsel.io import file_sha256  # the one file hasher (also used by the embedder and distil through here)
 
 DEFAULT = "default"
 OFF = ("none", "off", "")
@@ -37,14 +38,6 @@ def cache_root() -> Path:
     base = os.environ.get("DPSEL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
                                                          "dpsel")
     return Path(base)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def packaged_folder() -> Path:
