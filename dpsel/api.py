@@ -126,19 +126,20 @@ def filter(scorer, data, out=None, *, threshold: float | None = None, budget: fl
     """Score new rows with a curation run's `scorer/` folder and keep what passes (`dpsel filter`); the
     threshold defaults to the curation run's. `stages`: the curation stages' options, as for `curate`
     (near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii; `config`'s `stages:` too)."""
-    from dpsel.config import StagesSection, RunConfig
+    from dpsel.config import RunConfig
+    from dpsel.stages.options import StagesConfig
     from dpsel.curation.filter import filter_rows
     from dpsel.progress import set_verbosity
 
     set_verbosity(verbose)
     out = _out_dir(out)
     rows = as_parquet_input(data, inputs_dir(out), "in")
-    unknown = set(stages) - set(StagesSection.model_fields)
+    unknown = set(stages) - set(StagesConfig.model_fields)
     if unknown:
         raise DpselInputError(f"dpsel.filter: unknown option(s) {', '.join(sorted(unknown))}")
-    options = RunConfig.load(config, {f"stages.{k}": v for k, v in stages.items()}).stage_options()
+    run = RunConfig.load(config, {f"stages.{k}": v for k, v in stages.items()})
     result = filter_rows(Path(scorer), rows if isinstance(rows, list) else [rows], out, threshold=threshold,
-                         budget=budget, stages=options)
+                         budget=budget, stages=run.stages, embedder=run.embedder)
     return _curation_result(result)
 
 

@@ -115,11 +115,10 @@ PiiOpt = typer.Option(None, "--pii", help="PII: flag (default: a dpsel_pii colum
 
 def _stage_overrides(near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii) -> dict:
     """The stage options as RunConfig overrides, checked first so a bad value names its option (exit 2)."""
-    from dpsel.curation.stages import StageOptions, check_options
-    from dpsel.stages.pipeline import StagesConfig
+    from dpsel.stages.options import stages_config
     given = {"near_dup": near_dup, "near_dup_threshold": near_dup_threshold, "semantic_dup": semantic_dup,
              "filters": filters, "pii": pii}
-    check_options(StageOptions(StagesConfig(**{k: v for k, v in given.items() if v is not None})))
+    stages_config(**{k: v for k, v in given.items() if v is not None})
     return {**given, "decontaminate": list(decontaminate) if decontaminate else None}
 
 
@@ -212,9 +211,9 @@ def filter_cmd(scorer: Path = typer.Option(..., "--scorer", help="A curation run
     from dpsel.curation.filter import filter_rows
     from dpsel.engines import RayOptions
     ray = RayOptions(address=ray_address, workers=workers, batch_size=batch_size, num_gpus=gpus_per_worker)
-    stages = RunConfig.load(None, _stage_overrides(near_dup, near_dup_threshold, semantic_dup, decontaminate,
-                                                   filters, pii)).stage_options()
-    result = filter_rows(scorer, inputs, out, threshold=threshold, engine=engine, ray=ray, stages=stages)
+    run = RunConfig.load(None, _stage_overrides(near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii))
+    result = filter_rows(scorer, inputs, out, threshold=threshold, engine=engine, ray=ray, stages=run.stages,
+                         embedder=run.embedder)
     _print_curation(result)
 
 

@@ -15,12 +15,10 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpsel.errors import DpselInputError
-from dpsel.select.base import SelectConfig
+from dpsel.select.base import METHODS as CURATE_METHODS, SelectConfig
+from dpsel.stages.options import StagesConfig
 
 PathSpec = str | list[str]  # a file, a folder of shards, a glob or an fsspec URL; or several of them
-
-# Selection methods, as in dpsel.select.METHODS (repeated so reading a config never imports the methods).
-CURATE_METHODS = ("bads", "l2rw", "loss", "ifd", "rds", "random", "all")
 
 
 # The RunConfig fields, besides `data` and `out`, that curation reads (`dpsel.curation.run.curate_from_config`).
@@ -97,29 +95,6 @@ class RaySection(_Section):
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
 
 
-# ---- curation stages (CONTRACT.md "Curation stages"; dpsel.stages) ----------------------------------------
-class StagesSection(_Section):
-    """`stages:` the curation stages before selection, for curate and filter alike."""
-    near_dup: bool = True
-    near_dup_threshold: float = Field(default=0.8, gt=0.0, le=1.0)      # Jaccard
-    semantic_dup: float | None = Field(default=None, ge=-1.0, le=1.0)    # cosine; None: off
-    decontaminate: list[str] = Field(default_factory=list)              # instruction sets to decontaminate against
-    filters: str = "none"                                                # none | default | FILE.yaml
-    pii: str = "flag"
-
-    @field_validator("decontaminate", mode="before")
-    @classmethod
-    def _path_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, (str, os.PathLike)) else value
-
-    @field_validator("pii")
-    @classmethod
-    def _known_pii(cls, value: str) -> str:
-        if value not in ("flag", "redact", "drop"):
-            raise ValueError(f"pii must be flag, redact or drop, not {value!r}")
-        return value
-
-
 class RunConfig(_Section):
     """A whole run. Sections: `data`, `curate`, `tune`; shared: `model`, `device`, `seed`, `out`."""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -132,7 +107,7 @@ class RunConfig(_Section):
     out: str | None = None
     engine: str = "local"                                # filter: local | ray (Ray Data; see `ray`)
     ray: RaySection = Field(default_factory=RaySection)
-    stages: StagesSection = Field(default_factory=StagesSection)
+    stages: StagesConfig = Field(default_factory=StagesConfig)   # the curation stages (dpsel.stages.options)
 
     @field_validator("engine")
     @classmethod
@@ -248,15 +223,6 @@ class RunConfig(_Section):
         takes it as one parameter, so the stage's cache key covers exactly these settings."""
         return self.model_dump(mode="json", include=set(CURATE_STAGE_FIELDS))
 
-    def stage_options(self):
-        """The `dpsel.curation.stages.StageOptions` of this run."""
-        from dpsel.curation.stages import StageOptions
-        from dpsel.stages.pipeline import StagesConfig
-        section = self.stages
-        return StageOptions(StagesConfig(near_dup=section.near_dup, near_dup_threshold=section.near_dup_threshold,
-                                         semantic_dup=section.semantic_dup, filters=section.filters, pii=section.pii),
-                            decontaminate=list(section.decontaminate), embedder=self.embedder)
-
     def with_eval_decontamination(self) -> "RunConfig":
         """curate-then-tune: the pool is also decontaminated against the run's own eval set."""
         if self.data.eval is None:
@@ -346,7 +312,7 @@ def _input_error(err: ValidationError, source: str | None) -> DpselInputError:
     """The first validation problem as one sentence: `<file>: field curate.budget: <why>`."""
     first = err.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    why = first["msg"]
+    why = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]   # our validators' words
     if first["type"] == "extra_forbidden":
         why = "unknown field (check the spelling; see configs/demo.yaml for the known ones)"
     more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""

@@ -5,7 +5,7 @@ one is due) and say so, not vanish silently.
 `install()` turns SIGTERM into `Terminated` and SIGINT into `Interrupted`, both KeyboardInterrupts, so every
 `finally`/`except BaseException` path that handles Ctrl-C handles both; the CLI maps them to exit 143
 (128 + SIGTERM) and 130 (128 + SIGINT) with a message. Inside a checkpointed loop (`defer(True)`, see
-`dpsel.checkpoint.Checkpoints.after_step`) a signal only marks a request: the loop finishes its step, saves a
+`dpsel.resume.checkpoints.Checkpoints.after_step`) a signal only marks a request: the loop finishes its step, saves a
 checkpoint, then raises — so the run resumes from there. A second signal while one waits stops at once.
 """
 from __future__ import annotations

@@ -95,8 +95,8 @@ def filter_stage(scorer: str, inputs: Any, out: str, threshold: float | None, ra
 
 
 def _stage_options(stages: dict | None):
-    from dpsel.config import RunConfig
-    return RunConfig.from_mapping({"stages": stages or {}}).stage_options()
+    from dpsel.stages.options import stages_config
+    return stages_config(**(stages or {}))
 
 
 @task(name="filter-summary", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S,

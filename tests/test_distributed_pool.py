@@ -121,7 +121,7 @@ def test_pooled_group_baseline_is_the_global_minibatch_baseline():
 # ---------------------------------------------------------------------------- checkpoints under torchrun
 
 def test_rank_checkpoints_are_per_rank_with_rank_zeros_reference(tmp_path):
-    from dpsel.checkpoint import Checkpoints, RankCheckpoints
+    from dpsel.resume.checkpoints import Checkpoints, RankCheckpoints
 
     base = Checkpoints(tmp_path / "ckpt", {"run": 1}, every_s=3600.0)
 
@@ -139,7 +139,7 @@ def test_rank_checkpoints_are_per_rank_with_rank_zeros_reference(tmp_path):
 
 
 def test_rank_checkpoints_save_together_and_resume_only_a_common_step(tmp_path):
-    from dpsel.checkpoint import Checkpoints, RankCheckpoints
+    from dpsel.resume.checkpoints import Checkpoints, RankCheckpoints
 
     def run(dp: DataParallel):
         # Only rank 1 is due: both ranks save the same step (a resume needs every rank at one step).
@@ -160,7 +160,7 @@ def test_rank_checkpoints_save_together_and_resume_only_a_common_step(tmp_path):
 def test_resume_with_another_process_count_is_refused_naming_both(tmp_path, monkeypatch):
     import pytest
 
-    from dpsel.checkpoint import Checkpoints
+    from dpsel.resume.checkpoints import Checkpoints
     from dpsel.errors import DpselInputError
 
     monkeypatch.setenv("WORLD_SIZE", "2")

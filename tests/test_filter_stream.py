@@ -13,8 +13,7 @@ import pytest
 import dpsel.curation.filter as filter_module
 import dpsel.curation.stream as stream
 from dpsel.curation import curate, filter_rows
-from dpsel.curation.stages import StageOptions
-from dpsel.stages.pipeline import StagesConfig
+from dpsel.stages.options import StagesConfig
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega river stone cloud paper garden window").split()
@@ -78,7 +77,7 @@ def _whole(monkeypatch, *args, **kwargs):
 @pytest.mark.parametrize("rule, pii", [({"threshold": 0.4}, "flag"), ({"budget": 0.6}, "redact"), ({}, "drop")])
 def test_streamed_filter_writes_what_the_whole_input_gives(scorer, tmp_path, monkeypatch, rule, pii):
     inputs = _shards(tmp_path / "in", _rows(300, seed=2), parts=3)
-    options = StageOptions(StagesConfig(pii=pii))
+    options = StagesConfig(pii=pii)
     whole = _whole(monkeypatch, scorer, inputs, tmp_path / "whole", stages=options, **rule)
     monkeypatch.setattr(stream, "BATCH_ROWS", 16)     # many batches per shard: near-dups far apart
     streamed = filter_rows(scorer, inputs, tmp_path / "streamed", stages=options, **rule)

@@ -73,24 +73,26 @@ def test_ray_actors_write_curated_parts_that_equal_local_with_redaction_and_a_bu
     """The actors write curated.parquet's parts (the driver merges the kept rows on commit): with `--pii redact`
     (redacted messages and text columns, the `dpsel_pii` column) and a budget rule, the files equal the local
     engine's, and no part is left in the published folder."""
-    from dpsel.curation.stages import StageOptions
-    from dpsel.stages.pipeline import StagesConfig
+    from dpsel.stages.options import StagesConfig
     folder = loss_run / "pii"
     folder.mkdir()
     rows = _rows(200, 230)
-    rows[5]["output"] = "Write to jane.doe@example.com for the answer."
-    rows[9]["instruction"] = "Call +1 415 555 0100 and add 2 and 3."
+    rows[4]["output"] = "Write to jane.doe@example.com for the answer."
+    for odd in range(1, 30, 2):   # half the rows carry a phone number, so any 18 kept rows hold at least 3
+        rows[odd]["instruction"] = f"Call +1 415 555 01{odd:02d} and {rows[odd]['instruction']}"
     pq.write_table(pa.Table.from_pylist(rows[:17]), folder / "a.parquet")
     pq.write_table(pa.Table.from_pylist(rows[17:]), folder / "b.parquet")
-    scorer, stages = loss_run / "run" / "scorer", StageOptions(StagesConfig(pii="redact"))
+    scorer, stages = loss_run / "run" / "scorer", StagesConfig(pii="redact")
     local = filter_rows(scorer, folder, loss_run / "pii-local", budget=0.6, stages=stages)
     on_ray = filter_rows(scorer, folder, loss_run / "pii-ray", budget=0.6, stages=stages, engine="ray",
                          ray=RayOptions(workers=2, batch_size=4))
     curated = pq.read_table(on_ray.out_dir / "curated.parquet")
     assert curated.equals(pq.read_table(local.out_dir / "curated.parquet"))
     assert pq.read_table(on_ray.out_dir / "scores.parquet").equals(pq.read_table(local.out_dir / "scores.parquet"))
-    assert 0 < curated.num_rows < 30 and ["phone"] in curated.column("dpsel_pii").to_pylist()   # row 9 kept
-    assert "555 0100" not in str(curated.to_pylist())   # redacted in `instruction` and `messages`
+    # whichever rows the scorer ranks high: the budget keeps 18 of 30, so at least 3 carry a phone number
+    assert curated.num_rows == 18
+    assert curated.column("dpsel_pii").to_pylist().count(["phone"]) >= 3
+    assert "415 555" not in str(curated.to_pylist())   # redacted in `instruction` and `messages`
     manifest = json.loads((on_ray.out_dir / "manifest.json").read_text())
     assert manifest["timings"]["ray_parallel_write"] is True
     assert sorted(p.name for p in on_ray.out_dir.iterdir() if p.name.startswith(".")) == []

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpsel.checkpoint import Checkpoints, checkpoint_dir
+from dpsel.resume.checkpoints import Checkpoints, checkpoint_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DPSEL = [sys.executable, "-c", "from dpsel.cli import main; main()"]

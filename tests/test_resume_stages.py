@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from prefect_fixtures import prefect_server  # noqa: F401 - session fixture (the flow chain test)
 
-from dpsel.checkpoint import checkpoint_dir
+from dpsel.resume.checkpoints import checkpoint_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DPSEL = [sys.executable, "-c", "from dpsel.cli import main; main()"]

@@ -11,7 +11,8 @@ from dpsel.stages.exact import Exact
 from dpsel.stages.filters import FilterRules, Filters
 from dpsel.stages.near_dup import NearDup, NearDupIndex, lsh_bands
 from dpsel.stages.pii import Pii, luhn, scan
-from dpsel.stages.pipeline import StagesConfig, build_blocks, run_stages
+from dpsel.stages.options import StagesConfig
+from dpsel.stages.pipeline import build_blocks, run_stages
 from dpsel.stages.semantic_dup import SemanticDup
 
 VOCAB = [f"word{i}" for i in range(3000)]

@@ -16,13 +16,14 @@ from dpsel.curation.record import (CurationResult, Run, commit_run, input_files_
                                    write_run)
 from dpsel.curation.rows import as_path_list, check_weights, read_rows, rows_from, spread_scores
 from dpsel.curation.rules import SelectionRule, apply_rule, make_rule
-from dpsel.curation.stages import StageOptions, apply_stages, check_options, load_index
+from dpsel.curation.stages import apply_stages, load_index
 from dpsel.curation.stream import plan_input, score_in_chunks, stream_filter
 from dpsel.errors import DpselInputError
 from dpsel.outputs import CURATED_PARTS, SELECTION_FILE, check_outputs_do_not_overwrite_inputs
 from dpsel.runlock import locks_out
 from dpsel.select import load_scorer
 from dpsel.select.base import ProgressFn, read_scorer_meta
+from dpsel.stages.options import StagesConfig, check_stages
 
 
 def _filter_rule(selection: dict, threshold: float | None, budget: float | None, scorer_dir: Path,
@@ -54,14 +55,14 @@ def _read_selection(scorer_dir: Path) -> dict:
 @locks_out("inputs")
 def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budget: float | None = None,
                 progress: ProgressFn | None = None, engine: str = "local", ray=None,
-                stages: StageOptions | None = None) -> CurationResult:
+                stages: StagesConfig | None = None, embedder: str = "default") -> CurationResult:
     """Score new rows with a curation run's saved scorer and keep those that pass.
 
     Default rule: the threshold the curation run stored in scorer/selection.json (its lowest kept weight,
     per group for a per-group run). Writes the same files as `curate`; scorer/ is copied into `out`.
     `engine="ray"` reads and scores on Ray Data (`ray`: `dpsel.engines.RayOptions`); same outputs.
     `stages`: the curation stages, as for `curate`, run in this process; near-duplicates are also found
-    against the rows of the curation run (its scorer/near_dup.npz).
+    against the rows of the curation run (its scorer/near_dup.npz); `embedder`: the semantic-dup stage's.
     """
     from dpsel.engines import check_engine
 
@@ -70,23 +71,23 @@ def filter_rows(scorer_dir, inputs, out, *, threshold: float | None = None, budg
     if budget is not None or threshold is not None:  # the same checks as curate, before the scorer loads
         make_rule("filter", budget, threshold, None, False, "task")
     selection = _read_selection(scorer_dir)
-    stages = check_options(stages or StageOptions())
-    seen = load_index(scorer_dir, stages.config)
+    stages = check_stages(stages or StagesConfig(), embedder)
+    seen = load_index(scorer_dir, stages)
     out = Path(out)
     if check_engine(engine) == "ray":
-        return _filter_on_ray(scorer_dir, inputs, out, selection, threshold, budget, progress, ray, stages, seen,
-                              started)
+        return _filter_on_ray(scorer_dir, inputs, out, selection, threshold, budget, progress, ray, stages,
+                              embedder, seen, started)
     if _streamable(stages, plan := plan_input(inputs)):
         return _filter_streamed(scorer_dir, plan, out, selection, threshold, budget, progress, stages, seen,
                                 started)
     rows, mean, std, timings, scorer_kind = _score_locally(scorer_dir, inputs, out, progress, started,
-                                                           lambda rows: apply_stages(rows, stages, seen))
+                                                           lambda rows: apply_stages(rows, stages, embedder, seen))
     return write_run(out, _selected(rows, mean, std, timings, scorer_kind, scorer_dir, inputs, selection,
                                     threshold, budget, stages, seen, started))
 
 
 def _selected(rows, mean: np.ndarray, std: np.ndarray, timings: dict, scorer_kind: str | None, scorer_dir: Path,
-              inputs, selection: dict, threshold, budget, stages: StageOptions, seen, started: float) -> Run:
+              inputs, selection: dict, threshold, budget, stages: StagesConfig, seen, started: float) -> Run:
     """The run record of a filter whose rows are all scored: the keep rule applied to every row."""
     check_weights(mean, std, f"scorer {scorer_dir}")
     group_column = selection.get("group_column") or "task"
@@ -99,7 +100,7 @@ def _selected(rows, mean: np.ndarray, std: np.ndarray, timings: dict, scorer_kin
 
 
 def _filter_on_ray(scorer_dir: Path, inputs, out: Path, selection: dict, threshold, budget, progress, ray,
-                   stages: StageOptions, seen, started: float) -> CurationResult:
+                   stages: StagesConfig, embedder: str, seen, started: float) -> CurationResult:
     """Read and score on Ray Data, the actors writing the scored rows' parts of curated.parquet into the staging
     folder; the driver runs the stages (near-dup signatures on the same actors' runtime), applies the keep
     rule to the weights and merges the parts' kept rows on commit (`curation.parts`)."""
@@ -113,7 +114,7 @@ def _filter_on_ray(scorer_dir: Path, inputs, out: Path, selection: dict, thresho
             scored = score_with_ray(scorer_dir, inputs, ray, progress, parts_dir=parts)
             rows, scorer_kind = rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
             check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
-            apply_stages(rows, stages, seen)   # after scoring on Ray: the scores of dropped rows are not used
+            apply_stages(rows, stages, embedder, seen)   # after scoring on Ray: the scores of dropped rows are not used
         timings = {"engine": "ray", "ray_workers": scored.workers, "read_and_score_s": scored.seconds,
                    **scored.split}
         run = _selected(rows, scored.weights[rows.usable], scored.stds[rows.usable], timings, scorer_kind,
@@ -124,7 +125,7 @@ def _filter_on_ray(scorer_dir: Path, inputs, out: Path, selection: dict, thresho
         return commit_run(stage, out, run, run_id, merge)
 
 
-def _run(selection: dict, scorer_dir: Path, inputs: dict, scorer_kind: str | None, stages: StageOptions, seen,
+def _run(selection: dict, scorer_dir: Path, inputs: dict, scorer_kind: str | None, stages: StagesConfig, seen,
          rule: SelectionRule, group_column: str, has_groups: bool, started: float):
     """The run record of a filter, given (rows, weights, stds, keep, timings)."""
     method = selection.get("method") or scorer_kind or "unknown"
@@ -134,14 +135,14 @@ def _run(selection: dict, scorer_dir: Path, inputs: dict, scorer_kind: str | Non
                    inputs={"in": inputs, "scorer": {"path": str(scorer_dir), "kind": scorer_kind}},
                    weights=weights, stds=stds, keep=keep, rule=rule, scorer=scorer_dir, diagnostics={},
                    timings=timings, started=started, group_column=group_column if has_groups else None,
-                   extra_manifest={"stages": {**stages.to_dict(), "near_dup_seen_rows": len(seen) if seen else 0}})
+                   extra_manifest={"stages": {**stages.model_dump(mode="json"), "near_dup_seen_rows": len(seen) if seen else 0}})
     return make
 
 
-def _streamable(stages: StageOptions, plan) -> bool:
+def _streamable(stages: StagesConfig, plan) -> bool:
     """The local engine streams (dpsel.curation.stream); semantic dedup compares every pair of rows'
     embeddings, and an empty input has no batch to take the outputs' columns from: those hold the whole input."""
-    return stages.config.semantic_dup is None and plan.n > 0
+    return stages.semantic_dup is None and plan.n > 0
 
 
 def _filter_streamed(scorer_dir: Path, plan, out: Path, selection: dict, threshold, budget, progress, stages,

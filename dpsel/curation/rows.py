@@ -17,13 +17,10 @@ import numpy as np
 import pyarrow as pa
 
 from dpsel.curation.rules import SelectionRule
-from dpsel.data import REASON_DUPLICATE, REASON_INVALID, InstructionSet, read_instruction_set
+from dpsel.data import REASON_DUPLICATE, REASON_INVALID, REASON_LOW_WEIGHT, InstructionSet, read_instruction_set
 from dpsel.errors import DpselInputError
 
 log = logging.getLogger(__name__)
-
-REASON_LOW_WEIGHT = "low_weight"   # curation's own reason; invalid and duplicate come from the data layer
-
 
 @dataclass
 class Rows:

@@ -9,18 +9,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import dpsel.checkpoint as checkpoint
+import dpsel.resume.checkpoints as checkpoint
 from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
 from dpsel.curation.rows import (Rows, as_path_list, check_weights, drop_meta_duplicates, read_rows,
                                  require_all_usable, spread_scores)
 from dpsel.curation.rules import apply_rule, make_rule
-from dpsel.curation.stages import StageOptions, apply_stages, check_options
+from dpsel.curation.stages import apply_stages
 from dpsel.curation.truth import load_truth, truth_auroc
 from dpsel.errors import DpselInputError
 from dpsel.outputs import check_outputs_do_not_overwrite_inputs
 from dpsel.runlock import locks_out
 from dpsel.select import select
 from dpsel.select.base import ProgressFn, SelectConfig
+from dpsel.stages.options import StagesConfig, check_stages
 from dpsel.version import __version__
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
            threshold: float | None = None, task_budgets: dict[str, float] | None = None,
            per_group: bool = False, group_column: str = "task", config: SelectConfig | None = None,
            progress: ProgressFn | None = None, truth=None, restart: bool = False, engine: str = "local",
-           ray=None, stages: StageOptions | None = None) -> CurationResult:
+           ray=None, stages: StagesConfig | None = None) -> CurationResult:
     """Score every training row with `method` against the trusted `meta` set and keep the best.
 
     Keeps the top `budget` fraction of the usable rows (default 0.7; `all` keeps everything) or the rows with
@@ -53,13 +54,13 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     ray_options = curate_engine(engine, method, ray)
     config = config or SelectConfig()
     rule = make_rule(method, budget, threshold, task_budgets, per_group, group_column)
-    stages = check_options(stages or StageOptions())
+    stages = check_stages(stages or StagesConfig(), config.embedder)
     out = Path(out)
     train_rows, meta_rows, meta_duplicates = _read_inputs(train, meta, out, truth)
     with engine_runtime(ray_options):   # one Ray runtime (if any) for the stages and the method's passes
         stages_start = time.perf_counter()
         with mapping_blocks_on(block_map(ray_options)):   # near-dup signatures on Ray actors too
-            near_dup_index = apply_stages(train_rows, stages)
+            near_dup_index = apply_stages(train_rows, stages, config.embedder)
         stages_s = time.perf_counter() - stages_start
         if rule.uses_groups and train_rows.group_values(group_column) is None:
             raise DpselInputError("per-group budgets need this column in the training set", column=group_column,
@@ -95,8 +96,8 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
               started=started, group_column=group_column if groups is not None else None, truth=truth_info,
               coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates,
                                                                 "resumed_from_checkpoint": checkpoints.resumed,
-                                                                "stages": stages.to_dict()},
-              near_dup_index=(near_dup_index, stages.config) if near_dup_index is not None else None)
+                                                                "stages": stages.model_dump(mode="json")},
+              near_dup_index=(near_dup_index, stages) if near_dup_index is not None else None)
     result = write_run(out, run)
     checkpoints.discard()  # published: nothing left to resume
     return result
@@ -118,11 +119,11 @@ def _read_inputs(train, meta, out: Path, truth) -> tuple[Rows, Rows, dict]:
 
 
 def open_checkpoints(out: Path, method: str, config: SelectConfig, train_rows: Rows, meta_rows: Rows,
-                     restart: bool, stages: StageOptions | None = None) -> checkpoint.Checkpoints:
+                     restart: bool, stages: StagesConfig | None = None) -> checkpoint.Checkpoints:
     """This run's checkpoints beside `out`; a checkpoint of a run with another config, input or stages (they
     decide which rows selection sees) is refused."""
     fingerprint = {"dpsel_version": __version__, "method": method, "config": config.to_dict(),
-                   "stages": (stages or StageOptions()).to_dict(),
+                   "stages": (stages or StagesConfig()).model_dump(mode="json"),
                    "inputs": {name: [f.sha256 for f in rows.data.files]
                               for name, rows in (("train", train_rows), ("meta", meta_rows))}}
     return checkpoint.Checkpoints.open(out, fingerprint, restart=restart)
@@ -135,4 +136,4 @@ def curate_from_config(config: "RunConfig", out=None, **options) -> CurationResu
     return curate(config.data.train, config.data.meta, Path(out if out is not None else config.out),
                   method=config.curate.method, budget=config.curate.budget, threshold=config.curate.threshold,
                   config=config.select_config(), truth=config.data.truth, engine=config.engine,
-                  ray=config.ray_options(), stages=config.stage_options(), **options)
+                  ray=config.ray_options(), stages=config.stages, **options)

@@ -8,60 +8,25 @@ torchrun rank (they are deterministic, so every rank keeps the same rows).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import yaml
 
 from dpsel.curation.rows import Rows, as_path_list
 from dpsel.data import read_instruction_set
 from dpsel.errors import DpselInputError
 from dpsel.stages.base import Rows as StageRows
 from dpsel.stages.near_dup import NearDup, NearDupIndex
-from dpsel.stages.pii import COLUMN as PII_COLUMN, MODES as PII_MODES
-from dpsel.stages.pipeline import StagesConfig, build_blocks, run_stages
+from dpsel.stages.options import StagesConfig
+from dpsel.stages.pii import COLUMN as PII_COLUMN
+from dpsel.stages.pipeline import build_blocks, run_stages
 
 INDEX_FILE = "near_dup.npz"         # in scorer/: the curated rows' near-dup state
 INDEX_META_FILE = "near_dup.json"   # the settings its band keys were built with
 DUPLICATE_REASONS = ("duplicate", "near_duplicate", "semantic_duplicate")
 _MESSAGES = "dpsel_messages"
-
-
-@dataclass
-class StageOptions:
-    """What the stages of one run are: the contract's options (`StagesConfig`) and the decontamination sets."""
-    config: StagesConfig = field(default_factory=StagesConfig)
-    decontaminate: list[str] = field(default_factory=list)
-    embedder: str = "default"        # the semantic-dup stage's sentence embedder (dpsel.models.embedder)
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self.config), "decontaminate": list(self.decontaminate)}
-
-
-def check_options(options: StageOptions) -> StageOptions:
-    """Bad values are input errors naming the option (exit 2), found before any work."""
-    config = options.config
-    if not 0 < config.near_dup_threshold <= 1:
-        raise DpselInputError(f"--near-dup-threshold must be a Jaccard similarity in (0, 1], "
-                              f"not {config.near_dup_threshold}")
-    if config.semantic_dup is not None:
-        if not -1 <= config.semantic_dup <= 1:
-            raise DpselInputError(f"--semantic-dup must be a cosine in [-1, 1], not {config.semantic_dup}")
-        if str(options.embedder).lower() in ("none", "off", "false"):
-            raise DpselInputError("--semantic-dup needs sentence embeddings and --embedder is none; give an "
-                                  "embedder or leave --semantic-dup out")
-    if config.pii not in PII_MODES:
-        raise DpselInputError(f"--pii must be one of {', '.join(PII_MODES)}, not {config.pii!r}")
-    from dpsel.stages.filters import FilterRules
-    try:
-        FilterRules.from_spec(config.filters)
-    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as error:
-        raise DpselInputError(f"--filters {config.filters!r}: {error}") from None
-    return options
 
 
 def _messages(data, usable: np.ndarray) -> pa.ChunkedArray:
@@ -118,18 +83,19 @@ def conversation_embeddings(rows: Rows, spec: str) -> np.ndarray:
     return vectors
 
 
-def apply_stages(rows: Rows, options: StageOptions, seen: NearDupIndex | None = None) -> NearDupIndex | None:
+def apply_stages(rows: Rows, config: StagesConfig, embedder: str = "default",
+                 seen: NearDupIndex | None = None) -> NearDupIndex | None:
     """Run the stages on `rows` and record their verdicts in it; returns the near-dup index of the kept rows
-    (None without the near-dup stage)."""
-    blocks = build_blocks(options.config, eval_texts(options.decontaminate), seen=seen)
-    semantic = options.config.semantic_dup is not None and rows.usable.any()
-    embeddings = conversation_embeddings(rows, options.embedder) if semantic else None
-    record_stages(rows, options, blocks, embeddings)
+    (None without the near-dup stage). `embedder`: the semantic-dup stage's sentence embedder."""
+    blocks = build_blocks(config, eval_texts(config.decontaminate), seen=seen)
+    semantic = config.semantic_dup is not None and rows.usable.any()
+    embeddings = conversation_embeddings(rows, embedder) if semantic else None
+    record_stages(rows, config, blocks, embeddings)
     near_dup = next((b for b in blocks if isinstance(b, NearDup)), None)
     return near_dup.index if near_dup is not None else None
 
 
-def record_stages(rows: Rows, options: StageOptions, blocks: list, embeddings: np.ndarray | None = None,
+def record_stages(rows: Rows, config: StagesConfig, blocks: list, embeddings: np.ndarray | None = None,
                   dropped: dict | None = None) -> None:
     """Run `blocks` (built once per run: their state and statistics carry over from batch to batch) on `rows`
     and record their verdicts in it. `dropped`: see `_resolve_chains`."""
@@ -143,7 +109,7 @@ def record_stages(rows: Rows, options: StageOptions, blocks: list, embeddings: n
     rows.dup_of = dup_of.tolist()
     rows.stage_stats = [stats.as_dict() for stats in outcome.stats]
     rows.stage_columns = {name: outcome.columns[name] for name in (PII_COLUMN,) if name in outcome.columns}
-    if options.config.pii == "redact" and _MESSAGES in outcome.columns:
+    if config.pii == "redact" and _MESSAGES in outcome.columns:
         rows.redacted = outcome.columns[_MESSAGES]
 
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from dpsel.curation.record import CurationResult, Run, finish_run, staged_run
 from dpsel.curation.rows import Rows, as_path_list, check_weights, counts_of, final_reasons_of, preview_text, rows_from
 from dpsel.curation.rules import SelectionRule, apply_rule, effective_thresholds
-from dpsel.curation.stages import StageOptions, conversation_table, eval_texts, record_stages
+from dpsel.curation.stages import conversation_table, eval_texts, record_stages
 from dpsel.data import GROUP_COLUMNS, REASON_DUPLICATE, FileInfo, expand_paths
 from dpsel.data.reader import batch_set, input_schema, iter_planned
 from dpsel.data.schema import PlannedFile, plan_files
@@ -42,6 +42,7 @@ from dpsel.select.base import ProgressFn
 from dpsel.stages.base import Rows as StageRows
 from dpsel.stages.near_dup import NearDup, NearDupIndex, NearDupVerdicts, SpilledSketch
 from dpsel.stages.pii import redact_text_columns
+from dpsel.stages.options import StagesConfig
 from dpsel.stages.pipeline import build_blocks
 
 BATCH_ROWS = 32768        # rows read, staged, scored and written at a time
@@ -244,14 +245,14 @@ def _parts(rows: Rows, weights: np.ndarray, stds: np.ndarray, keep: np.ndarray, 
     return scores, curated
 
 
-def stream_filter(plan: InputPlan, scorer, options: StageOptions, seen: NearDupIndex | None, rule: SelectionRule,
+def stream_filter(plan: InputPlan, scorer, options: StagesConfig, seen: NearDupIndex | None, rule: SelectionRule,
                   group_column: str, out: Path, progress: ProgressFn | None,
                   make_run: Callable[[StreamedRows, np.ndarray, np.ndarray, np.ndarray, dict], Run],
                   scorer_name: str = "the scorer", batch_rows: int | None = None) -> CurationResult:
     """Filter `plan`'s rows batch by batch (see the module docstring) and write the run into `out`.
     `make_run(rows, weights, stds, keep, timings)`: the run record, for `record.finish_run`."""
     started, batch_rows = time.perf_counter(), batch_rows or BATCH_ROWS
-    blocks = build_blocks(options.config, eval_texts(options.decontaminate), seen=seen)
+    blocks = build_blocks(options, eval_texts(options.decontaminate), seen=seen)
     n = plan.n
     columns = [c for c in dict.fromkeys([*GROUP_COLUMNS, group_column]) if c in plan.schema.names]
     groups, dropped, stats = _Groups(columns), {}, []

@@ -65,10 +65,6 @@ class NormalizedBatch:
         """Normalised messages of every row (invalid rows: as far as they could be read)."""
         return messages_with_overrides(self.rows, np.arange(self.num_rows), self.overrides)
 
-    def usable_messages(self) -> list[list[dict]]:
-        """Messages of the usable rows only (valid, first occurrence), without building the others."""
-        return messages_with_overrides(self.rows, np.flatnonzero(self.usable), self.overrides)
-
     def first_error(self) -> DpselInputError | None:
         """The strict-mode error for the first invalid row, if any."""
         if not self.row_problems:

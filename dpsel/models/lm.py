@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,7 +31,6 @@ class LMSettings(Protocol):
     extra: dict
 
 
-Progress = Callable[[int, int, dict], None]  # (step, total_steps, diagnostics): a dpsel.select.base.ProgressFn
 
 
 def seed_all(seed: int) -> None:
@@ -171,7 +170,3 @@ def load_theta(directory: Path, info: dict, device: str = "auto") -> LM:
         base, tokenizer = load_model(info["model"], quant=info.get("quant"), device=device)
         model = load_adapter(base, directory)
     return LM(model.eval(), tokenizer, resolve_device(device), info["theta_kind"], info["model"], info.get("quant"))
-
-
-def clone_lm(lm: LM) -> LM:
-    return LM(copy.deepcopy(lm.model), lm.tokenizer, lm.device, lm.theta_kind, lm.model_name, lm.quant)

@@ -5,7 +5,7 @@ A pass is a plain module-level function `fn(lm, rows) -> np.ndarray` (one value 
 function. Methods hand their own pass to `pool_pass`; an engine implements `Executor` and a run installs it
 with `executing_on` — steps never import executors. The default executor runs the pass in this process.
 
-Resume by chunk: in process and inside a checkpointed run (`dpsel.checkpoint.current_whole()`), a pass given a
+Resume by chunk: in process and inside a checkpointed run (`dpsel.resume.checkpoints.current_whole()`), a pass given a
 `stage` runs over chunks of DPSEL_PASS_CHUNK_ROWS rows (default 4096; whole batches of the pass's length
 order, so the values are bit-identical to one pass over all rows), saves the finished chunks' values by the
 checkpoints' policy (`Checkpoints.after_step`: periodically, and at a stop signal) and a re-run skips them.
@@ -71,7 +71,7 @@ def pool_pass(fn: RowPass, lm: LM, messages: list, max_length: int,
     if rows is None:
         from dpsel.models.lm import EncodedRows
         rows = EncodedRows(messages, lm.tokenizer, max_length, lm.pad_id)
-    from dpsel.checkpoint import current_whole
+    from dpsel.resume.checkpoints import current_whole
     checkpoint, size = current_whole(), chunk_rows()
     if stage is None or checkpoint is None or len(rows) <= size:
         return fn(lm, rows)

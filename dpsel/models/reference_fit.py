@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dpsel.checkpoint import current_whole, flatten, load_optimizer, optimizer_state, unflatten
-from dpsel.models.lm import LM, EncodedRows, LMSettings, Progress, batch_nll, score_nll, theta_digest
+from dpsel.resume.checkpoints import current_whole, flatten, load_optimizer, optimizer_state, unflatten
+from dpsel.models.lm import LM, EncodedRows, LMSettings, batch_nll, score_nll, theta_digest
+from peft_train.types import ProgressFn
 
 
 @dataclass
@@ -49,10 +50,10 @@ def _reference_key(lm: LM, meta: EncodedRows, config: LMSettings) -> tuple:
             meta.digest() + theta_digest(lm))
 
 
-def fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: Progress | None = None,
+def fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: ProgressFn | None = None,
                   label: str = "reference", checkpointed: bool = True) -> ReferenceFit:
     """Fit θ on the meta rows alone with AdamW, early-stopped on a held-out slice of meta; θ left at the best.
-    `checkpointed`: save and resume the fit through the run's checkpoints (`dpsel.checkpoint.current_whole()`)."""
+    `checkpointed`: save and resume the fit through the run's checkpoints (`dpsel.resume.checkpoints.current_whole()`)."""
     key = _reference_key(lm, meta, config)
     if key in _REFERENCE_CACHE:
         cached = _REFERENCE_CACHE[key]
@@ -123,7 +124,7 @@ def _evaluate(lm: LM, meta: EncodedRows, held_idx: np.ndarray, fit: _Fit, patien
     return held, fit.bad_evals >= patience
 
 
-def _fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: Progress | None, label: str,
+def _fit_reference(lm: LM, meta: EncodedRows, config: LMSettings, progress: ProgressFn | None, label: str,
                    checkpoint, key: list[str]) -> ReferenceFit:
     extra = config.extra
     max_steps = int(extra.get("ref_steps", 400))

@@ -11,20 +11,8 @@ import pickle
 from pathlib import Path
 
 from dpsel.errors import DpselInputError
-from dpsel.select.base import Messages, ProgressFn, Scorer, Scores, SelectConfig, read_scorer_meta
-
-METHODS = ("bads", "l2rw", "loss", "ifd", "rds", "random", "all")
-
-# method -> (module, function); imported lazily so `random`/`all` never pay for torch/transformers.
-_METHOD_IMPL = {
-    "bads": ("dpsel.select.bads", "select_bads"),
-    "l2rw": ("dpsel.select.l2rw", "select_l2rw"),
-    "loss": ("dpsel.select.reference", "select_loss"),
-    "ifd": ("dpsel.select.reference", "select_ifd"),
-    "rds": ("dpsel.select.rds", "select_rds"),
-    "random": ("dpsel.select.baselines", "select_random"),
-    "all": ("dpsel.select.baselines", "select_all"),
-}
+from dpsel.select.base import (METHOD_IMPLEMENTATIONS, METHODS, Messages, ProgressFn, Scorer, Scores, SelectConfig,
+                               read_scorer_meta)
 
 # scorer.json kind -> (module, class)
 _SCORER_IMPL = {
@@ -61,7 +49,7 @@ def select(train: list[Messages], meta: list[Messages], method: str = "bads",
         raise DpselInputError(f"method {method!r} needs a non-empty meta set")
     if groups is not None and len(groups) != len(train):
         raise DpselInputError(f"got {len(groups)} group labels for {len(train)} training rows")
-    scores = _resolve(_METHOD_IMPL, method)(train, meta, config, progress, groups=groups)
+    scores = _resolve(METHOD_IMPLEMENTATIONS, method)(train, meta, config, progress, groups=groups)
     if len(scores.weight_mean) != len(train):
         raise RuntimeError(f"{method}: returned {len(scores.weight_mean)} weights for {len(train)} rows")
     return scores

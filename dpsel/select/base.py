@@ -7,12 +7,26 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from peft_train.types import ProgressFn  # noqa: F401  (the methods' signatures name it from here)
+
+# The one method registry: method -> (module, function), imported lazily by `dpsel.select.select` so `random`
+# and `all` never pay for torch/transformers, and so reading a config (dpsel.config) never imports a method.
+METHOD_IMPLEMENTATIONS = {
+    "bads": ("dpsel.select.bads", "select_bads"),
+    "l2rw": ("dpsel.select.l2rw", "select_l2rw"),
+    "loss": ("dpsel.select.reference", "select_loss"),
+    "ifd": ("dpsel.select.reference", "select_ifd"),
+    "rds": ("dpsel.select.rds", "select_rds"),
+    "random": ("dpsel.select.baselines", "select_random"),
+    "all": ("dpsel.select.baselines", "select_all"),
+}
+METHODS = tuple(METHOD_IMPLEMENTATIONS)
+
 Messages = list[dict]  # one row: [{"role": ..., "content": ...}, ...]
-ProgressFn = Callable[[int, int, dict], None]  # (step, total_steps, latest diagnostics)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from dpsel.checkpoint import current_whole, flatten, load_optimizer, optimizer_state, unflatten
+from dpsel.resume.checkpoints import current_whole, flatten, load_optimizer, optimizer_state, unflatten
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 from dpsel.select.scorers import SeenTableScorer
 

@@ -20,21 +20,11 @@ from dpsel.stages.decontaminate import Decontaminate
 from dpsel.stages.exact import Exact
 from dpsel.stages.filters import FilterRules, Filters
 from dpsel.stages.near_dup import NearDup, NearDupIndex
+from dpsel.stages.options import StagesConfig
 from dpsel.stages.pii import Pii
 from dpsel.stages.semantic_dup import SemanticDup
 
 ORDER = ("exact", "near_dup", "semantic_dup", "decontaminate", "filters", "pii")
-
-
-@dataclass
-class StagesConfig:
-    """The contract's options: `--near-dup/--no-near-dup`, `--near-dup-threshold`, `--semantic-dup COS`,
-    `--decontaminate` (texts to match against), `--filters none|default|FILE.yaml`, `--pii`."""
-    near_dup: bool = True
-    near_dup_threshold: float = 0.8
-    semantic_dup: float | None = None
-    filters: str = "none"
-    pii: str = "flag"
 
 
 def build_blocks(config: StagesConfig, eval_texts: Sequence[str] = (),

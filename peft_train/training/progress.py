@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from transformers import TrainerCallback
 
-ProgressFn = Callable[[int, int, dict], None]
+from peft_train.types import ProgressFn
 
 
 def report(progress: ProgressFn | None, step: int, total: int, phase: str, **diag: Any) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dpsel.checkpoint import flatten, load_optimizer, optimizer_state, unflatten
+from dpsel.resume.checkpoints import flatten, load_optimizer, optimizer_state, unflatten
 from dpsel.select.bads.baseline import GroupBaseline
 from dpsel.select.bads.config import BadsSettings
 from dpsel.select.bads.model import beta_prior_params, conditional_weight_moments, log_joint

@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from dpsel.checkpoint import RankCheckpoints, current as current_checkpoints, flatten, unflatten
+from dpsel.resume.checkpoints import RankCheckpoints, current as current_checkpoints, flatten, unflatten
 from dpsel.errors import DpselInputError
 from dpsel.parallel.collectives import from_env
 from dpsel.select.bads.config import BadsSettings

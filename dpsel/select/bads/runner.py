@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dpsel.checkpoint import flatten, unflatten
+from dpsel.resume.checkpoints import flatten, unflatten
 from dpsel.select.bads.config import BadsSettings
 from dpsel.select.bads.kernel import SGLDKernel, Step, listed
 from dpsel.select.bads.posterior import posterior_pass_over_pool
@@ -72,7 +72,7 @@ def run_sampler(problem: SelectionProblem, settings: BadsSettings, *, batch_size
                 ablation_priors: dict[str, torch.Tensor] | None = None) -> SamplerResult:
     """Joint SGLD over θ and the weights; posterior mean/std of every weight from running averages after burn-in.
 
-    `checkpoint` (a `dpsel.checkpoint.Checkpoints`): resume from its `sampler` stage when there is one, and
+    `checkpoint` (a `dpsel.resume.checkpoints.Checkpoints`): resume from its `sampler` stage when there is one, and
     save the whole sampler state there whenever it says one is due.
     `data_parallel` (dpsel.parallel.collectives.DataParallel, under torchrun): `problem` is this rank's row
     shard, θ's gradients are summed over ranks and θ is kept identical (see bads/parallel.py).
