@@ -255,19 +255,16 @@ def scores_table(ids: list[str], weights: np.ndarray, stds: np.ndarray, kept: np
 
 
 def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept: np.ndarray,
-                  kept_messages: list[list[dict]] | pa.Array | pa.ChunkedArray | None = None,
-                  columns: dict | None = None,
-                  replace_messages: bool = False) -> pa.Table:
+                  kept_messages: list[list[dict]] | pa.Array | pa.ChunkedArray | None = None) -> pa.Table:
     """The kept rows with all original columns (schema untouched) plus `dpsel_id`, `dpsel_weight` and, where
     the input has no `messages` column, `messages`: the normalised conversation of each kept row, in order
-    (`kept_messages`; the {role, content} list shape TRL's SFTTrainer and chat templates take).
-    `columns`: more per-input-row columns (e.g. `dpsel_pii`); `replace_messages`: `kept_messages` replace an
-    input `messages` column too (redacted conversations)."""
+    (`kept_messages`; the {role, content} list shape TRL's SFTTrainer and chat templates take). What the
+    stages add (their columns, redaction) is `dpsel.curation.curated.finish_curated`'s."""
     keep_idx = pa.array(np.flatnonzero(kept), pa.int64())
     table = original.take(keep_idx)
     extra = {"dpsel_id": pa.array(ids, pa.string()).take(keep_idx),
              "dpsel_weight": pa.array(np.asarray(weights, np.float64)).take(keep_idx)}
-    if kept_messages is not None and ("messages" not in original.column_names or replace_messages):
+    if kept_messages is not None and "messages" not in original.column_names:
         if len(kept_messages) != len(keep_idx):
             raise ValueError(f"{len(kept_messages)} conversations for {len(keep_idx)} kept rows")
         if isinstance(kept_messages, (pa.Array, pa.ChunkedArray)):   # built columnar (InstructionSet.message_array)
@@ -275,7 +272,6 @@ def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept:
         else:
             extra["messages"] = pa.array([[{"role": m["role"], "content": m["content"]} for m in conversation]
                                           for conversation in kept_messages], MESSAGE_TYPE)
-    extra.update({name: values.take(keep_idx) for name, values in (columns or {}).items()})
     return set_columns(table, extra)
 
 

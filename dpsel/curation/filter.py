@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpsel.curation.parts import merge_curated_parts
+from dpsel.curation.parts import merge_curated_parts, write_scored_part
 from dpsel.curation.record import (CurationResult, Run, commit_run, input_files_entry, inputs_entry, staged_run,
                                    write_run)
 from dpsel.curation.rows import as_path_list, check_weights, read_rows, rows_from, spread_scores
@@ -111,7 +111,8 @@ def _filter_on_ray(scorer_dir: Path, inputs, out: Path, selection: dict, thresho
     with staged_run(out) as (stage, run_id):
         parts = stage / CURATED_PARTS
         with engine_runtime(ray), mapping_blocks_on(block_map(ray)):   # one runtime: scoring, then the stages
-            scored = score_with_ray(scorer_dir, inputs, ray, progress, parts_dir=parts)
+            scored = score_with_ray(partial(load_scorer, scorer_dir), inputs, ray, progress, parts_dir=parts,
+                                    write_part=write_scored_part)
             rows, scorer_kind = rows_from(scored.data), read_scorer_meta(scorer_dir).get("kind")
             check_outputs_do_not_overwrite_inputs(out, [f.path for f in rows.data.files], as_path_list(inputs))
             apply_stages(rows, stages, embedder, seen)   # after scoring on Ray: the scores of dropped rows are not used

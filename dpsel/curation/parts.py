@@ -1,7 +1,7 @@
 """curated.parquet from the parts (Arrow IPC files) that an engine's workers wrote into the run's staging folder
 (`filter --engine ray`: each actor writes the rows it scored, see `dpsel.engines.ray_engine.ScoreBatches`). On
 commit the driver keeps the kept rows of each part, in name order (= input order), adds what the stages decided
-(their columns, `--pii redact`'s conversations and masking) exactly as `outputs.curated_table` does, and writes
+(their columns, `--pii redact`'s conversations and masking: `curated.finish_curated`, as every writer), and writes
 one file: the contract's one curated.parquet stays one file; the parts never leave the staging folder."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpsel.curation.curated import finish_curated
 from dpsel.curation.rows import Rows
-from dpsel.data.schema import MESSAGE_TYPE
-from dpsel.outputs import CURATED_PART_SUFFIX, curated_part_name, read_curated_part, set_columns, with_run_id
-from dpsel.stages.pii import redact_text_columns
+from dpsel.outputs import (CURATED_PART_SUFFIX, curated_part_name, curated_table, read_curated_part,
+                           with_run_id, write_curated_part)
 
 GROUP_ROWS = 65536   # rows read and written at a time (the local engine's streamed batch)
 
@@ -52,7 +52,8 @@ def _write_kept(files: list[Path], target: Path, rows: Rows, scored_rows: np.nda
                 continue
             part, group = pa.concat_tables(group), []
             rows_here = scored_rows[at - part.num_rows:at]
-            table = with_run_id(_finished(part, rows, rows_here, keep[rows_here]), run_id)
+            kept = keep[rows_here]
+            table = with_run_id(finish_curated(part.filter(pa.array(kept, pa.bool_())), rows, rows_here[kept]), run_id)
             if writer is None:
                 writer = pq.ParquetWriter(target, table.schema)
             writer.write_table(table if table.schema.equals(writer.schema) else table.cast(writer.schema))
@@ -62,13 +63,9 @@ def _write_kept(files: list[Path], target: Path, rows: Rows, scored_rows: np.nda
     return at
 
 
-def _finished(part: pa.Table, rows: Rows, input_rows: np.ndarray, kept: np.ndarray) -> pa.Table:
-    """A part's kept rows with the stages' columns and redaction, as `outputs.curated_table` would give them."""
-    table = part.filter(pa.array(kept, pa.bool_()))
-    taken = pa.array(input_rows[kept], pa.int64())
-    extra = {}
-    if rows.redacted is not None:
-        extra["messages"] = rows.redacted.take(taken).cast(MESSAGE_TYPE)
-    extra.update({name: values.take(taken) for name, values in rows.stage_columns.items()})
-    table = set_columns(table, extra)
-    return redact_text_columns(table, skip=("dpsel_id",)) if rows.redacted is not None else table
+def write_scored_part(parts_dir: Path, block: pa.Table, ids: list[str], weights: np.ndarray,
+                      messages: pa.Array | pa.ChunkedArray, first_row: int) -> None:
+    """What a worker writes for the block of usable rows it scored (handed to the engine, which never imports
+    the run's output format): every row as curated.parquet holds it before the keep rule and the stages."""
+    part = curated_table(block, ids, weights, np.ones(block.num_rows, bool), messages)
+    write_curated_part(part, parts_dir, first_row)

@@ -12,14 +12,14 @@ from typing import Callable
 
 import numpy as np
 
+from dpsel.curation.curated import curated_rows_table
 from dpsel.curation.rows import Rows, as_path_list, count_rows, final_reasons
 from dpsel.curation.rules import SelectionRule, effective_thresholds
 from dpsel.data import GROUP_COLUMNS
 from dpsel.io import write_parquet_atomic
-from dpsel.outputs import (CURATED_FILE, SCORES_FILE, begin_staging, curated_table, file_records, new_run_id,
+from dpsel.outputs import (CURATED_FILE, SCORES_FILE, begin_staging, file_records, new_run_id,
                            output_error, output_paths, publish, scores_table, with_run_id, write_manifest,
                            write_scorer, write_tables)
-from dpsel.stages.pii import redact_text_columns
 from dpsel.version import __version__
 
 
@@ -145,12 +145,7 @@ def _write_tables(stage: Path, run: Run, run_id: str, reasons: list[str], detail
         write_parquet_atomic(with_run_id(scores, run_id), stage / SCORES_FILE)
         write_curated(stage / CURATED_FILE)
         return
-    redacted = run.rows.redacted is not None
-    curated = curated_table(run.rows.data.table, ids, run.weights, run.keep, run.rows.conversation_array(run.keep),
-                            columns=run.rows.stage_columns, replace_messages=redacted)
-    if redacted:
-        curated = redact_text_columns(curated, skip=("dpsel_id",))
-    write_tables(stage, scores, curated, run_id=run_id)
+    write_tables(stage, scores, curated_rows_table(run.rows, run.weights, run.keep), run_id=run_id)
 
 
 def finish_run(stage: Path, out: Path, run: Run, run_id: str, outcome: tuple, write_start: float) -> CurationResult:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from dpsel.curation.rules import SelectionRule
 from dpsel.data import REASON_DUPLICATE, REASON_INVALID, REASON_LOW_WEIGHT, InstructionSet, read_instruction_set
@@ -43,12 +42,6 @@ class Rows:
         if self.redacted is None:
             return self.data.messages(mask)
         return self.redacted.filter(np.asarray(mask, bool)).to_pylist()
-
-    def conversation_array(self, mask: np.ndarray) -> pa.Array | pa.ChunkedArray:
-        """`conversations` as an Arrow list array (`MESSAGE_TYPE`), without a Python object per message."""
-        if self.redacted is None:
-            return self.data.message_array(mask)
-        return self.redacted.filter(pa.array(np.asarray(mask, bool)))
 
     @property
     def n(self) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpsel.curation.curated import curated_rows_table
 from dpsel.curation.record import CurationResult, Run, finish_run, staged_run
 from dpsel.curation.rows import Rows, as_path_list, check_weights, counts_of, final_reasons_of, preview_text, rows_from
 from dpsel.curation.rules import SelectionRule, apply_rule, effective_thresholds
@@ -37,11 +38,10 @@ from dpsel.data import GROUP_COLUMNS, REASON_DUPLICATE, FileInfo, expand_paths
 from dpsel.data.reader import batch_set, input_schema, iter_planned
 from dpsel.data.schema import PlannedFile, plan_files
 from dpsel.io import file_sha256
-from dpsel.outputs import CURATED_FILE, SCORES_FILE, curated_table, scores_table, with_run_id
+from dpsel.outputs import CURATED_FILE, SCORES_FILE, scores_table, with_run_id
 from dpsel.select.base import ProgressFn
 from dpsel.stages.base import Rows as StageRows
 from dpsel.stages.near_dup import NearDup, NearDupIndex, NearDupVerdicts, SpilledSketch
-from dpsel.stages.pii import redact_text_columns
 from dpsel.stages.options import StagesConfig
 from dpsel.stages.pipeline import build_blocks
 
@@ -236,11 +236,7 @@ class _Totals:
 def _parts(rows: Rows, weights: np.ndarray, stds: np.ndarray, keep: np.ndarray, reasons: list[str],
            details: list[str], curated_rows: np.ndarray) -> tuple[pa.Table, pa.Table]:
     """A batch's part of scores.parquet (every row) and of curated.parquet (the `curated_rows`)."""
-    redacted = rows.redacted is not None
-    curated = curated_table(rows.data.table, rows.ids, weights, curated_rows, rows.conversation_array(curated_rows),
-                            columns=rows.stage_columns, replace_messages=redacted)
-    if redacted:
-        curated = redact_text_columns(curated, skip=("dpsel_id",))
+    curated = curated_rows_table(rows, weights, curated_rows)
     scores = scores_table(rows.ids, weights, stds, keep, reasons, details, rows.files, rows.file_rows, rows.dup_of)
     return scores, curated
 

@@ -4,7 +4,7 @@ whole input at once (duplicates across shards, the keep rule, the output files).
 
 Three users: the curation stages' per-row work (`RayBlocks`: the near-dup MinHash signatures and LSH band keys;
 the driver keeps the band grouping and the clustering, on ~220 bytes a row), `filter --engine ray`
-(`score_with_ray`: the scorer/ folder loaded once per actor) and the pool
+(`score_with_ray`: the scorer the run hands over, made once per actor) and the pool
 passes of `curate --engine ray` (`RayPasses`, the model layer's executor that `curate` installs: the model of the
 pass — the meta-fitted reference, or the base for `rds` — shipped to each actor once as its safetensors files,
 runs the pass function the method handed over on every pool row: the NLL, the `bads` features or the RDS+
@@ -22,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +34,7 @@ import pyarrow as pa
 from dpsel.data import InstructionSet, read_instruction_set, rows_to_score_and_write
 from dpsel.engines import RayOptions, check_engine, require_ray
 from dpsel.models.passes import Executor, InProcess, RowPass
-from dpsel.select.base import ProgressFn
+from peft_train.types import ProgressFn
 
 if TYPE_CHECKING:  # the LM stack (transformers) loads in the passes that use it, not with the engine
     from dpsel.models.lm import LM
@@ -66,17 +68,17 @@ def ray_runtime(options: RayOptions) -> Iterator[object]:
 
 
 class ScoreBatches:
-    """One Ray actor: loads the scorer once, then turns each block of usable input rows into their ids and
-    posterior weights, normalised exactly as the data layer's reader does. With `parts_dir`, it also writes
-    the block's rows as curated.parquet would hold them (every column, `dpsel_id`, `dpsel_weight`, `messages`)
-    to a part file there, named by the block's first row (`outputs.curated_part_name`): the driver keeps only
-    ids and weights and, on commit, merges the kept rows of the parts in name order (`curation.parts`)."""
+    """One Ray actor: makes the scorer once (`make_scorer`, handed over by the run), then turns each block of
+    usable input rows into their ids and posterior weights, normalised exactly as the data layer's reader does.
+    With `write_part` (also the run's: `curation.parts.write_scored_part`), it also hands it the block's rows,
+    ids, weights, messages and first row, so the run's own format is written where the rows are; the driver
+    keeps only ids and weights."""
 
-    def __init__(self, scorer_dir: str, shape: str, use_gpu: bool, parts_dir: str | None = None):
-        from dpsel.select import load_scorer
-        self.scorer = load_scorer(scorer_dir)
+    def __init__(self, make_scorer: Callable[[], object], shape: str, use_gpu: bool,
+                 write_part: Callable | None = None):
+        self.scorer = make_scorer()
         self.shape = shape
-        self.parts_dir = None if parts_dir is None else Path(parts_dir)
+        self.write_part = write_part
         if use_gpu:
             _move_to_gpu(self.scorer)
 
@@ -86,15 +88,10 @@ class ScoreBatches:
         if not valid.all():   # the driver sends usable rows only: its reader and the actor disagree
             raise RuntimeError(f"row {ids[int(np.flatnonzero(~valid)[0])]} is invalid on the actor, not on the driver")
         weight, std = self.scorer.score(messages, ids)
-        if self.parts_dir is not None and block.num_rows:
-            self._write_part(block, ids, weight, message_array, int(rows[0].as_py()))
+        if self.write_part is not None and block.num_rows:
+            self.write_part(block, ids, weight, message_array, int(rows[0].as_py()))
         return pa.table({_ID: pa.array(ids, pa.string()), _WEIGHT: pa.array(weight, pa.float64()),
                          _STD: pa.array(std, pa.float64()), _ROW: rows})
-
-    def _write_part(self, block: pa.Table, ids: list[str], weight, message_array, first_row: int) -> None:
-        from dpsel.outputs import curated_table, write_curated_part
-        part = curated_table(block, ids, weight, np.ones(block.num_rows, bool), message_array)
-        write_curated_part(part, self.parts_dir, first_row)
 
 
 class ModelPass:
@@ -200,8 +197,9 @@ def _collect(ds, total_rows: int, progress: ProgressFn | None, run: ActorRun) ->
     return run
 
 
-def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
-                   progress: ProgressFn | None = None, parts_dir: Path | None = None) -> RayScored:
+def score_with_ray(make_scorer: Callable[[], object], inputs, options: RayOptions | None = None,
+                   progress: ProgressFn | None = None, parts_dir: Path | None = None,
+                   write_part: Callable | None = None) -> RayScored:
     """Read `inputs` once and score its usable rows on Ray; every row comes back once, in input order.
 
     The driver reads with the data layer (`read_instruction_set`: ids, verdicts, duplicates across all shards,
@@ -220,8 +218,9 @@ def score_with_ray(scorer_dir, inputs, options: RayOptions | None = None,
             parts_dir.mkdir()
         blocks = data.table.take(pa.array(usable, pa.int64()))
         run = map_on_actors(blocks.append_column(_ROW, pa.array(np.arange(len(usable)), pa.int64())), ScoreBatches,
-                            {"scorer_dir": str(scorer_dir), "shape": data.shape, "use_gpu": options.num_gpus > 0,
-                             "parts_dir": None if parts_dir is None else str(parts_dir)}, options, progress)
+                            {"make_scorer": make_scorer, "shape": data.shape, "use_gpu": options.num_gpus > 0,
+                             "write_part": None if parts_dir is None else partial(write_part, parts_dir)},
+                            options, progress)
     table = run.table
     expected = data.ids.take(pa.array(usable, pa.int64())).combine_chunks()
     got = pa.array([], pa.string()) if table is None else table.column(_ID).combine_chunks()
