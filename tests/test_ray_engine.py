@@ -159,14 +159,14 @@ def test_near_dup_signatures_on_ray_give_the_local_verdicts(ray_local, monkeypat
 
     from dpsel.engines.ray_engine import RayBlocks
     from dpsel.stages import near_dup
-    from dpsel.stages.base import Rows, mapping_blocks_on
+    from dpsel.stages.base import ConversationBatch, mapping_blocks_on
     monkeypatch.setattr(near_dup, "CHUNK_ROWS", 64)   # 330 rows: six blocks, so order across blocks matters
     table = make_table(planted()[0])
     local = near_dup.NearDup()
-    expected = local(Rows(table))
+    expected = local(ConversationBatch(table))
     on_ray = near_dup.NearDup()
     with mapping_blocks_on(RayBlocks(RayOptions(workers=2))):
-        got = on_ray(Rows(table))
+        got = on_ray(ConversationBatch(table))
     assert got.reason.tolist() == expected.reason.tolist() and (got.reason != "").sum() == 30
     assert got.dup_of.tolist() == expected.dup_of.tolist()
     for name in ("ids", "bands", "sketch"):

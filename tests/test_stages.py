@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dpsel.stages.base import Rows, hash_strings, shingle_hashes
+from dpsel.stages.base import ConversationBatch, hash_strings, shingle_hashes
 from dpsel.stages.decontaminate import Decontaminate
 from dpsel.stages.exact import Exact
 from dpsel.stages.filters import FilterRules, Filters
@@ -51,7 +51,7 @@ def planted(seed=0):
 
 # ----------------------------------------------------------------------------- shared text views
 def test_text_view_and_hashes_are_stable():
-    rows = Rows(make_table(["Hello, World!"], ["Hi  there."], column="messages"))
+    rows = ConversationBatch(make_table(["Hello, World!"], ["Hi  there."], column="messages"))
     assert rows.text.to_pylist() == ["Hello, World!\nHi  there."]
     assert rows.words.to_pylist() == [["hello", "world", "hi", "there"]]
     a, b = hash_strings(pa.array(["abc", "abd", "abc"])), hash_strings(pa.array(["abc"]))
@@ -65,7 +65,7 @@ def test_text_view_and_hashes_are_stable():
 def test_near_dup_finds_planted_edits_reorderings_and_templates():
     texts, truth = planted()
     block = NearDup()
-    verdict = block(Rows(make_table(texts)))
+    verdict = block(ConversationBatch(make_table(texts)))
     assert set(np.flatnonzero(verdict.reason != "")) == set(range(300, 330))
     assert set(verdict.reason[300:]) == {"near_duplicate"}
     assert verdict.dup_of[300:].tolist() == truth and set(verdict.dup_of[:300]) == {None}
@@ -75,10 +75,10 @@ def test_near_dup_finds_planted_edits_reorderings_and_templates():
 def test_near_dup_is_deterministic_and_order_robust():
     texts, _ = planted(seed=1)
     table = make_table(texts)
-    first, again = NearDup()(Rows(table)), NearDup()(Rows(table))
+    first, again = NearDup()(ConversationBatch(table)), NearDup()(ConversationBatch(table))
     assert first.reason.tolist() == again.reason.tolist() and first.dup_of.tolist() == again.dup_of.tolist()
     order = np.random.default_rng(0).permutation(len(texts))
-    shuffled = NearDup()(Rows(table.take(pa.array(order))))
+    shuffled = NearDup()(ConversationBatch(table.take(pa.array(order))))
     assert (shuffled.reason != "").sum() == (first.reason != "").sum()
 
     def clusters(verdict, ids):
@@ -94,12 +94,12 @@ def test_near_dup_is_deterministic_and_order_robust():
 
 def test_near_dup_keeps_distinct_rows_and_threshold_matters():
     texts = docs(200, words=40, seed=3)
-    assert (NearDup()(Rows(make_table(texts))).reason == "").all()
+    assert (NearDup()(ConversationBatch(make_table(texts))).reason == "").all()
     base = docs(1, words=40, seed=4)[0].split()
     half = " ".join(base[:20] + docs(1, words=20, seed=5)[0].split())      # Jaccard ~ 0.3
     table = make_table([" ".join(base), half])
-    assert NearDup(0.8)(Rows(table)).reason.tolist() == ["", ""]
-    assert NearDup(0.2)(Rows(table)).reason.tolist() == ["", "near_duplicate"]
+    assert NearDup(0.8)(ConversationBatch(table)).reason.tolist() == ["", ""]
+    assert NearDup(0.2)(ConversationBatch(table)).reason.tolist() == ["", "near_duplicate"]
     with pytest.raises(ValueError):
         NearDup(0)
 
@@ -107,14 +107,14 @@ def test_near_dup_keeps_distinct_rows_and_threshold_matters():
 def test_near_dup_seen_index_drops_copies_of_curated_rows(tmp_path):
     curated = docs(50, seed=6)
     first = NearDup()
-    first(Rows(make_table(curated, ids=[f"old{i}" for i in range(50)])))
+    first(ConversationBatch(make_table(curated, ids=[f"old{i}" for i in range(50)])))
     first.index.save(tmp_path / "seen.npz")
     seen = NearDupIndex.load(tmp_path / "seen.npz")
     assert len(seen) == 50 and seen.nbytes == 50 * first.bytes_per_row
     new = [curated[7].replace(curated[7].split()[3], "changed"), *docs(5, seed=7)]
-    verdict = NearDup(seen=seen)(Rows(make_table(new, ids=[f"new{i}" for i in range(6)])))
+    verdict = NearDup(seen=seen)(ConversationBatch(make_table(new, ids=[f"new{i}" for i in range(6)])))
     assert verdict.reason.tolist() == ["near_duplicate"] + [""] * 5 and verdict.dup_of[0] == "old7"
-    streamed = first(Rows(make_table(new, ids=[f"a-longer-id-than-twenty-bytes-{i}" for i in range(6)])))
+    streamed = first(ConversationBatch(make_table(new, ids=[f"a-longer-id-than-twenty-bytes-{i}" for i in range(6)])))
     assert streamed.reason.tolist() == verdict.reason.tolist() and len(first.index) == 55   # batch to batch
     assert first.index.ids[-1].decode() == "a-longer-id-than-twenty-bytes-5"
 
@@ -122,7 +122,7 @@ def test_near_dup_seen_index_drops_copies_of_curated_rows(tmp_path):
 def test_near_dup_memory_is_bounded_per_row():
     block = NearDup()
     assert lsh_bands(0.8, 128) == (18, 7) and block.bytes_per_row == 220 <= 300
-    block(Rows(make_table(docs(100, seed=8))))
+    block(ConversationBatch(make_table(docs(100, seed=8))))
     assert block.index.nbytes / len(block.index) == 220
 
 
@@ -138,18 +138,18 @@ def test_semantic_dup_keeps_first_of_each_group(cluster_rows):
     near = unit(base[:40] + 0.02 * rng.normal(size=(40, 32)))
     vectors = np.concatenate([base, near])
     table = make_table([f"row {i}" for i in range(440)])
-    verdict = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table), embeddings=vectors)
+    verdict = SemanticDup(0.95, cluster_rows=cluster_rows)(ConversationBatch(table), embeddings=vectors)
     assert set(np.flatnonzero(verdict.reason != "")) == set(range(400, 440))
     assert set(verdict.reason[400:]) == {"semantic_duplicate"}
     assert verdict.dup_of[400:].tolist() == [f"id{i:05d}" for i in range(40)]
-    again = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table), embeddings=vectors)
+    again = SemanticDup(0.95, cluster_rows=cluster_rows)(ConversationBatch(table), embeddings=vectors)
     assert again.dup_of.tolist() == verdict.dup_of.tolist()
     order = np.random.default_rng(1).permutation(440)
-    shuffled = SemanticDup(0.95, cluster_rows=cluster_rows)(Rows(table.take(pa.array(order))),
+    shuffled = SemanticDup(0.95, cluster_rows=cluster_rows)(ConversationBatch(table.take(pa.array(order))),
                                                            embeddings=vectors[order])
     assert (shuffled.reason != "").sum() == 40       # one of each planted pair, whichever comes first
     with pytest.raises(ValueError):
-        SemanticDup(0.95)(Rows(table), embeddings=vectors[:10])
+        SemanticDup(0.95)(ConversationBatch(table), embeddings=vectors[:10])
 
 
 # ----------------------------------------------------------------------------- decontamination
@@ -166,7 +166,7 @@ def test_decontaminate_13_grams_and_short_texts():
     ]
     answers = ["a", "a", "a", "e7", "a", "yes"]                            # "yes" as an answer: clean
     block = Decontaminate(evals)
-    verdict = block(Rows(make_table(prompts, answers)))
+    verdict = block(ConversationBatch(make_table(prompts, answers)))
     assert verdict.reason.tolist() == ["contaminated", "", "contaminated", "contaminated", "contaminated", ""]
     assert block.stats.dropped == 4
 
@@ -175,7 +175,7 @@ def test_decontaminate_13_grams_and_short_texts():
 def test_filters_default_is_conservative_and_names_rules(tmp_path):
     prompts = ["What is 12 + 7?", "spam " * 80, "\n".join(["the same line again and again"] * 20),
                "#$%^&*()!@#$%^&*()_+{}|:<>?", "Explain why the sky is blue in one short paragraph."]
-    verdict = Filters(FilterRules.default())(Rows(make_table(prompts, ["19", "x", "y", "z", "Rayleigh scattering."])))
+    verdict = Filters(FilterRules.default())(ConversationBatch(make_table(prompts, ["19", "x", "y", "z", "Rayleigh scattering."])))
     assert verdict.reason.tolist() == ["", "filtered:ngram_repetition", "filtered:line_repetition",
                                        "filtered:non_alpha", ""]
     assert FilterRules.from_spec("none") is None
@@ -183,7 +183,7 @@ def test_filters_default_is_conservative_and_names_rules(tmp_path):
     rules.write_text("min_words: 4\nlanguage: {allow: [en], min_confidence: 0.5, min_chars: 20}\n")
     texts = ["Short one", "Dies ist ein deutscher Satz über das Wetter und die Berge im Sommer.",
              "This sentence is written in plain English about the weather."]
-    verdict = Filters(FilterRules.from_spec(rules))(Rows(make_table(texts, ["ok"] * 3)))
+    verdict = Filters(FilterRules.from_spec(rules))(ConversationBatch(make_table(texts, ["ok"] * 3)))
     assert verdict.reason.tolist() == ["filtered:min_words", "filtered:language", ""]
     (tmp_path / "bad.yaml").write_text("max_wordz: 3\n")
     with pytest.raises(ValueError, match="unknown filter rules"):
@@ -200,12 +200,12 @@ def test_pii_kinds_and_modes():
     prompts = ["write to ann@example.org", "card 4111-1111-1111-1111", "card 4111 1111 1111 1112 is not valid",
                "host 10.0.0.12, phone (415) 555-0199", "token ghp_" + "A" * 36, "what is 123456 * 789?"]
     table = make_table(prompts)
-    flag = Pii("flag")(Rows(table))
+    flag = Pii("flag")(ConversationBatch(table))
     assert flag.columns["dpsel_pii"].to_pylist() == [["email"], ["card"], ["phone"], ["ip", "phone"], ["key"], []]
     assert (flag.reason == "").all()
-    drop = Pii("drop")(Rows(table))
+    drop = Pii("drop")(ConversationBatch(table))
     assert drop.reason.tolist() == ["pii"] * 5 + [""]
-    redacted = Pii("redact")(Rows(table)).columns["dpsel_messages"].to_pylist()
+    redacted = Pii("redact")(ConversationBatch(table)).columns["dpsel_messages"].to_pylist()
     assert [r[0]["content"] for r in redacted][:2] == ["write to [EMAIL]", "card [CARD]"]
     assert redacted[3][0]["content"] == "host [IP], phone [PHONE]"
     assert redacted[0][1] == {"role": "assistant", "content": "ok"}
@@ -245,7 +245,7 @@ def test_pipeline_exact_reader_verdicts_semantic_and_redact():
     assert outcome.reason.tolist() == ["", "duplicate", "invalid", ""] and outcome.dup_of[1] == "i0"
     messages = outcome.columns["dpsel_messages"].to_pylist()
     assert messages[3][0]["content"] == "mail [EMAIL]" and messages[2][0]["content"] == "d e f"
-    in_memory = Exact()(Rows(make_table(["x", "x", "y"], ids=["a", "a", "b"])))
+    in_memory = Exact()(ConversationBatch(make_table(["x", "x", "y"], ids=["a", "a", "b"])))
     assert in_memory.reason.tolist() == ["", "duplicate", ""] and in_memory.dup_of[1] == "a"
     with pytest.raises(ValueError, match="order"):
         run_stages(table, list(reversed(blocks)))
@@ -270,7 +270,7 @@ def test_near_dup_verdicts_are_the_same_with_spilled_sketches(tmp_path):
     """The clustering reads the sketches of candidate pairs back from the spill: the same keepers as held."""
     from dpsel.stages.near_dup import SpilledSketch
     near = NearDup()
-    held, empty = near.extended(Rows(make_table(planted()[0])))
+    held, empty = near.extended(ConversationBatch(make_table(planted()[0])))
     spilled = SpilledSketch(tmp_path / "s.u8", near.num_perm)
     spilled[0:len(held)] = held.sketch
     again = NearDupIndex(held.ids, held.bands, spilled)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from dpsel.curation.rows import Rows
+from dpsel.curation.rows import RunRows
 from dpsel.data.schema import MESSAGE_TYPE
 from dpsel.outputs import curated_table, set_columns
 from dpsel.stages.pii import redact_text_columns
 
 
-def finish_curated(table: pa.Table, rows: Rows, input_rows: np.ndarray) -> pa.Table:
+def finish_curated(table: pa.Table, rows: RunRows, input_rows: np.ndarray) -> pa.Table:
     """`table` (curated rows that are the run's rows `input_rows`, in order) with the stages' verdicts added."""
     taken = pa.array(np.asarray(input_rows, np.int64), pa.int64())
     extra = {}
@@ -23,7 +23,7 @@ def finish_curated(table: pa.Table, rows: Rows, input_rows: np.ndarray) -> pa.Ta
     return redact_text_columns(table, skip=("dpsel_id",)) if rows.redacted is not None else table
 
 
-def curated_rows_table(rows: Rows, weights: np.ndarray, kept: np.ndarray) -> pa.Table:
+def curated_rows_table(rows: RunRows, weights: np.ndarray, kept: np.ndarray) -> pa.Table:
     """The finished curated table of `rows`' `kept` rows (a whole run, or one streamed batch)."""
     kept = np.asarray(kept, bool)
     messages = rows.data.message_array(kept) if rows.redacted is None else None   # redacted ones: finish_curated

@@ -13,14 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpsel.curation.curated import finish_curated
-from dpsel.curation.rows import Rows
+from dpsel.curation.rows import RunRows
 from dpsel.outputs import (CURATED_PART_SUFFIX, curated_part_name, curated_table, read_curated_part,
                            with_run_id, write_curated_part)
 
 GROUP_ROWS = 65536   # rows read and written at a time (the local engine's streamed batch)
 
 
-def merge_curated_parts(parts: Path, target: Path, rows: Rows, scored: np.ndarray, keep: np.ndarray,
+def merge_curated_parts(parts: Path, target: Path, rows: RunRows, scored: np.ndarray, keep: np.ndarray,
                         run_id: str) -> None:
     """Write `target` from the part files in `parts` (which hold the `scored` input rows, in order), keeping
     the `keep` rows (per input row); `parts` is removed. A part missing, extra or out of place is an error."""
@@ -35,7 +35,7 @@ def merge_curated_parts(parts: Path, target: Path, rows: Rows, scored: np.ndarra
     shutil.rmtree(parts)
 
 
-def _write_kept(files: list[Path], target: Path, rows: Rows, scored_rows: np.ndarray, keep: np.ndarray,
+def _write_kept(files: list[Path], target: Path, rows: RunRows, scored_rows: np.ndarray, keep: np.ndarray,
                 run_id: str) -> int:
     """The kept rows of the part files, in order, into `target`, a row group per ~`GROUP_ROWS` rows read
     (the actors' small blocks as row groups would make the file slower to write and to read); returns how

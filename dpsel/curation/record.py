@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from dpsel.curation.curated import curated_rows_table
-from dpsel.curation.rows import Rows, as_path_list, count_rows, final_reasons
+from dpsel.curation.rows import RunRows, as_path_list, count_rows, final_reasons
 from dpsel.curation.rules import SelectionRule, effective_thresholds
 from dpsel.data import GROUP_COLUMNS
 from dpsel.io import write_parquet_atomic
@@ -34,7 +34,7 @@ class CurationResult:
 
 # Writing a run
 # ------------------------------------------------------------------------------------------------
-def inputs_entry(paths, rows: Rows) -> dict:
+def inputs_entry(paths, rows: RunRows) -> dict:
     return input_files_entry(paths, rows.n, rows.data.shape, rows.data.files)
 
 
@@ -43,7 +43,7 @@ def input_files_entry(paths, n: int, shape, files) -> dict:
             "files": [{"path": f.path, "rows": f.rows, "sha256": f.sha256} for f in files]}
 
 
-def _group_stats(rows: Rows, weights: np.ndarray, keep: np.ndarray, extra_column: str | None) -> dict:
+def _group_stats(rows: RunRows, weights: np.ndarray, keep: np.ndarray, extra_column: str | None) -> dict:
     """Per task/source (and the grouping column): rows, mean weight, kept share, and the share of the total
     weight mass (the mixture weight of that group under weighted fine-tuning)."""
     from dpsel.report import group_summary   # plotting is imported only when a run is written
@@ -68,7 +68,7 @@ class Run:
     command: str
     method: str
     config: dict
-    rows: Rows
+    rows: RunRows
     inputs: dict
     weights: np.ndarray
     stds: np.ndarray

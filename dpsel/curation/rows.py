@@ -22,7 +22,10 @@ from dpsel.errors import DpselInputError
 log = logging.getLogger(__name__)
 
 @dataclass
-class Rows:
+class RunRows:
+    """A run's rows and each row's verdict: the input, ids, reasons, file positions, whether it is usable, and
+    what the stages added (not to be confused with the data layer's `NormalRows`, one batch in normal form, or
+    the stages' `ConversationBatch`, the table their blocks read)."""
     data: InstructionSet
     ids: list[str]
     reasons: list[str]          # "" | invalid | duplicate (from the data layer) | a stage's reason
@@ -89,13 +92,13 @@ def preview_text(messages: list[dict] | None) -> str:
     return f"{user.strip()[:70]} → {answer.strip()[:50]}"
 
 
-def read_rows(paths) -> Rows:
+def read_rows(paths) -> RunRows:
     return rows_from(read_instruction_set(as_path_list(paths)))
 
 
-def rows_from(data: InstructionSet) -> Rows:
+def rows_from(data: InstructionSet) -> RunRows:
     """The row view curation works on, from a columnar instruction set (no pandas frame is built)."""
-    return Rows(data=data, ids=data.id_list(), reasons=data.reasons.tolist(), details=data.details.to_pylist(),
+    return RunRows(data=data, ids=data.id_list(), reasons=data.reasons.tolist(), details=data.details.to_pylist(),
                 files=data.file_paths().tolist(), file_rows=data.file_rows, usable=data.usable_mask())
 
 
@@ -105,7 +108,7 @@ def as_path_list(paths) -> list[str]:
     return [str(p) for p in paths]
 
 
-def drop_meta_duplicates(rows: Rows) -> dict:
+def drop_meta_duplicates(rows: RunRows) -> dict:
     """Exact duplicates in the trusted meta set are common and harmless: score against the first copy only,
     and say so (log + manifest). Returns {"count", "rows": [{file, row, first}]} for the manifest."""
     first = rows.first_occurrence()
@@ -118,7 +121,7 @@ def drop_meta_duplicates(rows: Rows) -> dict:
     return {"count": len(dropped), "rows": dropped[:100]}
 
 
-def require_all_usable(rows: Rows, what: str) -> None:
+def require_all_usable(rows: RunRows, what: str) -> None:
     """The meta set is trusted: a bad or repeated row there is the user's error, not something to drop."""
     for i, reason in enumerate(rows.reasons):
         if reason:
@@ -135,7 +138,7 @@ def check_weights(weights: np.ndarray, stds: np.ndarray, source: str) -> None:
         raise RuntimeError(f"{source} returned negative or non-finite weight std")
 
 
-def spread_scores(rows: Rows, usable_mean: np.ndarray, usable_std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def spread_scores(rows: RunRows, usable_mean: np.ndarray, usable_std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scores of the usable rows -> every input row: invalid 0 (std 0), duplicates their first occurrence's."""
     mean, std = np.zeros(rows.n), np.zeros(rows.n)
     mean[rows.usable], std[rows.usable] = usable_mean, usable_std
@@ -145,7 +148,7 @@ def spread_scores(rows: Rows, usable_mean: np.ndarray, usable_std: np.ndarray) -
     return mean, std
 
 
-def final_reasons(rows: Rows, keep: np.ndarray, weights: np.ndarray,
+def final_reasons(rows: RunRows, keep: np.ndarray, weights: np.ndarray,
                   rule: SelectionRule, cutoff: float | None) -> tuple[list[str], list[str]]:
     """Drop reason and detail per row: the data layer's (invalid/duplicate) first, then low_weight."""
     return final_reasons_of(rows.reasons, rows.details, keep, weights, rule, cutoff)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import dpsel.resume.checkpoints as checkpoint
 from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
-from dpsel.curation.rows import (Rows, as_path_list, check_weights, drop_meta_duplicates, read_rows,
+from dpsel.curation.rows import (RunRows, as_path_list, check_weights, drop_meta_duplicates, read_rows,
                                  require_all_usable, spread_scores)
 from dpsel.curation.rules import apply_rule, make_rule
 from dpsel.curation.stages import apply_stages
@@ -103,7 +103,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     return result
 
 
-def _read_inputs(train, meta, out: Path, truth) -> tuple[Rows, Rows, dict]:
+def _read_inputs(train, meta, out: Path, truth) -> tuple[RunRows, RunRows, dict]:
     """The training and meta rows, checked before any work: a clean meta set (its exact duplicates dropped
     and recorded), outputs that overwrite no input, a truth file that matches the training rows."""
     train_rows = read_rows(train)
@@ -118,7 +118,7 @@ def _read_inputs(train, meta, out: Path, truth) -> tuple[Rows, Rows, dict]:
     return train_rows, meta_rows, meta_duplicates
 
 
-def open_checkpoints(out: Path, method: str, config: SelectConfig, train_rows: Rows, meta_rows: Rows,
+def open_checkpoints(out: Path, method: str, config: SelectConfig, train_rows: RunRows, meta_rows: RunRows,
                      restart: bool, stages: StagesConfig | None = None) -> checkpoint.Checkpoints:
     """This run's checkpoints beside `out`; a checkpoint of a run with another config, input or stages (they
     decide which rows selection sees) is refused."""

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from dpsel.curation.rows import Rows, as_path_list
+from dpsel.curation.rows import RunRows, as_path_list
 from dpsel.data import read_instruction_set
 from dpsel.errors import DpselInputError
-from dpsel.stages.base import Rows as StageRows
+from dpsel.stages.base import ConversationBatch
 from dpsel.stages.near_dup import NearDup, NearDupIndex
 from dpsel.stages.options import StagesConfig
 from dpsel.stages.pii import COLUMN as PII_COLUMN
@@ -35,7 +35,7 @@ def _messages(data, usable: np.ndarray) -> pa.ChunkedArray:
     return data.message_array(usable, everywhere=True)
 
 
-def conversation_table(rows: Rows) -> pa.Table:
+def conversation_table(rows: RunRows) -> pa.Table:
     """The rows as the stages read them: id, messages and the reader's reason."""
     return pa.table({"dpsel_id": pa.array(rows.ids, pa.string()), _MESSAGES: _messages(rows.data, rows.usable),
                      "dpsel_reason": pa.array(rows.reasons, pa.string())})
@@ -47,7 +47,7 @@ def eval_texts(paths: list[str]) -> pa.Array:
     for path in paths:
         data = read_instruction_set(as_path_list(path))
         usable = data.usable_mask()
-        texts.append(StageRows(pa.table({"dpsel_id": data.ids, _MESSAGES: _messages(data, usable)})).text
+        texts.append(ConversationBatch(pa.table({"dpsel_id": data.ids, _MESSAGES: _messages(data, usable)})).text
                      .filter(pa.array(usable)))
     return pa.concat_arrays([t.cast(pa.string()) for t in texts])
 
@@ -66,7 +66,7 @@ def _resolve_chains(ids: list[str], reason: np.ndarray, dup_of: np.ndarray, drop
     return dup_of
 
 
-def conversation_embeddings(rows: Rows, spec: str) -> np.ndarray:
+def conversation_embeddings(rows: RunRows, spec: str) -> np.ndarray:
     """Per row, the normalised sum of its question and answer embeddings (zeros for unusable rows). They go
     through the per-row-id cache that bads' evidence reads, so a run embeds each row once."""
     from dpsel.models.embedder import EmbedderUnavailable, load_embedder
@@ -83,7 +83,7 @@ def conversation_embeddings(rows: Rows, spec: str) -> np.ndarray:
     return vectors
 
 
-def apply_stages(rows: Rows, config: StagesConfig, embedder: str = "default",
+def apply_stages(rows: RunRows, config: StagesConfig, embedder: str = "default",
                  seen: NearDupIndex | None = None) -> NearDupIndex | None:
     """Run the stages on `rows` and record their verdicts in it; returns the near-dup index of the kept rows
     (None without the near-dup stage). `embedder`: the semantic-dup stage's sentence embedder."""
@@ -95,7 +95,7 @@ def apply_stages(rows: Rows, config: StagesConfig, embedder: str = "default",
     return near_dup.index if near_dup is not None else None
 
 
-def record_stages(rows: Rows, config: StagesConfig, blocks: list, embeddings: np.ndarray | None = None,
+def record_stages(rows: RunRows, config: StagesConfig, blocks: list, embeddings: np.ndarray | None = None,
                   dropped: dict | None = None) -> None:
     """Run `blocks` (built once per run: their state and statistics carry over from batch to batch) on `rows`
     and record their verdicts in it. `dropped`: see `_resolve_chains`."""

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from dpsel.curation.curated import curated_rows_table
 from dpsel.curation.record import CurationResult, Run, finish_run, staged_run
-from dpsel.curation.rows import Rows, as_path_list, check_weights, counts_of, final_reasons_of, preview_text, rows_from
+from dpsel.curation.rows import RunRows, as_path_list, check_weights, counts_of, final_reasons_of, preview_text, rows_from
 from dpsel.curation.rules import SelectionRule, apply_rule, effective_thresholds
 from dpsel.curation.stages import conversation_table, eval_texts, record_stages
 from dpsel.data import GROUP_COLUMNS, REASON_DUPLICATE, FileInfo, expand_paths
@@ -40,7 +40,7 @@ from dpsel.data.schema import PlannedFile, plan_files
 from dpsel.io import file_sha256
 from dpsel.outputs import CURATED_FILE, SCORES_FILE, scores_table, with_run_id
 from dpsel.select.base import ProgressFn
-from dpsel.stages.base import Rows as StageRows
+from dpsel.stages.base import ConversationBatch
 from dpsel.stages.near_dup import NearDup, NearDupIndex, NearDupVerdicts, SpilledSketch
 from dpsel.stages.options import StagesConfig
 from dpsel.stages.pipeline import build_blocks
@@ -73,7 +73,7 @@ def plan_input(inputs) -> InputPlan:
     return InputPlan(as_path_list(inputs), planned, input_schema(planned), files)
 
 
-def score_in_chunks(scorer, rows: Rows, usable_idx: np.ndarray,
+def score_in_chunks(scorer, rows: RunRows, usable_idx: np.ndarray,
                     progress: ProgressFn | None) -> tuple[np.ndarray, np.ndarray]:
     """The scorer's weights for the usable rows, a chunk of rows at a time (messages built per chunk)."""
     mean, std = np.zeros(len(usable_idx)), np.zeros(len(usable_idx))
@@ -130,7 +130,7 @@ class _Groups:
         self.numbers = {c: {} for c in columns}
         self.codes = {c: [] for c in columns}
 
-    def add(self, rows: Rows) -> None:
+    def add(self, rows: RunRows) -> None:
         for column, numbers in self.numbers.items():
             values = rows.group_values(column).tolist()
             self.codes[column].append(np.array([numbers.setdefault(v, len(numbers)) for v in values], np.int32))
@@ -187,7 +187,7 @@ def _cluster_streamed(plan: InputPlan, near: NearDup, index: NearDupIndex, seen:
     start_index, empty, at = index, np.zeros(seen + plan.n, bool), seen
     for nb in iter_planned(plan.planned, batch_rows):
         rows = rows_from(batch_set(nb, plan.planned, plan.files, plan.schema))
-        alive = StageRows(conversation_table(rows).filter(pa.array(rows.usable)))
+        alive = ConversationBatch(conversation_table(rows).filter(pa.array(rows.usable)))
         index = near.grown(index, alive, plan.n if index is start_index else 0)
         at = near.sign_into(index, empty, at, alive)
     signed = NearDupIndex(index.ids[:at], index.bands[:at], index.sketch[:at])
@@ -208,7 +208,7 @@ class _Totals:
     texts: dict[int, str] = field(default_factory=dict)
     score_s: float = 0.0
 
-    def spread(self, rows: Rows, start: int, mean: np.ndarray, std: np.ndarray) -> slice:
+    def spread(self, rows: RunRows, start: int, mean: np.ndarray, std: np.ndarray) -> slice:
         """This batch's weights into the totals: usable rows their own, exact duplicates their first
         occurrence's (anywhere earlier in the input), other rows 0."""
         span = slice(start, start + rows.n)
@@ -219,7 +219,7 @@ class _Totals:
         self.weights[span][dup], self.stds[span][dup] = self.weights[first], self.stds[first]
         return span
 
-    def pick_previews(self, rows: Rows, start: int) -> None:
+    def pick_previews(self, rows: RunRows, start: int) -> None:
         """Keep the preview texts of the rows the report will show, as if it saw every row at once."""
         from dpsel.report import example_rows
         merged = np.concatenate([self.candidates, start + np.flatnonzero(rows.usable)])
@@ -233,7 +233,7 @@ class _Totals:
         self.texts.update(zip(new.tolist(), (preview_text(m) for m in rows.data.messages(mask))))
 
 
-def _parts(rows: Rows, weights: np.ndarray, stds: np.ndarray, keep: np.ndarray, reasons: list[str],
+def _parts(rows: RunRows, weights: np.ndarray, stds: np.ndarray, keep: np.ndarray, reasons: list[str],
            details: list[str], curated_rows: np.ndarray) -> tuple[pa.Table, pa.Table]:
     """A batch's part of scores.parquet (every row) and of curated.parquet (the `curated_rows`)."""
     curated = curated_rows_table(rows, weights, curated_rows)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from dpsel.curation.rows import Rows
+from dpsel.curation.rows import RunRows
 from dpsel.errors import DpselInputError
 
 
@@ -34,7 +34,7 @@ def auroc_by_kind(kind: np.ndarray, weights: np.ndarray, kinds: Iterable[str] | 
     return result
 
 
-def load_truth(truth_path, rows: Rows) -> tuple[str, np.ndarray]:
+def load_truth(truth_path, rows: RunRows) -> tuple[str, np.ndarray]:
     """Read and check a truth file against the training rows (before the work starts): its path and the
     corruption kind of every row, in row order."""
     import pandas as pd
@@ -58,7 +58,7 @@ def load_truth(truth_path, rows: Rows) -> tuple[str, np.ndarray]:
     return path, truth["kind"].astype(str).to_numpy()
 
 
-def truth_auroc(truth_path, rows: Rows, weights: np.ndarray, keep: np.ndarray) -> dict:
+def truth_auroc(truth_path, rows: RunRows, weights: np.ndarray, keep: np.ndarray) -> dict:
     """AUROC of the mean weight for clean vs corrupted rows, overall and per corruption kind, over the rows
     the method scored (duplicates are never scored, so they get no AUROC; their kept fraction still shows);
     plus the kept fraction of every kind over all rows."""

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpsel.data.columnar import Rows, messages_with_overrides
+from dpsel.data.columnar import NormalRows, messages_with_overrides
 from dpsel.data.paths import ResolvedFile
 from dpsel.data.reasons import REASON_CODES
 from dpsel.data.reference import RowProblem
@@ -22,7 +22,7 @@ class NormalizedBatch:
     the messages of the rows the per-row reference built."""
 
     def __init__(self, file: ResolvedFile, shape: Shape, batch: pa.RecordBatch, start_row: int,
-                 start_row_in_file: int, rows: Rows, id_array: pa.Array, row_problems: dict[int, RowProblem],
+                 start_row_in_file: int, rows: NormalRows, id_array: pa.Array, row_problems: dict[int, RowProblem],
                  overrides: dict[int, list[dict]], first_seen: np.ndarray | None):
         self.file, self.shape, self.batch = file, shape, batch
         self.start_row, self.start_row_in_file = start_row, start_row_in_file

@@ -37,7 +37,7 @@ def _chars(text: pa.Array) -> np.ndarray:
     return pc.utf8_length(text).fill_null(0).to_numpy(zero_copy_only=False)
 
 
-class Rows:
+class NormalRows:
     """One record batch's rows in normal form, columnar: `clean` marks rows the fast path proved valid;
     the rest go through the reference functions (few, in real data)."""
     shape: Shape
@@ -61,7 +61,7 @@ class Rows:
         raise NotImplementedError
 
 
-class _AlpacaRows(Rows):
+class _AlpacaNormalRows(NormalRows):
     shape = "alpaca"
 
     def __init__(self, batch):
@@ -105,7 +105,7 @@ class _AlpacaRows(Rows):
         return _chars(self.prompt), _chars(self.output)
 
 
-class _ChatRows(Rows):
+class _ChatNormalRows(NormalRows):
     shape = "chat"
 
     def __init__(self, batch):
@@ -171,21 +171,21 @@ class _ChatRows(Rows):
         return total - response, response
 
 
-def normal_rows(batch, shape: Shape) -> Rows:
-    return _AlpacaRows(batch) if shape == "alpaca" else _ChatRows(batch)
+def normal_rows(batch, shape: Shape) -> NormalRows:
+    return _AlpacaNormalRows(batch) if shape == "alpaca" else _ChatNormalRows(batch)
 
 
-def messages_with_overrides(rows: Rows, wanted: np.ndarray, overrides: dict[int, list[dict]]
+def messages_with_overrides(rows: NormalRows, wanted: np.ndarray, overrides: dict[int, list[dict]]
                              ) -> list[list[dict]]:
     fast = wanted[rows.clean[wanted]]
     built = dict(zip(fast.tolist(), rows.messages(fast)))
     return [built[k] if k in built else overrides[k] for k in wanted.tolist()]
 
 
-def message_array(rows: Rows, wanted: np.ndarray, overrides: dict[int, list[dict]], message_type: pa.DataType,
+def message_array(rows: NormalRows, wanted: np.ndarray, overrides: dict[int, list[dict]], message_type: pa.DataType,
                   everywhere: bool = False) -> pa.Array:
     """`messages_with_overrides` as one Arrow list array of `message_type`, built columnar: the clean rows from
-    `Rows.message_items`, only the override rows through Python. With `everywhere`, the array has one entry
+    `NormalRows.message_items`, only the override rows through Python. With `everywhere`, the array has one entry
     per row of the batch: the conversation of the `wanted` rows, an empty list elsewhere."""
     item_type = message_type.value_type
     fast = wanted[rows.clean[wanted]]
@@ -206,7 +206,7 @@ def message_array(rows: Rows, wanted: np.ndarray, overrides: dict[int, list[dict
                                     built.flatten())
 
 
-def verdicts(batch: pa.RecordBatch, rows: Rows
+def verdicts(batch: pa.RecordBatch, rows: NormalRows
               ) -> tuple[pa.Array, dict[int, RowProblem], dict[int, list[dict]]]:
     """Ids and problems of every row: clean rows in bulk, the others through `reference_row`."""
     n = batch.num_rows

@@ -1,6 +1,6 @@
 """The block protocol of the curation stages: a batch of rows in, a verdict per row out, statistics kept.
 
-A block (datatrove-style) sees `Rows` (a pyarrow Table of normalised rows: `dpsel_id` and the chat
+A block (datatrove-style) sees `ConversationBatch` (a pyarrow Table of normalised rows: `dpsel_id` and the chat
 messages, `dpsel_messages` as the reader writes them or `messages`) and returns a `Verdict`: per row a
 reason ("" = kept) and, for duplicates, `dup_of`, the `dpsel_id` of the row kept in its place. It may add
 columns (`dpsel_pii`, redacted messages). `Block.__call__` times the work and keeps `StageStats`.
@@ -91,7 +91,7 @@ def shingle_hashes(tokens: np.ndarray, offsets: np.ndarray, n: int) -> tuple[np.
     return splitmix64(windows.astype(np.uint64)), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
-class Rows:
+class ConversationBatch:
     """A batch of normalised rows and the views of it the blocks share (each built on first use)."""
 
     def __init__(self, table: pa.Table):
@@ -188,10 +188,10 @@ class Block:
     def __init__(self):
         self.stats = StageStats(self.name)
 
-    def decide(self, rows: Rows, **inputs) -> Verdict:
+    def decide(self, rows: ConversationBatch, **inputs) -> Verdict:
         raise NotImplementedError
 
-    def __call__(self, rows: Rows, **inputs) -> Verdict:
+    def __call__(self, rows: ConversationBatch, **inputs) -> Verdict:
         started = time.perf_counter()
         verdict = self.decide(rows, **inputs)
         if len(verdict.reason) != len(rows):

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpsel.stages.base import Block, Rows, Verdict, flat_hashes, hash_strings, shingle_hashes, words_of
+from dpsel.stages.base import Block, ConversationBatch, Verdict, flat_hashes, hash_strings, shingle_hashes, words_of
 
 REASON = "contaminated"
 CHUNK_ROWS = 16384
@@ -68,7 +68,7 @@ class Decontaminate(Block):
                       if (lengths == L).any()}                         # short eval texts, whole
         self.tiny = np.unique(_whole(words.filter(pa.array((lengths > 0) & (lengths < min_words)))))
 
-    def decide(self, rows: Rows, **_) -> Verdict:
+    def decide(self, rows: ConversationBatch, **_) -> Verdict:
         verdict = Verdict.keep_all(len(rows))
         flagged = np.zeros(len(rows), bool)
         for start in range(0, len(rows), CHUNK_ROWS):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpsel.stages.base import Block, Rows, Verdict
+from dpsel.stages.base import Block, ConversationBatch, Verdict
 
 REASON_COLUMN = "dpsel_reason"
 REASONS = ("invalid", "duplicate")
@@ -16,7 +16,7 @@ REASONS = ("invalid", "duplicate")
 class Exact(Block):
     name = "exact"
 
-    def decide(self, rows: Rows, **_) -> Verdict:
+    def decide(self, rows: ConversationBatch, **_) -> Verdict:
         verdict = Verdict.keep_all(len(rows))
         if REASON_COLUMN in rows.table.column_names:
             given = np.asarray(rows.table.column(REASON_COLUMN).to_pylist(), dtype=object)

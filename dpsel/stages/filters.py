@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import yaml
 from langid.langid import LanguageIdentifier, model
 
-from dpsel.stages.base import Block, Rows, Verdict
+from dpsel.stages.base import Block, ConversationBatch, Verdict
 
 PREFIX = "filtered:"
 GOPHER_TOP = {2: 0.20, 3: 0.18, 4: 0.16}
@@ -118,13 +118,13 @@ class Filters(Block):
         self.rules = rules
         self._identifier = None
 
-    def decide(self, rows: Rows, **_) -> Verdict:
+    def decide(self, rows: ConversationBatch, **_) -> Verdict:
         verdict = Verdict.keep_all(len(rows))
         for rule, failed in self._checks(rows):
             verdict.reason[failed & (verdict.reason == "")] = PREFIX + rule
         return verdict
 
-    def _checks(self, rows: Rows):
+    def _checks(self, rows: ConversationBatch):
         r = self.rules
         counts = np.asarray(pc.list_value_length(rows.words), np.int64)
         if r.min_words is not None:

@@ -32,7 +32,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from dpsel.data.schema import ID_COLUMN
-from dpsel.stages.base import (Block, Rows, Verdict, flat_hashes, map_blocks, shingle_hashes, splitmix64,
+from dpsel.stages.base import (Block, ConversationBatch, Verdict, flat_hashes, map_blocks, shingle_hashes, splitmix64,
                                words_of)
 
 REASON = "near_duplicate"
@@ -205,7 +205,7 @@ class NearDup(Block):
     def bytes_per_row(self) -> int:
         return self.bands * 4 + self.num_perm + ID_BYTES
 
-    def grown(self, index: NearDupIndex, rows: Rows, capacity: int = 0) -> NearDupIndex:
+    def grown(self, index: NearDupIndex, rows: ConversationBatch, capacity: int = 0) -> NearDupIndex:
         """`index` with room for `capacity` more entries (their contents unset) and ids wide enough for `rows`'
         ids (ids are never cut); `index` itself when it already has both."""
         longest = pc.max(pc.binary_length(rows.table.column(ID_COLUMN))).as_py() or 0
@@ -221,7 +221,7 @@ class NearDup(Block):
             out.sketch[:n] = index.sketch
         return out
 
-    def sign_into(self, index: NearDupIndex, empty: np.ndarray, at: int, rows: Rows) -> int:
+    def sign_into(self, index: NearDupIndex, empty: np.ndarray, at: int, rows: ConversationBatch) -> int:
         """Fill entries `at`.. of `index` (allocated by `grown`) with `rows`' ids and signatures, block by
         block (no second copy of the new entries is ever held), and `empty[at:]` with whether a row has no
         words at all (such rows never match); returns the next free entry. The signatures are computed by the
@@ -240,7 +240,7 @@ class NearDup(Block):
             raise RuntimeError(f"near-dup signatures came back for {at - start} of {len(rows)} rows")
         return at
 
-    def extended(self, rows: Rows) -> tuple[NearDupIndex, np.ndarray]:
+    def extended(self, rows: ConversationBatch) -> tuple[NearDupIndex, np.ndarray]:
         """The index with every row of `rows` appended, and per entry: no words at all."""
         out = self.grown(self.index, rows, len(rows))
         empty = np.zeros(len(out), bool)
@@ -256,7 +256,7 @@ class NearDup(Block):
         empty[seen:] |= again
         return self._keepers(everything, empty), again
 
-    def decide(self, rows: Rows, **_) -> Verdict:
+    def decide(self, rows: ConversationBatch, **_) -> Verdict:
         seen = len(self.index)
         everything, empty = self.extended(rows)
         self.index = everything              # the old index is no longer referenced: freed
@@ -325,7 +325,7 @@ class NearDupVerdicts(Block):
         if stats is not None:
             self.stats = stats
 
-    def decide(self, rows: Rows, **_) -> Verdict:
+    def decide(self, rows: ConversationBatch, **_) -> Verdict:
         keeper = self.keeper[self.at:self.at + len(rows)]
         if len(keeper) != len(rows):
             raise RuntimeError("near-dup: more rows than were signed")

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpsel.stages.base import Block, Rows, Verdict
+from dpsel.stages.base import Block, ConversationBatch, Verdict
 
 REASON = "pii"
 COLUMN = "dpsel_pii"
@@ -112,7 +112,7 @@ class Pii(Block):
             raise ValueError(f"--pii must be one of {MODES}, got {mode!r}")
         self.mode = mode
 
-    def decide(self, rows: Rows, **_) -> Verdict:
+    def decide(self, rows: ConversationBatch, **_) -> Verdict:
         _, found = scan(rows.text)
         verdict = Verdict.keep_all(len(rows))
         verdict.columns[COLUMN] = _kinds_column(found, len(rows))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from dpsel.stages.base import Block, Rows, StageStats
+from dpsel.stages.base import Block, ConversationBatch, StageStats
 from dpsel.stages.decontaminate import Decontaminate
 from dpsel.stages.exact import Exact
 from dpsel.stages.filters import FilterRules, Filters
@@ -95,7 +95,7 @@ def run_stages(table: pa.Table, blocks: Sequence[Block], embeddings: np.ndarray 
     outcome = Outcome(np.full(n, "", dtype=object), np.full(n, None, dtype=object))
     alive = np.arange(n)
     for block in blocks:
-        rows = Rows(table if len(alive) == n else table.take(pa.array(alive)))
+        rows = ConversationBatch(table if len(alive) == n else table.take(pa.array(alive)))
         inputs = {"embeddings": embeddings[alive]} if embeddings is not None else {}
         verdict = block(rows, **inputs)
         for name, values in verdict.columns.items():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from dpsel.stages.base import Block, Rows, Verdict
+from dpsel.stages.base import Block, ConversationBatch, Verdict
 
 REASON = "semantic_duplicate"
 SEED = 1234
@@ -57,7 +57,7 @@ class SemanticDup(Block):
             raise ValueError(f"semantic-dup cosine threshold must be in [-1, 1], got {threshold}")
         self.threshold, self.cluster_rows = threshold, cluster_rows
 
-    def decide(self, rows: Rows, embeddings: np.ndarray | None = None, **_) -> Verdict:
+    def decide(self, rows: ConversationBatch, embeddings: np.ndarray | None = None, **_) -> Verdict:
         if embeddings is None:
             raise ValueError("semantic duplicates need `embeddings` (N×d, float32, L2-normalised)")
         vectors = np.ascontiguousarray(embeddings, np.float32)
