@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# the versions of the last green run (CI installs exactly these); `make upgrade-deps` refreshes them
+CONSTRAINTS ?= constraints.txt
+UPGRADE_VENV ?= .venv-upgrade
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
@@ -13,13 +16,13 @@ export PREFECT_LOGGING_LEVEL ?= WARNING
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo demo-quick test serve schedule bench-selection bench-tune clean
+.PHONY: venv demo demo-quick test upgrade-deps docs serve schedule bench-selection bench-tune clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -33,6 +36,25 @@ demo-quick: venv
 
 test: venv
 	$(PY) -m pytest
+
+# Re-resolve the newest versions pyproject.toml's ranges allow in a fresh venv, run the whole suite there, and
+# only when it is green write them to $(CONSTRAINTS) (then `make test` reinstalls from it). A red run leaves
+# $(CONSTRAINTS) as it was and $(UPGRADE_VENV) in place to look into.
+upgrade-deps:
+	rm -rf $(UPGRADE_VENV)
+	$(PYTHON) -m venv $(UPGRADE_VENV)
+	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(UPGRADE_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade -e '.[test]'
+	$(UPGRADE_VENV)/bin/python -m pytest
+	{ sed -n '1,/^[^#]/{/^#/p}' $(CONSTRAINTS); $(UPGRADE_VENV)/bin/python -m pip freeze --exclude-editable \
+	  | grep -viE '^(torch|nvidia-|triton|dpsel)([=@ ]|$$)'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf $(UPGRADE_VENV)
+
+# The reference under docs/ as a site (the suite builds it with --strict too).
+docs: venv
+	$(PY) -m mkdocs build --strict --site-dir site
 
 # A real Prefect server with its UI at http://127.0.0.1:4200 (see README, "Scheduled curation").
 serve: venv
@@ -49,4 +71,4 @@ bench-tune: venv
 	$(PY) benchmarks/tune.py
 
 clean:
-	rm -rf runs .prefect .pytest_cache
+	rm -rf runs .prefect .pytest_cache site $(UPGRADE_VENV)
