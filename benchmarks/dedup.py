@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dedup_workers import LOOSE, ROOT, THRESHOLD, WORKERS, run_worker
+from stats import table, write_report
 
 TEMPLATES = ("{t}", "### Instruction:\n{t}\n\n### Response:", "Question: {t}\nAnswer:", "<|user|>\n{t}")
 RESULTS = Path(__file__).parent / "results"
@@ -173,16 +174,17 @@ def write_pool(folder: Path, texts: list[str], evals: list[str]) -> list[str]:
 
 def _markdown(report: dict) -> str:
     lines = [f"# Near-duplicate removal: {report['rows']:,} rows, threshold {THRESHOLD}", "",
-             report["note"], "",
-             "| method | bands×rows | dropped | precision | recall | recall (J≥0.8 copies) | rows/s (1 core) "
-             "| peak RSS MB | RSS after load MB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             report["note"], ""]
+    rows = []
     for name, r in report["methods"].items():
         if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
+            rows.append(f"| {name} | skipped: {r['skipped']} | | | | | | | |")
             continue
         mark = " (earlier run, same pool)" if r.get("reused") else ""
-        lines.append(f"| {name}{mark} | {r['bands_x_rows']} | {r['dropped']} | {r['precision']} | {r['recall']} | "
-                     f"{r['recall_reachable']} | {r['rows_per_s']:,} | {r['peak_rss_mb']} | {r['start_rss_mb']} |")
+        rows.append([f"{name}{mark}", r["bands_x_rows"], r["dropped"], r["precision"], r["recall"],
+                     r["recall_reachable"], f"{r['rows_per_s']:,}", r["peak_rss_mb"], r["start_rss_mb"]])
+    lines += table(["method", "bands×rows", "dropped", "precision", "recall", "recall (J≥0.8 copies)", "rows/s (1 core)",
+                    "peak RSS MB", "RSS after load MB"], rows, align="l" * 9)
     d = report["dpsel_extra"]
     lines += ["", f"dpsel near-dup state: {d['declared_bytes_per_row']} bytes/row declared, "
               f"{d['state_bytes_per_row']:.0f} measured (index arrays / rows)."]
@@ -210,7 +212,7 @@ def _run_state(folder: Path, rows: int, env: dict) -> dict | None:
 
 def _reuse(args, methods: dict, misses: dict) -> None:
     """Entries of methods not run this time, from the last report on the same pool (marked `reused`)."""
-    path = RESULTS / f"{args.name}.json"
+    path = args.out / f"{args.name}.json"
     if not args.reuse or not path.exists():
         return
     old = json.loads(path.read_text())
@@ -232,6 +234,7 @@ def main() -> None:
     parser.add_argument("--methods", default=f"dpsel,dpsel@{LOOSE},datatrove,data_juicer")
     parser.add_argument("--state-rows", type=int, default=1_000_000, help="near-dup state/clustering check")
     parser.add_argument("--name", default="dedup", help="results file name (e.g. dedup-1m for a 1M-row run)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the entries of methods not run now from results/dedup.json (same rows and seed)")
     args = parser.parse_args()
@@ -276,9 +279,7 @@ def main() -> None:
                        "(it takes bands, not a threshold; their S-curve's midpoint is 0.72, so dpsel is also run at "
                        f"{LOOSE}); Data-Juicer with jaccard_threshold=0.8. Peak RSS of dpsel: near-dup only "
                        "(before its decontamination pass).")}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(_markdown(report))
+    write_report(args.out / args.name, report, _markdown(report))
     print(_markdown(report))
 
 

@@ -10,17 +10,17 @@ mean ± sample sd over the repeats. The distillation itself is timed when this s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from stats import mean_sd, pm, ratio, table, write_report  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -43,9 +43,7 @@ def rows_per_second(embedder, rows: list, repeats: int) -> dict:
         embedder.encode(questions)
         embedder.encode(answers)
         rates.append(len(rows) / (time.perf_counter() - started))
-    v = np.asarray(rates)
-    return {"rows": len(rows), "repeats": repeats, "rows_per_second": {
-        "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}}
+    return {"rows": len(rows), "repeats": repeats, "rows_per_second": mean_sd(rates)}
 
 
 def main(argv=None) -> dict:
@@ -78,10 +76,8 @@ def main(argv=None) -> dict:
         report["embedders"]["static" if embedder.distilled_from else "minilm"] = entry
         print(f"{embedder.name}: {entry['rows_per_second']['mean']:.1f} rows/s", flush=True)
     speeds = {k: e["rows_per_second"]["mean"] for k, e in report["embedders"].items()}
-    report["speedup"] = speeds["static"] / speeds["minilm"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "embed_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "embed_speed.md").write_text(markdown(report))
+    report["speedup"] = ratio(speeds["static"], speeds["minilm"])
+    write_report(args.out / "embed_speed", report, markdown(report))
     print(markdown(report))
     return report
 
@@ -91,11 +87,9 @@ def markdown(report: dict) -> str:
              f"Real-text rows (question + docstring answer, 2 texts a row), one torch thread, {report['cpus']} CPUs "
              "on the machine shared with other jobs; rows/s mean ± sd over repeats "
              "(`python benchmarks/embed_speed.py --static DIR`).", "",
-             "| embedder | dims | rows timed | rows/s | hours for 1M rows |", "|---|---|---|---|---|"]
-    for key, e in report["embedders"].items():
-        r = e["rows_per_second"]
-        lines.append(f"| {key} ({e['name']}) | {e['dims']} | {e['rows']} × {e['repeats']} | "
-                     f"{r['mean']:.1f} ± {r['sd']:.1f} | {1e6 / r['mean'] / 3600:.2f} |")
+             *table(["embedder", "dims", "rows timed", "rows/s", "hours for 1M rows"],
+                    [[f"{key} ({e['name']})", e["dims"], f"{e['rows']} × {e['repeats']}", pm(e["rows_per_second"], 1),
+                      f"{1e6 / e['rows_per_second']['mean'] / 3600:.2f}"] for key, e in report["embedders"].items()])]
     lines += ["", f"Static / MiniLM: {report['speedup']:.0f}× the rows per second."]
     if report["distil_seconds"] is not None:
         lines.append(f"Distillation (`dpsel embedder distil`, one thread): {report['distil_seconds']:.0f} s.")

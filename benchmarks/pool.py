@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from scale import case_ceiling, case_filter_data, case_read, case_validate, make_pool  # noqa: E402
-from scale import run_child as run_script_child, write_report  # noqa: E402
+from scale import run_child as run_script_child  # noqa: E402
+from stats import ratio, table, write_report  # noqa: E402
 from peft_train.memory import current_rss, peak_rss  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "cache"
@@ -139,7 +140,7 @@ def row(rows: int, case: str, result: dict, ceiling: dict | None) -> dict:
            "peak_rss_mb": round(result["peak_rss"] / 2**20, 1), "base_rss_mb": round(result["base_rss"] / 2**20, 1),
            "bytes_per_row_beyond_fixed": round((result["peak_rss"] - result["base_rss"]) / rows, 1)}
     if ceiling is not None:
-        out["ratio_to_ceiling"] = round(rate / (rows / ceiling["seconds"]), 3)
+        out["ratio_to_ceiling"] = ratio(rate, rows / ceiling["seconds"], 3)
     out.update({k: result[k] for k in ("read_s", "stages", "timings", "kept", "auroc") if k in result})
     return out
 
@@ -156,7 +157,7 @@ def slopes(by_case: dict, sizes: list[int]) -> dict:
             continue
         a, b = per_size[small], per_size[large]
         per_row = (b["seconds"] - a["seconds"]) / (large - small)
-        out[case] = {"from_rows": small, "to_rows": large, "peak_rss_growth": round(b["peak_rss_mb"] / a["peak_rss_mb"], 2),
+        out[case] = {"from_rows": small, "to_rows": large, "peak_rss_growth": ratio(b["peak_rss_mb"], a["peak_rss_mb"], 2),
                      "bytes_per_extra_row": round((b["peak_rss_mb"] - a["peak_rss_mb"]) * 2**20 / (large - small), 1),
                      "seconds_per_extra_row": round(per_row, 6)}
         if case in MODEL_CASES:
@@ -168,25 +169,26 @@ def markdown(report: dict) -> str:
     lines = ["# Real pools end to end (benchmarks/pool.py)", "",
              f"Machine: {report['machine']}; threads: {report['threads']}; Arrow pool: {report['arrow_pool']}; "
              f"{report['when']}; the whole run took {report['total_s']:.0f} s.", "",
-             "| rows | case | seconds | rows/s | × pyarrow ceiling | peak RSS MB | RSS after imports MB | bytes/row beyond fixed |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in report["table"]:
-        lines.append(f"| {r['rows']:,} | {r['case']} | {r['seconds']} | {r['rows_per_s']:,} | {r.get('ratio_to_ceiling', '-')} "
-                     f"| {r['peak_rss_mb']} | {r['base_rss_mb']} | {r['bytes_per_row_beyond_fixed']} |")
-    lines += ["", "Growth between the two sizes of each case (data cases: 100k → 1M; model cases: the two model sizes):", "",
-              "| case | rows | peak RSS growth | bytes per extra row | seconds per extra row | 1M rows, extrapolated |",
-              "| --- | --- | ---: | ---: | ---: | ---: |"]
+             *table(["rows", "case", "seconds", "rows/s", "× pyarrow ceiling", "peak RSS MB", "RSS after imports MB",
+                     "bytes/row beyond fixed"],
+                    [[f"{r['rows']:,}", r["case"], r["seconds"], f"{r['rows_per_s']:,}", r.get("ratio_to_ceiling", "-"),
+                      r["peak_rss_mb"], r["base_rss_mb"], r["bytes_per_row_beyond_fixed"]] for r in report["table"]],
+                    align="rlrrrrrr")]
+    slope_rows = []
     for case, s in report["slopes"].items():
         extra = s.get("extrapolated_seconds_at_1m")
-        lines.append(f"| {case} | {s['from_rows']:,} → {s['to_rows']:,} | {s['peak_rss_growth']}× | {s['bytes_per_extra_row']} "
-                     f"| {s['seconds_per_extra_row']} | {f'{extra:,} s ({extra / 3600:.1f} h), EXTRAPOLATED' if extra else '-'} |")
+        slope_rows.append([case, f"{s['from_rows']:,} → {s['to_rows']:,}", f"{s['peak_rss_growth']}×",
+                           s["bytes_per_extra_row"], s["seconds_per_extra_row"],
+                           f"{extra:,} s ({extra / 3600:.1f} h), EXTRAPOLATED" if extra else "-"])
+    lines += ["", "Growth between the two sizes of each case (data cases: 100k → 1M; model cases: the two model sizes):", "",
+              *table(["case", "rows", "peak RSS growth", "bytes per extra row", "seconds per extra row",
+                      "1M rows, extrapolated"], slope_rows, align="llrrrr")]
     if report.get("versus_loss"):
         cases = list(dict.fromkeys(c for r in report["versus_loss"] for c in r["ratios"]))
         lines += ["", "Each model case's total time over `curate --method loss` on the same rows (target for bads: <= 3x):",
-                  "", "| rows | " + " | ".join(cases) + " |", "| ---: |" + " ---: |" * len(cases)]
-        for r in report["versus_loss"]:
-            lines.append(f"| {r['rows']:,} | " + " | ".join(f"{r['ratios'][c]}×" if c in r["ratios"] else "-"
-                                                             for c in cases) + " |")
+                  "", *table(["rows", *cases], [[f"{r['rows']:,}", *(f"{r['ratios'][c]}×" if c in r["ratios"] else "-"
+                                                                     for c in cases)] for r in report["versus_loss"]],
+                             align="r" * (len(cases) + 1))]
     lines += ["", report["note"]]
     return "\n".join(lines) + "\n"
 
@@ -195,7 +197,7 @@ def versus_loss(by_case: dict) -> list[dict]:
     """Per model size that has a `loss` row: every other model case's seconds over loss's."""
     out = []
     for rows, loss in sorted(by_case.get("loss", {}).items()):
-        ratios = {c: round(by_case[c][rows]["seconds"] / loss["seconds"], 2)
+        ratios = {c: ratio(by_case[c][rows]["seconds"], loss["seconds"], 2)
                   for c in MODEL_CASES if c != "loss" and rows in by_case.get(c, {})}
         if ratios:
             out.append({"rows": rows, "ratios": ratios})
@@ -263,7 +265,8 @@ def main() -> None:
                        "the built-in `tiny` model, CPU); their 1M-row cost is EXTRAPOLATED linearly from the slope "
                        "between the two largest sizes, not measured. `-static` cases: `--embedder static`. "
                        "No GPU figure: none was used for this run.")}
-    write_report(args.out, report, markdown)
+    write_report(args.out, report, markdown(report))
+    print(markdown(report))
 
 
 if __name__ == "__main__":

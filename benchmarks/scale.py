@@ -39,6 +39,7 @@ WORDS = ("the a of to and in explain list name give write short answer colour nu
 
 
 from peft_train.memory import current_rss, peak_rss  # noqa: E402  (the one home of the memory meters)
+from stats import ratio, table, write_report  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- data
@@ -209,20 +210,12 @@ def child(case: str, path: Path, work: Path, threads: int) -> None:
 
 
 # ----------------------------------------------------------------------------- report
-def write_report(out: Path, report: dict, markdown) -> None:
-    """`out`.json and `out`.md (the Markdown printed too)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-
-
 def summarise(rows: int, case: str, result: dict, ceiling: dict) -> dict:
     rate = rows / result["seconds"] if result["seconds"] else None
     beyond = result["peak_rss"] - result["base_rss"]
     return {"rows": rows, "case": case, "seconds": round(result["seconds"], 3),
             "rows_per_s": round(rate) if rate else None,
-            "ratio_to_ceiling": round(rate / (rows / ceiling["seconds"]), 3) if rate else None,
+            "ratio_to_ceiling": ratio(rate, rows / ceiling["seconds"], 3) if rate else None,
             "peak_rss_mb": round(result["peak_rss"] / 2**20, 1), "base_rss_mb": round(result["base_rss"] / 2**20, 1),
             "bytes_per_row_beyond_fixed": round(beyond / rows, 1)}
 
@@ -230,11 +223,11 @@ def summarise(rows: int, case: str, result: dict, ceiling: dict) -> dict:
 def markdown(report: dict) -> str:
     lines = ["# Throughput and memory at scale (benchmarks/scale.py)", "",
              f"Machine: {report['machine']}; threads: {report['threads']}; {report['when']}.", "",
-             "| rows | case | seconds | rows/s | × ceiling | peak RSS MB | RSS after imports MB | bytes/row beyond fixed |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in report["table"]:
-        lines.append(f"| {r['rows']:,} | {r['case']} | {r['seconds']} | {r['rows_per_s']:,} | {r['ratio_to_ceiling']} "
-                     f"| {r['peak_rss_mb']} | {r['base_rss_mb']} | {r['bytes_per_row_beyond_fixed']} |")
+             *table(["rows", "case", "seconds", "rows/s", "× ceiling", "peak RSS MB", "RSS after imports MB",
+                     "bytes/row beyond fixed"],
+                    [[f"{r['rows']:,}", r["case"], r["seconds"], f"{r['rows_per_s']:,}", r["ratio_to_ceiling"],
+                      r["peak_rss_mb"], r["base_rss_mb"], r["bytes_per_row_beyond_fixed"]] for r in report["table"]],
+                    align="rlrrrrrr")]
     if report.get("flatness"):
         lines += ["", "Peak RSS growth from the middle to the largest size: "
                   + ", ".join(f"{k} {v}×" for k, v in report["flatness"].items())]
@@ -289,7 +282,7 @@ def main() -> None:
               "threads": args.threads, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "table": table}
     if len(args.sizes) >= 2:
         middle, largest = sorted(args.sizes)[-2:]
-        report["flatness"] = {case: round(r[largest]["peak_rss_mb"] / r[middle]["peak_rss_mb"], 2)
+        report["flatness"] = {case: ratio(r[largest]["peak_rss_mb"], r[middle]["peak_rss_mb"], 2)
                               for case, r in by_case.items()}
         # the cost of one more row, free of fixed and first-batch costs: peak RSS slope between the two sizes
         report["marginal_bytes_per_row"] = {
@@ -306,7 +299,8 @@ def main() -> None:
                                   "ratio_to_raw_forward_cpu": model["raw_forward_cpu_seconds"] / model["cpu_seconds"],
                                   "seconds": model["seconds"], "peak_rss_mb": model["peak_rss"] / 2**20}
         report["adapter_step"] = run_child("adapter-step", pool, work, args.threads)
-    write_report(args.out, report, markdown)
+    write_report(args.out, report, markdown(report))
+    print(markdown(report))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from dpsel.curation import curate, filter_rows  # noqa: E402
 from dpsel.engines import RayOptions  # noqa: E402
 from dpsel.select.base import SelectConfig  # noqa: E402
 from dpsel.synth import generate  # noqa: E402
+from stats import fmt, table, write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHARDS = 8
@@ -181,23 +182,20 @@ def sampler_timings(root: Path, rows: int, steps: int, batch: int) -> dict:
     return out
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.2f}"
-
-
 def render_filter(title: str, block: dict) -> list[str]:
     small, large = block["rows"]
     marginal, fixed = block["marginal_seconds_per_row"], block["fixed_seconds"]
-    lines = [f"## {title}: {small:,} and {large:,} rows, {SHARDS} shards", "",
-             f"| engine | s ({small:,}) | s ({large:,}) | marginal µs/row | fixed s | in-run µs/row "
-             f"| scoring-phase rows/s | split at {large:,} rows (s) |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for name, seconds in block["seconds"].items():
         run = block["split"].get(name, {}).get(large)
         shown = ", ".join(f"{k} {v:.2f}" for k, v in run["seconds"].items()) if run else "-"
         in_run = f"{run['per_row_s'] * 1e6:.1f}" if run else "-"
         scoring = f"{run['scoring_rows_per_s']:,.0f}" if run else "-"
-        lines.append(f"| {name} | {_fmt(seconds[small])} | {_fmt(seconds[large])} | {marginal[name] * 1e6:.1f} "
-                     f"| {fixed[name]:.1f} | {in_run} | {scoring} | {shown} |")
+        rows.append([name, fmt(seconds[small], 2), fmt(seconds[large], 2), f"{marginal[name] * 1e6:.1f}",
+                     f"{fixed[name]:.1f}", in_run, scoring, shown])
+    lines = [f"## {title}: {small:,} and {large:,} rows, {SHARDS} shards", "",
+             *table(["engine", f"s ({small:,})", f"s ({large:,})", "marginal µs/row", "fixed s", "in-run µs/row",
+                     "scoring-phase rows/s", f"split at {large:,} rows (s)"], rows)]
     one, two, local = (marginal[k] for k in ("ray, 1 worker", "ray, 2 workers", "local"))
     total = {name: seconds[large] for name, seconds in block["seconds"].items()}
     runs = {name: by_size[large] for name, by_size in block["split"].items()}
@@ -235,9 +233,8 @@ def render(result: dict) -> str:
                            result["filter_model_bound"])
     s = result["sampler"]
     lines += [f"## Data-parallel bads: {s['rows']} rows, {s['steps']} steps, global batch {s['global_batch']}", "",
-              "| run | s/step | wall s |", "|---|---|---|"]
-    lines += [f"| {k} | {v['seconds_per_step']:.3f} | {v['wall_seconds']:.1f} |" for k, v in s.items()
-              if isinstance(v, dict)]
+              *table(["run", "s/step", "wall s"], [[k, f"{v['seconds_per_step']:.3f}", f"{v['wall_seconds']:.1f}"]
+                                                   for k, v in s.items() if isinstance(v, dict)])]
     lines += ["", f"Kept-set Jaccard 2 processes vs 1: {s['kept_set_jaccard']:.3f}; weight correlation "
               f"{s['weight_correlation']:.3f}.", ""]
     return "\n".join(lines + result.get("notes", []))
@@ -254,6 +251,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per engine and size (best kept)")
     parser.add_argument("--batch-size", type=int, default=2048, help="Ray rows per actor call (engine-bound)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20k/40k, 200/400 rows, short sampler")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.model_rows, args.sampler_rows, args.sampler_steps, args.repeats = 20_000, 200, 160, 20, 1
@@ -285,10 +283,8 @@ def main() -> None:
         ray.shutdown()
         result["sampler"] = sampler_timings(root, args.sampler_rows, args.sampler_steps, 16)
         result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = "scale_out-quick" if args.quick else "scale_out"
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{name}.md").write_text(render(result))
+    write_report(args.out / name, result, render(result))
     print(render(result))
 
 

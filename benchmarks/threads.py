@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from stats import table, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SETTINGS = {"torch default": {}, "policy": {"DPSEL_POLICY": "1"}, "1 thread": {"OMP_NUM_THREADS": "1"}}
@@ -68,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--child", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args()
     if args.child:
         child(args.steps)
@@ -86,17 +89,22 @@ def main() -> None:
                 busy.wait()
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at end",
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "threads.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out / "threads", report, markdown(report))
+    print(markdown(report), end="")
+
+
+def markdown(report: dict) -> str:
+    rows = []
+    for name in SETTINGS:
+        quiet, busy = (next(r for r in report["rows"] if r["setting"] == name and r["busy_neighbour"] == b)
+                       for b in (False, True))
+        rows.append([name, quiet["threads"], quiet["wait_policy"], f"{quiet['median_step_s']:.3f}",
+                     f"{busy['median_step_s']:.3f}"])
     lines = ["# Thread policy: one LoRA step (tiny model, batch 16×128), median wall seconds", "",
              f"Machine: {report['machine']}; {report['when']}.", "",
-             "| setting | threads | wait policy | no extra neighbour (machine already shared) | with one more busy process |", "| --- | ---: | --- | ---: | ---: |"]
-    for name in SETTINGS:
-        quiet, busy = (next(r for r in rows if r["setting"] == name and r["busy_neighbour"] == b) for b in (False, True))
-        lines.append(f"| {name} | {quiet['threads']} | {quiet['wait_policy']} | {quiet['median_step_s']:.3f} "
-                     f"| {busy['median_step_s']:.3f} |")
-    (RESULTS / "threads.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             *table(["setting", "threads", "wait policy", "no extra neighbour (machine already shared)",
+                     "with one more busy process"], rows, align="lrlrr")]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
