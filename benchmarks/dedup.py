@@ -159,12 +159,12 @@ def _misses(result: dict, truth: dict, texts: list[str]) -> dict:
 
 def write_pool(folder: Path, texts: list[str], evals: list[str]) -> list[str]:
     sys.path.insert(0, str(ROOT))
-    from dpsel.stages.base import Rows
+    from dpsel.stages.base import ConversationBatch
     ids = [f"{i:020d}" for i in range(len(texts))]
     messages = [[{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}] for t in texts]
     table = pa.table({"dpsel_id": ids, "dpsel_messages": messages})
     pq.write_table(table, folder / "pool.parquet")
-    conversation = Rows(table).text.to_pylist()       # the peers see the same text as dpsel
+    conversation = ConversationBatch(table).text.to_pylist()       # the peers see the same text as dpsel
     with (folder / "pool.jsonl").open("w") as f:
         for i, text in enumerate(conversation):
             f.write(json.dumps({"id": str(i), "text": text}) + "\n")

@@ -24,18 +24,18 @@ def _peak_rss_mb() -> float:
 
 def worker_dpsel(folder: Path, threshold: float = THRESHOLD) -> dict:
     sys.path.insert(0, str(ROOT))
-    from dpsel.stages.base import Rows
+    from dpsel.stages.base import ConversationBatch
     from dpsel.stages.decontaminate import Decontaminate
     from dpsel.stages.near_dup import NearDup
     table = pq.read_table(folder / "pool.parquet")
     evals = json.loads((folder / "evals.json").read_text())
     started = time.perf_counter()
     block = NearDup(threshold)
-    verdict = block(Rows(table))
+    verdict = block(ConversationBatch(table))
     seconds = time.perf_counter() - started
     near_dup_peak = _peak_rss_mb()
     started = time.perf_counter()
-    contaminated = Decontaminate(evals)(Rows(table))
+    contaminated = Decontaminate(evals)(ConversationBatch(table))
     decon_seconds = time.perf_counter() - started
     return {"dropped": np.flatnonzero(verdict.reason != "").tolist(), "seconds": seconds,
             "state_bytes_per_row": block.index.nbytes / max(len(block.index), 1), "near_dup_peak_rss_mb": near_dup_peak,

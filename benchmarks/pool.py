@@ -37,12 +37,13 @@ EXTRAPOLATE_TO = 1_000_000
 
 def case_stages(path: Path, work: Path) -> dict:
     from dpsel.curation.rows import read_rows
-    from dpsel.curation.stages import StageOptions, apply_stages
+    from dpsel.curation.stages import apply_stages
+    from dpsel.stages.options import StagesConfig
     base = current_rss()
     start = time.perf_counter()
     rows = read_rows(path)
     read_s = time.perf_counter() - start
-    apply_stages(rows, StageOptions())
+    apply_stages(rows, StagesConfig())
     return {"seconds": time.perf_counter() - start, "base_rss": base, "read_s": read_s,
             "stages": {s["stage"]: round(s["seconds"], 3) for s in rows.stage_stats}}
 
