@@ -25,6 +25,7 @@ from pathlib import Path
 from dpsel.config import RunConfig
 from dpsel.demo_base import PRETRAIN_TASKS, BaseSettings
 from dpsel.errors import DpselInputError
+from dpsel.numbers import format_figure
 from dpsel.synth import TASK_FAMILIES
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -175,10 +176,6 @@ def margins(losses: dict) -> list[float]:
     return [u - c for c, u in zip(losses["curated"], losses["uncurated"])]
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
-
-
 def _size_note(by_seed: dict) -> str:
     if "trainable_params" not in by_seed:
         return ""
@@ -209,9 +206,9 @@ def headline(summary: dict) -> list[str]:
     curated vs uncurated per seed and the margin with its spread."""
     head = summary["headline"]
     lines = [f"report:            {summary['report']}",
-             f"selection AUROC:   {_fmt(head.get('selection AUROC'))}",
+             f"selection AUROC:   {format_figure(head.get('selection AUROC'))}",
              f"kept:              {head.get('kept rows')} of {head.get('input rows')} input rows "
-             f"({_fmt(head.get('kept fraction (of input rows)'))}; {head.get('usable rows')} usable)"]
+             f"({format_figure(head.get('kept fraction (of input rows)'))}; {head.get('usable rows')} usable)"]
     for label, by_seed in (summary.get("eval_loss_by_seed") or {}).items():
         lines += method_lines(label, by_seed)
     return lines

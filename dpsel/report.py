@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from dpsel.data import GROUP_COLUMNS  # noqa: E402
 from dpsel.io import _write_atomic, write_text_atomic  # noqa: E402
+from dpsel.numbers import format_figure  # noqa: E402
 
 HIST_PLOT = "weights_hist.png"
 TRACE_PLOT = "traces.png"
@@ -298,17 +299,14 @@ def read_truth_kinds(path, n_rows: int) -> np.ndarray | None:
     return truth["kind"].astype(str).to_numpy() if len(truth) == n_rows else None
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.4g}"
-    return escape(value)
+def markdown_cell(value) -> str:
+    """A value as safe Markdown text: a figure in the one number format (dpsel.numbers), user text escaped."""
+    return escape(format_figure(value))
 
 
-def markdown_table(rows: list[dict], cell: Callable[[Any], str] = _fmt) -> list[str]:
+def markdown_table(rows: list[dict], cell: Callable[[Any], str] = markdown_cell) -> list[str]:
     """Rows of one shape as a Markdown table (the first row's keys are the header) and a blank line; `cell`
-    turns a value into safe cell text (the report's default: 4 significant digits, user text escaped)."""
+    turns a value into safe cell text (default: `markdown_cell`)."""
     if not rows:
         return []
     head = list(rows[0])
@@ -384,7 +382,7 @@ def write_report(out_dir: Path, data: ReportData) -> dict[str, Path]:
         sections += ["## Sampler traces", "", f"![sampler traces]({TRACE_PLOT})", ""] + convergence_lines(data)
 
     lines = [f"# {data.title}", ""]
-    lines += [f"- **{label}**: {_fmt(value)}" for label, value in data.headline.items()] + [""]
+    lines += [f"- **{label}**: {markdown_cell(value)}" for label, value in data.headline.items()] + [""]
     lines += ["## Weights", "", f"![weight histogram]({HIST_PLOT})", ""]
     lines += sections
     for title, rows in data.tables.items():

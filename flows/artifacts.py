@@ -7,7 +7,6 @@ logged and the run goes on.
 from __future__ import annotations
 
 import base64
-import math
 import os
 import re
 import time
@@ -19,6 +18,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
                                update_progress_artifact)
 from prefect.logging import get_run_logger
 
+from dpsel.numbers import format_figure
 from dpsel.report import escape
 
 PROGRESS_EVERY_S = 2.0  # at most one API call per this many seconds from the sampler's callback
@@ -34,12 +34,6 @@ def _log_failure(what: str, error: Exception) -> None:
         get_run_logger().warning("could not create the %s artifact: %s", what, error)
     except Exception:  # noqa: BLE001 - no run context: nothing to log to
         pass
-
-
-def _fmt(value: Any) -> Any:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else round(value, 4)
-    return value
 
 
 def flat_counts(counts: dict) -> dict:
@@ -95,11 +89,12 @@ def throttled_progress(key: str, description: str,
 
 def curation_table(summary: dict, key: str) -> None:
     """Row accounting (input = kept + dropped, by reason) and per-task mean weights as one table."""
-    rows = [{"section": "rows", "name": name, "value": _fmt(value), "kept": "", "mean_weight": ""}
+    rows = [{"section": "rows", "name": name, "value": format_figure(value), "kept": "", "mean_weight": ""}
             for name, value in flat_counts(summary["counts"]).items()]
     for group in summary.get("groups", []):
-        rows.append({"section": f"per {group['column']}", "name": escape(group["group"]), "value": group["rows"],
-                     "kept": group["kept"], "mean_weight": _fmt(group["mean_weight"])})
+        rows.append({"section": f"per {group['column']}", "name": escape(group["group"]),
+                     "value": format_figure(group["rows"]), "kept": format_figure(group["kept"]),
+                     "mean_weight": format_figure(group["mean_weight"])})
     try:
         create_table_artifact(rows, key=key, description=f"Row accounting and mean weights: {summary['out_dir']}")
     except Exception as error:  # noqa: BLE001

@@ -7,7 +7,6 @@ since been deleted is re-run with `refresh_cache`, so a cache hit never hands on
 from __future__ import annotations
 
 from dataclasses import asdict
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from dpsel.config import RunConfig
 from dpsel.data import expand_paths
 from dpsel.io import write_json_atomic, write_text_atomic
-from dpsel.report import escape, kept_fraction, markdown_table, stage_seconds
+from dpsel.numbers import format_figure
+from dpsel.report import kept_fraction, markdown_cell, markdown_table, stage_seconds
 import flows.artifacts as artifacts
 from flows.tasks import combine_filter_summaries, curate_stage, filter_shard, filter_stage, tune_stage
 
@@ -85,12 +85,6 @@ def overall_auroc(auroc: Any) -> float | None:
     return None
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def curation_headline(summary: dict) -> dict:
     counts = summary["counts"]
     return {"method": summary.get("method"), "input rows": counts.get("input_rows"),
@@ -100,21 +94,17 @@ def curation_headline(summary: dict) -> dict:
             "selection seconds": stage_seconds(summary.get("timings") or {})}
 
 
-def _markdown_table(rows: list[dict]) -> list[str]:
-    return markdown_table(rows, cell=lambda value: escape(_fmt(value)))
-
-
 def curation_markdown(summary: dict, title: str) -> str:
     lines = [f"# {title}", ""]
-    lines += [f"- **{label}**: {_fmt(value)}" for label, value in curation_headline(summary).items()]
+    lines += [f"- **{label}**: {markdown_cell(value)}" for label, value in curation_headline(summary).items()]
     where = f"Outputs in `{summary['out_dir']}`"
     if "report" in summary.get("paths", {}):
         where += f"; full report: `{summary['paths']['report']}`"
     lines += ["", where]
-    lines += ["", "## Rows", ""] + _markdown_table([{"count": k, "rows": v} for k, v in artifacts.flat_counts(summary["counts"]).items()])
+    lines += ["", "## Rows", ""] + markdown_table([{"count": k, "rows": v} for k, v in artifacts.flat_counts(summary["counts"]).items()])
     groups = [{k: g[k] for k in ("column", "group", "rows", "kept", "mean_weight")} for g in summary.get("groups", [])]
     if groups:
-        lines += ["## Mean weight per group", ""] + _markdown_table(groups)
+        lines += ["## Mean weight per group", ""] + markdown_table(groups)
     links = artifacts.plot_links(summary["out_dir"])
     if links:
         lines += ["## Plots", ""] + links + [""]
@@ -133,14 +123,14 @@ def pipeline_markdown(curated: dict, tuned: dict[str, dict], relative_to: str | 
     """The run's Markdown report: PNGs embedded (the Prefect artifact) or linked relative to `relative_to`
     (the report.md file beside the run's folders)."""
     lines = ["# Curate, then tune", ""]
-    lines += [f"- **{label}**: {_fmt(value)}" for label, value in curation_headline(curated).items()]
+    lines += [f"- **{label}**: {markdown_cell(value)}" for label, value in curation_headline(curated).items()]
     for name, result in tuned.items():
         metrics = result["metrics"]
         if "eval_loss" not in metrics:
             continue  # no eval set given
-        lines.append(f"- **eval loss / exact match ({name})**: {_fmt(metrics.get('eval_loss'))} / "
-                     f"{_fmt(metrics.get('eval_exact_match'))}")
-    lines += ["", "## Fine-tuning", ""] + _markdown_table(comparison_rows(tuned))
+        lines.append(f"- **eval loss / exact match ({name})**: {markdown_cell(metrics.get('eval_loss'))} / "
+                     f"{markdown_cell(metrics.get('eval_exact_match'))}")
+    lines += ["", "## Fine-tuning", ""] + markdown_table(comparison_rows(tuned))
     lines += ["## Curation", "", f"Outputs in `{curated['out_dir']}`; report `{curated['paths'].get('report')}`", ""]
     links = artifacts.plot_links(curated["out_dir"], relative_to)
     if links:
@@ -294,17 +284,17 @@ def describe(name: str, summary: dict) -> str:
         result = summary["tune"]
         metrics = {k: result["metrics"].get(k) for k in ("train_loss", "eval_loss", "eval_exact_match")}
         return (f"tune: adapter {result['paths']['adapter']}\n"
-                + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if v is not None))
+                + " ".join(f"{k}={format_figure(v)}" for k, v in metrics.items() if v is not None))
     if name == "curate_then_tune":
         lines = [f"report: {summary['report']}"]
-        lines += [f"{label}: {_fmt(value)}" for label, value in summary["headline"].items()]
+        lines += [f"{label}: {format_figure(value)}" for label, value in summary["headline"].items()]
         for set_name, result in summary["tune"].items():
-            lines.append(f"{set_name}: eval_loss={_fmt(result['metrics'].get('eval_loss'))} "
-                         f"eval_exact_match={_fmt(result['metrics'].get('eval_exact_match'))}")
+            lines.append(f"{set_name}: eval_loss={format_figure(result['metrics'].get('eval_loss'))} "
+                         f"eval_exact_match={format_figure(result['metrics'].get('eval_exact_match'))}")
         return "\n".join(lines)
     if name == "curate_then_filter":
         return "\n".join(describe(stage, {stage: summary[stage]}) for stage in ("curate", "filter"))
     stage = summary[name]
     lines = [f"{name}: outputs in {stage['out_dir']}"] + ([stage["message"]] if stage.get("message") else [])
-    lines += [f"{label}: {_fmt(value)}" for label, value in curation_headline(stage).items() if value is not None]
+    lines += [f"{label}: {format_figure(value)}" for label, value in curation_headline(stage).items() if value is not None]
     return "\n".join(lines)

@@ -87,13 +87,19 @@ def test_filter_scores_unseen_rows_in_the_embedder_space(run, tmp_path):
     assert np.mean(mean[swapped]) < np.mean(mean[clean])
 
 
-def test_without_an_embedder_theta_falls_back_to_the_lm_and_says_so(caplog, tmp_path):
+def test_without_the_default_embedder_theta_falls_back_to_the_lm_and_says_so(caplog, monkeypatch):
+    """Only the default embedder may fall back; an explicit one that cannot load exits 2
+    (tests/test_explicit_choices.py)."""
+    import dpsel.models.embedder as embedder_module
     from dpsel.select.bads.embedder_method import theta_space
-    settings = BadsSettings(embedder=str(tmp_path / "missing"))
+
+    def unavailable(spec, device="auto"):
+        raise embedder_module.EmbedderUnavailable("the default embedder is not installed")
+    monkeypatch.setattr(embedder_module, "load_embedder", unavailable)
     with caplog.at_level(logging.WARNING):
-        space, embedder, why = theta_space(CONFIG, settings, None)
+        space, embedder, why = theta_space(CONFIG, BadsSettings(), None)
     assert (space, embedder) == ("lm", None) and "fell back to the built-in LM" in why
-    assert "θ falls back to the built-in byte LM" in caplog.text
+    assert "θ falls back to the built-in byte LM" in caplog.text and "default embedder is unavailable" in caplog.text
     assert theta_space(SelectConfig(model="/some/causal-lm"), BadsSettings(), None)[0] == "lm"  # --model: LM's θ
     assert theta_space(CONFIG, BadsSettings.for_variant("paper", {}), None)[0] == "lm"
 

@@ -81,14 +81,20 @@ def test_prior_evidence_lists_the_embedder_evidence_without_a_group_column(embed
     assert "semantic" not in evidence and not BadsSettings.for_variant("paper", {}).semantic
 
 
-def test_missing_embedder_says_what_the_run_falls_back_to(caplog, tmp_path):
+def test_missing_default_embedder_says_what_the_run_falls_back_to(caplog, monkeypatch):
+    """Only the default may fall back (loudly); an explicit embedder that cannot load is refused: see
+    tests/test_explicit_choices.py."""
+    import dpsel.models.embedder as embedder_module
+
+    def unavailable(spec, device="auto"):
+        raise embedder_module.EmbedderUnavailable("the default embedder is not installed")
+    monkeypatch.setattr(embedder_module, "load_embedder", unavailable)
     with caplog.at_level(logging.WARNING, logger="dpsel.models.embedder"):
-        assert try_embedder(str(tmp_path / "no-such-embedder")) is None
-    assert "not found" in caplog.text and "the prior keeps the reference-loss evidence" in caplog.text
+        assert try_embedder("default") is None
+    assert "not installed" in caplog.text and "the prior keeps the reference-loss evidence" in caplog.text
     rows = _pool(3)
     with caplog.at_level(logging.WARNING, logger="dpsel.models.embedder"):
-        evidence = prior_evidence_z(rows, np.zeros(len(rows)), infer_groups(rows, None),
-                                    BadsSettings(embedder=str(tmp_path / "missing")), 0)
+        evidence = prior_evidence_z(rows, np.zeros(len(rows)), infer_groups(rows, None), BadsSettings(), 0)
     assert list(evidence) == ["reference", "fluency"]  # fluency reads words, not embeddings
 
 

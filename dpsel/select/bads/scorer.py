@@ -62,14 +62,7 @@ class EmbedderBadsScorer(SeenTableScorer):
     def _embedder(self):
         """The run's embedder, loaded (and its weights checked) once per scorer, not once per scored chunk."""
         if getattr(self, "_loaded_embedder", None) is None:
-            from dpsel.errors import DpselInputError
-            from dpsel.models.embedder import try_embedder
-            embedder = try_embedder(self.info["embedder"])
-            if embedder is None or embedder.sha != self.info["embedder_sha"]:
-                raise DpselInputError(f"this bads scorer judges rows in the space of embedder "
-                                      f"{self.info['embedder']!r} (sha {self.info['embedder_sha'][:16]}), "
-                                      "which is not available here")
-            self._loaded_embedder = embedder
+            self._loaded_embedder = _same_embedder(self.info["embedder"], self.info["embedder_sha"])
         return self._loaded_embedder
 
     def _score_unseen(self, messages, ids):
@@ -92,3 +85,19 @@ class EmbedderBadsScorer(SeenTableScorer):
         saved = torch.load(directory / "weight_net.pt", weights_only=True)
         net = WeightNet(saved["n_features"], saved["hidden"])
         self.attach([tuple(m) for m in saved["maps"]], net.eval(), saved["phi_samples"])
+
+
+def _same_embedder(spec: str, sha: str):
+    """The embedder `spec` when it loads here with the run's weights (`sha`); else DpselInputError saying why."""
+    from dpsel.errors import DpselInputError
+    from dpsel.models.embedder import EmbedderUnavailable, load_embedder
+    try:
+        embedder = load_embedder(spec)
+    except EmbedderUnavailable as error:
+        why = str(error)
+    else:
+        if embedder.sha == sha:
+            return embedder
+        why = f"its weights here have sha {embedder.sha[:16]}"
+    raise DpselInputError(f"this bads scorer judges rows in the space of embedder {spec!r} (sha {sha[:16]}), "
+                          f"which is not available here: {why}")
