@@ -135,3 +135,13 @@ def test_the_curate_flow_fails_with_the_same_error(prefect_server, pool, tmp_pat
                                      "device": "cpu", "out": str(tmp_path / "flow")})
     with pytest.raises(DpselInputError, match=f"--embedder {MISSING}"):
         curate_flow(config)
+
+
+def test_a_misspelt_selection_setting_exits_2_with_the_near_name():
+    """A `curate.select.extra` key no method reads is refused before any work, not dropped in silence."""
+    from dpsel.select import check_extra_settings, select
+    from dpsel.select.base import SelectConfig
+    row = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]
+    with pytest.raises(DpselInputError, match="'theta_sapce' \\(did you mean 'theta_space'\\?\\)"):
+        select([row], [row], "bads", SelectConfig(extra={"theta_sapce": "lm"}))
+    check_extra_settings({"theta_space": "lm", "ref_steps": 5, "l2rw_lr": 1e-3, "lora_r": 4})   # all read by some method

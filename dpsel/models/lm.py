@@ -22,6 +22,10 @@ from peft_train.models import TINY_NAME, resolve_device
 from peft_train.tokenizer import pad_token_id
 
 
+# the `SelectConfig.extra` settings the model layer reads (`load_lm`)
+LM_EXTRA_KEYS = ("quant", "theta", "lora_r")
+
+
 class LMSettings(Protocol):
     """What the model layer reads from a run's settings (`dpsel.select.base.SelectConfig` has all of it)."""
     model: str

@@ -20,6 +20,9 @@ from dpsel.resume.checkpoints import current_whole, flatten, load_optimizer, opt
 from dpsel.models.lm import LM, EncodedRows, LMSettings, batch_nll, score_nll, theta_digest
 from peft_train.types import ProgressFn
 
+# the `SelectConfig.extra` settings of the meta-fitted reference
+REFERENCE_EXTRA_KEYS = ("ref_steps", "ref_eval_every", "ref_patience", "ref_batch_size", "ref_heldout", "ref_lr")
+
 
 @dataclass
 class ReferenceFit:

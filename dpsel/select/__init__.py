@@ -6,6 +6,7 @@ similarity to the meta rows, RDS+), `random`, `all`.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import pickle
 from pathlib import Path
@@ -49,10 +50,24 @@ def select(train: list[Messages], meta: list[Messages], method: str = "bads",
         raise DpselInputError(f"method {method!r} needs a non-empty meta set")
     if groups is not None and len(groups) != len(train):
         raise DpselInputError(f"got {len(groups)} group labels for {len(train)} training rows")
+    check_extra_settings(config.extra)
     scores = _resolve(METHOD_IMPLEMENTATIONS, method)(train, meta, config, progress, groups=groups)
     if len(scores.weight_mean) != len(train):
         raise RuntimeError(f"{method}: returned {len(scores.weight_mean)} weights for {len(train)} rows")
     return scores
+
+
+def check_extra_settings(extra: dict) -> None:
+    """A `curate.select.extra` setting that no method reads is a typo, not a choice to drop in silence (exit 2).
+    Another method's setting is let through, so one config file serves several methods."""
+    if not extra:
+        return
+    known = set().union(*(importlib.import_module(module).EXTRA_KEYS for module, _ in METHOD_IMPLEMENTATIONS.values()))
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        near = {name: difflib.get_close_matches(name, sorted(known), n=1) for name in unknown}
+        hints = "; ".join(f"{name!r} (did you mean {match[0]!r}?)" if match else repr(name) for name, match in near.items())
+        raise DpselInputError(f"curate.select.extra: no selection method reads {hints}")
 
 
 def load_scorer(directory: str | Path) -> Scorer:

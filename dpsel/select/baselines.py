@@ -9,6 +9,8 @@ from dpsel.data import row_id
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 from dpsel.select.scorers import ConstantScorer, RandomScorer, hashed_uniform
 
+EXTRA_KEYS: frozenset = frozenset()   # random and all read no `SelectConfig.extra` setting
+
 
 def select_all(train: list[Messages], meta: list[Messages], config: SelectConfig,
                progress: ProgressFn | None = None, groups=None) -> Scores:

@@ -17,9 +17,15 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from dpsel.models.lm import LM_EXTRA_KEYS
+from dpsel.models.reference_fit import REFERENCE_EXTRA_KEYS
 from dpsel.resume.checkpoints import current_whole, flatten, load_optimizer, optimizer_state, unflatten
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 from dpsel.select.scorers import SeenTableScorer
+
+# the `SelectConfig.extra` settings l2rw reads, with the LM's and the reference fit's (its θ₀)
+EXTRA_KEYS = frozenset({"steps", "epochs", "l2rw_inner_lr", "l2rw_anchor", "l2rw_lr", "measure_plain_steps",
+                        *LM_EXTRA_KEYS, *REFERENCE_EXTRA_KEYS})
 
 
 def lookahead_weights(lm, train_batch: dict, meta_batch: dict, inner_lr: float) -> tuple[torch.Tensor, torch.Tensor]:

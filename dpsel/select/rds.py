@@ -16,8 +16,12 @@ import numpy as np
 import torch
 
 from dpsel.models.forward import forward_rows
+from dpsel.models.lm import LM_EXTRA_KEYS
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 from dpsel.select.scorers import SeenTableScorer
+
+# the `SelectConfig.extra` settings rds reads: the LM's (its base model)
+EXTRA_KEYS = frozenset({*LM_EXTRA_KEYS})
 
 
 def embed_rows(lm, rows, batch_size: int = 64) -> np.ndarray:

@@ -17,8 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpsel.models.lm import LM_EXTRA_KEYS
+from dpsel.models.reference_fit import REFERENCE_EXTRA_KEYS
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
 from dpsel.select.scorers import SeenTableScorer
+
+# the `SelectConfig.extra` settings loss and ifd read: the LM's and the reference fit's
+EXTRA_KEYS = frozenset({*LM_EXTRA_KEYS, *REFERENCE_EXTRA_KEYS})
 
 
 def loss_weights(nll: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:

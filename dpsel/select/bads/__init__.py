@@ -21,7 +21,7 @@ posterior (the posterior pass), priors (empirical Bayes), parallel (torchrun), t
 """
 from dpsel.select.bads.baseline import GroupBaseline
 from dpsel.select.bads.config import DEFAULT_EPOCHS, BadsSettings
-from dpsel.select.bads.method import reference_budget, select_bads
+from dpsel.select.bads.method import EXTRA_KEYS, reference_budget, select_bads
 from dpsel.select.bads.model import beta_prior_params, conditional_weight_moments, log_joint
 from dpsel.select.bads.posterior import posterior_pass, posterior_pass_over_pool
 from dpsel.select.bads.priors import empirical_bayes_mean, evidence_ablations, prior_evidence_z
@@ -33,7 +33,7 @@ from dpsel.select.bads.scorer import BadsScorer, EmbedderBadsScorer
 from dpsel.select.bads.timing import measure_plain_step
 from dpsel.select.bads.weights import AmortizedWeights, LogitWeights
 
-__all__ = ["AmortizedWeights", "BadsScorer", "EmbedderBadsScorer", "EmbeddingProblem", "BadsSettings", "DEFAULT_EPOCHS", "GroupBaseline", "LMProblem",
+__all__ = ["EXTRA_KEYS", "AmortizedWeights", "BadsScorer", "EmbedderBadsScorer", "EmbeddingProblem", "BadsSettings", "DEFAULT_EPOCHS", "GroupBaseline", "LMProblem",
            "LogitWeights", "SamplerResult", "SelectionProblem", "beta_prior_params", "conditional_weight_moments",
            "coverage_summary", "empirical_bayes_mean", "evidence_ablations", "infer_groups", "log_joint",
            "measure_plain_step", "posterior_pass", "posterior_pass_over_pool", "prior_evidence_z",

@@ -3,7 +3,7 @@ with `runner.run_sampler` (each rank its shard under torchrun), and build the sc
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -19,7 +19,13 @@ from dpsel.select.bads.problems import LMProblem, infer_groups
 from dpsel.select.bads.runner import run_sampler
 from dpsel.select.bads.scorer import BadsScorer
 from dpsel.select.bads.weights import final_weights
+from dpsel.models.lm import LM_EXTRA_KEYS
+from dpsel.models.reference_fit import REFERENCE_EXTRA_KEYS
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
+
+# the `SelectConfig.extra` settings bads reads: its settings by name, the LM's and the reference fit's
+EXTRA_KEYS = frozenset({f.name for f in fields(BadsSettings)} | {"measure_plain_steps"} | set(LM_EXTRA_KEYS)
+                       | set(REFERENCE_EXTRA_KEYS))
 
 
 def reference_budget(config: SelectConfig, run_steps: int, fraction: float) -> SelectConfig:
