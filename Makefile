@@ -56,7 +56,7 @@ upgrade-deps:
 docs: venv
 	$(PY) -m mkdocs build --strict --site-dir site
 
-# A real Prefect server with its UI at http://127.0.0.1:4200 (see README, "Scheduled curation").
+# A real Prefect server with its UI at http://127.0.0.1:4200 (see docs/flows.md, "Scheduled curation").
 serve: venv
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
 

@@ -6,6 +6,14 @@ from selection_summary import KINDS
 from stats import DASH, fmt, mib, pm, table
 
 
+def _source(a: dict) -> str:
+    """Where the rows came from: the generator's command, or the real-text set (benchmarks/realtext.py)."""
+    if a.get("dataset") == "realtext":
+        return (f"real text: {a['rows']} rows built by `benchmarks/realtext.py` from installed packages' docstrings, "
+                f"with {a['noise']} of them corrupted")
+    return f"`dpsel synth --rows {a['rows']} --noise {a['noise']}`"
+
+
 def markdown(report: dict) -> str:
     """An earlier single-seed run (before issue 13)."""
     a = report["args"]
@@ -57,7 +65,7 @@ def multi_seed_markdown(report: dict) -> str:
         rows.append([e["method"], pm(au.get("overall")), *(pm(au.get(k), 2) for k in KINDS), pm(e["precision_kept"]),
                      pm(e.get("step_ratio_vs_plain"), 2), f"{e['seconds']['mean']:.0f}"])
     lines = [f"## {a.get('dataset', 'synth')}: {a['rows']} rows, {base} base, seeds {', '.join(map(str, report['seeds']))}", "",
-             f"`dpsel synth --rows {a['rows']} --noise {a['noise']}`, {a['meta_rows']} meta rows (the trusted set every "
+             f"{_source(a)}, {a['meta_rows']} meta rows (the trusted set every "
              f"method and peer gets), model `{a['model_size']}` on `{a['device']}`, {a['threads']} torch thread(s), "
              f"selection run length {'--steps ' + str(a['steps']) if a['steps'] else 'the method default (epochs)'}, "
              f"extra {a['extra']}. Every figure: mean ± sample sd over the {len(report['seeds'])} data seeds. "
