@@ -41,7 +41,7 @@ class DataConfig(_Section):
 
 class SelectParams(_Section):
     """Selection hyperparameters: the fields of `dpsel.select.base.SelectConfig` a user may set, with its
-    defaults (one set of defaults for the CLI, config files and Python; tests/test_newcomer.py compares them)."""
+    defaults (one set of defaults for the CLI, config files and Python; tests/curation/test_newcomer_defaults.py compares them)."""
     batch_size: int = Field(default=SelectConfig.batch_size, ge=1)
     meta_batch_size: int = Field(default=SelectConfig.meta_batch_size, ge=1)
     max_length: int = Field(default=SelectConfig.max_length, ge=8)

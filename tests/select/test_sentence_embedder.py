@@ -1,4 +1,4 @@
-"""The sentence embedder (dpsel.models.embedder) and its evidence in the bads prior (issue 18)."""
+"""The sentence embedder (dpsel.models.embedder) and its evidence in the bads prior."""
 from __future__ import annotations
 
 import json
@@ -83,7 +83,7 @@ def test_prior_evidence_lists_the_embedder_evidence_without_a_group_column(embed
 
 def test_missing_default_embedder_says_what_the_run_falls_back_to(caplog, monkeypatch):
     """Only the default may fall back (loudly); an explicit embedder that cannot load is refused: see
-    tests/test_explicit_choices.py."""
+    tests/curation/test_explicit_choices.py."""
     import dpsel.models.embedder as embedder_module
 
     def unavailable(spec, device="auto"):

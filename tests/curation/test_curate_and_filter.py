@@ -265,7 +265,7 @@ def test_small_bads_run_writes_traces(tmp_path):
     pytest.importorskip("dpsel.select.bads")
     from dpsel.select.base import SelectConfig
     paths = generate(tmp_path / "synth", rows=80, noise=0.3, seed=2, meta_rows=16, test_rows=4)
-    from test_select import SMALL_LM  # a short reference fit: this checks the plumbing, not quality
+    from builders import SMALL_LM  # a short reference fit: this checks the plumbing, not quality
     config = SelectConfig(steps=20, batch_size=8, meta_batch_size=8, max_length=64, device="cpu", extra=SMALL_LM)
     seen = []
     result = curate(paths["train"], paths["meta"], tmp_path / "o", method="bads", config=config,

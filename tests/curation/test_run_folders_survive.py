@@ -1,5 +1,5 @@
-"""Runs that survive: one consistent run folder, one run per --out, signals, and the hostile cases of issue 10
-(each test names the table row it holds: "case N")."""
+"""Runs that survive: one consistent run folder, one run per --out, SIGTERM, cache keys, escaping, children that
+die with the parent, and the other hostile cases (each test says which case it holds)."""
 from __future__ import annotations
 
 import errno
@@ -27,7 +27,7 @@ from dpsel.errors import DpselInputError
 from dpsel.outputs import STAGING_TAG, clean_stale, verify_run
 from dpsel.runlock import lock_paths, run_lock
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 DPSEL = [sys.executable, "-c", "from dpsel.cli import main; main()"]
 
@@ -319,7 +319,7 @@ def test_sigterm_exits_143_with_a_message_and_cleans_up(data, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
     assert "terminated" in stderr and "Traceback" not in stderr
-    # a SIGTERM inside the reference fit saves it (issue 20): that checkpoint stays for the re-run
+    # a SIGTERM inside the reference fit saves it: that checkpoint stays for the re-run
     assert not out.exists() and _leftovers(out, keep_checkpoint=True) == [] and not info.exists()
 
 

@@ -1,4 +1,4 @@
-"""bads with θ in the sentence embedder's space (issue 18): the problem, the run, `filter`, the fallback."""
+"""bads with θ in the sentence embedder's space: the problem, the run, `filter`, the fallback."""
 from __future__ import annotations
 
 import logging
@@ -89,7 +89,7 @@ def test_filter_scores_unseen_rows_in_the_embedder_space(run, tmp_path):
 
 def test_without_the_default_embedder_theta_falls_back_to_the_lm_and_says_so(caplog, monkeypatch):
     """Only the default embedder may fall back; an explicit one that cannot load exits 2
-    (tests/test_explicit_choices.py)."""
+    (tests/curation/test_explicit_choices.py)."""
     import dpsel.models.embedder as embedder_module
     from dpsel.select.bads.embedder_method import theta_space
 

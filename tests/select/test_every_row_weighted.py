@@ -1,4 +1,4 @@
-"""Selection at any pool size: every row gets a weight backed by something (issue 13), and `rds`."""
+"""Selection at any pool size: every row gets a weight backed by something, and `rds`."""
 from __future__ import annotations
 
 import json

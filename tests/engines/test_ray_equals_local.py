@@ -155,7 +155,7 @@ def test_ray_curate_refuses_a_local_only_method(tmp_path):
 def test_near_dup_signatures_on_ray_give_the_local_verdicts(ray_local, monkeypatch):
     """The near-dup stage's MinHash signatures and band keys computed by Ray actors (several blocks, two
     actors) give the same index and the same verdicts, `dup_of` included, as in this process."""
-    from test_stages import make_table, planted
+    from builders import make_table, planted
 
     from dpsel.engines.ray_engine import RayBlocks
     from dpsel.stages import near_dup

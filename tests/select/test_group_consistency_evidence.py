@@ -1,4 +1,4 @@
-"""Group-consistency evidence in the bads empirical-Bayes prior (issue 13)."""
+"""Group-consistency evidence in the bads empirical-Bayes prior."""
 from __future__ import annotations
 
 import logging

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("dpsel", "peft_train", "flows")
 SIZED = PACKAGES + ("benchmarks",)   # the 500-line rule covers the benchmarks too
 MAX_LINES = 500
@@ -135,7 +135,7 @@ def layer_of(folder: str) -> int:
         for rank, members in enumerate(LAYERS):
             if name in members:
                 return rank
-    raise AssertionError(f"{folder} is in no layer of tests/test_structure.py's LAYERS: place it there")
+    raise AssertionError(f"{folder} is in no layer of tests/house/test_structure.py's LAYERS: place it there")
 
 
 def upward_imports(folders: dict[str, set[str]]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Every long stage of `curate` resumes (issue 20): the reference fit, the pool passes of loss, ifd and rds (by
+"""Every long stage of `curate` resumes: the reference fit, the pool passes of loss, ifd and rds (by
 chunk) and l2rw's loop. Each run is killed by SIGKILL right after a save it chose (DPSEL_FAULT_KILL_AFTER_SAVE,
 never by timing), re-run with the same command, and must end with the uninterrupted run's scores bit for bit,
 saying on stderr what it skipped and from where it goes on, and recording it in the manifest. Last, the flows'
@@ -20,7 +20,7 @@ from prefect_fixtures import prefect_server  # noqa: F401 - session fixture (the
 
 from dpsel.resume.checkpoints import checkpoint_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DPSEL = [sys.executable, "-c", "from dpsel.cli import main; main()"]
 ROWS, CHUNK = 200, 64   # 4 chunks of whole 64-row batches (the passes' batch)
 
@@ -180,6 +180,6 @@ def test_curate_then_tune_killed_in_each_stage_resumes_to_the_uninterrupted_resu
     expected = load_file(str(whole / "tune-curated" / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(out / "tune-curated" / "adapter" / "adapter_model.safetensors"))
     assert expected.keys() == got.keys()
-    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)  # as tests/test_tune_kill.py
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)  # as tests/tuning/test_tune_resumes_after_kill.py
     assert metrics["eval_loss"] == pytest.approx(
         json.loads((whole / "tune-curated" / "metrics.json").read_text())["eval_loss"], abs=1e-5)

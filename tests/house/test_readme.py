@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SKIP_MARK = "<!-- readme-test: skip"
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
 DOC_BLOCK_SECONDS = 240  # a docs block is an example, not a job: longer ones get a skip mark with a reason
@@ -39,7 +39,7 @@ def readme_blocks(text: str) -> list[tuple[str, str, int]]:
 
 
 def doc_pages() -> list[Path]:
-    """The pages of docs/ in the order of mkdocs.yml's nav (tests/test_docs.py checks that every page is in it)."""
+    """The pages of docs/ in the order of mkdocs.yml's nav (tests/house/test_docs.py checks that every page is in it)."""
     config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
     docs = REPO / config.get("docs_dir", "docs")
 

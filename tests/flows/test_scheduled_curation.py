@@ -17,7 +17,7 @@ import yaml
 
 from dpsel.errors import DpselInputError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVER_START_S = 120
 RUN_S = 180
 

@@ -8,7 +8,7 @@ import pytest
 from dpsel.config import RunConfig
 from dpsel.errors import DpselInputError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _write(tmp_path: Path, text: str) -> Path:

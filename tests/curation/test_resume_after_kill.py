@@ -1,8 +1,8 @@
-"""Checkpoint and resume (issue 10, case 3; issue 20): SIGKILL or Ctrl-C a `curate --method bads` mid-sampling,
+"""Checkpoint and resume: SIGKILL or Ctrl-C a `curate --method bads` mid-sampling,
 re-run the same command, and get the scores of an uninterrupted run bit for bit, the re-run saying what it
 skipped; a changed config refuses to resume (exit 2 naming what changed) and `--restart` discards the
 checkpoint. Each run is a real subprocess; where it stops is chosen by the test (fault injection), never timed.
-The other stages (reference fit, chunked passes, l2rw, the flows' chain): tests/test_resume_stages.py."""
+The other stages (reference fit, chunked passes, l2rw, the flows' chain): tests/curation/test_every_stage_resumes.py."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ import pytest
 
 from dpsel.resume.checkpoints import Checkpoints, checkpoint_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DPSEL = [sys.executable, "-c", "from dpsel.cli import main; main()"]
 STEPS = 16
 

@@ -9,6 +9,8 @@ from dpsel.errors import DpselInputError
 from dpsel.select import METHODS, load_scorer, select
 from dpsel.select.base import SelectConfig
 
+from builders import SMALL_LM
+
 
 def _rows(n, prefix="q"):
     return [[{"role": "user", "content": f"{prefix}{i}"}, {"role": "assistant", "content": f"a{i}"}]
@@ -55,7 +57,6 @@ def test_load_scorer_rejects_non_scorer_dir(tmp_path):
 
 # ---------------------------------------------------------------------------- LM methods on synth data
 
-SMALL_LM = dict(ref_steps=20, ref_eval_every=10, ref_batch_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,6 @@ def test_configured_before_torch_gives_passive_waiting_and_the_thread_count():
     code = ("from dpsel.threads import configure_threads; p = configure_threads(2); import os, torch; "
             "print(p.wait_policy, os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "DPSEL_THREADS")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["PASSIVE", "PASSIVE", "2"]

@@ -2,7 +2,7 @@
 left out of the nav), the README stays a short newcomer's page whose headline figures are the results page's,
 the defaults the docs state are the code's, and the tests the docs name exist.
 
-The command blocks of the README and of these pages are run by tests/test_readme.py.
+The command blocks of the README and of these pages are run by tests/house/test_readme.py.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 README_MAX_LINES = 300
 

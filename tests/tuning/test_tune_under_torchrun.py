@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["tune", "--method", "surm-circulant", "--steps", "4", "--batch-size", "2", "--max-length", "48",
           "--device", "cpu", "--weights-column", "w", "--seed", "5"]
 

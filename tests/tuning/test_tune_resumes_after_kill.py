@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-# ~2 min on a loaded 2-core machine: on demand (DPSEL_SLOW=1); tests/test_tuning.py covers the same resume
+ROOT = Path(__file__).resolve().parents[2]
+# ~2 min on a loaded 2-core machine: on demand (DPSEL_SLOW=1); tests/tuning/test_tune_parquet.py covers the same resume
 # in-process (training dies right after a checkpoint) in the default suite.
 ARGS = ["--method", "lora", "--steps", "40", "--save-steps", "4", "--batch-size", "2", "--max-length", "48",
         "--device", "cpu", "--seed", "3"]

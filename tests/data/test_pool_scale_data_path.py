@@ -18,7 +18,7 @@ from dpsel.data.columnar import message_array, normal_rows
 from dpsel.data.normalize import sha_ids, sha_ids_hashlib
 from dpsel.data.schema import MESSAGE_TYPE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # text that exercises the canonical JSON: quotes, backslashes, every control character, non-BMP code points,
 # the empty string and whitespace-only strings (valid for system turns)
