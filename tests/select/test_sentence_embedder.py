@@ -14,7 +14,7 @@ from dpsel.select.bads import BadsSettings, infer_groups, prior_evidence_z
 from dpsel.select.base import SelectConfig
 from dpsel.select.semantic import pseudo_groups, qa_consistency, row_embeddings
 
-SMALL_LM = {"lm_hidden": 16, "lm_layers": 1, "lm_heads": 2, "ref_steps": 2}
+SMALL_LM = {"ref_steps": 2}   # a short reference fit (the tiny LM has no size settings)
 TOPICS = {
     "cooking": ("How long should I boil an egg for a soft yolk?", "Boil it for about six minutes, then cool it."),
     "astronomy": ("Why does the Moon show phases?", "Sunlight lights half of the Moon and we see it from angles."),
