@@ -104,7 +104,8 @@ def record_stages(rows: RunRows, config: StagesConfig, blocks: list, embeddings:
     dup_of = _resolve_chains(rows.ids, outcome.reason, outcome.dup_of, dropped)
     for i in dropped_rows.tolist():
         rows.reasons[i] = outcome.reason[i]
-        rows.details[i] = f"{outcome.reason[i]} of {dup_of[i]}" if dup_of[i] is not None else outcome.reason[i]
+        rows.details[i] = outcome.detail[i] or (f"{outcome.reason[i]} of {dup_of[i]}" if dup_of[i] is not None
+                                                else outcome.reason[i])
     rows.usable = rows.usable & (outcome.reason == "")
     rows.dup_of = dup_of.tolist()
     rows.stage_stats = [stats.as_dict() for stats in outcome.stats]

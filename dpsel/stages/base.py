@@ -146,14 +146,17 @@ def flat_hashes(words: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class Verdict:
     """What a block says of each row: `reason` ("" kept), `dup_of` (kept row's id, None if not a
-    duplicate), and columns it adds or replaces (name -> array, one value per row)."""
+    duplicate), `detail` (why, in words, for a dropped row: which rule, which partner, how much overlap; None
+    lets the run say "<reason> of <dup_of>"), and columns it adds or replaces (name -> array, one value per row)."""
     reason: np.ndarray
     dup_of: np.ndarray
     columns: dict[str, pa.Array] = field(default_factory=dict)
+    detail: np.ndarray | None = None
 
     @classmethod
     def keep_all(cls, n: int) -> Verdict:
-        return cls(np.full(n, "", dtype=object), np.full(n, None, dtype=object))
+        return cls(np.full(n, "", dtype=object), np.full(n, None, dtype=object),
+                   detail=np.full(n, None, dtype=object))
 
     @property
     def dropped(self) -> np.ndarray:

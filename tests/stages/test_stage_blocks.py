@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dpsel.stages.base import ConversationBatch, hash_strings, shingle_hashes
+from dpsel.stages.base import Block, ConversationBatch, Verdict, hash_strings, shingle_hashes
 from dpsel.stages.decontaminate import Decontaminate
 from dpsel.stages.exact import Exact
 from dpsel.stages.filters import FilterRules, Filters
@@ -245,3 +245,18 @@ def test_near_dup_verdicts_are_the_same_with_spilled_sketches(tmp_path):
     keep_spilled, _ = near.keepers(again, empty.copy(), 0)
     np.testing.assert_array_equal(keep_held, keep_spilled)
     assert (keep_held != np.arange(len(keep_held))).any()      # the planted copies were found
+
+
+def test_a_stage_detail_reaches_the_outcome_for_the_rows_it_dropped():
+    class Says(Block):
+        name = "filters"
+
+        def decide(self, rows, **_):
+            verdict = Verdict.keep_all(len(rows))
+            verdict.reason[:2] = "quality"
+            verdict.detail[:] = ["too short (3 words)", "too short (2 words)", "never shown: kept"]
+            return verdict
+
+    outcome = run_stages(make_table(["a b c", "a b", "a b c d e f"]), [Exact(), Says()])
+    assert outcome.reason.tolist() == ["quality", "quality", ""]
+    assert outcome.detail.tolist() == ["too short (3 words)", "too short (2 words)", None]
