@@ -17,7 +17,7 @@ import pyarrow as pa
 from dpsel.curation.rows import RunRows, as_path_list
 from dpsel.data import read_instruction_set
 from dpsel.errors import DpselInputError
-from dpsel.stages.base import ConversationBatch
+from dpsel.stages.decontaminate import EvalRows
 from dpsel.stages.near_dup import NearDup, NearDupIndex
 from dpsel.stages.options import StagesConfig
 from dpsel.stages.pii import COLUMN as PII_COLUMN
@@ -41,15 +41,16 @@ def conversation_table(rows: RunRows) -> pa.Table:
                      "dpsel_reason": pa.array(rows.reasons, pa.string())})
 
 
-def eval_texts(paths: list[str]) -> pa.Array:
-    """The normalised conversations of every usable row of the decontamination sets."""
-    texts = [pa.array([], pa.string())]
+def eval_texts(paths: list[str]) -> EvalRows:
+    """Every usable row of the decontamination sets: its id, its file's name and its user and assistant text."""
+    parts = []
     for path in paths:
         data = read_instruction_set(as_path_list(path))
         usable = data.usable_mask()
-        texts.append(ConversationBatch(pa.table({"dpsel_id": data.ids, _MESSAGES: _messages(data, usable)})).text
-                     .filter(pa.array(usable)))
-    return pa.concat_arrays([t.cast(pa.string()) for t in texts])
+        messages = _messages(data, usable).combine_chunks().filter(pa.array(usable))
+        names = [str(f).rstrip("/").rsplit("/", 1)[-1] for f in data.file_paths()[usable]]
+        parts.append(EvalRows.from_messages(np.asarray(data.id_list(), dtype=object)[usable], names, messages))
+    return EvalRows.concat(parts)
 
 
 def _resolve_chains(ids: list[str], reason: np.ndarray, dup_of: np.ndarray, dropped: dict | None = None) -> np.ndarray:

@@ -79,16 +79,29 @@ def shingle_hashes(tokens: np.ndarray, offsets: np.ndarray, n: int) -> tuple[np.
     A row shorter than n tokens gives one window of all its tokens; a row without tokens gives none.
     A window's hash is sum(t[i+k] * B**k) mod 2**64 (order matters), read off prefix sums in O(tokens)
     whatever n is, so an L-token window hashes alike from any call; then `splitmix64`."""
+    hashes, rows = window_hashes(tokens, offsets, (n,))[0]
+    counts = np.bincount(rows, minlength=len(offsets) - 1)
+    return hashes, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def window_hashes(tokens: np.ndarray, offsets: np.ndarray, sizes: Iterable[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per window size in `sizes`: the (hashes, row) of the windows `shingle_hashes` gives, sharing the prefix
+    sums (one pass over the tokens for every size)."""
     lengths = np.diff(offsets)
     row = np.repeat(np.arange(len(lengths)), lengths)
     position = np.arange(len(tokens)) - offsets[:-1][row]
-    start = np.flatnonzero((position <= lengths[row] - n) | ((position == 0) & (lengths[row] < n)))
-    end = np.minimum(start + n, offsets[1:][row[start]])
+    left = lengths[row] - position               # tokens from each position to its row's end
     with np.errstate(over="ignore"):
         prefix = np.concatenate([[np.uint64(0)], np.cumsum(tokens * _powers(_BASE, len(tokens))[:-1])])
-        windows = (prefix[end] - prefix[start]) * _powers(_BASE_INVERSE, len(tokens))[start]
-    counts = np.bincount(row[start], minlength=len(lengths))
-    return splitmix64(windows.astype(np.uint64)), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        inverse = _powers(_BASE_INVERSE, len(tokens))
+    found = []
+    for n in sizes:
+        start = np.flatnonzero((left >= n) | ((position == 0) & (left < n)))
+        end = start + np.minimum(left[start], n)
+        with np.errstate(over="ignore"):
+            windows = (prefix[end] - prefix[start]) * inverse[start]
+        found.append((splitmix64(windows.astype(np.uint64)), row[start]))
+    return found
 
 
 class ConversationBatch:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from dpsel.stages.base import Block, ConversationBatch, StageStats
-from dpsel.stages.decontaminate import Decontaminate
+from dpsel.stages.decontaminate import Decontaminate, EvalRows
 from dpsel.stages.exact import Exact
 from dpsel.stages.filters import FilterRules, Filters
 from dpsel.stages.near_dup import NearDup, NearDupIndex
@@ -27,7 +27,7 @@ from dpsel.stages.semantic_dup import SemanticDup
 ORDER = ("exact", "near_dup", "semantic_dup", "decontaminate", "filters", "pii")
 
 
-def build_blocks(config: StagesConfig, eval_texts: Sequence[str] = (),
+def build_blocks(config: StagesConfig, eval_texts: EvalRows | Sequence[str] = (),
                  seen: NearDupIndex | None = None) -> list[Block]:
     """The blocks `config` turns on, in `ORDER`."""
     blocks: list[Block] = [Exact()]

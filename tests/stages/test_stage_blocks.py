@@ -120,22 +120,23 @@ def test_semantic_dup_keeps_first_of_each_group(cluster_rows):
 
 
 # ----------------------------------------------------------------------------- decontamination
-def test_decontaminate_13_grams_and_short_texts():
-    long_eval = " ".join(f"e{i}" for i in range(30))
+def test_decontaminate_share_of_13_grams_and_short_texts():
+    long_eval = " ".join(f"e{i}" for i in range(30))                       # 18 distinct 13-grams
     evals = [long_eval, "what is the capital city of france today", "yes"]
     prompts = [
-        "please " + " ".join(f"e{i}" for i in range(5, 18)) + " thanks",  # one 13-gram of the long eval
-        " ".join(f"e{i}" for i in range(5, 17)) + " other words here",     # only 12 words of it: clean
+        "please " + " ".join(f"e{i}" for i in range(22)) + " thanks",      # 10 of its 18 13-grams: 0.56
+        " ".join(f"e{i}" for i in range(20)) + " other words here",         # 8 of 18: under half, clean
         "Q: What is the capital city of France today? Answer briefly.",     # short eval text inside
-        "e3 e4 e5 e6",                        # short pool row (with its answer "e7") inside an eval text
+        "e3 e4 e5 e6",                        # a fragment of a long eval text is not a copy of it: clean
         "yes",                                                              # tiny eval text = user message
         "is it raining",                                                     # clean
     ]
     answers = ["a", "a", "a", "e7", "a", "yes"]                            # "yes" as an answer: clean
     block = Decontaminate(evals)
     verdict = block(ConversationBatch(make_table(prompts, answers)))
-    assert verdict.reason.tolist() == ["contaminated", "", "contaminated", "contaminated", "contaminated", ""]
-    assert block.stats.dropped == 4
+    assert verdict.reason.tolist() == ["contaminated", "", "contaminated", "", "contaminated", ""]
+    assert verdict.detail[0] == "contaminated: 0.56 of the user 13-grams of eval row text 0 (eval texts)"
+    assert block.stats.dropped == 3
 
 
 # ----------------------------------------------------------------------------- filters
@@ -185,7 +186,7 @@ def test_pii_kinds_and_modes():
 def test_pipeline_order_reasons_and_accounting():
     texts, truth = planted(seed=2)
     texts = texts + [texts[5], "contact me at joe@example.com " + "please " * 3, "spam " * 80,
-                     " ".join(f"e{i}" for i in range(20))]
+                     " ".join(f"e{i}" for i in range(35))]     # 0.82 of the eval text's 13-grams
     ids = [f"id{i:05d}" for i in range(len(texts))]
     ids[330] = "id00005"                                   # an exact copy has the same dpsel_id
     table = make_table(texts, ids=ids)
