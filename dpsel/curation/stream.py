@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpsel.curation.curated import curated_rows_table
+from dpsel.curation.examples import ExamplePicker
 from dpsel.curation.record import CurationResult, Run, finish_run, staged_run
 from dpsel.curation.rows import RunRows, as_path_list, check_weights, counts_of, final_reasons_of, preview_text, rows_from
 from dpsel.curation.rules import SelectionRule, apply_rule, effective_thresholds
@@ -208,6 +209,7 @@ class _Totals:
     tally: Counter = field(default_factory=Counter)
     candidates: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # rows the report may show
     texts: dict[int, str] = field(default_factory=dict)
+    examples: ExamplePicker = field(default_factory=ExamplePicker)   # the report's dropped rows, a few per reason
     score_s: float = 0.0
 
     def spread(self, rows: RunRows, start: int, mean: np.ndarray, std: np.ndarray) -> slice:
@@ -264,6 +266,7 @@ def stream_filter(plan: InputPlan, scorer, options: StagesConfig, seen: NearDupI
             for nb in iter_planned(plan.planned, batch_rows):
                 rows = rows_from(batch_set(nb, plan.planned, plan.files, plan.schema))
                 record_stages(rows, options, blocks, None, dropped)
+                totals.examples.add(rows, nb.start_row)
                 score_start = time.perf_counter()
                 mean, std = score_in_chunks(scorer, rows, np.flatnonzero(rows.usable), None)
                 totals.score_s += time.perf_counter() - score_start
@@ -298,6 +301,7 @@ def stream_filter(plan: InputPlan, scorer, options: StagesConfig, seen: NearDupI
         timings = {"read_s": write_start - started - totals.score_s, "score_s": totals.score_s,
                    "batch_rows": batch_rows}
         run = make_run(summary, totals.weights, totals.stds, totals.keep, timings)
+        run.examples = totals.examples
         counts = counts_of(totals.tally, int(totals.usable.sum()), stats)
         return finish_run(stage, out, run, run_id, (cutoff, group_cutoffs, counts), write_start)
 
