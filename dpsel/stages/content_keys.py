@@ -23,7 +23,7 @@ from dpsel.stages.base import hash_strings
 KEYS = 4                     # key hashes kept per row (its smallest: the same whatever the keys' order)
 _TRIM = "`'\"()[]{}<>,.;:!?*“”‘’"
 _POSSESSIVE = r"['’]s$"
-_IDENTIFIER = r"\w{2,}\.\w{2,}|\w_|_\w|\w\(|\p{Ll}\p{Lu}|^\p{Lu}[\p{Lu}\d]+$"
+_IDENTIFIER = r"\d|\w{2,}\.\w{2,}|\w_|_\w|\w\(|\p{Ll}\p{Lu}|^\p{Lu}[\p{Lu}\d]+$"   # numbers too
 _SENTENCE_END = r"[.!?:]$"
 _MAYBE = r"[`\d_(.]|\p{Lu}"             # what every kind of key has
 
@@ -58,8 +58,8 @@ def keys_of(text: pa.Array) -> tuple[pa.Array, np.ndarray]:
     at = np.flatnonzero(_flag(raw, _MAYBE))          # the few tokens that can be keys, classified below
     candidates = raw.take(pa.array(at))
     trimmed = pc.utf8_trim(pc.replace_substring_regex(pc.utf8_trim(candidates, _TRIM), _POSSESSIVE, ""), _TRIM)
-    single = (_flag(candidates, "`") | _flag(trimmed, _IDENTIFIER) | _flag(trimmed, r"\d")) \
-        & np.asarray(pc.greater(pc.utf8_length(trimmed), 0), bool)
+    code = np.asarray(pc.match_substring(candidates, "`"), bool)
+    single = (code | _flag(trimmed, _IDENTIFIER)) & np.asarray(pc.greater(pc.utf8_length(trimmed), 0), bool)
     first = _name_pairs(raw, row, at, _flag(candidates, r"^[`'\"(“‘]?\p{Lu}") & ~single)
     names = pc.binary_join_element_wise(trimmed.take(pa.array(first)), trimmed.take(pa.array(first + 1)), " ")
     keys = pa.concat_arrays([trimmed.filter(pa.array(single)).cast(pa.string()), names.cast(pa.string())])
