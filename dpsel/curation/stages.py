@@ -9,6 +9,7 @@ torchrun rank (they are deterministic, so every rank keeps the same rows).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,12 @@ from dpsel.curation.rows import RunRows, as_path_list
 from dpsel.data import read_instruction_set
 from dpsel.errors import DpselInputError
 from dpsel.stages.decontaminate import EvalRows
-from dpsel.stages.near_dup import NearDup, NearDupIndex
+from dpsel.stages.near_dup import ANSWER_RULE_SETTINGS, NearDup, NearDupIndex
 from dpsel.stages.options import StagesConfig
 from dpsel.stages.pii import COLUMN as PII_COLUMN
 from dpsel.stages.pipeline import build_blocks, run_stages
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "near_dup.npz"         # in scorer/: the curated rows' near-dup state
 INDEX_META_FILE = "near_dup.json"   # the settings its band keys were built with
@@ -119,19 +122,34 @@ def save_index(scorer_dir: Path, index: NearDupIndex | None, config: StagesConfi
     if index is None or not scorer_dir.is_dir():
         return
     index.save(scorer_dir / INDEX_FILE)
-    (scorer_dir / INDEX_META_FILE).write_text(json.dumps({"threshold": config.near_dup_threshold,
-                                                          "rows": len(index)}) + "\n")
+    (scorer_dir / INDEX_META_FILE).write_text(json.dumps({"threshold": config.near_dup_threshold, "rows": len(index),
+                                                          "answer_rule": ANSWER_RULE_SETTINGS}) + "\n")
 
 
 def load_index(scorer_dir: Path, config: StagesConfig) -> NearDupIndex | None:
     """The curated rows' near-dup index, for a filter run with the near-dup stage on; None if the scorer
-    has none (a run made without near-dup, or before stages existed)."""
+    has none (a run made without near-dup, or before stages existed). One saved before the answer rule loads:
+    its rows pair with new rows by the conversation rule only (logged); one whose signatures do not fit this
+    version's exits 2 naming the file."""
     path = scorer_dir / INDEX_FILE
     if not config.near_dup or not path.exists():
         return None
-    built = json.loads((scorer_dir / INDEX_META_FILE).read_text()).get("threshold")
+    meta = json.loads((scorer_dir / INDEX_META_FILE).read_text())
+    built = meta.get("threshold")
     if built != config.near_dup_threshold:
         raise DpselInputError(f"the scorer's near-dup index was built at --near-dup-threshold {built}; give that "
                               f"value (not {config.near_dup_threshold}) or --no-near-dup",
                               file=str(scorer_dir / INDEX_META_FILE))
-    return NearDupIndex.load(path)
+    if meta.get("answer_rule", ANSWER_RULE_SETTINGS) != ANSWER_RULE_SETTINGS:
+        raise DpselInputError(f"the scorer's near-dup index has answer-rule signatures {meta['answer_rule']}, this "
+                              f"version makes {ANSWER_RULE_SETTINGS}: re-run the curation or give --no-near-dup",
+                              file=str(scorer_dir / INDEX_META_FILE))
+    try:
+        index = NearDupIndex.load(path).fitted(NearDup(config.near_dup_threshold).widths)
+    except (ValueError, KeyError, OSError) as error:
+        raise DpselInputError(f"the scorer's near-dup index cannot be read ({error}); re-run the curation or give "
+                              f"--no-near-dup", file=str(path)) from None
+    if index.answer_missing:
+        log.warning("%s was saved before near-duplicates keyed on content: its %d rows pair with new rows by "
+                    "the whole conversation only", path, len(index))
+    return index

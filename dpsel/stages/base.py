@@ -138,6 +138,28 @@ class ConversationBatch:
     def words(self) -> pa.ListArray:
         return words_of(self.text)
 
+    @functools.cached_property
+    def question(self) -> pa.Array:
+        return role_text(self.messages, "user")
+
+    @functools.cached_property
+    def answer(self) -> pa.Array:
+        return role_text(self.messages, "assistant")
+
+
+def role_of(messages: pa.ListArray, role: str) -> np.ndarray:
+    """Per message of `messages` (flat): whether it is a `role` turn."""
+    return np.asarray(pc.fill_null(pc.equal(pc.struct_field(messages.flatten(), "role"), role), False), bool)
+
+
+def role_text(messages: pa.ListArray, role: str) -> pa.Array:
+    """Per row, the contents of its `role` turns joined by newlines ("" where none)."""
+    mine = role_of(messages, role)
+    offsets = np.asarray(messages.offsets, np.int64)
+    kept = np.concatenate([[0], np.cumsum(mine)])[offsets - offsets[0]]
+    contents = pc.fill_null(pc.struct_field(messages.flatten(), "content"), "").filter(pa.array(mine))
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(kept, pa.int32()), contents), "\n")
+
 
 def words_of(text: pa.Array) -> pa.ListArray:
     """Lower-cased words with punctuation treated as space (the normal form every word-based block uses)."""

@@ -1,5 +1,7 @@
 """The curation stages as blocks (dpsel/stages): reasons, dup_of, determinism, accounting."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -88,9 +90,10 @@ def test_near_dup_seen_index_drops_copies_of_curated_rows(tmp_path):
 
 def test_near_dup_memory_is_bounded_per_row():
     block = NearDup()
-    assert lsh_bands(0.8, 128) == (18, 7) and block.bytes_per_row == 220 <= 300
+    # conversation rule 220 B (18 bands of 7, 128 permutations, id), answer rule 144 B (16 bands of 4, 64, 4 keys)
+    assert lsh_bands(0.8, 128) == (18, 7) and block.bytes_per_row == 364 <= 400
     block(ConversationBatch(make_table(docs(100, seed=8))))
-    assert block.index.nbytes / len(block.index) == 220
+    assert block.index.nbytes / len(block.index) == 364
 
 
 # ----------------------------------------------------------------------------- semantic duplicates
@@ -239,11 +242,12 @@ def test_near_dup_verdicts_are_the_same_with_spilled_sketches(tmp_path):
     from dpsel.stages.near_dup import SpilledSketch
     near = NearDup()
     held, empty = near.extended(ConversationBatch(make_table(planted()[0])))
-    spilled = SpilledSketch(tmp_path / "s.u8", near.num_perm)
-    spilled[0:len(held)] = held.sketch
-    again = NearDupIndex(held.ids, held.bands, spilled)
-    keep_held, _ = near.keepers(held, empty.copy(), 0)
-    keep_spilled, _ = near.keepers(again, empty.copy(), 0)
+    spilled = {name: SpilledSketch(tmp_path / f"{name}.u8", near.widths[name][0]) for name in ("sketch", "answer_sketch")}
+    for name, sketch in spilled.items():
+        sketch[0:len(held)] = getattr(held, name)
+    again = dataclasses.replace(held, **spilled)
+    keep_held = near.keepers(held, empty.copy(), 0)[0].keeper
+    keep_spilled = near.keepers(again, empty.copy(), 0)[0].keeper
     np.testing.assert_array_equal(keep_held, keep_spilled)
     assert (keep_held != np.arange(len(keep_held))).any()      # the planted copies were found
 
