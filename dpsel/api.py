@@ -1,4 +1,4 @@
-"""The Python API: `dpsel.curate`, `dpsel.filter`, `dpsel.tune` — what the CLI does, from a notebook or script.
+"""The Python API: `dpsel.curate`, `dpsel.filter`, `dpsel.tune`, `dpsel.inspect` — what the CLI does, from a notebook or script.
 
 Data may be a path (file, folder of shards, glob, URL, or a list of them), a pandas DataFrame, a pyarrow Table
 or a `datasets.Dataset`; in-memory data is written once to `OUT.inputs/<name>.parquet` (beside OUT: a run
@@ -141,6 +141,14 @@ def filter(scorer, data, out=None, *, threshold: float | None = None, budget: fl
     result = filter_rows(Path(scorer), rows if isinstance(rows, list) else [rows], out, threshold=threshold,
                          budget=budget, stages=run.stages, embedder=run.embedder)
     return _curation_result(result)
+
+
+def inspect(run, reason=None, limit: int | None = None) -> list[dict]:
+    """The dropped rows of a finished run (`dpsel inspect`): up to `limit` (default 20) of the given `reason`(s) (a string or a
+    list; default every reason), in input order, each a dict with the row's reason, detail, text and what it
+    matched (`partner`, `partner_text`: the kept duplicate or the eval text)."""
+    from dpsel.curation.inspection import inspect_run
+    return inspect_run(run, reason, limit)
 
 
 def tune(data, out=None, *, eval=None, config=None, progress=True, verbose: bool = False,  # noqa: A002

@@ -265,6 +265,20 @@ def tune(data: Optional[list[str]] = typer.Option(None, "--data", help="Instruct
     typer.echo(f"adapter: {out_dir / 'adapter'}")
 
 
+@app.command()
+@handle_errors
+def inspect(run: Path = typer.Argument(..., help="A finished curate or filter run folder."),
+            reason: Optional[list[str]] = typer.Option(None, "--reason", help="Drop reason to show (repeatable or "
+                                                       "comma-separated; default: every reason)."),
+            rows: Optional[int] = typer.Option(None, "--rows", "--limit", min=1,
+                                               help="Dropped rows shown at most (default 20)."),
+            chars: Optional[int] = typer.Option(None, "--chars", min=20,
+                                                help="Characters of each text shown (default 400).")):
+    """Print dropped rows of a run beside what they matched (the kept duplicate, the eval text), in input order."""
+    from dpsel.curation.inspection import inspect_run, render
+    typer.echo(render(inspect_run(run, reason, rows), chars), nl=False)
+
+
 FLOW_OPTIONS_HELP = """Options after NAME override the config file (--key value, or --key=value):
 --train PATH, --meta PATH, --eval PATH, --truth PATH: data (file, folder of shards or glob).
 --scorer DIR, --in PATH: filter's scorer/ and new data.

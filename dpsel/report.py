@@ -44,6 +44,7 @@ class ReportData:
     tables: dict[str, list[dict]] = field(default_factory=dict)   # section title -> rows
     truth_kinds: np.ndarray | None = None                          # synth truth kind per row, when given
     config: dict = field(default_factory=dict)                     # the method's config (burn-in for traces)
+    sections: list[str] = field(default_factory=list)             # Markdown lines shown after the tables
 
 
 def kept_fraction(counts: dict) -> float:
@@ -267,6 +268,13 @@ def escape(text) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
 
 
+def terminal_safe(text) -> str:
+    """A user value safe to print on a terminal: escape sequences and control characters removed, line breaks
+    kept as newlines, tabs as spaces."""
+    text = _ANSI_SEQUENCE.sub("", str(text))
+    return _CONTROL.sub(lambda m: "\n" if m.group() in "\n\u2028\u2029" else " " if m.group() == "\t" else "", text)
+
+
 def plot_label(text, limit: int = 40) -> str:
     """A user value as a plot label: control characters out, at most `limit` characters (a 5,000-character
     task name once made one bar plot take two minutes and 4 GB), `$` literal (no mathtext)."""
@@ -388,6 +396,7 @@ def write_report(out_dir: Path, data: ReportData) -> dict[str, Path]:
     for title, rows in data.tables.items():
         lines += [f"## {title}", ""] + markdown_table(rows)
     lines += _examples(data)
+    lines += data.sections
     lines += ["## Plots in this folder", ""] + [f"- `{name}`: {what}" for name, what in plots] + [""]
     paths["report"] = write_text_atomic("\n".join(lines).rstrip() + "\n", out_dir / "report.md")
     return paths

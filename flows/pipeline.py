@@ -16,6 +16,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dpsel.config import RunConfig
+from dpsel.curation.examples import report_section
 from dpsel.data import expand_paths
 from dpsel.io import write_json_atomic, write_text_atomic
 from dpsel.numbers import format_figure
@@ -105,6 +106,8 @@ def curation_markdown(summary: dict, title: str) -> str:
     groups = [{k: g[k] for k in ("column", "group", "rows", "kept", "mean_weight")} for g in summary.get("groups", [])]
     if groups:
         lines += ["## Mean weight per group", ""] + markdown_table(groups)
+    if "report" in summary.get("paths", {}):   # the report's dropped rows beside what they matched
+        lines += report_section(summary["paths"]["report"])
     links = artifacts.plot_links(summary["out_dir"])
     if links:
         lines += ["## Plots", ""] + links + [""]

@@ -40,3 +40,24 @@ def planted(seed=0):
         copies.append(copy)
         truth.append(f"id{k:05d}")
     return base + copies, truth
+
+
+def dropped_rows_inputs(folder) -> dict:
+    """train/meta/eval Parquet files whose dropped rows are decided by the stages: rows 12, 15 and 17-22 exact
+    duplicates (of rows 1, 14 and 0), row 13 a near copy of row 3 (one word edited), row 7 contaminated
+    (eval.parquet holds a copy), row 16 invalid; row 14 (and its copy 15) has `|`, a newline and 400+ chars."""
+    import pyarrow.parquet as pq
+
+    texts = docs(12, words=100, seed=7)
+    rows = [{"instruction": f"Question {i} about item {i}", "input": "", "output": t} for i, t in enumerate(texts)]
+    near = rows[3]["output"].split()
+    near[50] = "edited"
+    rows += [dict(rows[1]), {**rows[3], "output": " ".join(near)},
+             {"instruction": "left | right\nsecond line " + "long " * 80, "input": "", "output": "a | b"}]
+    rows += [dict(rows[14]), {"instruction": "  ", "input": "", "output": "no question"}]
+    rows += [dict(rows[0]) for _ in range(6)]
+    meta = [{"instruction": f"Meta question {i}", "input": "", "output": t} for i, t in enumerate(docs(6, 30, 9))]
+    paths = {"train": folder / "train.parquet", "meta": folder / "meta.parquet", "eval": folder / "eval.parquet"}
+    for name, table in (("train", rows), ("meta", meta), ("eval", [dict(rows[7])])):
+        pq.write_table(pa.Table.from_pylist(table), paths[name])
+    return {name: str(path) for name, path in paths.items()}

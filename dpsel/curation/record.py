@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from dpsel.curation.curated import curated_rows_table
+from dpsel.curation.examples import ExamplePicker, examples_markdown, fill_texts
 from dpsel.curation.rows import RunRows, as_path_list, count_rows, final_reasons
 from dpsel.curation.rules import SelectionRule, effective_thresholds
 from dpsel.data import GROUP_COLUMNS
@@ -83,6 +84,7 @@ class Run:
     coverage: dict | None = None       # how every row got its weight (visits after burn-in; Scores.coverage)
     extra_manifest: dict = field(default_factory=dict)   # e.g. meta rows dropped as duplicates
     near_dup_index: tuple | None = None  # (NearDupIndex, StagesConfig) of the curated rows, saved in scorer/
+    examples: ExamplePicker | None = None   # the report's dropped rows, where picked batch by batch (streamed)
 
 
 def _selection_record(run: Run, cutoff: float | None, group_cutoffs: dict) -> dict:
@@ -161,7 +163,7 @@ def finish_run(stage: Path, out: Path, run: Run, run_id: str, outcome: tuple, wr
         save_index(scorer_dir, *run.near_dup_index)
 
     group_stats = _group_stats(run.rows, run.weights, run.keep, run.group_column)
-    report_paths = write_report(stage, _report_data(run, counts, cutoff, run_id))
+    report_paths = write_report(stage, _report_data(run, counts, cutoff, run_id, dropped_examples(stage, run)))
     paths.update({k: out / v.relative_to(stage) for k, v in report_paths.items() if k != "report"})
     timings = {**run.timings, "write_s": time.perf_counter() - write_start,
                "total_s": time.perf_counter() - run.started}
@@ -193,7 +195,18 @@ def finish_run(stage: Path, out: Path, run: Run, run_id: str, outcome: tuple, wr
                           auroc=run.truth["auroc"] if run.truth else None)
 
 
-def _report_data(run: Run, counts: dict, cutoff: float | None, run_id: str):
+def dropped_examples(stage: Path, run: Run) -> list[str]:
+    """report.md's "What the stages dropped" lines: the rows picked while they were in memory (here, for a run
+    that holds its rows), their partners completed from the staged scores.parquet and the input files."""
+    picker = run.examples
+    if picker is None:
+        picker = ExamplePicker()
+        picker.add(run.rows)
+    eval_paths = (run.extra_manifest.get("stages") or {}).get("decontaminate") or []
+    return examples_markdown(fill_texts(picker.examples(), stage / SCORES_FILE, eval_paths), run.rows.stage_stats)
+
+
+def _report_data(run: Run, counts: dict, cutoff: float | None, run_id: str, dropped: list[str]):
     from dpsel.report import ReportData, kept_fraction, read_truth_kinds, stage_seconds
     headline = {"command": run.command, "run id": run_id, "method": run.method, "input rows": counts["input_rows"],
                 "usable rows": counts["usable_rows"], "kept rows": counts["kept_rows"],
@@ -221,4 +234,4 @@ def _report_data(run: Run, counts: dict, cutoff: float | None, run_id: str):
                       kept=run.keep, usable=run.rows.usable, groups=groups,
                       diagnostics=run.diagnostics or {}, previews=run.rows.previews(), tables=tables,
                       truth_kinds=read_truth_kinds(run.truth["path"], run.rows.n) if run.truth else None,
-                      config=run.config)
+                      config=run.config, sections=dropped)

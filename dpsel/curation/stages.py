@@ -9,6 +9,7 @@ torchrun rank (they are deterministic, so every rank keeps the same rows).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,13 @@ import pyarrow as pa
 from dpsel.curation.rows import RunRows, as_path_list
 from dpsel.data import read_instruction_set
 from dpsel.errors import DpselInputError
-from dpsel.stages.base import ConversationBatch
-from dpsel.stages.near_dup import NearDup, NearDupIndex
+from dpsel.stages.decontaminate import EvalRows
+from dpsel.stages.near_dup import ANSWER_RULE_SETTINGS, NearDup, NearDupIndex
 from dpsel.stages.options import StagesConfig
 from dpsel.stages.pii import COLUMN as PII_COLUMN
 from dpsel.stages.pipeline import build_blocks, run_stages
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "near_dup.npz"         # in scorer/: the curated rows' near-dup state
 INDEX_META_FILE = "near_dup.json"   # the settings its band keys were built with
@@ -41,15 +44,16 @@ def conversation_table(rows: RunRows) -> pa.Table:
                      "dpsel_reason": pa.array(rows.reasons, pa.string())})
 
 
-def eval_texts(paths: list[str]) -> pa.Array:
-    """The normalised conversations of every usable row of the decontamination sets."""
-    texts = [pa.array([], pa.string())]
+def eval_texts(paths: list[str]) -> EvalRows:
+    """Every usable row of the decontamination sets: its id, its file's name and its user and assistant text."""
+    parts = []
     for path in paths:
         data = read_instruction_set(as_path_list(path))
         usable = data.usable_mask()
-        texts.append(ConversationBatch(pa.table({"dpsel_id": data.ids, _MESSAGES: _messages(data, usable)})).text
-                     .filter(pa.array(usable)))
-    return pa.concat_arrays([t.cast(pa.string()) for t in texts])
+        messages = _messages(data, usable).combine_chunks().filter(pa.array(usable))
+        names = [str(f).rstrip("/").rsplit("/", 1)[-1] for f in data.file_paths()[usable]]
+        parts.append(EvalRows.from_messages(np.asarray(data.id_list(), dtype=object)[usable], names, messages))
+    return EvalRows.concat(parts)
 
 
 def _resolve_chains(ids: list[str], reason: np.ndarray, dup_of: np.ndarray, dropped: dict | None = None) -> np.ndarray:
@@ -104,7 +108,8 @@ def record_stages(rows: RunRows, config: StagesConfig, blocks: list, embeddings:
     dup_of = _resolve_chains(rows.ids, outcome.reason, outcome.dup_of, dropped)
     for i in dropped_rows.tolist():
         rows.reasons[i] = outcome.reason[i]
-        rows.details[i] = f"{outcome.reason[i]} of {dup_of[i]}" if dup_of[i] is not None else outcome.reason[i]
+        rows.details[i] = outcome.detail[i] or (f"{outcome.reason[i]} of {dup_of[i]}" if dup_of[i] is not None
+                                                else outcome.reason[i])
     rows.usable = rows.usable & (outcome.reason == "")
     rows.dup_of = dup_of.tolist()
     rows.stage_stats = [stats.as_dict() for stats in outcome.stats]
@@ -117,19 +122,34 @@ def save_index(scorer_dir: Path, index: NearDupIndex | None, config: StagesConfi
     if index is None or not scorer_dir.is_dir():
         return
     index.save(scorer_dir / INDEX_FILE)
-    (scorer_dir / INDEX_META_FILE).write_text(json.dumps({"threshold": config.near_dup_threshold,
-                                                          "rows": len(index)}) + "\n")
+    (scorer_dir / INDEX_META_FILE).write_text(json.dumps({"threshold": config.near_dup_threshold, "rows": len(index),
+                                                          "answer_rule": ANSWER_RULE_SETTINGS}) + "\n")
 
 
 def load_index(scorer_dir: Path, config: StagesConfig) -> NearDupIndex | None:
     """The curated rows' near-dup index, for a filter run with the near-dup stage on; None if the scorer
-    has none (a run made without near-dup, or before stages existed)."""
+    has none (a run made without near-dup, or before stages existed). One saved before the answer rule loads:
+    its rows pair with new rows by the conversation rule only (logged); one whose signatures do not fit this
+    version's exits 2 naming the file."""
     path = scorer_dir / INDEX_FILE
     if not config.near_dup or not path.exists():
         return None
-    built = json.loads((scorer_dir / INDEX_META_FILE).read_text()).get("threshold")
+    meta = json.loads((scorer_dir / INDEX_META_FILE).read_text())
+    built = meta.get("threshold")
     if built != config.near_dup_threshold:
         raise DpselInputError(f"the scorer's near-dup index was built at --near-dup-threshold {built}; give that "
                               f"value (not {config.near_dup_threshold}) or --no-near-dup",
                               file=str(scorer_dir / INDEX_META_FILE))
-    return NearDupIndex.load(path)
+    if meta.get("answer_rule", ANSWER_RULE_SETTINGS) != ANSWER_RULE_SETTINGS:
+        raise DpselInputError(f"the scorer's near-dup index has answer-rule signatures {meta['answer_rule']}, this "
+                              f"version makes {ANSWER_RULE_SETTINGS}: re-run the curation or give --no-near-dup",
+                              file=str(scorer_dir / INDEX_META_FILE))
+    try:
+        index = NearDupIndex.load(path).fitted(NearDup(config.near_dup_threshold).widths)
+    except (ValueError, KeyError, OSError) as error:
+        raise DpselInputError(f"the scorer's near-dup index cannot be read ({error}); re-run the curation or give "
+                              f"--no-near-dup", file=str(path)) from None
+    if index.answer_missing:
+        log.warning("%s was saved before near-duplicates keyed on content: its %d rows pair with new rows by "
+                    "the whole conversation only", path, len(index))
+    return index

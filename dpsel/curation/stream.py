@@ -3,8 +3,9 @@ stays flat in the number of rows except for small per-row state.
 
 Passes over the input (each `dpsel.data.iter_batches`-style, a batch of `BATCH_ROWS` rows at a time):
 1. near-duplicates (when the stage is on): every usable row's signature goes into one index (the stage's
-   220 B/row state), clustered once at the end, so each row gets the verdict it gets when the whole input
-   is one batch (a cluster's keeper is its first row in input order, however far apart its rows are);
+   364 B/row state, 192 B of it sketches spilled to files), clustered once at the end, so each row gets the
+   verdict it gets when the whole input is one batch (a cluster's keeper is its first row in input order,
+   however far apart its rows are);
 2. the stages (their verdicts, near-dup's from pass 1), the scorer and the writer, batch by batch:
    scores.parquet and curated.parquet grow a row group per batch (`pyarrow.parquet.ParquetWriter`) in the
    run's staging folder, published with the manifest last (`record.staged_run`, `record.finish_run`);
@@ -13,16 +14,18 @@ Passes over the input (each `dpsel.data.iter_batches`-style, a batch of `BATCH_R
 
 Exact duplicates across batches and files are the data layer's (`SeenIds`, ~18 B/id). Per-row state kept to
 the end: weight and std (16 B), usable and kept flags (2 B), a 4-byte code per group column, plus the
-near-dup index in pass 1 (then its ids and each row's keeper, 28 B). The rows near/semantic-dropped keep
+near-dup index in pass 1 (then its ids and each row's cluster: keeper and one pair, 45 B). The rows near/semantic-dropped keep
 their id -> kept id in a dict (exact duplicates of them point past them, as in one batch). Output content is
-the same as when the whole input is held (row order, columns, reasons, `dpsel_dup_of`, counts).
+the same as when the whole input is held (row order, columns, reasons, `dpsel_dup_of`, counts), but for one
+case: decontamination's pool-side template count grows batch by batch (`dpsel.stages.decontaminate`), so an
+n-gram only pool rows share is a template once its 21st row has been read, not before.
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpsel.curation.curated import curated_rows_table
+from dpsel.curation.examples import ExamplePicker
 from dpsel.curation.record import CurationResult, Run, finish_run, staged_run
 from dpsel.curation.rows import RunRows, as_path_list, check_weights, counts_of, final_reasons_of, preview_text, rows_from
 from dpsel.curation.rules import SelectionRule, apply_rule, effective_thresholds
@@ -41,7 +45,7 @@ from dpsel.io import file_sha256
 from dpsel.outputs import CURATED_FILE, SCORES_FILE, scores_table, with_run_id
 from dpsel.select.base import ProgressFn
 from dpsel.stages.base import ConversationBatch
-from dpsel.stages.near_dup import NearDup, NearDupIndex, NearDupVerdicts, SpilledSketch
+from dpsel.stages.near_dup import Clusters, NearDup, NearDupIndex, NearDupVerdicts, SpilledSketch
 from dpsel.stages.options import StagesConfig
 from dpsel.stages.pipeline import build_blocks
 
@@ -161,39 +165,42 @@ class _Writer:
 
 def _sign_near_dups(plan: InputPlan, blocks: list, batch_rows: int, spill: Path) -> None:
     """Pass 1: every usable row's near-dup signature, clustered once; the near-dup block becomes the verdicts.
-    Band keys are held (the clustering groups them); the sketches go to the file `spill`, read back only for
-    the rows in candidate pairs, and are deleted when the clustering is done."""
+    Band keys and question keys are held (the clustering groups them); both sketches go to files beside
+    `spill`, read back only for the rows in candidate pairs, and are deleted when the clustering is done."""
     position = next((k for k, b in enumerate(blocks) if isinstance(b, NearDup)), None)
     if position is None:
         return
     started, near = time.perf_counter(), blocks[position]
     seen = len(near.index)
-    sketch = SpilledSketch(spill, near.num_perm)
+    sketches = {name: SpilledSketch(spill.with_name(f"{spill.name}.{name}"), near.widths[name][0])
+                for name in ("sketch", "answer_sketch")}
     try:
-        sketch[0:seen] = near.index.sketch
-        index = NearDupIndex(near.index.ids, near.index.bands, sketch)
-        keeper, judged = _cluster_streamed(plan, near, index, seen, batch_rows)
+        for name, sketch in sketches.items():
+            sketch[0:seen] = getattr(near.index, name)
+        index = replace(near.index, **sketches)
+        ids, clusters = _cluster_streamed(plan, near, index, seen, batch_rows)
     finally:
-        sketch.close()
-        spill.unlink(missing_ok=True)
+        for sketch in sketches.values():
+            sketch.close()
+            sketch.path.unlink(missing_ok=True)
     near.stats.seconds += time.perf_counter() - started
-    blocks[position] = NearDupVerdicts(judged, keeper, seen, stats=near.stats)
+    blocks[position] = NearDupVerdicts(ids, clusters, seen, stats=near.stats)
 
 
 def _cluster_streamed(plan: InputPlan, near: NearDup, index: NearDupIndex, seen: int, batch_rows: int
-                      ) -> tuple[np.ndarray, NearDupIndex]:
-    """(keeper per entry, the ids alone) of the seen entries and every usable row of the input, signed a batch
-    at a time into `index`."""
+                      ) -> tuple[np.ndarray, Clusters]:
+    """(the ids, the clusters) of the seen entries and every usable row of the input, signed a batch at a time
+    into `index`."""
     start_index, empty, at = index, np.zeros(seen + plan.n, bool), seen
     for nb in iter_planned(plan.planned, batch_rows):
         rows = rows_from(batch_set(nb, plan.planned, plan.files, plan.schema))
         alive = ConversationBatch(conversation_table(rows).filter(pa.array(rows.usable)))
         index = near.grown(index, alive, plan.n if index is start_index else 0)
         at = near.sign_into(index, empty, at, alive)
-    signed = NearDupIndex(index.ids[:at], index.bands[:at], index.sketch[:at])
-    keeper, _ = near.keepers(signed, empty[:at], seen)
-    # the signatures are dropped: only the ids and each row's keeper stay
-    return keeper, NearDupIndex(signed.ids, np.zeros((0, near.bands), np.uint32), np.zeros((0, near.num_perm), np.uint8))
+    signed = index.sliced(slice(None, at))
+    clusters, _ = near.keepers(signed, empty[:at], seen)
+    # the signatures are dropped: only the ids and each row's cluster stay
+    return signed.ids, clusters
 
 
 @dataclass
@@ -206,6 +213,7 @@ class _Totals:
     tally: Counter = field(default_factory=Counter)
     candidates: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # rows the report may show
     texts: dict[int, str] = field(default_factory=dict)
+    examples: ExamplePicker = field(default_factory=ExamplePicker)   # the report's dropped rows, a few per reason
     score_s: float = 0.0
 
     def spread(self, rows: RunRows, start: int, mean: np.ndarray, std: np.ndarray) -> slice:
@@ -262,6 +270,7 @@ def stream_filter(plan: InputPlan, scorer, options: StagesConfig, seen: NearDupI
             for nb in iter_planned(plan.planned, batch_rows):
                 rows = rows_from(batch_set(nb, plan.planned, plan.files, plan.schema))
                 record_stages(rows, options, blocks, None, dropped)
+                totals.examples.add(rows, nb.start_row)
                 score_start = time.perf_counter()
                 mean, std = score_in_chunks(scorer, rows, np.flatnonzero(rows.usable), None)
                 totals.score_s += time.perf_counter() - score_start
@@ -296,6 +305,7 @@ def stream_filter(plan: InputPlan, scorer, options: StagesConfig, seen: NearDupI
         timings = {"read_s": write_start - started - totals.score_s, "score_s": totals.score_s,
                    "batch_rows": batch_rows}
         run = make_run(summary, totals.weights, totals.stds, totals.keep, timings)
+        run.examples = totals.examples
         counts = counts_of(totals.tally, int(totals.usable.sum()), stats)
         return finish_run(stage, out, run, run_id, (cutoff, group_cutoffs, counts), write_start)
 

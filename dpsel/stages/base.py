@@ -79,16 +79,29 @@ def shingle_hashes(tokens: np.ndarray, offsets: np.ndarray, n: int) -> tuple[np.
     A row shorter than n tokens gives one window of all its tokens; a row without tokens gives none.
     A window's hash is sum(t[i+k] * B**k) mod 2**64 (order matters), read off prefix sums in O(tokens)
     whatever n is, so an L-token window hashes alike from any call; then `splitmix64`."""
+    hashes, rows = window_hashes(tokens, offsets, (n,))[0]
+    counts = np.bincount(rows, minlength=len(offsets) - 1)
+    return hashes, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def window_hashes(tokens: np.ndarray, offsets: np.ndarray, sizes: Iterable[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per window size in `sizes`: the (hashes, row) of the windows `shingle_hashes` gives, sharing the prefix
+    sums (one pass over the tokens for every size)."""
     lengths = np.diff(offsets)
     row = np.repeat(np.arange(len(lengths)), lengths)
     position = np.arange(len(tokens)) - offsets[:-1][row]
-    start = np.flatnonzero((position <= lengths[row] - n) | ((position == 0) & (lengths[row] < n)))
-    end = np.minimum(start + n, offsets[1:][row[start]])
+    left = lengths[row] - position               # tokens from each position to its row's end
     with np.errstate(over="ignore"):
         prefix = np.concatenate([[np.uint64(0)], np.cumsum(tokens * _powers(_BASE, len(tokens))[:-1])])
-        windows = (prefix[end] - prefix[start]) * _powers(_BASE_INVERSE, len(tokens))[start]
-    counts = np.bincount(row[start], minlength=len(lengths))
-    return splitmix64(windows.astype(np.uint64)), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        inverse = _powers(_BASE_INVERSE, len(tokens))
+    found = []
+    for n in sizes:
+        start = np.flatnonzero((left >= n) | ((position == 0) & (left < n)))
+        end = start + np.minimum(left[start], n)
+        with np.errstate(over="ignore"):
+            windows = (prefix[end] - prefix[start]) * inverse[start]
+        found.append((splitmix64(windows.astype(np.uint64)), row[start]))
+    return found
 
 
 class ConversationBatch:
@@ -125,6 +138,28 @@ class ConversationBatch:
     def words(self) -> pa.ListArray:
         return words_of(self.text)
 
+    @functools.cached_property
+    def question(self) -> pa.Array:
+        return role_text(self.messages, "user")
+
+    @functools.cached_property
+    def answer(self) -> pa.Array:
+        return role_text(self.messages, "assistant")
+
+
+def role_of(messages: pa.ListArray, role: str) -> np.ndarray:
+    """Per message of `messages` (flat): whether it is a `role` turn."""
+    return np.asarray(pc.fill_null(pc.equal(pc.struct_field(messages.flatten(), "role"), role), False), bool)
+
+
+def role_text(messages: pa.ListArray, role: str) -> pa.Array:
+    """Per row, the contents of its `role` turns joined by newlines ("" where none)."""
+    mine = role_of(messages, role)
+    offsets = np.asarray(messages.offsets, np.int64)
+    kept = np.concatenate([[0], np.cumsum(mine)])[offsets - offsets[0]]
+    contents = pc.fill_null(pc.struct_field(messages.flatten(), "content"), "").filter(pa.array(mine))
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(kept, pa.int32()), contents), "\n")
+
 
 def words_of(text: pa.Array) -> pa.ListArray:
     """Lower-cased words with punctuation treated as space (the normal form every word-based block uses)."""
@@ -146,14 +181,17 @@ def flat_hashes(words: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class Verdict:
     """What a block says of each row: `reason` ("" kept), `dup_of` (kept row's id, None if not a
-    duplicate), and columns it adds or replaces (name -> array, one value per row)."""
+    duplicate), `detail` (why, in words, for a dropped row: which rule, which partner, how much overlap; None
+    lets the run say "<reason> of <dup_of>"), and columns it adds or replaces (name -> array, one value per row)."""
     reason: np.ndarray
     dup_of: np.ndarray
     columns: dict[str, pa.Array] = field(default_factory=dict)
+    detail: np.ndarray | None = None
 
     @classmethod
     def keep_all(cls, n: int) -> Verdict:
-        return cls(np.full(n, "", dtype=object), np.full(n, None, dtype=object))
+        return cls(np.full(n, "", dtype=object), np.full(n, None, dtype=object),
+                   detail=np.full(n, None, dtype=object))
 
     @property
     def dropped(self) -> np.ndarray:

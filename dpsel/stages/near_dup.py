@@ -1,27 +1,44 @@
-"""Near-duplicates: MinHash-LSH over word shingles of the normalised conversation.
+"""Near-duplicates: MinHash-LSH, by two rules; a row is a near-duplicate when either pairs it with another.
 
-How: each row's word 5-shingles (64-bit hashes, `base.shingle_hashes`) go to `rensa`'s Rust MinHash
-(`digest_matrix_from_flat_token_hashes`; measured ~13 µs/row with the conversion to numpy, against
-~280 µs/row for `datasketch`'s `update_batch` on the same pre-hashed shingles). Only two things per row
-are kept: `bands` 32-bit band keys and a `num_perm`-byte sketch (the low 8 bits of every MinHash value,
-"b-bit MinHash"). Rows sharing a band key in any band are candidates (a star from the band group's first
-row); a candidate pair is kept when its b-bit estimate of Jaccard reaches `verify_threshold` (this drops
-the band-collision false positives that LSH alone keeps, while a pair at the threshold passes 98% of the
-time); clusters are the connected components of the kept pairs, and each cluster keeps its first row in
-input order (previously curated rows, the `seen` index, come before every new row), so the keeper never
-depends on anything but row order.
+- conversation rule: word 5-shingles of the normalised conversation, Jaccard >= `threshold` (0.8). Finds edits,
+  reorderings and copies inside another template, but misses short rows whose question was reworded: two
+  one-sentence questions and a 20-word answer share too few 5-shingles.
+- answer rule (near-duplicates keyed on content): the answers' word sets (1-shingles: a one-word edit of an
+  n-word answer leaves Jaccard (n-1)/(n+1), two edits (n-2)/(n+2)) reach Jaccard `ANSWER_THRESHOLD` (0.75: one
+  edit passes from 7 words, two from 14) AND the questions share a key (`content_keys`: a code span, identifier,
+  number or capitalised name). Only answers of `MIN_ANSWER_WORDS` (8) words or more whose question has a key take
+  part, so "Yes." or "I don't know" never pair, and one boilerplate answer to questions about different things
+  never pairs either (no shared key).
 
-Memory (state, per row): bands*4 + num_perm + 20 (id; longer ids widen it) bytes = 220 bytes at the
-defaults (threshold 0.8, 128 permutations: 18 bands of 7 rows). Signatures are computed in chunks and
-never held whole; the index is filled in place and compacted in place, so a run holds one copy of it
-plus the clustering's temporaries (per row: sort order and labels, ~30 bytes; 8 bytes per candidate
-pair). Measured peak at 1M rows: see benchmarks/results/dedup.md.
+How: each row's shingles (64-bit hashes, `base.shingle_hashes`) go to `rensa`'s Rust MinHash
+(`digest_matrix_from_flat_token_hashes`; measured ~13 µs/row with the conversion to numpy, against ~280 µs/row
+for `datasketch`'s `update_batch` on the same pre-hashed shingles). Kept per row and rule: 32-bit band keys and
+a one-byte-per-permutation sketch (the low 8 bits of every MinHash value, "b-bit MinHash"); for the answer
+rule also the question's `KEYS` smallest key hashes. Candidates share a band key in any band (conversation
+rule), or a band key and a question key (answer rule: the band groups are split by key, so one answer shared
+by many questions never hides a pair behind its group's first row); each row is paired with its group's first
+row, and a pair is kept when its b-bit estimate of Jaccard reaches `verify_threshold` (this drops the
+band-collision false positives that LSH alone keeps, while a pair at the threshold passes 98% of the time).
+Clusters are the connected components of the kept pairs of both rules, and each cluster keeps its first row in
+input order (previously curated rows, the `seen` index, come before every new row), so the keeper never depends
+on anything but row order. A dropped row's detail names the rule, the estimate and the shared key of one of
+its pairs (the one with its keeper where there is one).
+
+Memory (state, per row): bands*4 + num_perm + answer bands*4 + answer perms + KEYS*4 + 20 (id; longer ids
+widen it) = 364 bytes at the defaults (threshold 0.8, 128 permutations: 18 bands of 7 rows; answers 0.75, 64
+permutations: 16 bands of 4 rows; 4 keys). Signatures are computed in chunks and never held whole; the index is
+filled in place and compacted in place, so a run holds one copy of it plus the clustering's temporaries (per
+row: sort order, labels and its pair, ~50 bytes; 8 bytes per candidate pair). Measured peak at 1M rows (before
+the answer rule): see benchmarks/results/dedup.md.
 """
 from __future__ import annotations
 
+import array
 import functools
+import itertools
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +49,12 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from dpsel.data.schema import ID_COLUMN
-from dpsel.stages.base import (Block, ConversationBatch, Verdict, flat_hashes, map_blocks, shingle_hashes, splitmix64,
-                               words_of)
+from dpsel.stages.base import (Block, ConversationBatch, Verdict, flat_hashes, map_blocks, role_of, role_text,
+                               shingle_hashes, splitmix64, words_of)
+from dpsel.stages.content_keys import KEYS, key_hashes, key_matrix, keys_of
+from dpsel.stages.near_dup_index import NearDupIndex, SpilledSketch
+
+__all__ = ["NearDup", "NearDupIndex", "NearDupVerdicts", "SpilledSketch", "lsh_bands", "verify_threshold"]
 
 REASON = "near_duplicate"
 SEED = 20250101
@@ -41,6 +62,14 @@ CHUNK_ROWS = 2048     # rensa's digests come back as Python lists: ~40 bytes a v
 ID_BYTES = 20
 RECALL_AT_THRESHOLD = 0.98   # of a pair at exactly the threshold: by the bands, and again by the check
 CHANCE = 1 / 256             # two unrelated 8-bit sketch values agree this often
+ANSWER_THRESHOLD = 0.75      # answer word-set Jaccard of the answer rule
+ANSWER_NGRAM = 1             # word sets: answers are short, and a longer shingle loses n of them to one edit
+ANSWER_PERM = 64             # the answer rule's evidence is two-sided (answer and key): a coarser sketch does
+MIN_ANSWER_WORDS = 8         # shorter answers ("Yes.", "I don't know") are too generic to pair by
+CONVERSATION, ANSWER_RULE = 0, 1
+# what the answer rule's saved signatures depend on (a scorer's near_dup.json records it)
+ANSWER_RULE_SETTINGS = {"threshold": ANSWER_THRESHOLD, "ngram": ANSWER_NGRAM, "num_perm": ANSWER_PERM,
+                        "min_answer_words": MIN_ANSWER_WORDS, "keys": KEYS, "key_rules": 1, "seed": SEED}
 
 
 def verify_threshold(threshold: float, num_perm: int, recall: float = RECALL_AT_THRESHOLD) -> float:
@@ -63,87 +92,6 @@ def lsh_bands(threshold: float, num_perm: int, recall: float = RECALL_AT_THRESHO
     return num_perm, 1
 
 
-@dataclass
-class NearDupIndex:
-    """The kept state of curated rows: ids (`S20`), band keys (rows × bands, uint32), sketches (rows ×
-    num_perm, uint8). Saved as one .npz so `dpsel filter` can drop near-duplicates of curated rows."""
-    ids: np.ndarray
-    bands: np.ndarray
-    sketch: np.ndarray
-
-    @classmethod
-    def empty(cls, bands: int, num_perm: int) -> NearDupIndex:
-        return cls(np.zeros(0, f"S{ID_BYTES}"), np.zeros((0, bands), np.uint32), np.zeros((0, num_perm), np.uint8))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def nbytes(self) -> int:
-        return self.ids.nbytes + self.bands.nbytes + self.sketch.nbytes
-
-    def compact(self, rows: np.ndarray, chunk: int = 65536) -> None:
-        """Keep only `rows` (ascending), moved down in place chunk by chunk: no second copy of the index
-        (row k goes to a position <= k, and positions written never hold rows still to be read)."""
-        for name in ("ids", "bands", "sketch"):
-            array = getattr(self, name)
-            for start in range(0, len(rows), chunk):
-                part = rows[start:start + chunk]
-                array[start:start + len(part)] = array[part]
-            setattr(self, name, array[:len(rows)])
-
-    def save(self, path) -> None:
-        np.savez(path, ids=self.ids, bands=self.bands, sketch=self.sketch)
-
-    @classmethod
-    def load(cls, path) -> NearDupIndex:
-        with np.load(path) as f:
-            return cls(f["ids"], f["bands"], f["sketch"])
-
-
-class SpilledSketch:
-    """Sketches appended to a file in row order instead of held in memory (`filter` on a pool: 128 bytes a row
-    that only the few rows in candidate pairs are ever read back for). Stands in for `NearDupIndex.sketch`:
-    `index.sketch[at:at + n] = block` appends; `take(rows)` reads the given rows back."""
-
-    READ_ROWS = 65536      # rows read back at a time (8 MB at 128 bytes a row)
-
-    def __init__(self, path, width: int):
-        self.path, self.width, self.rows = path, width, 0
-        self._handle = open(path, "wb")
-
-    def __len__(self) -> int:
-        return self.rows
-
-    def __setitem__(self, where: slice, values: np.ndarray) -> None:
-        if where.start != self.rows:
-            raise RuntimeError(f"spilled sketches are written in row order: row {where.start}, expected {self.rows}")
-        self._handle.write(np.ascontiguousarray(values, np.uint8).tobytes())
-        self.rows += len(values)
-
-    def __getitem__(self, where: slice) -> SpilledSketch:
-        if where != slice(None, self.rows):
-            raise RuntimeError("a spilled sketch is read back with take(), not sliced")
-        return self
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """[len(rows), width] uint8 of `rows` (ascending, unique), read a chunk of the file at a time."""
-        self._handle.flush()
-        out = np.empty((len(rows), self.width), np.uint8)
-        with open(self.path, "rb") as handle:
-            for start in range(0, self.rows, self.READ_ROWS):
-                lo, hi = np.searchsorted(rows, [start, start + self.READ_ROWS])
-                if lo == hi:
-                    continue
-                handle.seek(start * self.width)
-                chunk = np.frombuffer(handle.read(min(self.READ_ROWS, self.rows - start) * self.width), np.uint8)
-                out[lo:hi] = chunk.reshape(-1, self.width)[rows[lo:hi] - start]
-        return out
-
-    def close(self) -> None:
-        self._handle.close()
-
-
 def _band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """Hash each band's `rows` MinHash values into one 32-bit key (chance collisions are verified away)."""
     grouped = signature[:, :bands * rows].reshape(len(signature), bands, rows).astype(np.uint64)
@@ -154,20 +102,66 @@ def _band_keys(signature: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return (key >> np.uint64(32)).astype(np.uint32)
 
 
-TEXT, BANDS, SKETCH, EMPTY = "text", "bands", "sketch", "empty"
+MESSAGES, EMPTY = "messages", "empty"
+BANDS, SKETCH, ANSWER_BANDS, ANSWER_SKETCH, KEY_COLUMN = "bands", "sketch", "answer_bands", "answer_sketch", "keys"
 
 
-def sign_block(block: pa.Table, *, ngram: int, num_perm: int, bands: int, band_rows: int) -> pa.Table:
-    """One block of row texts -> per row its LSH band keys, its b-bit sketch and whether it has no words.
-    A module-level function of one block, so an engine can run it anywhere (`base.map_blocks`)."""
-    tokens, offsets = flat_hashes(words_of(block.column(TEXT).combine_chunks()))
+def _word_hashes(messages: pa.ListArray) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(word hashes, row offsets) of every row's conversation and of its answer (the assistant turns' words),
+    from one pass over the messages: a conversation's words are its messages' words in order (a newline joins
+    them and punctuation never spans one), so each word is split and hashed once for both rules."""
+    contents = pc.fill_null(pc.struct_field(messages.flatten(), "content"), "")
+    tokens, token_offsets = flat_hashes(words_of(contents))
+    rows = np.asarray(messages.offsets, np.int64)
+    rows = rows - rows[0]
+    counts, answer = np.diff(token_offsets), role_of(messages, "assistant")
+    answer_offsets = np.concatenate([[0], np.cumsum(counts * answer)])[rows]
+    return (tokens, token_offsets[rows]), (tokens[np.repeat(answer, counts)], answer_offsets)
+
+
+def _minhash(tokens: np.ndarray, offsets: np.ndarray, ngram: int, num_perm: int, bands: int, band_rows: int):
+    """(band keys, b-bit sketch) of the word `ngram`-shingles of every row (flat word hashes, row offsets)."""
     shingles, row_offsets = shingle_hashes(tokens, offsets, ngram)
     matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(shingles, row_offsets.astype(np.uint64),
                                                                  num_perm, SEED)
-    signature = np.array(matrix.to_rows(), np.uint32).reshape(-1, num_perm)
-    return pa.table({BANDS: _as_fixed_binary(_band_keys(signature, bands, band_rows)),
-                     SKETCH: _as_fixed_binary((signature & 0xFF).astype(np.uint8)),
-                     EMPTY: pa.array(np.diff(row_offsets) == 0)})
+    # rensa gives Python lists: an array.array reads them ~25% faster than numpy does
+    signature = np.frombuffer(array.array("I", itertools.chain.from_iterable(matrix.to_rows())),
+                              np.uint32).reshape(-1, num_perm)
+    return _band_keys(signature, bands, band_rows), (signature & 0xFF).astype(np.uint8)
+
+
+def _question_keys(messages: pa.ListArray, long_answer: np.ndarray) -> np.ndarray:
+    """[rows, KEYS] question key hashes of the rows whose answer is long enough for the answer rule, else 0."""
+    keys = np.zeros((len(messages), KEYS), np.uint32)
+    at = np.flatnonzero(long_answer)
+    keys[at] = key_matrix(role_text(messages, "user").take(pa.array(at)))
+    return keys
+
+
+def _answer_minhash(tokens: np.ndarray, offsets: np.ndarray, signed: np.ndarray, bands: int, band_rows: int):
+    """The answer rule's (band keys, sketch) of the `signed` rows (those that take part in it), 0 for the others:
+    most questions name nothing, and their answers are never compared."""
+    counts = np.diff(offsets)
+    band, sketch = _minhash(tokens[np.repeat(signed, counts)], np.concatenate([[0], np.cumsum(counts[signed])]),
+                            ANSWER_NGRAM, ANSWER_PERM, bands, band_rows)
+    out_band, out_sketch = np.zeros((len(counts), bands), np.uint32), np.zeros((len(counts), ANSWER_PERM), np.uint8)
+    out_band[signed], out_sketch[signed] = band, sketch
+    return out_band, out_sketch
+
+
+def sign_block(block: pa.Table, *, ngram: int, num_perm: int, bands: int, band_rows: int, answer_bands: int,
+               answer_band_rows: int) -> pa.Table:
+    """One block of rows (their messages) -> per row both rules' band keys and sketches, its question's keys
+    (none where its answer is too short for the answer rule) and whether it has no words. A module-level
+    function of one block, so an engine can run it anywhere (`base.map_blocks`)."""
+    messages = block.column(MESSAGES).combine_chunks()
+    conversation, answer = _word_hashes(messages)
+    band, sketch = _minhash(*conversation, ngram, num_perm, bands, band_rows)
+    keys = _question_keys(messages, np.diff(answer[1]) >= MIN_ANSWER_WORDS)
+    answer_band, answer_sketch = _answer_minhash(*answer, keys.any(axis=1), answer_bands, answer_band_rows)
+    return pa.table({BANDS: _as_fixed_binary(band), SKETCH: _as_fixed_binary(sketch),
+                     ANSWER_BANDS: _as_fixed_binary(answer_band), ANSWER_SKETCH: _as_fixed_binary(answer_sketch),
+                     KEY_COLUMN: _as_fixed_binary(keys), EMPTY: pa.array(np.diff(conversation[1]) == 0)})
 
 
 def _as_fixed_binary(matrix: np.ndarray) -> pa.Array:
@@ -187,6 +181,72 @@ def _fixed_width(column: pa.ChunkedArray, dtype, width: int) -> np.ndarray:
     return data[array.offset * width:(array.offset + len(array)) * width].reshape(len(array), width)
 
 
+@dataclass
+class Clusters:
+    """Per index entry: `keeper` (the entry kept in its place; itself when no duplicate) and one of its pairs
+    (`partner` entry, -1 if none; the `rule` that made it, its Jaccard estimate `score`, the shared `key` hash)."""
+    keeper: np.ndarray
+    partner: np.ndarray
+    rule: np.ndarray
+    score: np.ndarray
+    key: np.ndarray
+
+
+def _star_pairs(column: Callable[[int], np.ndarray], bands: int, rows: np.ndarray, n: int) -> np.ndarray:
+    """Unique (row, star centre) pair codes (row * n + centre): per band, `column(band)` gives a key per entry
+    (entries of ascending `rows`; one band at a time, so no entries × bands copy), and each entry is paired with
+    the first entry of its group of equal keys."""
+    codes = [np.zeros(0, np.int64)]
+    for band in range(bands):
+        keys = column(band)
+        order = np.argsort(keys)                # unstable (faster): the centre is the group's smallest row
+        values, members = keys[order], rows[order]
+        starts = np.concatenate([[True], values[1:] != values[:-1]])
+        centre = np.repeat(np.minimum.reduceat(members, np.flatnonzero(starts)), np.diff(
+            np.append(np.flatnonzero(starts), len(starts))))
+        other = members != centre
+        codes.append(members[other].astype(np.int64) * n + centre[other])
+    return np.unique(np.concatenate(codes))     # pairs repeat across bands
+
+
+def _decoded(codes: np.ndarray, n: int) -> np.ndarray:
+    return np.stack([codes // max(n, 1), codes % max(n, 1)], axis=1)
+
+
+def _shared_key(keys: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Per pair, the smallest key hash both rows' questions have (0: none)."""
+    a, b = keys[pairs[:, 0]], keys[pairs[:, 1]]
+    same = (a[:, :, None] == b[:, None, :]).any(axis=2) & (a != 0)
+    first = same.argmax(axis=1)          # keys are ascending: the first shared one is the smallest
+    return np.where(same.any(axis=1), a[np.arange(len(a)), first], 0).astype(np.uint32)
+
+
+def _estimates(sketch, pairs: np.ndarray) -> np.ndarray:
+    """b-bit MinHash estimate of each pair's Jaccard (chance agreement removed)."""
+    out = np.zeros(len(pairs), np.float32)
+    if isinstance(sketch, SpilledSketch):     # read back only the rows that are in a pair
+        rows = np.unique(pairs)
+        sketch, pairs = sketch.take(rows), np.searchsorted(rows, pairs)
+    for start in range(0, len(pairs), 65536):
+        a, b = pairs[start:start + 65536].T
+        out[start:start + 65536] = ((sketch[a] == sketch[b]).mean(axis=1) - CHANCE) / (1 - CHANCE)
+    return out
+
+
+def _first_pairs(n: int, edges: np.ndarray, rule: np.ndarray, score: np.ndarray, key: np.ndarray,
+                 keeper: np.ndarray) -> Clusters:
+    """Per entry, one of its pairs: the one with its keeper if any, else by rule (conversation first), then score."""
+    row, partner = np.concatenate([edges[:, 0], edges[:, 1]]), np.concatenate([edges[:, 1], edges[:, 0]])
+    rule, score, key = np.tile(rule, 2), np.tile(score, 2), np.tile(key, 2)
+    order = np.lexsort((partner, -score, rule, partner != keeper[row], row))
+    first = order[np.unique(row[order], return_index=True)[1]]
+    out = Clusters(keeper, np.full(n, -1, np.int64), np.full(n, -1, np.int8), np.zeros(n, np.float32),
+                   np.zeros(n, np.uint32))
+    out.partner[row[first]], out.rule[row[first]] = partner[first], rule[first]
+    out.score[row[first]], out.key[row[first]] = score[first], key[first]
+    return out
+
+
 class NearDup(Block):
     name = "near_dup"
 
@@ -197,28 +257,40 @@ class NearDup(Block):
         self.threshold, self.num_perm, self.ngram = threshold, num_perm, ngram
         self.bands, self.band_rows = lsh_bands(threshold, num_perm)
         self.verify_at = verify_threshold(threshold, num_perm)
+        self.answer_bands, self.answer_band_rows = lsh_bands(ANSWER_THRESHOLD, ANSWER_PERM)
+        self.answer_verify_at = verify_threshold(ANSWER_THRESHOLD, ANSWER_PERM)
         # rows kept so far (the given seen index, then every batch's kept rows): later batches are
         # deduplicated against earlier ones, and `index.save` hands the state to a later run
-        self.index = seen if seen is not None else NearDupIndex.empty(self.bands, num_perm)
+        self.index = seen.fitted(self.widths) if seen is not None else NearDupIndex.empty(self.widths, ID_BYTES)
+
+    @property
+    def widths(self) -> dict[str, tuple[int, type]]:
+        """Per signature field of the index: (values per row, dtype)."""
+        return {"bands": (self.bands, np.uint32), "sketch": (self.num_perm, np.uint8),
+                "answer_bands": (self.answer_bands, np.uint32), "answer_sketch": (ANSWER_PERM, np.uint8),
+                "keys": (KEYS, np.uint32)}
 
     @property
     def bytes_per_row(self) -> int:
-        return self.bands * 4 + self.num_perm + ID_BYTES
+        return ID_BYTES + sum(width * np.dtype(dtype).itemsize for width, dtype in self.widths.values())
 
     def grown(self, index: NearDupIndex, rows: ConversationBatch, capacity: int = 0) -> NearDupIndex:
         """`index` with room for `capacity` more entries (their contents unset) and ids wide enough for `rows`'
-        ids (ids are never cut); `index` itself when it already has both."""
+        ids (ids are never cut); `index` itself when it already has both. Spilled sketches are appended to as
+        rows are signed: nothing to copy."""
         longest = pc.max(pc.binary_length(rows.table.column(ID_COLUMN))).as_py() or 0
         width = max(ID_BYTES, index.ids.dtype.itemsize, longest)
         if width == index.ids.dtype.itemsize and capacity == 0:
             return index
         size, n = len(index) + capacity, len(index)
-        spilled = isinstance(index.sketch, SpilledSketch)     # appended to as rows are signed: nothing to copy
-        out = NearDupIndex(np.empty(size, f"S{width}"), np.empty((size, self.bands), np.uint32),
-                           index.sketch if spilled else np.empty((size, self.num_perm), np.uint8))
-        out.ids[:n], out.bands[:n] = index.ids, index.bands
-        if not spilled:
-            out.sketch[:n] = index.sketch
+        out = NearDupIndex(np.empty(size, f"S{width}"), **{name: np.empty((size, w), t)
+                                                          for name, (w, t) in self.widths.items()})
+        out.ids[:n] = index.ids
+        for name in self.widths:
+            if isinstance(getattr(index, name), SpilledSketch):
+                setattr(out, name, getattr(index, name))
+            else:
+                getattr(out, name)[:n] = getattr(index, name)
         return out
 
     def sign_into(self, index: NearDupIndex, empty: np.ndarray, at: int, rows: ConversationBatch) -> int:
@@ -228,12 +300,13 @@ class NearDup(Block):
         installed block map (`base.map_blocks`: this process, or Ray actors)."""
         index.ids[at:at + len(rows)] = [i.encode() for i in rows.ids.tolist()]
         sign = functools.partial(sign_block, ngram=self.ngram, num_perm=self.num_perm, bands=self.bands,
-                                 band_rows=self.band_rows)
+                                 band_rows=self.band_rows, answer_bands=self.answer_bands,
+                                 answer_band_rows=self.answer_band_rows)
         start = at
-        for block in map_blocks(sign, pa.table({TEXT: rows.text}), CHUNK_ROWS):
+        for block in map_blocks(sign, pa.table({MESSAGES: rows.messages}), CHUNK_ROWS):
             n = block.num_rows
-            index.bands[at:at + n] = _fixed_width(block.column(BANDS), np.uint32, self.bands)
-            index.sketch[at:at + n] = _fixed_width(block.column(SKETCH), np.uint8, self.num_perm)
+            for name, (width, dtype) in self.widths.items():
+                getattr(index, name)[at:at + n] = _fixed_width(block.column(name), dtype, width)
             empty[at:at + n] = block.column(EMPTY).to_numpy(zero_copy_only=False)
             at += n
         if at - start != len(rows):
@@ -247,88 +320,119 @@ class NearDup(Block):
         self.sign_into(out, empty, len(self.index), rows)
         return out, empty
 
-    def keepers(self, everything: NearDupIndex, empty: np.ndarray, seen: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per entry of `everything` (the `seen` earlier entries, then new rows), the entry kept in its place
-        (itself when it is no duplicate). A new row already among the seen entries (`filter` on rows that were
-        curated) is that row again, judged before: it never matches (so keeps its verdict); also returned, per new
-        row, is whether it is such a row."""
+    def keepers(self, everything: NearDupIndex, empty: np.ndarray, seen: int) -> tuple[Clusters, np.ndarray]:
+        """The clusters of `everything` (the `seen` earlier entries, then new rows). A new row already among the
+        seen entries (`filter` on rows that were curated) is that row again, judged before: it never matches (so
+        keeps its verdict); also returned, per new row, is whether it is such a row."""
         again = np.isin(everything.ids[seen:], everything.ids[:seen]) if seen else np.zeros(len(empty), bool)
         empty[seen:] |= again
-        return self._keepers(everything, empty), again
+        return self._clusters(everything, empty), again
 
     def decide(self, rows: ConversationBatch, **_) -> Verdict:
         seen = len(self.index)
         everything, empty = self.extended(rows)
         self.index = everything              # the old index is no longer referenced: freed
-        keeper, again = self.keepers(everything, empty, seen)
-        verdict, duplicate = verdict_of(everything, keeper[seen:], seen)
+        clusters, again = self.keepers(everything, empty, seen)
+        verdict, duplicate = verdict_of(everything.ids, clusters, seen, rows)
         # a row seen before is not added twice
         everything.compact(np.concatenate([np.arange(seen), seen + np.flatnonzero(~duplicate & ~again)]))
         return verdict
 
-    def _keepers(self, index: NearDupIndex, skip: np.ndarray) -> np.ndarray:
-        """Per row, the first row (input order) of its cluster."""
+    def _clusters(self, index: NearDupIndex, skip: np.ndarray) -> Clusters:
+        """Per row, the first row (input order) of its cluster, and one of its pairs."""
         n = len(index)
-        pairs = self._candidates(index.bands, skip)
-        pairs = pairs[self._similar(index.sketch, pairs)]
-        graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        conversation, answer = self._conversation_pairs(index, skip), self._answer_pairs(index, skip)
+        conversation_score = _estimates(index.sketch, conversation)
+        answer_score = _estimates(index.answer_sketch, answer)
+        answer_key = _shared_key(index.keys, answer)
+        keep = conversation_score >= self.verify_at - 1e-9
+        kept_answer = (answer_score >= self.answer_verify_at - 1e-9) & (answer_key != 0)
+        edges = np.concatenate([conversation[keep], answer[kept_answer]])
+        rule = np.concatenate([np.full(keep.sum(), CONVERSATION, np.int8), np.full(kept_answer.sum(), ANSWER_RULE,
+                                                                                     np.int8)])
+        graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
         _, labels = connected_components(graph, directed=False)
         first = np.full(labels.max() + 1 if n else 0, n, np.int64)
         np.minimum.at(first, labels, np.arange(n))
-        return first[labels]
+        return _first_pairs(n, edges, rule, np.concatenate([conversation_score[keep], answer_score[kept_answer]]),
+                            np.concatenate([np.zeros(keep.sum(), np.uint32), answer_key[kept_answer]]),
+                            first[labels])
 
-    def _candidates(self, bands: np.ndarray, skip: np.ndarray) -> np.ndarray:
-        """Unique (row, star centre) pairs: each row against the first row of every band group it is in."""
-        n, live = len(bands), np.flatnonzero(~skip)
-        unique = np.zeros(0, np.int64)
+    def _conversation_pairs(self, index: NearDupIndex, skip: np.ndarray) -> np.ndarray:
+        """(row, star centre) pairs: each row against the first row of every band group it is in."""
+        n, live = len(index), np.flatnonzero(~skip)
         if len(live) < 2:                    # no pair to form (an empty file, or every row skipped)
             return np.zeros((0, 2), np.int64)
-        for band in range(bands.shape[1]):   # merged band by band: pairs repeat across bands
-            order = live[np.argsort(bands[live, band], kind="stable")]
-            values = bands[order, band]
-            starts = np.concatenate([[True], values[1:] != values[:-1]])
-            centre = order[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
-            unique = np.union1d(unique, order[~starts].astype(np.int64) * n + centre[~starts])
-        return np.stack([unique // max(n, 1), unique % max(n, 1)], axis=1)
+        return _decoded(_star_pairs(lambda band: index.bands[live, band], self.bands, live, n), n)
 
-    def _similar(self, sketch: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-        """b-bit MinHash estimate of each pair's Jaccard >= `verify_at` (chance agreement removed)."""
-        keep = np.zeros(len(pairs), bool)
-        if isinstance(sketch, SpilledSketch):     # read back only the rows that are in a pair
-            rows = np.unique(pairs)
-            sketch, pairs = sketch.take(rows), np.searchsorted(rows, pairs)
-        for start in range(0, len(pairs), 65536):
-            a, b = pairs[start:start + 65536].T
-            agree = (sketch[a] == sketch[b]).mean(axis=1)
-            keep[start:start + 65536] = (agree - CHANCE) / (1 - CHANCE) >= self.verify_at - 1e-9
-        return keep
+    def _answer_pairs(self, index: NearDupIndex, skip: np.ndarray) -> np.ndarray:
+        """(row, star centre) pairs: each row against the first row of every (answer band, question key)
+        group it is in; rows without keys (or skipped) take no part."""
+        n = len(index)
+        row, slot = np.nonzero((index.keys != 0) & ~skip[:, None])
+        if len(np.unique(row)) < 2:
+            return np.zeros((0, 2), np.int64)
+        key = index.keys[row, slot].astype(np.uint64)
+
+        def grouped(band: int) -> np.ndarray:     # the band's key and the question key as one 32-bit key (sorts
+            # twice as fast as 64 bits; a chance collision only adds a candidate that the checks drop)
+            both = (index.answer_bands[row, band].astype(np.uint64) << np.uint64(32)) | key
+            return (splitmix64(both) >> np.uint64(32)).astype(np.uint32)
+        return _decoded(_star_pairs(grouped, self.answer_bands, row, n), n)
 
 
-def verdict_of(index: NearDupIndex, keeper: np.ndarray, first: int) -> tuple[Verdict, np.ndarray]:
-    """The verdict of entries `first`.. of `index` given each one's keeper entry; and which are duplicates."""
+def _details(ids: np.ndarray, clusters: Clusters, at: np.ndarray, rows: ConversationBatch, local: np.ndarray
+             ) -> list[str]:
+    """The detail of the duplicate entries `at` (rows `local` of `rows`): the rule, estimate, shared key of
+    one of its pairs, and that pair's row where it is not the keeper."""
+    by_answer = clusters.rule[at] == ANSWER_RULE
+    named = {}
+    if by_answer.any():
+        keys, key_row = keys_of(rows.question.take(pa.array(local[by_answer])))
+        entries = at[by_answer][key_row]
+        hit = key_hashes(keys) == clusters.key[entries]
+        named = dict(zip(entries[hit].tolist(), keys.filter(pa.array(hit)).to_pylist()))
+    out = []
+    for entry in at.tolist():
+        keeper, partner = clusters.keeper[entry], clusters.partner[entry]
+        which = "answer" if clusters.rule[entry] == ANSWER_RULE else "conversation"
+        said = f"{which} Jaccard {clusters.score[entry]:.2f}"
+        if partner != keeper:
+            said += f" with {ids[partner].decode()}"
+        if entry in named:
+            said += f", same `{named[entry]}`"
+        out.append(f"{REASON} of {ids[keeper].decode()} ({said})")
+    return out
+
+
+def verdict_of(ids: np.ndarray, clusters: Clusters, first: int, rows: ConversationBatch
+               ) -> tuple[Verdict, np.ndarray]:
+    """The verdict of `rows`, entries `first`.. of the index whose `ids` are given, and which are duplicates."""
+    keeper = clusters.keeper[first:first + len(rows)]
     verdict = Verdict.keep_all(len(keeper))
     duplicate = keeper != np.arange(first, first + len(keeper))
     verdict.reason[duplicate] = REASON
-    verdict.dup_of[duplicate] = [i.decode() for i in index.ids[keeper[duplicate]].tolist()]
+    verdict.dup_of[duplicate] = [i.decode() for i in ids[keeper[duplicate]].tolist()]
+    local = np.flatnonzero(duplicate)
+    verdict.detail[duplicate] = _details(ids, clusters, first + local, rows, local)
     return verdict, duplicate
 
 
 class NearDupVerdicts(Block):
     """The near-dup stage of a streamed run, whose clustering ran once over all rows beforehand (so each row's
     verdict is the one the whole input in one batch gets): hands out the verdicts of the rows it is given,
-    in order, batch after batch. `index` holds the seen entries then the new rows; `keeper` their keepers."""
+    in order, batch after batch. `ids` are the seen entries' then the new rows'; `clusters` theirs."""
     name = NearDup.name
 
-    def __init__(self, index: NearDupIndex, keeper: np.ndarray, seen: int, stats=None):
+    def __init__(self, ids: np.ndarray, clusters: Clusters, seen: int, stats=None):
         super().__init__()
-        self.index, self.keeper, self.at = index, keeper, seen
+        self.ids, self.clusters, self.at = ids, clusters, seen
         if stats is not None:
             self.stats = stats
 
     def decide(self, rows: ConversationBatch, **_) -> Verdict:
-        keeper = self.keeper[self.at:self.at + len(rows)]
-        if len(keeper) != len(rows):
+        if self.at + len(rows) > len(self.clusters.keeper):
             raise RuntimeError("near-dup: more rows than were signed")
-        verdict, _ = verdict_of(self.index, keeper, self.at)
+        verdict, _ = verdict_of(self.ids, self.clusters, self.at, rows)
         self.at += len(rows)
         return verdict

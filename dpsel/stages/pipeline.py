@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from dpsel.stages.base import Block, ConversationBatch, StageStats
-from dpsel.stages.decontaminate import Decontaminate
+from dpsel.stages.decontaminate import Decontaminate, EvalRows
 from dpsel.stages.exact import Exact
 from dpsel.stages.filters import FilterRules, Filters
 from dpsel.stages.near_dup import NearDup, NearDupIndex
@@ -27,7 +27,7 @@ from dpsel.stages.semantic_dup import SemanticDup
 ORDER = ("exact", "near_dup", "semantic_dup", "decontaminate", "filters", "pii")
 
 
-def build_blocks(config: StagesConfig, eval_texts: Sequence[str] = (),
+def build_blocks(config: StagesConfig, eval_texts: EvalRows | Sequence[str] = (),
                  seen: NearDupIndex | None = None) -> list[Block]:
     """The blocks `config` turns on, in `ORDER`."""
     blocks: list[Block] = [Exact()]
@@ -46,10 +46,11 @@ def build_blocks(config: StagesConfig, eval_texts: Sequence[str] = (),
 
 @dataclass
 class Outcome:
-    """Per input row: `reason` ("" kept), `dup_of` (None unless a duplicate); `columns` (full length)
-    the stages added or replaced; `stats` per stage in order."""
+    """Per input row: `reason` ("" kept), `dup_of` (None unless a duplicate), `detail` (the dropping stage's
+    words, None if it gave none); `columns` (full length) the stages added or replaced; `stats` per stage in order."""
     reason: np.ndarray
     dup_of: np.ndarray
+    detail: np.ndarray
     columns: dict[str, pa.Array] = field(default_factory=dict)
     stats: list[StageStats] = field(default_factory=list)
 
@@ -92,7 +93,7 @@ def run_stages(table: pa.Table, blocks: Sequence[Block], embeddings: np.ndarray 
     """Every block on the rows the earlier ones kept; the per-row outcome and per-stage statistics."""
     _check_order(blocks)
     n = table.num_rows
-    outcome = Outcome(np.full(n, "", dtype=object), np.full(n, None, dtype=object))
+    outcome = Outcome(np.full(n, "", dtype=object), np.full(n, None, dtype=object), np.full(n, None, dtype=object))
     alive = np.arange(n)
     for block in blocks:
         rows = ConversationBatch(table if len(alive) == n else table.take(pa.array(alive)))
@@ -103,6 +104,8 @@ def run_stages(table: pa.Table, blocks: Sequence[Block], embeddings: np.ndarray 
         dropped = verdict.dropped
         outcome.reason[alive[dropped]] = verdict.reason[dropped]
         outcome.dup_of[alive[dropped]] = verdict.dup_of[dropped]
+        if verdict.detail is not None:
+            outcome.detail[alive[dropped]] = verdict.detail[dropped]
         alive = alive[~dropped]
         outcome.stats.append(block.stats)
     if outcome.input_rows != outcome.kept + sum(outcome.counts.values()):

@@ -1,10 +1,12 @@
 """The curation stages as blocks (dpsel/stages): reasons, dup_of, determinism, accounting."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from dpsel.stages.base import ConversationBatch, hash_strings, shingle_hashes
+from dpsel.stages.base import Block, ConversationBatch, Verdict, hash_strings, shingle_hashes
 from dpsel.stages.decontaminate import Decontaminate
 from dpsel.stages.exact import Exact
 from dpsel.stages.filters import FilterRules, Filters
@@ -88,9 +90,10 @@ def test_near_dup_seen_index_drops_copies_of_curated_rows(tmp_path):
 
 def test_near_dup_memory_is_bounded_per_row():
     block = NearDup()
-    assert lsh_bands(0.8, 128) == (18, 7) and block.bytes_per_row == 220 <= 300
+    # conversation rule 220 B (18 bands of 7, 128 permutations, id), answer rule 144 B (16 bands of 4, 64, 4 keys)
+    assert lsh_bands(0.8, 128) == (18, 7) and block.bytes_per_row == 364 <= 400
     block(ConversationBatch(make_table(docs(100, seed=8))))
-    assert block.index.nbytes / len(block.index) == 220
+    assert block.index.nbytes / len(block.index) == 364
 
 
 # ----------------------------------------------------------------------------- semantic duplicates
@@ -120,22 +123,23 @@ def test_semantic_dup_keeps_first_of_each_group(cluster_rows):
 
 
 # ----------------------------------------------------------------------------- decontamination
-def test_decontaminate_13_grams_and_short_texts():
-    long_eval = " ".join(f"e{i}" for i in range(30))
+def test_decontaminate_share_of_13_grams_and_short_texts():
+    long_eval = " ".join(f"e{i}" for i in range(30))                       # 18 distinct 13-grams
     evals = [long_eval, "what is the capital city of france today", "yes"]
     prompts = [
-        "please " + " ".join(f"e{i}" for i in range(5, 18)) + " thanks",  # one 13-gram of the long eval
-        " ".join(f"e{i}" for i in range(5, 17)) + " other words here",     # only 12 words of it: clean
+        "please " + " ".join(f"e{i}" for i in range(22)) + " thanks",      # 10 of its 18 13-grams: 0.56
+        " ".join(f"e{i}" for i in range(20)) + " other words here",         # 8 of 18: under half, clean
         "Q: What is the capital city of France today? Answer briefly.",     # short eval text inside
-        "e3 e4 e5 e6",                        # short pool row (with its answer "e7") inside an eval text
+        "e3 e4 e5 e6",                        # a fragment of a long eval text is not a copy of it: clean
         "yes",                                                              # tiny eval text = user message
         "is it raining",                                                     # clean
     ]
     answers = ["a", "a", "a", "e7", "a", "yes"]                            # "yes" as an answer: clean
     block = Decontaminate(evals)
     verdict = block(ConversationBatch(make_table(prompts, answers)))
-    assert verdict.reason.tolist() == ["contaminated", "", "contaminated", "contaminated", "contaminated", ""]
-    assert block.stats.dropped == 4
+    assert verdict.reason.tolist() == ["contaminated", "", "contaminated", "", "contaminated", ""]
+    assert verdict.detail[0] == "contaminated: 0.56 of the user 13-grams of eval row text 0 (eval texts)"
+    assert block.stats.dropped == 3
 
 
 # ----------------------------------------------------------------------------- filters
@@ -185,7 +189,7 @@ def test_pii_kinds_and_modes():
 def test_pipeline_order_reasons_and_accounting():
     texts, truth = planted(seed=2)
     texts = texts + [texts[5], "contact me at joe@example.com " + "please " * 3, "spam " * 80,
-                     " ".join(f"e{i}" for i in range(20))]
+                     " ".join(f"e{i}" for i in range(35))]     # 0.82 of the eval text's 13-grams
     ids = [f"id{i:05d}" for i in range(len(texts))]
     ids[330] = "id00005"                                   # an exact copy has the same dpsel_id
     table = make_table(texts, ids=ids)
@@ -238,10 +242,26 @@ def test_near_dup_verdicts_are_the_same_with_spilled_sketches(tmp_path):
     from dpsel.stages.near_dup import SpilledSketch
     near = NearDup()
     held, empty = near.extended(ConversationBatch(make_table(planted()[0])))
-    spilled = SpilledSketch(tmp_path / "s.u8", near.num_perm)
-    spilled[0:len(held)] = held.sketch
-    again = NearDupIndex(held.ids, held.bands, spilled)
-    keep_held, _ = near.keepers(held, empty.copy(), 0)
-    keep_spilled, _ = near.keepers(again, empty.copy(), 0)
+    spilled = {name: SpilledSketch(tmp_path / f"{name}.u8", near.widths[name][0]) for name in ("sketch", "answer_sketch")}
+    for name, sketch in spilled.items():
+        sketch[0:len(held)] = getattr(held, name)
+    again = dataclasses.replace(held, **spilled)
+    keep_held = near.keepers(held, empty.copy(), 0)[0].keeper
+    keep_spilled = near.keepers(again, empty.copy(), 0)[0].keeper
     np.testing.assert_array_equal(keep_held, keep_spilled)
     assert (keep_held != np.arange(len(keep_held))).any()      # the planted copies were found
+
+
+def test_a_stage_detail_reaches_the_outcome_for_the_rows_it_dropped():
+    class Says(Block):
+        name = "filters"
+
+        def decide(self, rows, **_):
+            verdict = Verdict.keep_all(len(rows))
+            verdict.reason[:2] = "quality"
+            verdict.detail[:] = ["too short (3 words)", "too short (2 words)", "never shown: kept"]
+            return verdict
+
+    outcome = run_stages(make_table(["a b c", "a b", "a b c d e f"]), [Exact(), Says()])
+    assert outcome.reason.tolist() == ["quality", "quality", ""]
+    assert outcome.detail.tolist() == ["too short (3 words)", "too short (2 words)", None]
