@@ -14,6 +14,9 @@ venv, the peers in the venv given by --peers-python (they are not dpsel dependen
 installed is reported as skipped.
 
     python benchmarks/dedup.py --rows 100000 --peers-python .venv-peers/bin/python
+
+`--shape chat` / `--shape realtext`: the chat-shaped dev sets of benchmarks/dedup_pools.py (system prompts,
+shared templates and boilerplate, re-templated duplicates, eval copies), run by benchmarks/dedup_chat.py.
 """
 from __future__ import annotations
 
@@ -158,17 +161,28 @@ def _misses(result: dict, truth: dict, texts: list[str]) -> dict:
 
 
 def write_pool(folder: Path, texts: list[str], evals: list[str]) -> list[str]:
+    messages = [[{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}] for t in texts]
+    (folder / "evals.json").write_text(json.dumps(evals))
+    return write_messages(folder, messages)
+
+
+def write_messages(folder: Path, messages: list[list[dict]], evals: list[list[dict]] | None = None) -> list[str]:
+    """pool.parquet (dpsel's rows), pool.jsonl (the same conversation text for the peers) and, given chat eval
+    rows, evals.parquet; returns the conversation texts."""
     sys.path.insert(0, str(ROOT))
     from dpsel.stages.base import ConversationBatch
-    ids = [f"{i:020d}" for i in range(len(texts))]
-    messages = [[{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}] for t in texts]
-    table = pa.table({"dpsel_id": ids, "dpsel_messages": messages})
+
+    def rows(conversations):
+        return pa.table({"dpsel_id": [f"{i:020d}" for i in range(len(conversations))],
+                         "dpsel_messages": conversations})
+    table = rows(messages)
     pq.write_table(table, folder / "pool.parquet")
+    if evals is not None:
+        pq.write_table(rows(evals), folder / "evals.parquet")
     conversation = ConversationBatch(table).text.to_pylist()       # the peers see the same text as dpsel
     with (folder / "pool.jsonl").open("w") as f:
         for i, text in enumerate(conversation):
             f.write(json.dumps({"id": str(i), "text": text}) + "\n")
-    (folder / "evals.json").write_text(json.dumps(evals))
     return conversation
 
 
@@ -237,9 +251,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the entries of methods not run now from results/dedup.json (same rows and seed)")
+    parser.add_argument("--shape", choices=("alpaca", "chat", "realtext"), default="alpaca",
+                        help="alpaca: this module's pool; chat/realtext: benchmarks/dedup_chat.py's chat-shaped sets")
+    parser.add_argument("--seeds", default="0,1", help="chat/realtext: seeds of the quality figures")
+    parser.add_argument("--peer-rows", type=int, default=10_000, help="chat: pool size the peers run at")
+    parser.add_argument("--base-root", type=Path, help="chat/realtext: a checkout of the previous code (dpsel_base)")
+    parser.add_argument("--repeats", type=int, default=3, help="chat/realtext --speed-only: alternating runs")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="chat/realtext: only the speed runs (dpsel vs --base-root), added to the saved report")
     args = parser.parse_args()
     if args.worker:
         return run_worker(args.worker, args.folder, args.state_rows)
+    if args.shape != "alpaca":
+        from dedup_chat import run_chat
+        return run_chat(args)
     texts, truth = make_pool(args.rows, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

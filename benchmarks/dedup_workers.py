@@ -22,13 +22,29 @@ def _peak_rss_mb() -> float:
                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
 
 
+def _eval_rows(folder: Path, batch_type):
+    """evals.json (plain texts) or evals.parquet (chat rows): as this dpsel's Decontaminate takes them. The
+    previous code (no `EvalRows`) took the normalised conversations, system turns included, as its CLI did."""
+    if not (folder / "evals.parquet").exists():
+        return json.loads((folder / "evals.json").read_text())
+    table = pq.read_table(folder / "evals.parquet")
+    try:
+        from dpsel.stages.decontaminate import EvalRows
+    except ImportError:
+        return batch_type(table).text
+    messages = table.column("dpsel_messages").combine_chunks()
+    return EvalRows.from_messages(table.column("dpsel_id").to_pylist(), ["evals.parquet"] * len(table), messages)
+
+
 def worker_dpsel(folder: Path, threshold: float = THRESHOLD) -> dict:
-    sys.path.insert(0, str(ROOT))
+    """dpsel's near-dup then decontamination; DPSEL_ROOT (default: this checkout) picks the code, e.g. a
+    worktree of an earlier commit."""
+    sys.path.insert(0, os.environ.get("DPSEL_ROOT", str(ROOT)))
     from dpsel.stages.base import ConversationBatch
     from dpsel.stages.decontaminate import Decontaminate
     from dpsel.stages.near_dup import NearDup
     table = pq.read_table(folder / "pool.parquet")
-    evals = json.loads((folder / "evals.json").read_text())
+    evals = _eval_rows(folder, ConversationBatch)
     started = time.perf_counter()
     block = NearDup(threshold)
     verdict = block(ConversationBatch(table))
@@ -37,7 +53,12 @@ def worker_dpsel(folder: Path, threshold: float = THRESHOLD) -> dict:
     started = time.perf_counter()
     contaminated = Decontaminate(evals)(ConversationBatch(table))
     decon_seconds = time.perf_counter() - started
-    return {"dropped": np.flatnonzero(verdict.reason != "").tolist(), "seconds": seconds,
+    flagged = np.flatnonzero(contaminated.reason != "")
+    details = contaminated.detail if getattr(contaminated, "detail", None) is not None else [None] * len(table)
+    dropped = np.flatnonzero(verdict.reason != "")
+    return {"dropped": dropped.tolist(), "seconds": seconds,
+            "dup_of": [int(verdict.dup_of[i]) if verdict.dup_of[i] is not None else -1 for i in dropped],
+            "contam_detail": {int(i): details[i] for i in flagged[:5000]},
             "state_bytes_per_row": block.index.nbytes / max(len(block.index), 1), "near_dup_peak_rss_mb": near_dup_peak,
             "declared_bytes_per_row": block.bytes_per_row, "bands": [block.bands, block.band_rows],
             "contaminated": np.flatnonzero(contaminated.reason != "").tolist(), "decon_seconds": decon_seconds}
@@ -68,7 +89,34 @@ def worker_datatrove(folder: Path) -> dict:
                               skip_completed=False).run()
     seconds = time.perf_counter() - started
     removed = [json.loads(line)["id"] for f in sorted((work / "removed").glob("*.jsonl")) for line in f.open()]
-    return {"dropped": sorted(int(i) for i in removed), "seconds": seconds, "bands": list(DATATROVE_BANDS)}
+    out = {"dropped": sorted(int(i) for i in removed), "seconds": seconds, "bands": list(DATATROVE_BANDS)}
+    return out | (_datatrove_decont(folder, reader) if (folder / "evals.parquet").exists() else {})
+
+
+def _datatrove_decont(folder: Path, reader) -> dict:
+    """datatrove's NGramsDecontFilter at its defaults (12-grams of the eval answer and of the question/answer
+    seam, any hit flags the document). Its indexer's `run` loads lighteval tasks (not installed, and not our
+    evals), so the index is built with the indexer's own `compute_hashes(answer, question)` per eval row, the
+    hashing `run` applies to documents given as input."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.decont import NGramsDecontFilter, NGramsDecontIndexer
+    from datatrove.pipeline.writers import JsonlWriter
+    evals = pq.read_table(folder / "evals.parquet").column("dpsel_messages").to_pylist()
+    work = folder / "datatrove_decont"
+    (work / "index").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    NGramsDecontIndexer._requires_dependencies = []        # lighteval: only its `run` needs it
+    indexer = NGramsDecontIndexer(output_folder=str(work / "index"))
+    hashes = set()
+    for messages in evals:
+        by_role = {r: "\n".join(m["content"] for m in messages if m["role"] == r) for r in ("user", "assistant")}
+        hashes.update(indexer.compute_hashes(by_role["assistant"], by_role["user"]))
+    np.array(sorted(hashes), dtype=indexer.config.hash_config.np_descr).tofile(work / "index" / "evals.index.hashes")
+    LocalPipelineExecutor(pipeline=[reader(), NGramsDecontFilter(str(work / "index"), exclusion_writer=JsonlWriter(
+        str(work / "removed"), compression=None))], tasks=1, workers=1, logging_dir=str(work / "logs"),
+        skip_completed=False).run()
+    removed = [json.loads(line)["id"] for f in sorted((work / "removed").glob("*.jsonl")) for line in f.open()]
+    return {"contaminated": sorted(int(i) for i in removed), "decon_seconds": time.perf_counter() - started}
 
 
 def worker_data_juicer(folder: Path) -> dict:
@@ -116,7 +164,7 @@ def worker_state(folder: Path, rows: int = 1_000_000) -> dict:
 
 # dpsel at the midpoint of datatrove's default S-curve, (1/14)**(1/8) = 0.72: what a looser threshold buys
 LOOSE = round((1 / 14) ** (1 / 8), 2)
-WORKERS = {"dpsel": worker_dpsel, f"dpsel@{LOOSE}": lambda folder: worker_dpsel(folder, LOOSE),
+WORKERS = {"dpsel": worker_dpsel, "dpsel_base": worker_dpsel, f"dpsel@{LOOSE}": lambda folder: worker_dpsel(folder, LOOSE),
            "state": worker_state, "datatrove": worker_datatrove, "data_juicer": worker_data_juicer}
 DATATROVE_BANDS = (14, 8)     # datatrove's defaults (S-curve midpoint ~0.72)
 

@@ -16,6 +16,7 @@ import importlib
 import inspect
 import random
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,7 +26,12 @@ MODULES = ("numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "nu
            "transformers.trainer_utils", "transformers.pipelines", "scipy.stats", "scipy.linalg", "scipy.signal",
            "scipy.optimize", "sklearn.metrics", "sklearn.preprocessing", "json", "os.path", "itertools",
            "collections", "functools", "shutil", "random", "statistics", "textwrap", "string", "re", "math")
+MORE_MODULES = ("pyarrow.compute", "scipy.special", "scipy.sparse", "scipy.interpolate", "scipy.integrate",
+                "scipy.ndimage", "scipy.spatial", "scipy.io", "sklearn.utils", "sklearn.linear_model", "sklearn.cluster",
+                "sklearn.decomposition", "sklearn.model_selection", "torch.nn", "torch.nn.init", "numpy.char",
+                "numpy.testing", "pandas.plotting", "transformers.generation")   # dedup_pools' larger set
 CLASS_MEMBERS = ("pandas.DataFrame", "pandas.Series", "torch.Tensor", "str", "list", "dict")
+STDLIB = frozenset(sys.stdlib_module_names) | {"builtins"}
 SIGNATURE = re.compile(r"^[\w.]+\(.*\)\s*(->.*)?$")
 KINDS = ("swapped", "wrong", "truncated", "garbage", "refusal")
 QUESTIONS = ("What does `{name}` do?", "Explain what `{name}` is for.", "What is the purpose of `{name}`?",
@@ -59,11 +65,16 @@ def _usable(text: str) -> bool:
             and "(" not in text[:2] and "->" not in text[:60] and not re.match(r"^\w+\(", text))
 
 
-def harvest() -> list[dict]:
+def _stdlib(module: str | None) -> bool:
+    return not module or module.split(".")[0] in STDLIB
+
+
+def harvest(stdlib: bool = True, modules: tuple[str, ...] = MODULES) -> list[dict]:
     """(name, module, answer) for every public documented callable of MODULES and CLASS_MEMBERS, sorted by name;
-    one entry per distinct answer."""
+    one entry per distinct answer. `stdlib=False`: third-party text only (no standard-library module, no
+    builtins' members, no callable a third-party module re-exports from the standard library)."""
     items, seen = {}, set()
-    targets = [(m, None) for m in MODULES] + [(c.rsplit(".", 1)[0], c.rsplit(".", 1)[1]) if "." in c else
+    targets = [(m, None) for m in modules] + [(c.rsplit(".", 1)[0], c.rsplit(".", 1)[1]) if "." in c else
                                               ("builtins", c) for c in CLASS_MEMBERS]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -73,6 +84,8 @@ def harvest() -> list[dict]:
             except Exception:  # noqa: BLE001 - a package that is not installed just adds no rows
                 continue
             source = module_name if cls is None else f"{module_name}.{cls}"
+            if not stdlib and _stdlib(module_name):
+                continue
             if cls is not None:
                 owner = getattr(owner, cls)
             for attr in sorted(dir(owner)):
@@ -83,6 +96,8 @@ def harvest() -> list[dict]:
                 except Exception:  # noqa: BLE001
                     continue
                 if not callable(obj) or not isinstance(getattr(obj, "__doc__", None), str):
+                    continue
+                if not stdlib and _stdlib(getattr(obj, "__module__", None) if cls is None else module_name):
                     continue
                 answer = first_paragraph(obj.__doc__)
                 name = f"{source}.{attr}"
