@@ -23,6 +23,7 @@ from dpsel.data import expand_paths, read_instruction_set
 from dpsel.data.columnar import messages_with_overrides, normal_rows, verdicts
 from dpsel.data.schema import open_parquet, plan_files
 from dpsel.errors import DpselInputError
+from dpsel.stages.pii import scan
 
 PER_REASON = 5          # examples per reason in report.md
 TEXT_CHARS = 200        # a shown text is cut to this many characters (with an ellipsis)
@@ -60,6 +61,14 @@ def cut(text: str | None, limit: int = TEXT_CHARS) -> str:
     """`text` at most `limit` characters, an ellipsis marking a cut."""
     text = "" if text is None else str(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def shown(text: str | None, limit: int = TEXT_CHARS) -> str:
+    """A row's text as a report or `dpsel inspect` shows it: PII masked as `--pii redact` masks it (a report is
+    shared further than the data; a row `--pii drop` dropped must not reappear there), then cut."""
+    if not text:
+        return cut(text, limit)
+    return cut(scan(pa.array([str(text)], pa.string()))[0][0].as_py(), limit)
 
 
 @dataclass
@@ -255,7 +264,7 @@ def examples_markdown(examples: list[Example], stage_stats: list[dict]) -> list[
         lines += [f"### Stage {escape(stage)}", ""]
         for reason, picked in by_stage[stage].items():
             lines += [f"#### {escape(reason)}", "", "| row | detail | dropped row | beside |", "|---|---|---|---|"]
-            lines += [f"| {e.row} | {escape(cut(e.detail))} | {escape(cut(e.text))} | {escape(partner_words(e))} |"
+            lines += [f"| {e.row} | {escape(cut(e.detail))} | {escape(shown(e.text))} | {escape(partner_words(e))} |"
                       for e in picked] + [""]
     return lines
 
@@ -263,7 +272,7 @@ def examples_markdown(examples: list[Example], stage_stats: list[dict]) -> list[
 def partner_words(example: Example, limit: int = TEXT_CHARS) -> str:
     """What a dropped row is shown beside: its partner and the partner's text, cut; else why there is none."""
     if example.partner_text is not None:
-        return f"{example.partner}: {cut(example.partner_text, limit)}"
+        return f"{example.partner}: {shown(example.partner_text, limit)}"
     if example.partner:
         return example.partner
     if example.reason == CONTAMINATED:

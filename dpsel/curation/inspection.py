@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from dpsel.curation.examples import Example, cut, fill_texts, partner_words, require_file
+from dpsel.curation.examples import Example, fill_texts, partner_words, require_file, shown
 from dpsel.errors import DpselInputError
 from dpsel.outputs import MANIFEST_FILE, SCORES_FILE
 
@@ -91,7 +91,7 @@ def render(items: list[dict], chars: int | None = None) -> str:
     blocks = []
     for item in items:
         lines = [f"[{item['reason']}] input row {item['row']} ({item['file']} row {item['file_row']}, id {item['dpsel_id']})",
-                 f"  detail: {item['detail']}", f"  row:    {_indented(cut(item['text'], chars))}",
+                 f"  detail: {item['detail']}", f"  row:    {_indented(shown(item['text'], chars))}",
                  f"  beside: {_indented(partner_words(Example(**item), chars))}"]
         blocks.append(terminal_safe("\n".join(lines)))
     return "\n\n".join(blocks) + "\n"

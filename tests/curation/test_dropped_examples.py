@@ -89,3 +89,18 @@ def test_report_artifact_carries_the_dropped_rows(planted):
     from flows.tasks import curation_summary
     markdown = curation_markdown(curation_summary(planted[1]), "Curation (all)")
     assert "\n".join(report_section(planted[1].paths["report"])) in markdown
+
+
+def test_a_row_dropped_for_pii_is_shown_masked(tmp_path):
+    """`--pii drop` keeps the address out of curated.parquet; the report's example must not print it either."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"instruction": f"Question {i}", "input": "", "output": f"Answer number {i}."} for i in range(6)]
+    rows[2]["output"] = "Write to jane.doe@example.com for the answer."
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "meta.parquet")
+    result = curate(tmp_path / "train.parquet", tmp_path / "meta.parquet", tmp_path / "run", method="all",
+                    stages=StagesConfig(pii="drop"))
+    section = "\n".join(report_section(result.paths["report"]))
+    assert "#### pii" in section and "\\[EMAIL\\]" in section   # masked, then escaped for Markdown
+    assert "jane.doe@example.com" not in section
