@@ -14,8 +14,8 @@ Passes over the input (each `dpsel.data.iter_batches`-style, a batch of `BATCH_R
 
 Exact duplicates across batches and files are the data layer's (`SeenIds`, ~18 B/id). Per-row state kept to
 the end: weight and std (16 B), usable and kept flags (2 B), a 4-byte code per group column, plus the
-near-dup index in pass 1 (then its ids and each row's cluster: keeper and one pair, 45 B). The rows near/semantic-dropped keep
-their id -> kept id in a dict (exact duplicates of them point past them, as in one batch). Output content is
+near-dup index in pass 1 (then its ids and each row's cluster: keeper and one pair, 45 B). The rows
+near/semantic-dropped keep their id -> kept id in a dict (exact duplicates of them point past them, as in one batch). Output content is
 the same as when the whole input is held (row order, columns, reasons, `dpsel_dup_of`, counts), but for one
 case: decontamination's pool-side template count grows batch by batch (`dpsel.stages.decontaminate`), so an
 n-gram only pool rows share is a template once its 21st row has been read, not before.
