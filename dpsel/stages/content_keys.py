@@ -84,6 +84,13 @@ def key_matrix(text: pa.Array, width: int = KEYS) -> np.ndarray:
     return out
 
 
+def shared_key(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row of two [rows, KEYS] key matrices, the smallest key hash both hold (0: none)."""
+    same = (a[:, :, None] == b[:, None, :]).any(axis=2) & (a != 0)
+    first = same.argmax(axis=1)          # keys are ascending: the first shared one is the smallest
+    return np.where(same.any(axis=1), a[np.arange(len(a)), first], 0).astype(np.uint32)
+
+
 def key_named(text: str, key: int) -> str | None:
     """The key of `text` whose hash is `key` (for saying which key two questions share)."""
     keys, _ = keys_of(pa.array([text]))

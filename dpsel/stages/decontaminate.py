@@ -7,11 +7,18 @@ n-grams never cross from one role's text to the other's.
 
 The rule (OLMo/Tulu-style overlap, on 64-bit window hashes in sorted numpy tables):
 - a long eval text (>= `n` = 13 words, user or assistant) contaminates a pool row holding at least
-  `threshold` = `THRESHOLD` (0.5) of the eval text's distinct 13-grams, found in the row's user or assistant text;
+  `threshold` = `THRESHOLD` (0.5) of the eval text's distinct 13-grams, found in the row's user or assistant text,
+  when the two questions ask about the same thing: they share a key (`content_keys`: a code span, identifier,
+  number or capitalised name), or either names none, or the share is near-verbatim (>= `NEAR_VERBATIM` = 0.8).
+  Two answers from one formulaic source ("Computes the bitwise OR of ..." vs "... XOR of ...") or one question
+  template filled with another subject share half their 13-grams but name different things;
 - a short eval question (user text of `min_words` <= L < `n` words) contaminates a pool row whose user or
   assistant text contains its L words in order; a tiny one (< `min_words` = 3 words, e.g. "yes") only a row
-  whose user text equals it. Short and tiny eval answers are no evidence alone (an answer such as "4" or
-  "the answer is 42" is shared by chance; the question of the same eval row still is evidence);
+  whose user text equals it;
+- a short eval answer (`min_words` <= L < `n` words) contaminates a pool row whose text contains its L words in
+  order only when the questions share a key: a re-templated copy of a short-answer eval row ("Describe `f`" /
+  "What is `f` for?", the same one-line answer) holds no 13-gram of it. Without a shared key a short answer
+  is no evidence (an answer such as "the answer is 42" is shared by chance), nor is a tiny one ever;
 - templates are no evidence: an n-gram (or a short/tiny text) found in more than
   max(`EVAL_DF_MIN` = 5, `EVAL_DF_SHARE` = 1% of) eval rows, or in more than `POOL_DF_MAX` = 20 pool rows, is
   a template (a shared instruction wrapper, a policy paragraph) and is left out of both the hits and the
@@ -37,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpsel.stages.base import Block, ConversationBatch, Verdict, flat_hashes, window_hashes, words_of
+from dpsel.stages.content_keys import key_matrix, shared_key
 
 REASON = "contaminated"
 CHUNK_ROWS = 16384
@@ -44,6 +52,7 @@ ROLES = ("user", "assistant")          # segment s of E rows: row s % E, role RO
 THRESHOLD = 0.5                        # share of an eval text's n-grams a pool row must hold
 EVAL_DF_MIN, EVAL_DF_SHARE = 5, 0.01   # template: in more than max(5, 1% of) eval rows
 POOL_DF_MAX = 20                       # template: in more than 20 pool rows seen
+NEAR_VERBATIM = 0.8                    # a share this high needs no shared key
 
 
 def role_texts(messages: pa.ListArray, role: str) -> pa.Array:
@@ -209,8 +218,9 @@ class Decontaminate(Block):
         segments = _Segments(self.evals.segments())
         seg_row = np.tile(np.arange(rows), len(ROLES))
         self.lengths = segments.lengths
+        self.keys = key_matrix(self.evals.user)            # what each eval question is about
         user = np.arange(len(seg_row)) < rows
-        short = user & (self.lengths >= min_words) & (self.lengths < n)
+        short = (self.lengths >= min_words) & (self.lengths < n)
         whole, windows = segments.windows(n, np.unique(self.lengths[short]))
         grams, segs = windows.pop(n)
         self.long = _Table.build(grams, segs, (grams, seg_row[segs]), self.eval_cut)
@@ -233,7 +243,7 @@ class Decontaminate(Block):
         pairs = [_joined([chunk[k] for chunk in chunks]) for k in range(len(tables))]
         for table, (_, entries) in zip(tables, pairs):       # this batch's rows join the pool-side counts
             table.pool_df += np.bincount(entries, minlength=len(table.hashes))
-        row, seg, share = self._best(tables, pairs)
+        row, seg, share = self._best(tables, pairs, key_matrix(role_texts(rows.messages, "user")))
         verdict.reason[row] = REASON
         verdict.detail[row] = [self._detail(s, f) for s, f in zip(seg.tolist(), share.tolist())]
         return verdict
@@ -250,9 +260,11 @@ class Decontaminate(Block):
                               & (segments.lengths < self.min_words))
         return found + [_hits(self.tiny, whole[tiny], seg_row[tiny])]
 
-    def _best(self, tables: list[_Table], pairs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _best(self, tables: list[_Table], pairs: list, pool_keys: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The pool rows at or over the threshold, each with the eval segment it overlaps most and the share.
-        Long texts: the share of their live n-grams the row holds; short and tiny texts: 1 (matched whole)."""
+        Long texts: the share of their live n-grams the row holds; short and tiny texts: 1 (matched whole).
+        `pool_keys`: the key matrix of the batch's questions, for the rules that ask for a shared key."""
         found = []
         for k, table in enumerate(tables):
             alive = table.alive(self.pool_df_max)
@@ -264,12 +276,27 @@ class Decontaminate(Block):
             else:
                 row, seg = _unique_pairs(row, seg)
                 found.append((row, seg, np.ones(len(row))))
+            found[-1] = self._same_subject(*found[-1], pool_keys, long=k == 0)
         row, seg, share = (np.concatenate(column) for column in zip(*found))
         over = share >= self.threshold
         row, seg, share = row[over], seg[over], share[over]
         order = np.lexsort((seg, -share, row))       # per row: the largest share, then the first eval segment
         first = order[np.concatenate([[True], row[order][1:] != row[order][:-1]])] if len(order) else order
         return row[first], seg[first], share[first]
+
+    def _same_subject(self, row: np.ndarray, seg: np.ndarray, share: np.ndarray, pool_keys: np.ndarray, long: bool
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (pool row, eval segment, share) matches whose questions may ask about the same thing: a long
+        text's match unless both questions name things and none is shared (or it is near-verbatim); a short
+        answer's only with a shared key; a short or tiny question's always."""
+        evals = len(self.evals)
+        ours, theirs = pool_keys[row], self.keys[seg % evals]
+        shared = shared_key(ours, theirs) != 0
+        if long:
+            ok = shared | (share >= NEAR_VERBATIM) | (ours[:, 0] == 0) | (theirs[:, 0] == 0)
+        else:
+            ok = shared | (seg < evals)
+        return row[ok], seg[ok], share[ok]
 
     def _detail(self, seg: int, share: float) -> str:
         rows = len(self.evals)

@@ -51,7 +51,7 @@ from scipy.sparse.csgraph import connected_components
 from dpsel.data.schema import ID_COLUMN
 from dpsel.stages.base import (Block, ConversationBatch, Verdict, flat_hashes, map_blocks, role_of, role_text,
                                shingle_hashes, splitmix64, words_of)
-from dpsel.stages.content_keys import KEYS, key_hashes, key_matrix, keys_of
+from dpsel.stages.content_keys import KEYS, key_hashes, key_matrix, keys_of, shared_key
 from dpsel.stages.near_dup_index import NearDupIndex, SpilledSketch
 
 __all__ = ["NearDup", "NearDupIndex", "NearDupVerdicts", "SpilledSketch", "lsh_bands", "verify_threshold"]
@@ -213,14 +213,6 @@ def _decoded(codes: np.ndarray, n: int) -> np.ndarray:
     return np.stack([codes // max(n, 1), codes % max(n, 1)], axis=1)
 
 
-def _shared_key(keys: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Per pair, the smallest key hash both rows' questions have (0: none)."""
-    a, b = keys[pairs[:, 0]], keys[pairs[:, 1]]
-    same = (a[:, :, None] == b[:, None, :]).any(axis=2) & (a != 0)
-    first = same.argmax(axis=1)          # keys are ascending: the first shared one is the smallest
-    return np.where(same.any(axis=1), a[np.arange(len(a)), first], 0).astype(np.uint32)
-
-
 def _estimates(sketch, pairs: np.ndarray) -> np.ndarray:
     """b-bit MinHash estimate of each pair's Jaccard (chance agreement removed)."""
     out = np.zeros(len(pairs), np.float32)
@@ -344,7 +336,7 @@ class NearDup(Block):
         conversation, answer = self._conversation_pairs(index, skip), self._answer_pairs(index, skip)
         conversation_score = _estimates(index.sketch, conversation)
         answer_score = _estimates(index.answer_sketch, answer)
-        answer_key = _shared_key(index.keys, answer)
+        answer_key = shared_key(index.keys[answer[:, 0]], index.keys[answer[:, 1]])
         keep = conversation_score >= self.verify_at - 1e-9
         kept_answer = (answer_score >= self.answer_verify_at - 1e-9) & (answer_key != 0)
         edges = np.concatenate([conversation[keep], answer[kept_answer]])

@@ -43,6 +43,12 @@ def eval_rows(rows: list[tuple]) -> EvalRows:
                                   table.column("dpsel_messages").combine_chunks())
 
 
+def _keyless(rows: list[tuple]) -> list[tuple]:
+    """The rows with every digit spelled as a letter: their questions name nothing (`content_keys`)."""
+    table = str.maketrans("0123456789", "abcdefghij")
+    return [tuple(t.translate(table) if t else t for t in row) for row in rows]
+
+
 def _flagged(block: Decontaminate, pool: list[tuple]) -> list[int]:
     return np.flatnonzero(block(ConversationBatch(chat_table(pool))).reason != "").tolist()
 
@@ -77,7 +83,12 @@ def test_boilerplate_alone_flags_nothing():
     evals = [(SYSTEM, q, f"{_words(rng, 4)}\n{BOILERPLATE}" if k < 2 else a) for k, (q, a) in enumerate(_qa(7, 6))]
     pool = [(SYSTEM, q, f"{a}\n{BOILERPLATE}") for q, a in _qa(8, 30)] + [evals[0]]    # 30: a real copy
     assert _flagged(Decontaminate(eval_rows(evals)), pool) == [30]
-    assert len(_flagged(Decontaminate(eval_rows(evals), pool_df_max=10**9), pool)) == 31   # the cut is what helps
+    # without the cut, questions that name different things still keep the paragraph from counting ...
+    assert _flagged(Decontaminate(eval_rows(evals), pool_df_max=10**9), pool) == [30]
+    # ... but questions that name nothing (no key to compare) need the cut
+    evals, pool = _keyless(evals), _keyless(pool)
+    assert _flagged(Decontaminate(eval_rows(evals)), pool) == [30]
+    assert len(_flagged(Decontaminate(eval_rows(evals), pool_df_max=10**9), pool)) == 31
     # in 8 eval rows (more than 5): an eval-side template, whatever the pool holds
     evals = [(SYSTEM, q, f"{a}\n{BOILERPLATE}") for q, a in _qa(9, 8, answer=3)]
     pool = [(SYSTEM, q, f"{BOILERPLATE}") for q, _ in _qa(10, 3)]
@@ -94,6 +105,33 @@ def test_a_short_eval_question_is_caught_and_a_tiny_answer_is_not():
     verdict = Decontaminate(eval_rows(evals))(ConversationBatch(chat_table(pool)))
     assert np.flatnonzero(verdict.reason != "").tolist() == [0]
     assert verdict.detail[0] == "contaminated: 1.00 of the user text (8 words, in order) of eval row e0 (eval.parquet)"
+
+
+def test_a_retemplated_short_answer_copy_is_caught_only_under_the_same_subject():
+    evals = [(SYSTEM, "Describe `numpy.ravel` briefly (a web service).", "Return a contiguous flattened array."),
+             (None, "What does `scipy.fft.fft` do?", "Compute the one-dimensional discrete Fourier Transform.")]
+    pool = [(None, "How is `numpy.ravel` used for a web service?", "Return a contiguous flattened array."),   # copy
+            (SYSTEM, "What does `torch.flatten` do?", "Return a contiguous flattened array."),        # other subject
+            (SYSTEM, "Is `scipy.fft.fft` fast?", "Yes, it uses a fast algorithm."),                 # same subject
+            (SYSTEM, "Explain this.", "Return a contiguous flattened array.")]                     # names nothing
+    verdict = Decontaminate(eval_rows(evals))(ConversationBatch(chat_table(pool)))
+    assert np.flatnonzero(verdict.reason != "").tolist() == [0]
+    assert verdict.detail[0] == ("contaminated: 1.00 of the assistant text (5 words, in order) of eval row e0 "
+                                 "(eval.parquet)")
+
+
+def test_formulaic_answers_about_another_subject_are_not_copies():
+    def doc(op):
+        return (f"Computes the bitwise {op} of input and other. The input tensor must be of integral or Boolean "
+                f"types. For bool tensors, it computes the logical {op}.")
+    evals = [(SYSTEM, "What does `torch.bitwise_xor` do?", doc("XOR"))]
+    pool = [(SYSTEM, "What does `torch.bitwise_or` do?", doc("OR")),                  # half the 13-grams, other key
+            (None, "Explain `torch.bitwise_xor` to me.", doc("XOR")),                 # the copy
+            (SYSTEM, "What does it do?", doc("OR"))]                                  # names nothing: no key to compare
+    assert _flagged(Decontaminate(eval_rows(evals)), pool) == [1, 2]
+    unkeyed = Decontaminate(eval_rows(evals))
+    unkeyed.keys[:] = 0                               # the key is what spares row 0: it holds >= 0.5 of the 13-grams
+    assert _flagged(unkeyed, pool) == [0, 1, 2]
 
 
 # ---- through the entry points --------------------------------------------------------------------------------
