@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dpsel.stages.near_dup import ANSWER_THRESHOLD, SHORT_ANSWER_WORDS
+
 from dedup import cluster_scores, planted_clusters, write_messages
 from dedup_pools import CONTAM_KINDS, DUP_KINDS, build, truth
 from stats import mean_sd, pm, table, write_report
@@ -64,8 +66,9 @@ def score_near_dup(result: dict, data, info: dict) -> tuple[dict, dict]:
         if src < 0 or r in dropped or src in dropped:
             continue
         a, b = _answer(data.pool[r]), _answer(data.pool[src])
-        missed["answer < 8 words" if min(len(_words(a)), len(_words(b))) < 8 else
-               "answer word-Jaccard < 0.75" if _jaccard(a, b) < 0.75 else "other (keys, LSH or estimate)"] += 1
+        missed[f"answer < {SHORT_ANSWER_WORDS} words" if min(len(_words(a)), len(_words(b))) < SHORT_ANSWER_WORDS
+               else f"answer word-Jaccard < {ANSWER_THRESHOLD}" if _jaccard(a, b) < ANSWER_THRESHOLD
+               else "other (keys, LSH or estimate)"] += 1
     planted = {m for c in clusters for m in c}
     partner = dict(zip(result["dropped"], result.get("dup_of", [-1] * len(dropped))))
     wrong = Counter()
@@ -77,7 +80,7 @@ def score_near_dup(result: dict, data, info: dict) -> tuple[dict, dict]:
         same_key = data.pool[d].subject.key == data.pool[p].subject.key
         j = _jaccard(_answer(data.pool[d]), _answer(data.pool[p]))
         wrong[f"{info['kind'][d]} with {info['kind'][p]}; same key {same_key}; answer J "
-              f"{'>=' if j >= 0.75 else '<'} 0.75"] += 1
+              f"{'>=' if j >= ANSWER_THRESHOLD else '<'} {ANSWER_THRESHOLD}"] += 1
     return out, {"near_dup_missed": dict(missed), "near_dup_false": dict(wrong)}
 
 

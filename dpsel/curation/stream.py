@@ -3,7 +3,7 @@ stays flat in the number of rows except for small per-row state.
 
 Passes over the input (each `dpsel.data.iter_batches`-style, a batch of `BATCH_ROWS` rows at a time):
 1. near-duplicates (when the stage is on): every usable row's signature goes into one index (the stage's
-   364 B/row state, 192 B of it sketches spilled to files), clustered once at the end, so each row gets the
+   384 B/row state, 192 B of it sketches spilled to files), clustered once at the end, so each row gets the
    verdict it gets when the whole input is one batch (a cluster's keeper is its first row in input order,
    however far apart its rows are);
 2. the stages (their verdicts, near-dup's from pass 1), the scorer and the writer, batch by batch:

@@ -3,7 +3,7 @@
 whole input at once (duplicates across shards, the keep rule, the output files).
 
 Three users: the curation stages' per-row work (`RayBlocks`: the near-dup MinHash signatures, LSH band keys and
-question keys; the driver keeps the band grouping and the clustering, on ~364 bytes a row), `filter --engine ray`
+question keys; the driver keeps the band grouping and the clustering, on ~384 bytes a row), `filter --engine ray`
 (`score_with_ray`: the scorer the run hands over, made once per actor) and the pool
 passes of `curate --engine ray` (`RayPasses`, the model layer's executor that `curate` installs: the model of the
 pass — the meta-fitted reference, or the base for `rds` — shipped to each actor once as its safetensors files,

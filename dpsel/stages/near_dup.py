@@ -4,11 +4,13 @@
   reorderings and copies inside another template, but misses short rows whose question was reworded: two
   one-sentence questions and a 20-word answer share too few 5-shingles.
 - answer rule (near-duplicates keyed on content): the answers' word sets (1-shingles: a one-word edit of an
-  n-word answer leaves Jaccard (n-1)/(n+1), two edits (n-2)/(n+2)) reach Jaccard `ANSWER_THRESHOLD` (0.75: one
-  edit passes from 7 words, two from 14) AND the questions share a key (`content_keys`: a code span, identifier,
-  number or capitalised name). Only answers of `MIN_ANSWER_WORDS` (8) words or more whose question has a key take
-  part, so "Yes." or "I don't know" never pair, and one boilerplate answer to questions about different things
-  never pairs either (no shared key).
+  n-word answer leaves Jaccard (n-1)/(n+1), two edits (n-2)/(n+2)) reach Jaccard `ANSWER_THRESHOLD` (0.6: one
+  edit passes from 4 words, two from 8) AND the questions share a key (`content_keys`: a code span, identifier,
+  number or capitalised name). Only answers whose question has a key take part, and of them only answers of
+  `SHORT_ANSWER_WORDS` (8) words or more, or of `MIN_ANSWER_WORDS` (3) to 7 words with `CONTENT_WORDS` (2) words
+  beyond scikit-learn's English stop words: "Yes." or "No, it is not." fits different questions about one
+  function and never pairs, "Return a contiguous flattened array." does; one boilerplate answer to questions
+  about different things never pairs either (no shared key).
 
 How: each row's shingles (64-bit hashes, `base.shingle_hashes`) go to `rensa`'s Rust MinHash
 (`digest_matrix_from_flat_token_hashes`; measured ~13 µs/row with the conversion to numpy, against ~280 µs/row
@@ -25,8 +27,8 @@ on anything but row order. A dropped row's detail names the rule, the estimate a
 its pairs (the one with its keeper where there is one).
 
 Memory (state, per row): bands*4 + num_perm + answer bands*4 + answer perms + KEYS*4 + 20 (id; longer ids
-widen it) = 364 bytes at the defaults (threshold 0.8, 128 permutations: 18 bands of 7 rows; answers 0.75, 64
-permutations: 16 bands of 4 rows; 4 keys). Signatures are computed in chunks and never held whole; the index is
+widen it) = 384 bytes at the defaults (threshold 0.8, 128 permutations: 18 bands of 7 rows; answers 0.6, 64
+permutations: 21 bands of 3 rows; 4 keys). Signatures are computed in chunks and never held whole; the index is
 filled in place and compacted in place, so a run holds one copy of it plus the clustering's temporaries (per
 row: sort order, labels and its pair, ~50 bytes; 8 bytes per candidate pair). Measured peak at 1M rows (before
 the answer rule): see benchmarks/results/dedup.md.
@@ -62,14 +64,17 @@ CHUNK_ROWS = 2048     # rensa's digests come back as Python lists: ~40 bytes a v
 ID_BYTES = 20
 RECALL_AT_THRESHOLD = 0.98   # of a pair at exactly the threshold: by the bands, and again by the check
 CHANCE = 1 / 256             # two unrelated 8-bit sketch values agree this often
-ANSWER_THRESHOLD = 0.75      # answer word-set Jaccard of the answer rule
+ANSWER_THRESHOLD = 0.6      # answer word-set Jaccard of the answer rule
 ANSWER_NGRAM = 1             # word sets: answers are short, and a longer shingle loses n of them to one edit
 ANSWER_PERM = 64             # the answer rule's evidence is two-sided (answer and key): a coarser sketch does
-MIN_ANSWER_WORDS = 8         # shorter answers ("Yes.", "I don't know") are too generic to pair by
+MIN_ANSWER_WORDS = 3         # shorter answers ("Yes.", "No way") are too generic to pair by
+SHORT_ANSWER_WORDS = 8       # answers under 8 words take part only with CONTENT_WORDS words beyond stop words
+CONTENT_WORDS = 2            # so "No, it is not." (to "Is `f` recursive?" and "Is `f` thread-safe?") never pairs
 CONVERSATION, ANSWER_RULE = 0, 1
 # what the answer rule's saved signatures depend on (a scorer's near_dup.json records it)
 ANSWER_RULE_SETTINGS = {"threshold": ANSWER_THRESHOLD, "ngram": ANSWER_NGRAM, "num_perm": ANSWER_PERM,
-                        "min_answer_words": MIN_ANSWER_WORDS, "keys": KEYS, "key_rules": 1, "seed": SEED}
+                        "min_answer_words": MIN_ANSWER_WORDS, "short_answer_words": SHORT_ANSWER_WORDS,
+                        "content_words": CONTENT_WORDS, "keys": KEYS, "key_rules": 1, "seed": SEED}
 
 
 def verify_threshold(threshold: float, num_perm: int, recall: float = RECALL_AT_THRESHOLD) -> float:
@@ -130,6 +135,24 @@ def _minhash(tokens: np.ndarray, offsets: np.ndarray, ngram: int, num_perm: int,
     return _band_keys(signature, bands, band_rows), (signature & 0xFF).astype(np.uint8)
 
 
+@functools.cache
+def _stop_word_hashes() -> np.ndarray:
+    """Hashes of scikit-learn's English stop words, sorted (imported on first use: it is slow to import)."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    return np.unique(flat_hashes(words_of(pa.array([" ".join(sorted(ENGLISH_STOP_WORDS))])))[0])
+
+
+def _specific_answer(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per row (answer word hashes, row offsets): whether its answer may pair by the answer rule: at least
+    `SHORT_ANSWER_WORDS` words, or `MIN_ANSWER_WORDS` or more of which `CONTENT_WORDS` are not stop words."""
+    lengths = np.diff(offsets)
+    stop = _stop_word_hashes()
+    content = ~(stop[np.minimum(np.searchsorted(stop, tokens), len(stop) - 1)] == tokens)
+    running = np.concatenate([[0], np.cumsum(content)])
+    counts = running[offsets[1:]] - running[offsets[:-1]]
+    return (lengths >= SHORT_ANSWER_WORDS) | ((lengths >= MIN_ANSWER_WORDS) & (counts >= CONTENT_WORDS))
+
+
 def _question_keys(messages: pa.ListArray, long_answer: np.ndarray) -> np.ndarray:
     """[rows, KEYS] question key hashes of the rows whose answer is long enough for the answer rule, else 0."""
     keys = np.zeros((len(messages), KEYS), np.uint32)
@@ -157,7 +180,7 @@ def sign_block(block: pa.Table, *, ngram: int, num_perm: int, bands: int, band_r
     messages = block.column(MESSAGES).combine_chunks()
     conversation, answer = _word_hashes(messages)
     band, sketch = _minhash(*conversation, ngram, num_perm, bands, band_rows)
-    keys = _question_keys(messages, np.diff(answer[1]) >= MIN_ANSWER_WORDS)
+    keys = _question_keys(messages, _specific_answer(*answer))
     answer_band, answer_sketch = _answer_minhash(*answer, keys.any(axis=1), answer_bands, answer_band_rows)
     return pa.table({BANDS: _as_fixed_binary(band), SKETCH: _as_fixed_binary(sketch),
                      ANSWER_BANDS: _as_fixed_binary(answer_band), ANSWER_SKETCH: _as_fixed_binary(answer_sketch),

@@ -87,9 +87,23 @@ def test_the_same_subject_with_different_answers_pairs_nothing():
     assert (_verdict(questions, answers).reason == "").all()
 
 
-def test_a_short_answer_never_pairs_by_the_answer_rule():
-    questions = ["Is `os.listdir` recursive?", "Tell me: is `os.listdir` recursive, yes or no?"]
-    assert (_verdict(questions, ["No, it is not recursive.", "No, it is not recursive."]).reason == "").all()
+def test_a_short_answer_pairs_only_when_it_says_something_specific():
+    questions = ["Is `os.listdir` recursive?", "Tell me: is `os.listdir` thread-safe, yes or no?",
+                 "Describe `numpy.ravel` briefly (a web service).", "How is `numpy.ravel` used for a web service?",
+                 "What does `torch.flatten` do?"]
+    answers = ["No, it is not.", "No, it is not.",                      # stop words only: never pairs
+               "Return a contiguous flattened array.", "Return a contiguous flattened list.",     # one edit
+               "Return a contiguous flattened array."]                  # the same words about another subject
+    verdict = _verdict(questions, answers)
+    assert verdict.reason.tolist() == ["", "", "", "near_duplicate", ""] and verdict.dup_of[3] == "id00002"
+    assert verdict.detail[3].endswith(", same `numpy.ravel`)")
+
+
+def test_two_edits_of_a_ten_word_answer_still_pair():
+    answer = "Return the indices of the lower triangle of a matrix."
+    edited = answer.replace("indices", "positions").replace("matrix", "tensor")
+    verdict = _verdict(["What does `torch.tril_indices` do?", "Explain `torch.tril_indices` to me."], [answer, edited])
+    assert verdict.reason.tolist() == ["", "near_duplicate"]
 
 
 def test_the_seen_index_finds_a_retemplated_copy_and_spilled_sketches_agree(tmp_path):
