@@ -251,8 +251,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the entries of methods not run now from results/dedup.json (same rows and seed)")
-    parser.add_argument("--shape", choices=("alpaca", "chat", "realtext"), default="alpaca",
-                        help="alpaca: this module's pool; chat/realtext: benchmarks/dedup_chat.py's chat-shaped sets")
+    parser.add_argument("--shape", choices=("alpaca", "chat", "realtext", "infotext"), default="alpaca",
+                        help="alpaca: this module's pool; chat/realtext/infotext: benchmarks/dedup_chat.py's chat-shaped sets")
     parser.add_argument("--seeds", default="0,1", help="chat/realtext: seeds of the quality figures")
     parser.add_argument("--peer-rows", type=int, default=10_000, help="chat: pool size the peers run at")
     parser.add_argument("--base-root", type=Path, help="chat/realtext: a checkout of the previous code (dpsel_base)")

@@ -21,7 +21,9 @@ an eval row's subject in another template with an independent answer.
 Synthetic text (`chat`): Zipf words (the vocabulary of benchmarks/dedup.py), answers of lognormal length (median
 40 words, 2% under 8). Real text (`realtext`): subjects are the documented functions of third-party packages
 (`realtext.harvest(stdlib=False)` over MODULES + MORE_MODULES: no standard-library module, no builtins, no manual pages), the answer is the
-docstring's first paragraph; the pool's size is set by how many functions are installed.
+docstring's first paragraph; the pool's size is set by how many functions are installed. Second real source
+(`infotext`): sections of installed packages' METADATA descriptions and of the GNU info manuals under
+/usr/share/info (`infotext_subjects`).
 """
 from __future__ import annotations
 
@@ -148,6 +150,17 @@ def realtext_subjects(rng: random.Random) -> list[Subject]:
     return [Subject(f"`{i['name']}`", rng.choice(CONTEXTS), i["answer"]) for i in items]
 
 
+def infotext_subjects(rng: random.Random) -> list[Subject]:
+    """Sections of installed packages' METADATA descriptions and of the GNU info manuals (benchmarks/
+    realtext_chat.py's harvest): key the package or manual (`name`) and the section's heading, answer the
+    section's first prose paragraph. Many sections share a package: questions about one package with
+    different answers are the usual case here."""
+    from realtext_chat import harvest
+    items = harvest()
+    rng.shuffle(items)
+    return [Subject(f"`{i['name']}` ({i['topic']})", rng.choice(CONTEXTS), i["answer"]) for i in items]
+
+
 # ----------------------------------------------------------------------------- rows and plants
 def _system(rng: random.Random) -> int:
     return -1 if rng.random() < NO_SYSTEM_SHARE else rng.randrange(len(SYSTEMS))
@@ -176,7 +189,7 @@ def _light_edit(rng: random.Random, answer: str, replacements: list[str]) -> str
 
 def build(shape: str, rows: int, seed: int = 0, dup_frac: float = 0.2, contam_frac: float = 0.01,
           sibling_frac: float = 0.05, evals: int = 2000) -> ChatSet:
-    """The pool (about `rows` rows; fewer for `realtext` when too few functions are installed) and its eval set."""
+    """The pool (about `rows` rows; real text: as many as the installed text gives) and its eval set."""
     rng = random.Random(seed)
     if shape == "chat":
         words = _Words(rng)
@@ -186,7 +199,7 @@ def build(shape: str, rows: int, seed: int = 0, dup_frac: float = 0.2, contam_fr
         subjects = synthetic_subjects(rng, words, n_orig + n_eval + n_sib + n_contam)
         replacements = words.vocab[:5000]
     else:
-        subjects = realtext_subjects(rng)
+        subjects = realtext_subjects(rng) if shape == "realtext" else infotext_subjects(rng)
         n_eval = len(subjects) // 5       # the rest: originals, and spare answers for siblings and neighbours
         scale = (len(subjects) - n_eval) / (1 - dup_frac - contam_frac)      # the pool's rows
         n_dup, n_sib, n_contam = int(scale * dup_frac), int(scale * sibling_frac), int(scale * contam_frac)

@@ -8,7 +8,9 @@ A key is one of (after trimming surrounding punctuation and backticks, and a pos
 - a number: any token with a digit (1984, 3.14, v2);
 - a capitalised name: two adjacent capitalised tokens, neither opening a sentence (a row's first token, or one
   after a token ending in . ! ? or :), so "Where was Albert Einstein born" keys "albert einstein" but a
-  sentence's capitalised first word never joins a name.
+  sentence's capitalised first word never joins a name;
+- a quoted phrase: the text between a pair of double quotes (" or “ ”), up to `QUOTED_CHARS` characters, so
+  'What does the gnupg manual say about "Agent Signals"?' keys "agent signals".
 Keys are whole tokens of the question, never its wording around them, so a re-templated question ("Describe X"
 vs "What is X for?") keeps its keys. Everything is pyarrow/numpy over the flat tokens: no Python per row.
 """
@@ -26,6 +28,7 @@ _POSSESSIVE = r"['’]s$"
 _IDENTIFIER = r"\d|\w{2,}\.\w{2,}|\w_|_\w|\w\(|\p{Ll}\p{Lu}|^\p{Lu}[\p{Lu}\d]+$"   # numbers too
 _SENTENCE_END = r"[.!?:]$"
 _MAYBE = r"[`\d_(.]|\p{Lu}"             # what every kind of key has
+QUOTED_CHARS = 60
 
 
 def _flat_tokens(text: pa.Array) -> tuple[pa.Array, np.ndarray]:
@@ -62,8 +65,25 @@ def keys_of(text: pa.Array) -> tuple[pa.Array, np.ndarray]:
     single = (code | _flag(trimmed, _IDENTIFIER)) & np.asarray(pc.greater(pc.utf8_length(trimmed), 0), bool)
     first = _name_pairs(raw, row, at, _flag(candidates, r"^[`'\"(“‘]?\p{Lu}") & ~single)
     names = pc.binary_join_element_wise(trimmed.take(pa.array(first)), trimmed.take(pa.array(first + 1)), " ")
-    keys = pa.concat_arrays([trimmed.filter(pa.array(single)).cast(pa.string()), names.cast(pa.string())])
-    return pc.utf8_lower(keys), np.concatenate([row[at[single]], row[at[first]]]).astype(np.int64)
+    quoted, quoted_row = _quoted(text)
+    keys = pa.concat_arrays([trimmed.filter(pa.array(single)).cast(pa.string()), names.cast(pa.string()), quoted])
+    return pc.utf8_lower(keys), np.concatenate([row[at[single]], row[at[first]], quoted_row]).astype(np.int64)
+
+
+def _quoted(text: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """The phrases between pairs of double quotes (whitespace-trimmed, 1..QUOTED_CHARS characters) and their rows:
+    split at every quote mark, the pieces at odd positions that a later quote closes."""
+    pieces = pc.split_pattern_regex(pc.fill_null(text, ""), "[\"“”]")
+    offsets = np.asarray(pieces.offsets, np.int64)
+    flat = pieces.values.slice(offsets[0], offsets[-1] - offsets[0])
+    counts = np.diff(offsets)
+    row = np.repeat(np.arange(len(text)), counts)
+    position = np.arange(len(flat)) - np.repeat(offsets[:-1] - offsets[0], counts)
+    inside = (position % 2 == 1) & (position < counts[row] - 1)
+    phrase = pc.utf8_trim_whitespace(flat.filter(pa.array(inside)))
+    size = np.asarray(pc.utf8_length(phrase), np.int64)
+    ok = (size > 0) & (size <= QUOTED_CHARS)
+    return phrase.filter(pa.array(ok)).cast(pa.string()), row[inside][ok]
 
 
 def key_hashes(keys: pa.Array) -> np.ndarray:
@@ -85,10 +105,16 @@ def key_matrix(text: pa.Array, width: int = KEYS) -> np.ndarray:
 
 
 def shared_key(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per row of two [rows, KEYS] key matrices, the smallest key hash both hold (0: none)."""
-    same = (a[:, :, None] == b[:, None, :]).any(axis=2) & (a != 0)
+    """Per row of two [rows, KEYS] key matrices, the smallest key hash both hold when the two questions ask
+    about the same thing, else 0: every key of one is a key of the other. Sharing one key is not enough:
+    "`gnupg` (Agent Signals)" and "`gnupg` (Dirmngr Signals)" share the manual but ask about different sections.
+    A row with more than KEYS keys is judged on its KEYS smallest."""
+    a_in_b = (a[:, :, None] == b[:, None, :]).any(axis=2)
+    b_in_a = (b[:, :, None] == a[:, None, :]).any(axis=2)
+    same = a_in_b & (a != 0)
+    nested = (a_in_b | (a == 0)).all(axis=1) | (b_in_a | (b == 0)).all(axis=1)
     first = same.argmax(axis=1)          # keys are ascending: the first shared one is the smallest
-    return np.where(same.any(axis=1), a[np.arange(len(a)), first], 0).astype(np.uint32)
+    return np.where(same.any(axis=1) & nested, a[np.arange(len(a)), first], 0).astype(np.uint32)
 
 
 def key_named(text: str, key: int) -> str | None:

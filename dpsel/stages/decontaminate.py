@@ -8,8 +8,9 @@ n-grams never cross from one role's text to the other's.
 The rule (OLMo/Tulu-style overlap, on 64-bit window hashes in sorted numpy tables):
 - a long eval text (>= `n` = 13 words, user or assistant) contaminates a pool row holding at least
   `threshold` = `THRESHOLD` (0.5) of the eval text's distinct 13-grams, found in the row's user or assistant text,
-  when the two questions ask about the same thing: they share a key (`content_keys`: a code span, identifier,
-  number or capitalised name), or either names none, or the share is near-verbatim (>= `NEAR_VERBATIM` = 0.8).
+  when the two questions ask about the same thing: they share a key and one's keys are all among the other's
+  (`content_keys.shared_key`: code spans, identifiers, numbers, capitalised names, quoted phrases), or either
+  names none, or the share is near-verbatim (>= `NEAR_VERBATIM` = 0.8).
   Two answers from one formulaic source ("Computes the bitwise OR of ..." vs "... XOR of ...") or one question
   template filled with another subject share half their 13-grams but name different things;
 - a short eval question (user text of `min_words` <= L < `n` words) contaminates a pool row whose user or

@@ -5,8 +5,9 @@
   one-sentence questions and a 20-word answer share too few 5-shingles.
 - answer rule (near-duplicates keyed on content): the answers' word sets (1-shingles: a one-word edit of an
   n-word answer leaves Jaccard (n-1)/(n+1), two edits (n-2)/(n+2)) reach Jaccard `ANSWER_THRESHOLD` (0.6: one
-  edit passes from 4 words, two from 8) AND the questions share a key (`content_keys`: a code span, identifier,
-  number or capitalised name). Only answers whose question has a key take part, and of them only answers of
+  edit passes from 4 words, two from 8) AND the questions ask about the same thing (`content_keys.shared_key`:
+  they share a key, and one's keys are all among the other's; keys are code spans, identifiers, numbers,
+  capitalised names and quoted phrases). Only answers whose question has a key take part, and of them only answers of
   `SHORT_ANSWER_WORDS` (8) words or more, or of `MIN_ANSWER_WORDS` (3) to 7 words with `CONTENT_WORDS` (2) words
   beyond scikit-learn's English stop words: "Yes." or "No, it is not." fits different questions about one
   function and never pairs, "Return a contiguous flattened array." does; one boilerplate answer to questions
@@ -74,7 +75,7 @@ CONVERSATION, ANSWER_RULE = 0, 1
 # what the answer rule's saved signatures depend on (a scorer's near_dup.json records it)
 ANSWER_RULE_SETTINGS = {"threshold": ANSWER_THRESHOLD, "ngram": ANSWER_NGRAM, "num_perm": ANSWER_PERM,
                         "min_answer_words": MIN_ANSWER_WORDS, "short_answer_words": SHORT_ANSWER_WORDS,
-                        "content_words": CONTENT_WORDS, "keys": KEYS, "key_rules": 1, "seed": SEED}
+                        "content_words": CONTENT_WORDS, "keys": KEYS, "key_rules": 2, "seed": SEED}
 
 
 def verify_threshold(threshold: float, num_perm: int, recall: float = RECALL_AT_THRESHOLD) -> float:

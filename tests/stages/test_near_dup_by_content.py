@@ -41,6 +41,18 @@ def test_keys_are_the_named_things_of_a_question():
                                                          (2, "albert einstein")]
 
 
+def test_a_quoted_phrase_is_a_key_and_sharing_one_key_of_several_is_not_the_same_subject():
+    keys, row = keys_of(pa.array(['In the `gnupg` manual, what is "Agent Signals"?', 'Say “hi there” and "open']))
+    assert set(zip(row.tolist(), keys.to_pylist())) == {(0, "gnupg"), (0, "agent signals"), (1, "hi there")}
+    signals = ("A running {} may be controlled by signals, i.e. using the kill command to send a signal to the "
+               "process, which then reloads its configuration.")
+    questions = ['In the `gnupg` manual, what is "Agent Signals"?', 'In the `gnupg` manual, what is "Dirmngr Signals"?',
+                 'What does the `gnupg` manual say about "Agent Signals"?']
+    answers = [signals.format("gpg-agent"), signals.format("dirmngr"), signals.format("gpg-agent daemon")]
+    verdict = _verdict(questions, answers)          # two sections of one manual, documented alike, stay apart
+    assert verdict.reason.tolist() == ["", "", "near_duplicate"] and verdict.dup_of[2] == "id00000"
+
+
 def test_a_retemplated_question_with_a_lightly_edited_answer_is_a_near_duplicate():
     questions = ["Describe `os.listdir` in a sentence or two.", *FILLER,
                  "In Python's standard library, what is `os.listdir` for?"]
