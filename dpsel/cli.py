@@ -156,6 +156,9 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training rows per sampler step (default 16)."),
            max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per row; longer rows are cut (default 256)."),
            truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report."),
+           labels: Optional[Path] = typer.Option(None, "--labels", help="A reviewer's labels (dpsel review's file, "
+                                                 "label = keep|drop): keep joins the meta evidence, drop fixes "
+                                                 "the weight at 0 (reason reviewed_drop)."),
            restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint of an interrupted run "
                                         "into this --out and start from zero (default: resume it)."),
            engine: Optional[str] = typer.Option(None, "--engine", help="local (default) | ray: the pool passes "
@@ -174,7 +177,7 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
     run = RunConfig.load(config, {
         "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
         "threshold": threshold, "model": model, "embedder": embedder, "steps": steps, "epochs": epochs, "seed": seed, "device": device, "truth": truth,
-        "curate.select.variant": variant, "curate.select.weight_param": weight_param,
+        "labels": labels, "curate.select.variant": variant, "curate.select.weight_param": weight_param,
         "curate.select.batch_size": batch_size, "curate.select.max_length": max_length,
         "engine": engine, "ray_address": ray_address,
         **_stage_overrides(near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii)}, stage="curate")
@@ -277,6 +280,20 @@ def inspect(run: Path = typer.Argument(..., help="A finished curate or filter ru
     """Print dropped rows of a run beside what they matched (the kept duplicate, the eval text), in input order."""
     from dpsel.curation.inspection import inspect_run, render
     typer.echo(render(inspect_run(run, reason, rows), chars), nl=False)
+
+
+@app.command()
+@handle_errors
+def review(run: Path = typer.Option(..., "--run", help="A finished curate run folder."),
+           rows: int = typer.Option(..., "--rows", min=1, help="Rows to review (K)."),
+           out: Path = typer.Option(..., "--out", help="Review file: Parquet, or .csv / .jsonl by extension."),
+           fmt: Optional[str] = typer.Option(None, "--format", help="parquet | csv | jsonl | label-studio "
+                                             "(default: by the --out extension, else parquet).")):
+    """Write the K rows whose keep/drop decision is most uncertain under the posterior, with an empty `label`
+    column to fill with keep or drop; then `dpsel curate ... --labels FILE`."""
+    from dpsel.curation.review import review as review_run
+    written = review_run(run, rows, out, fmt)
+    typer.echo(f"{rows} row(s) to review -> {', '.join(str(p) for p in written)}")
 
 
 FLOW_OPTIONS_HELP = """Options after NAME override the config file (--key value, or --key=value):

@@ -49,7 +49,7 @@ def run_stage(task, **kwargs) -> tuple[dict, str]:
 
 def _curate_kwargs(config: RunConfig, out: Path) -> dict:
     return dict(train=config.data.train, meta=config.data.meta, truth=config.data.truth, out=os.fspath(out),
-                settings=config.curate_settings())
+                settings=config.curate_settings(), labels=config.data.labels)
 
 
 def landing_folder_is_empty(inputs) -> bool:
