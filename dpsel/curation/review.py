@@ -93,6 +93,14 @@ def diverse_pick(order: np.ndarray, vectors, k: int) -> list[int]:
     return picked
 
 
+def most_uncertain(weights: np.ndarray, stds: np.ndarray, cut: float, texts_of, k: int) -> np.ndarray:
+    """Indices of the k rows to review among rows with these posterior `weights` and `stds` (the module's rule);
+    `texts_of(indices)`: the rows' conversation texts (read only for the 10·k most uncertain)."""
+    p = flip_probability(weights, stds, cut)
+    pool = np.argsort(-p, kind="stable")[:POOL_FACTOR * k]
+    return pool[diverse_pick(pool, _text_vectors(texts_of(pool)), k)]
+
+
 def _text_vectors(texts: list[str]):
     """L2-normalised word uni- and bigram hashing vectors (sparse): cheap, and enough to tell copies apart."""
     from sklearn.feature_extraction.text import HashingVectorizer
@@ -116,19 +124,21 @@ def review_rows(run, rows: int) -> pa.Table:
     if not len(candidates):
         raise DpselInputError("the run has no row whose keep/drop the selection decided (and no reviewer has "
                               "labelled yet)", file=str(scores_path))
-    p = flip_probability(np.asarray(scores["dpsel_weight"])[candidates],
-                         np.asarray(scores["dpsel_weight_std"])[candidates], run_cut(manifest))
-    pool = candidates[np.argsort(-p, kind="stable")[:POOL_FACTOR * rows]]
-    messages = _messages(scores, pool, manifest)
-    chosen = pool[diverse_pick(pool, _text_vectors([conversation_text(m) for m in messages]), rows)]
-    by_row = dict(zip(pool.tolist(), messages))
-    flip = dict(zip(candidates.tolist(), p))
+    weights, stds = np.asarray(scores["dpsel_weight"]), np.asarray(scores["dpsel_weight_std"])
+    read: dict[int, list[dict]] = {}
+
+    def texts_of(positions: np.ndarray) -> list[str]:
+        read.update(zip(candidates[positions].tolist(), _messages(scores, candidates[positions], manifest)))
+        return [conversation_text(read[i]) for i in candidates[positions].tolist()]
+    cut = run_cut(manifest)
+    chosen = candidates[most_uncertain(weights[candidates], stds[candidates], cut, texts_of, rows)].tolist()
+    flip = flip_probability(weights[chosen], stds[chosen], cut)
     return pa.table({
         "dpsel_id": pa.array([scores["dpsel_id"][i] for i in chosen], pa.string()),
-        "messages": pa.array([by_row[i] for i in chosen],
+        "messages": pa.array([read[i] for i in chosen],
                              pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
         **{c: pa.array([scores[c][i] for i in chosen]) for c in ("dpsel_weight", "dpsel_weight_std", "dpsel_reason")},
-        "flip_probability": pa.array([float(flip[i]) for i in chosen], pa.float64()),
+        "flip_probability": pa.array(flip, pa.float64()),
         "dpsel_file": pa.array([scores["dpsel_file"][i] for i in chosen], pa.string()),
         "dpsel_file_row": pa.array([scores["dpsel_file_row"][i] for i in chosen], pa.int64()),
         "label": pa.array([""] * len(chosen), pa.string()),
