@@ -306,6 +306,8 @@ FLOW_OPTIONS_HELP = """Options after NAME override the config file (--key value,
 --lr F, --r N, --weights-column COL: tuning.
 --curate.select.batch-size N, --tune.max-length N, ...: any field of the config by its dotted name.
 --compare: curate-then-tune also tunes on all rows, for comparison.
+--review-rows K, --review-timeout-s S: curate-review-curate's rows to review (default 20) and how long it waits.
+--labels FILE: a reviewer's keep/drop file for curation.
 """
 
 
@@ -313,7 +315,8 @@ FLOW_OPTIONS_HELP = """Options after NAME override the config file (--key value,
              epilog=FLOW_OPTIONS_HELP)
 @handle_errors
 def flow(ctx: typer.Context,
-         name: str = typer.Argument(..., help="curate | filter | tune | curate-then-tune | curate-then-filter"),
+         name: str = typer.Argument(..., help="curate | filter | tune | curate-then-tune | curate-then-filter | "
+                                                "curate-review-curate"),
          config: Optional[Path] = typer.Option(None, "--config", help="Run config YAML (see configs/demo.yaml).")):
     """Run a Prefect flow (embedded server unless PREFECT_API_URL is set). Extra --key value options override the config."""
     from flows import run_flow

@@ -190,3 +190,10 @@ def write_review(table: pa.Table, out, fmt: str | None = None) -> list[Path]:
 def review(run, rows: int, out, fmt: str | None = None) -> list[Path]:
     """`dpsel review`: pick the rows (`review_rows`) and write them (`write_review`)."""
     return write_review(review_rows(run, rows), out, fmt)
+
+
+def answered(table: pa.Table, answers: dict[str, str]) -> pa.Table:
+    """The review rows with `label` filled from `answers` ({dpsel_id: keep | drop}; any other answer, e.g. the
+    form's `skip`, leaves it blank): what `curate --labels` reads."""
+    labels = [answers.get(i) if answers.get(i) in ("keep", "drop") else "" for i in table.column("dpsel_id").to_pylist()]
+    return table.set_column(table.column_names.index("label"), "label", pa.array(labels, pa.string()))
