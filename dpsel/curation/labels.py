@@ -9,8 +9,9 @@ an input error naming the file and row (exit 2).
 What the labels do (docs/review.md):
 - `drop`: the row is removed before selection, as a curation stage would (the pseudo-stage `review`, reason
   `reviewed_drop`, weight 0), so neither the sampler nor the evidence's pool ever sees it;
-- `keep`: the row joins the trusted meta rows (the evidence's calibration and the sampler's meta likelihood)
-  and is kept with weight 1 (std 0): the reviewer's word, not the posterior's.
+- `keep`: the row leaves the pool selection scores and joins the trusted meta rows (the evidence's calibration
+  and the sampler's meta likelihood); it is kept with weight 1 (std 0): the reviewer's word, not the
+  posterior's.
 Rows a stage dropped keep the stage's verdict; their label is still recorded (`dpsel_label`).
 """
 from __future__ import annotations
@@ -150,6 +151,28 @@ def apply_drops(rows, labels: Labels) -> None:
 def kept_by_review(rows, labels: Labels) -> np.ndarray:
     """Usable rows labelled keep (the rows that join the meta evidence)."""
     return rows.usable & labels.mask(rows.ids, KEEP)
+
+
+def selection_pool(rows, labels: Labels | None) -> np.ndarray:
+    """The rows selection scores: the usable ones, less those labelled keep. A keep-labelled row joins the meta
+    rows instead: were it in both, the evidence's calibration would score it in sample as a trusted row (the
+    pool's own fit predicts it), and its weight is fixed at 1 anyway."""
+    if labels is None:
+        return rows.usable
+    pool = rows.usable & ~kept_by_review(rows, labels)
+    if not pool.any():
+        raise DpselInputError("every usable training row is labelled keep: nothing is left to select from",
+                              file=labels.path)
+    return pool
+
+
+def with_reviewed_keeps(usable: np.ndarray, pool: np.ndarray, scores) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per usable row from the selection `scores` of the `pool` rows; the reviewed keeps (usable,
+    not in the pool) at weight 1, std 0."""
+    in_pool = pool[usable]
+    mean, std = np.ones(int(usable.sum())), np.zeros(int(usable.sum()))
+    mean[in_pool], std[in_pool] = scores.weight_mean, scores.weight_std
+    return mean, std
 
 
 def label_column(labels: Labels | None, n: int) -> pa.Array:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dpsel.resume.checkpoints as checkpoint
-from dpsel.curation.labels import Labels, apply_drops, kept_by_review, read_labels
+from dpsel.curation.labels import (Labels, apply_drops, kept_by_review, read_labels, selection_pool,
+                                   with_reviewed_keeps)
 from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
 from dpsel.curation.rows import (RunRows, as_path_list, check_weights, drop_meta_duplicates, read_rows,
                                  require_all_usable, spread_scores)
@@ -79,17 +80,15 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
         select_start = time.perf_counter()
         groups = train_rows.group_values(group_column)
         # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
-        usable_groups = None if groups is None else list(groups[train_rows.usable])
+        pool = selection_pool(train_rows, review)   # usable rows, less those a reviewer labelled keep
+        pool_groups = None if groups is None else list(groups[pool])
         checkpoints = open_checkpoints(out, method, config, train_rows, meta_rows, restart, stages, review)
         with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)):
-            scores = select(train_rows.conversations(train_rows.usable), _meta_messages(meta_rows, train_rows, review),
-                            method, config, progress, groups=usable_groups)
+            scores = select(train_rows.conversations(pool), _meta_messages(meta_rows, train_rows, review),
+                            method, config, progress, groups=pool_groups)
     check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
     select_s = time.perf_counter() - select_start
-    if review is not None:   # the reviewer's keep is certain: weight 1, std 0 (drops left selection above)
-        reviewed = kept_by_review(train_rows, review)[train_rows.usable]
-        scores.weight_mean[reviewed], scores.weight_std[reviewed] = 1.0, 0.0
-    weights, stds = spread_scores(train_rows, scores.weight_mean, scores.weight_std)
+    weights, stds = spread_scores(train_rows, *with_reviewed_keeps(train_rows.usable, pool, scores))
     keep = apply_rule(rule, weights, train_rows.usable, groups)
 
     inputs = {"train": inputs_entry(train, train_rows), "meta": inputs_entry(meta, meta_rows)}
