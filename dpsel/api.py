@@ -157,7 +157,7 @@ def review(run, rows: int, out, format: str | None = None) -> list[Path]:  # noq
     `label` column (`dpsel review`); returns the files written. Fill in keep/drop, then
     `curate(..., labels=out)`."""
     from dpsel.curation.review import review as review_run
-    return review_run(run, rows, out, format)
+    return review_run(run, rows, out, format)[1]
 
 
 def tune(data, out=None, *, eval=None, config=None, progress=True, verbose: bool = False,  # noqa: A002

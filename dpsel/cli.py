@@ -292,8 +292,8 @@ def review(run: Path = typer.Option(..., "--run", help="A finished curate run fo
     """Write the K rows whose keep/drop decision is most uncertain under the posterior, with an empty `label`
     column to fill with keep or drop; then `dpsel curate ... --labels FILE`."""
     from dpsel.curation.review import review as review_run
-    written = review_run(run, rows, out, fmt)
-    typer.echo(f"{rows} row(s) to review -> {', '.join(str(p) for p in written)}")
+    table, written = review_run(run, rows, out, fmt)
+    typer.echo(f"{table.num_rows} row(s) to review -> {', '.join(str(p) for p in written)}")
 
 
 FLOW_OPTIONS_HELP = """Options after NAME override the config file (--key value, or --key=value):

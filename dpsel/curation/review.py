@@ -29,6 +29,7 @@ from dpsel.curation.inspection import run_files
 from dpsel.data import REASON_LOW_WEIGHT
 from dpsel.errors import DpselInputError
 from dpsel.io import write_json_atomic, write_parquet_atomic, write_text_atomic
+from dpsel.outputs import MANIFEST_FILE
 
 FORMATS = ("parquet", "csv", "jsonl", "label-studio")
 POOL_FACTOR = 10          # candidates clustered for diversity: the 10·K most uncertain rows
@@ -57,13 +58,14 @@ def flip_probability(weights: np.ndarray, stds: np.ndarray, cut: float) -> np.nd
     return np.where(stds > 0, p, np.where(gap == 0, 0.5, 0.0))
 
 
-def run_cut(manifest: dict) -> float:
+def run_cut(manifest: dict, folder: Path) -> float:
     """The run's cut: its threshold, else the lowest kept weight (what `filter` takes as the threshold)."""
     selection = manifest.get("selection") or {}
     cut = selection.get("threshold")
     cut = selection.get("effective_threshold") if cut is None else cut
     if cut is None:
-        raise DpselInputError("the run kept no row, so it has no cut to review around", file="manifest.json")
+        raise DpselInputError("the run kept no row, so it has no cut to review around",
+                              file=str(folder / MANIFEST_FILE))
     return float(cut)
 
 
@@ -130,7 +132,7 @@ def review_rows(run, rows: int) -> pa.Table:
     def texts_of(positions: np.ndarray) -> list[str]:
         read.update(zip(candidates[positions].tolist(), _messages(scores, candidates[positions], manifest)))
         return [conversation_text(read[i]) for i in candidates[positions].tolist()]
-    cut = run_cut(manifest)
+    cut = run_cut(manifest, Path(run))
     chosen = candidates[most_uncertain(weights[candidates], stds[candidates], cut, texts_of, rows)].tolist()
     flip = flip_probability(weights[chosen], stds[chosen], cut)
     return pa.table({
@@ -164,13 +166,18 @@ def _plain(messages) -> list[dict]:
     return [{"role": m.get("role"), "content": m.get("content")} for m in messages or []]
 
 
+def review_format(out, fmt: str | None) -> str:
+    """The review file's format: `fmt` if given (checked), else by the extension of `out` (Parquet otherwise)."""
+    fmt = fmt or {".csv": "csv", ".jsonl": "jsonl"}.get(Path(out).suffix.lower(), "parquet")
+    if fmt not in FORMATS:
+        raise DpselInputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return fmt
+
+
 def write_review(table: pa.Table, out, fmt: str | None = None) -> list[Path]:
     """Write the review rows to `out`: Parquet, or CSV / JSON lines by extension or `fmt`; `label-studio`: a
     JSON list of Label Studio tasks and, beside it, the labelling config (keep/drop). Returns the files."""
-    out = Path(out)
-    fmt = fmt or {".csv": "csv", ".jsonl": "jsonl"}.get(out.suffix.lower(), "parquet")
-    if fmt not in FORMATS:
-        raise DpselInputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    out, fmt = Path(out), review_format(out, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     records = table.to_pylist()
     if fmt == "parquet":
@@ -187,9 +194,11 @@ def write_review(table: pa.Table, out, fmt: str | None = None) -> list[Path]:
     return [write_json_atomic(tasks, out), write_text_atomic(LABEL_STUDIO_CONFIG, config)]
 
 
-def review(run, rows: int, out, fmt: str | None = None) -> list[Path]:
-    """`dpsel review`: pick the rows (`review_rows`) and write them (`write_review`)."""
-    return write_review(review_rows(run, rows), out, fmt)
+def review(run, rows: int, out, fmt: str | None = None) -> tuple[pa.Table, list[Path]]:
+    """`dpsel review`: pick the rows (`review_rows`) and write them (`write_review`); the rows and the files."""
+    review_format(out, fmt)   # a bad --format fails before the work
+    table = review_rows(run, rows)
+    return table, write_review(table, out, fmt)
 
 
 def answered(table: pa.Table, answers: dict[str, str]) -> pa.Table:

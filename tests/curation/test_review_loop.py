@@ -145,3 +145,12 @@ def test_label_of_an_unknown_dpsel_id_exits_2_naming_the_row(first_run, tmp_path
 def test_labels_file_without_the_columns_exits_2_naming_the_column(first_run, tmp_path):
     result = _bad_labels(first_run, tmp_path, pd.DataFrame({"id": ["x"], "verdict": ["keep"]}))
     assert result.exit_code == 2 and "column 'dpsel_id'" in result.output and "labels.parquet" in result.output
+
+
+def test_a_label_studio_export_is_a_labels_file(tmp_path):
+    from dpsel.curation.labels import read_labels
+    export = [{"data": {"dpsel_id": "a"}, "annotations": [{"result": [{"value": {"choices": ["drop"]}}]}]},
+              {"data": {"dpsel_id": "b"}, "annotations": []}]
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    labels = read_labels(tmp_path / "export.json", {"a", "b"})
+    assert labels.by_id == {"a": "drop"} and labels.blank_rows == 1
