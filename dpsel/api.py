@@ -100,7 +100,8 @@ def curate(train, meta, out=None, *, truth=None, per_task: bool = False, config=
     """Score every row of `train` against the trusted `meta` set and keep the best (`dpsel curate`).
 
     `options` are the CLI's, with underscores: method, budget, threshold, model, embedder, steps, seed, device,
-    variant, weight_param, batch_size, meta_batch_size, max_length, extra, engine, ray_address, and the
+    variant, weight_param, batch_size, meta_batch_size, max_length, extra, engine, ray_address, labels (a
+    reviewer's keep/drop file, `dpsel review`), and the
     curation stages' near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii. `out`
     defaults to a new temporary folder. `progress`: True draws progress on stderr, False nothing, or a
     `progress(step, total, diag)` callback."""
@@ -149,6 +150,14 @@ def inspect(run, reason=None, limit: int | None = None) -> list[dict]:
     matched (`partner`, `partner_text`: the kept duplicate or the eval text)."""
     from dpsel.curation.inspection import inspect_run
     return inspect_run(run, reason, limit)
+
+
+def review(run, rows: int, out, format: str | None = None) -> list[Path]:  # noqa: A002 - the CLI's --format
+    """The `rows` rows of a finished run whose keep/drop is most uncertain, written to `out` with an empty
+    `label` column (`dpsel review`); returns the files written. Fill in keep/drop, then
+    `curate(..., labels=out)`."""
+    from dpsel.curation.review import review as review_run
+    return review_run(run, rows, out, format)[1]
 
 
 def tune(data, out=None, *, eval=None, config=None, progress=True, verbose: bool = False,  # noqa: A002

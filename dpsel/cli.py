@@ -156,6 +156,9 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training rows per sampler step (default 16)."),
            max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per row; longer rows are cut (default 256)."),
            truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report."),
+           labels: Optional[Path] = typer.Option(None, "--labels", help="A reviewer's labels (dpsel review's file, "
+                                                 "label = keep|drop): keep joins the meta evidence, drop fixes "
+                                                 "the weight at 0 (reason reviewed_drop)."),
            restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint of an interrupted run "
                                         "into this --out and start from zero (default: resume it)."),
            engine: Optional[str] = typer.Option(None, "--engine", help="local (default) | ray: the pool passes "
@@ -174,7 +177,7 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
     run = RunConfig.load(config, {
         "train": train or None, "meta": meta or None, "out": out, "method": method, "budget": budget,
         "threshold": threshold, "model": model, "embedder": embedder, "steps": steps, "epochs": epochs, "seed": seed, "device": device, "truth": truth,
-        "curate.select.variant": variant, "curate.select.weight_param": weight_param,
+        "labels": labels, "curate.select.variant": variant, "curate.select.weight_param": weight_param,
         "curate.select.batch_size": batch_size, "curate.select.max_length": max_length,
         "engine": engine, "ray_address": ray_address,
         **_stage_overrides(near_dup, near_dup_threshold, semantic_dup, decontaminate, filters, pii)}, stage="curate")
@@ -279,6 +282,20 @@ def inspect(run: Path = typer.Argument(..., help="A finished curate or filter ru
     typer.echo(render(inspect_run(run, reason, rows), chars), nl=False)
 
 
+@app.command()
+@handle_errors
+def review(run: Path = typer.Option(..., "--run", help="A finished curate run folder."),
+           rows: int = typer.Option(..., "--rows", min=1, help="Rows to review (K)."),
+           out: Path = typer.Option(..., "--out", help="Review file: Parquet, or .csv / .jsonl by extension."),
+           fmt: Optional[str] = typer.Option(None, "--format", help="parquet | csv | jsonl | label-studio "
+                                             "(default: by the --out extension, else parquet).")):
+    """Write the K rows whose keep/drop decision is most uncertain under the posterior, with an empty `label`
+    column to fill with keep or drop; then `dpsel curate ... --labels FILE`."""
+    from dpsel.curation.review import review as review_run
+    table, written = review_run(run, rows, out, fmt)
+    typer.echo(f"{table.num_rows} row(s) to review -> {', '.join(str(p) for p in written)}")
+
+
 FLOW_OPTIONS_HELP = """Options after NAME override the config file (--key value, or --key=value):
 --train PATH, --meta PATH, --eval PATH, --truth PATH: data (file, folder of shards or glob).
 --scorer DIR, --in PATH: filter's scorer/ and new data.
@@ -289,6 +306,8 @@ FLOW_OPTIONS_HELP = """Options after NAME override the config file (--key value,
 --lr F, --r N, --weights-column COL: tuning.
 --curate.select.batch-size N, --tune.max-length N, ...: any field of the config by its dotted name.
 --compare: curate-then-tune also tunes on all rows, for comparison.
+--review-rows K, --review-timeout-s S: curate-review-curate's rows to review (default 20) and how long it waits.
+--labels FILE: a reviewer's keep/drop file for curation.
 """
 
 
@@ -296,7 +315,8 @@ FLOW_OPTIONS_HELP = """Options after NAME override the config file (--key value,
              epilog=FLOW_OPTIONS_HELP)
 @handle_errors
 def flow(ctx: typer.Context,
-         name: str = typer.Argument(..., help="curate | filter | tune | curate-then-tune | curate-then-filter"),
+         name: str = typer.Argument(..., help="curate | filter | tune | curate-then-tune | curate-then-filter | "
+                                                "curate-review-curate"),
          config: Optional[Path] = typer.Option(None, "--config", help="Run config YAML (see configs/demo.yaml).")):
     """Run a Prefect flow (embedded server unless PREFECT_API_URL is set). Extra --key value options override the config."""
     from flows import run_flow

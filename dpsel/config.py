@@ -37,6 +37,7 @@ class DataConfig(_Section):
     truth: str | None = None                                     # synth truth -> selection AUROC
     scorer: str | None = None                                    # filter: a curation run's scorer/
     inputs: PathSpec | None = Field(default=None, validation_alias=AliasChoices("inputs", "in"))  # filter
+    labels: str | None = None                                    # curate: a reviewer's keep/drop file
 
 
 class SelectParams(_Section):
@@ -258,7 +259,7 @@ class RunConfig(_Section):
 _PLAIN_KEYS: dict[str, tuple[str | None, str]] = {
     "train": ("data", "train"), "meta": ("data", "meta"), "eval": ("data", "eval"),
     "eval_path": ("data", "eval"), "test": ("data", "eval"), "truth": ("data", "truth"),
-    "scorer": ("data", "scorer"), "inputs": ("data", "inputs"), "in": ("data", "inputs"),
+    "scorer": ("data", "scorer"), "labels": ("data", "labels"), "inputs": ("data", "inputs"), "in": ("data", "inputs"),
     "budget": ("curate", "budget"), "threshold": ("curate", "threshold"), "epochs": ("curate", "epochs"),
     "lr": ("tune", "lr"), "r": ("tune", "r"), "weights_column": ("tune", "weights_column"),
     "model": (None, "model"), "embedder": (None, "embedder"), "device": (None, "device"), "seed": (None, "seed"),

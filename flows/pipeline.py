@@ -47,9 +47,9 @@ def run_stage(task, **kwargs) -> tuple[dict, str]:
     return _settle(task, task(**kwargs, return_state=True), kwargs)
 
 
-def _curate_kwargs(config: RunConfig, out: Path) -> dict:
+def curate_kwargs(config: RunConfig, out: Path) -> dict:
     return dict(train=config.data.train, meta=config.data.meta, truth=config.data.truth, out=os.fspath(out),
-                settings=config.curate_settings())
+                settings=config.curate_settings(), labels=config.data.labels)
 
 
 def landing_folder_is_empty(inputs) -> bool:
@@ -141,7 +141,7 @@ def pipeline_markdown(curated: dict, tuned: dict[str, dict], relative_to: str | 
     return "\n".join(lines)
 
 
-def _publish_curation(summary: dict, prefix: str, title: str) -> None:
+def publish_curation(summary: dict, prefix: str, title: str) -> None:
     artifacts.curation_table(summary, key=artifacts.artifact_key(prefix, "rows"))
     artifacts.markdown_report(curation_markdown(summary, title), key=artifacts.artifact_key(prefix, "report"),
                               description=title)
@@ -154,8 +154,8 @@ def curate_flow(config: RunConfig) -> dict:
     """Data-point selection: scores, curated rows, manifest, report and scorer in `config.out`."""
     config.require("data.train", "data.meta", "out", flow="curate")
     with flow_engine(config):
-        summary, state = run_stage(curate_stage, **_curate_kwargs(config, _out(config)))
-    _publish_curation(summary, "curate", f"Curation ({summary.get('method')})")
+        summary, state = run_stage(curate_stage, **curate_kwargs(config, _out(config)))
+    publish_curation(summary, "curate", f"Curation ({summary.get('method')})")
     return {"curate": summary, "stages": {"curate": state}}
 
 
@@ -193,7 +193,7 @@ def _filter(config: RunConfig, out: Path) -> dict:
         results.append(result)
         states.append(state)
     summary = combine_filter_summaries(results, os.fspath(out))
-    _publish_curation(summary, "filter", f"Filter ({len(shards)} shard(s))")
+    publish_curation(summary, "filter", f"Filter ({len(shards)} shard(s))")
     return {"filter": summary, "stages": {"filter-shard": states}}
 
 
@@ -204,7 +204,7 @@ def _filter_on_ray(config: RunConfig, out: Path) -> dict:
                   threshold=config.curate.threshold, ray_options=asdict(config.ray_options()),
                   stages=config.stages.model_dump(mode="json"))
     summary, state = run_stage(filter_stage, **kwargs)
-    _publish_curation(summary, "filter", "Filter (Ray Data)")
+    publish_curation(summary, "filter", "Filter (Ray Data)")
     return {"filter": summary, "stages": {"filter": state}}
 
 
@@ -229,9 +229,9 @@ def curate_then_tune_flow(config: RunConfig, compare: bool = False, tune_model: 
     out = _out(config)
     # the pool is decontaminated against the eval set the tuned models are measured on
     with flow_engine(config):
-        curated, curate_state = run_stage(curate_stage, **_curate_kwargs(config.with_eval_decontamination(),
+        curated, curate_state = run_stage(curate_stage, **curate_kwargs(config.with_eval_decontamination(),
                                                                           out / "curate"))
-    _publish_curation(curated, "curate", f"Curation ({curated.get('method')})")
+    publish_curation(curated, "curate", f"Curation ({curated.get('method')})")
 
     options = {**config.tune_options(), **({"model": tune_model} if tune_model else {})}
     tuned: dict[str, dict] = {}
@@ -265,8 +265,8 @@ def curate_then_filter_flow(config: RunConfig) -> dict:
     config.require("data.train", "data.meta", "data.inputs", "out", flow="curate-then-filter")
     out = _out(config)
     with flow_engine(config):
-        curated, curate_state = run_stage(curate_stage, **_curate_kwargs(config, out / "curate"))
-        _publish_curation(curated, "curate", f"Curation ({curated.get('method')})")
+        curated, curate_state = run_stage(curate_stage, **curate_kwargs(config, out / "curate"))
+        publish_curation(curated, "curate", f"Curation ({curated.get('method')})")
         scored = config.model_copy(update={"data": config.data.model_copy(
             update={"scorer": curated["paths"]["scorer"]})})
         filtered = _filter(scored, out / "filter")
@@ -297,6 +297,10 @@ def describe(name: str, summary: dict) -> str:
         return "\n".join(lines)
     if name == "curate_then_filter":
         return "\n".join(describe(stage, {stage: summary[stage]}) for stage in ("curate", "filter"))
+    if name == "curate_review_curate":
+        answers = ", ".join(f"{k} {v}" for k, v in summary["answers"].items())
+        return "\n".join([describe("curate", {"curate": summary["curate"]}), f"review answers: {answers}",
+                          describe("curate", {"curate": summary["reviewed"]})])
     stage = summary[name]
     lines = [f"{name}: outputs in {stage['out_dir']}"] + ([stage["message"]] if stage.get("message") else [])
     lines += [f"{label}: {format_figure(value)}" for label, value in curation_headline(stage).items() if value is not None]

@@ -50,16 +50,18 @@ def curation_summary(result: Any) -> dict:
             "groups": manifest_groups(result.manifest), "timings": result.manifest.get("timings", {})}
 
 
-@task(name="curate", cache_key_fn=content_cache_key("train", "meta", "truth"), **_STAGE_OPTIONS)
-def curate_stage(train: Any, meta: Any, out: str, settings: dict, truth: str | None = None) -> dict:
+@task(name="curate", cache_key_fn=content_cache_key("train", "meta", "truth", "labels"), **_STAGE_OPTIONS)
+def curate_stage(train: Any, meta: Any, out: str, settings: dict, truth: str | None = None,
+                 labels: str | None = None) -> dict:
     """Select rows of `train` with the trusted `meta` set; writes the curation outputs into `out`. `settings`:
     `RunConfig.curate_settings()` (method, keep rule, selection, engine: ray runs the method's scoring passes
-    on Ray Data, see dpsel.engines)."""
+    on Ray Data, see dpsel.engines). `labels`: a reviewer's keep/drop file (`curate --labels`)."""
     from dpsel.config import RunConfig
     from dpsel.curation.run import curate_from_config
     from dpsel.progress import default_phase_of, progress_reporter
 
-    config = RunConfig.from_mapping({**settings, "data": {"train": train, "meta": meta, "truth": truth}})
+    config = RunConfig.from_mapping({**settings, "data": {"train": train, "meta": meta, "truth": truth,
+                                                          "labels": labels}})
     method = config.curate.method
     with progress_reporter(f"curate[{method}]", default_phase=default_phase_of(method),
                            sinks=[progress_artifact_sink(artifact_key("curate-progress"))]) as progress:

@@ -139,8 +139,9 @@ def _partners_in_batch(examples: list[Example], rows, start: int) -> None:
 
 # ---- reading texts back from the run's files --------------------------------------------------------------
 
-def read_file_rows(url: str, file_rows: list[int]) -> dict[int, str]:
-    """The conversation text of the given rows of one input file, reading only the row groups holding them."""
+def read_file_rows(url: str, file_rows: list[int], render=None) -> dict[int, str]:
+    """The conversation text of the given rows of one input file, reading only the row groups holding them;
+    `render(messages)` (default: `conversation_text`) makes each row's value from its normalised messages."""
     planned = plan_files(expand_paths([url]))[0]
     wanted = sorted(set(file_rows))
     texts: dict[int, str] = {}
@@ -150,17 +151,18 @@ def read_file_rows(url: str, file_rows: list[int]) -> dict[int, str]:
         for group in sorted({int(np.searchsorted(bounds, r, side="right")) - 1 for r in wanted}):
             local = [r - int(bounds[group]) for r in wanted if bounds[group] <= r < bounds[group + 1]]
             table = parquet.read_row_group(group).take(pa.array(local, pa.int64()))
-            texts.update(zip((r + int(bounds[group]) for r in local), _table_texts(table, planned.shape)))
+            texts.update(zip((r + int(bounds[group]) for r in local),
+                             _table_texts(table, planned.shape, render or conversation_text)))
     return texts
 
 
-def _table_texts(table: pa.Table, shape) -> list[str]:
+def _table_texts(table: pa.Table, shape, render) -> list:
     batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
     if batch is None:
         return []
     rows = normal_rows(batch, shape)
     _, _, overrides = verdicts(batch, rows)
-    return [conversation_text(m) for m in messages_with_overrides(rows, np.arange(batch.num_rows), overrides)]
+    return [render(m) for m in messages_with_overrides(rows, np.arange(batch.num_rows), overrides)]
 
 
 def positions_of(scores: Path, ids: set[str]) -> dict[str, tuple[int, str, int]]:

@@ -24,7 +24,7 @@ def inspect_run(run, reasons=None, limit: int | None = None) -> list[dict]:
     partner_text. An unknown reason, a folder that is not a finished run or a missing/changed input file is
     an input error naming the file."""
     folder, limit = Path(run), DEFAULT_ROWS if limit is None else limit
-    scores, manifest = _run_files(folder)
+    scores, manifest = run_files(folder)
     wanted = _reasons(reasons)
     present, examples = _scan(scores, wanted, limit)
     unknown = sorted(wanted - set(present))
@@ -39,7 +39,7 @@ def inspect_run(run, reasons=None, limit: int | None = None) -> list[dict]:
     return [e.as_dict() for e in filled]
 
 
-def _run_files(folder: Path) -> tuple[Path, dict]:
+def run_files(folder: Path) -> tuple[Path, dict]:
     scores, manifest = folder / SCORES_FILE, folder / MANIFEST_FILE
     if not folder.is_dir():
         raise DpselInputError("no run folder here", file=str(folder))

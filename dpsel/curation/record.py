@@ -14,6 +14,7 @@ import numpy as np
 
 from dpsel.curation.curated import curated_rows_table
 from dpsel.curation.examples import ExamplePicker, examples_markdown, fill_texts
+from dpsel.curation.labels import label_column
 from dpsel.curation.rows import RunRows, as_path_list, count_rows, final_reasons
 from dpsel.curation.rules import SelectionRule, effective_thresholds
 from dpsel.data import GROUP_COLUMNS
@@ -85,6 +86,7 @@ class Run:
     extra_manifest: dict = field(default_factory=dict)   # e.g. meta rows dropped as duplicates
     near_dup_index: tuple | None = None  # (NearDupIndex, StagesConfig) of the curated rows, saved in scorer/
     examples: ExamplePicker | None = None   # the report's dropped rows, where picked batch by batch (streamed)
+    labels: object = None              # a reviewer's labels (dpsel.curation.labels.Labels): scores' dpsel_label
 
 
 def _selection_record(run: Run, cutoff: float | None, group_cutoffs: dict) -> dict:
@@ -143,6 +145,8 @@ def _write_tables(stage: Path, run: Run, run_id: str, reasons: list[str], detail
     ids = run.rows.ids
     scores = scores_table(ids, run.weights, run.stds, run.keep, reasons, details, run.rows.files,
                           run.rows.file_rows, run.rows.dup_of)
+    if run.labels is not None:
+        scores = scores.append_column("dpsel_label", label_column(run.labels, len(ids)))
     if write_curated is not None:
         write_parquet_atomic(with_run_id(scores, run_id), stage / SCORES_FILE)
         write_curated(stage / CURATED_FILE)

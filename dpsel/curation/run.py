@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dpsel.resume.checkpoints as checkpoint
+from dpsel.curation.labels import (Labels, apply_drops, kept_by_review, read_labels, selection_pool,
+                                   with_reviewed_keeps)
 from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
 from dpsel.curation.rows import (RunRows, as_path_list, check_weights, drop_meta_duplicates, read_rows,
                                  require_all_usable, spread_scores)
@@ -33,7 +35,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
            threshold: float | None = None, task_budgets: dict[str, float] | None = None,
            per_group: bool = False, group_column: str = "task", config: SelectConfig | None = None,
            progress: ProgressFn | None = None, truth=None, restart: bool = False, engine: str = "local",
-           ray=None, stages: StagesConfig | None = None) -> CurationResult:
+           ray=None, stages: StagesConfig | None = None, labels=None) -> CurationResult:
     """Score every training row with `method` against the trusted `meta` set and keep the best.
 
     Keeps the top `budget` fraction of the usable rows (default 0.7; `all` keeps everything) or the rows with
@@ -45,6 +47,8 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     `dpsel.engines.RAY_CURATE_METHODS`, any other is an input error); same outputs.
     `stages`: the curation stages before selection (default: the contract's, near-dup at 0.8 and PII flag);
     they run in this process, but for the near-dup signatures, which run on Ray actors with `engine="ray"`.
+    `labels`: a reviewer's keep/drop file (`dpsel.curation.labels`): drop-labelled rows leave before selection
+    (reason `reviewed_drop`), keep-labelled rows join the meta rows and are kept with weight 1.
     """
     from dpsel.engines import curate_engine
     from dpsel.engines.ray_engine import block_map, engine_runtime, pool_executor
@@ -57,10 +61,13 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     stages = check_stages(stages or StagesConfig(), config.embedder)
     out = Path(out)
     train_rows, meta_rows, meta_duplicates = _read_inputs(train, meta, out, truth)
+    review = read_labels(labels, set(train_rows.ids)) if labels is not None else None
     with engine_runtime(ray_options):   # one Ray runtime (if any) for the stages and the method's passes
         stages_start = time.perf_counter()
         with mapping_blocks_on(block_map(ray_options)):   # near-dup signatures on Ray actors too
             near_dup_index = apply_stages(train_rows, stages, config.embedder)
+        if review is not None:
+            apply_drops(train_rows, review)
         stages_s = time.perf_counter() - stages_start
         if rule.uses_groups and train_rows.group_values(group_column) is None:
             raise DpselInputError("per-group budgets need this column in the training set", column=group_column,
@@ -73,14 +80,15 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
         select_start = time.perf_counter()
         groups = train_rows.group_values(group_column)
         # Losses are normalised per group (task) inside the methods that use losses, when the column exists.
-        usable_groups = None if groups is None else list(groups[train_rows.usable])
-        checkpoints = open_checkpoints(out, method, config, train_rows, meta_rows, restart, stages)
+        pool = selection_pool(train_rows, review)   # usable rows, less those a reviewer labelled keep
+        pool_groups = None if groups is None else list(groups[pool])
+        checkpoints = open_checkpoints(out, method, config, train_rows, meta_rows, restart, stages, review)
         with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)):
-            scores = select(train_rows.conversations(train_rows.usable), meta_rows.data.messages(meta_rows.usable),
-                            method, config, progress, groups=usable_groups)
+            scores = select(train_rows.conversations(pool), _meta_messages(meta_rows, train_rows, review),
+                            method, config, progress, groups=pool_groups)
     check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
     select_s = time.perf_counter() - select_start
-    weights, stds = spread_scores(train_rows, scores.weight_mean, scores.weight_std)
+    weights, stds = spread_scores(train_rows, *with_reviewed_keeps(train_rows.usable, pool, scores))
     keep = apply_rule(rule, weights, train_rows.usable, groups)
 
     inputs = {"train": inputs_entry(train, train_rows), "meta": inputs_entry(meta, meta_rows)}
@@ -96,11 +104,21 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
               started=started, group_column=group_column if groups is not None else None, truth=truth_info,
               coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates,
                                                                 "resumed_from_checkpoint": checkpoints.resumed,
-                                                                "stages": stages.model_dump(mode="json")},
+                                                                "stages": stages.model_dump(mode="json"),
+                                                                **({"labels": review.record()} if review else {})},
+              labels=review,
               near_dup_index=(near_dup_index, stages) if near_dup_index is not None else None)
     result = write_run(out, run)
     checkpoints.discard()  # published: nothing left to resume
     return result
+
+
+def _meta_messages(meta_rows: RunRows, train_rows: RunRows, review: Labels | None) -> list:
+    """The trusted rows selection learns from: the meta set, plus the training rows a reviewer labelled keep."""
+    meta = meta_rows.data.messages(meta_rows.usable)
+    if review is None:
+        return meta
+    return meta + train_rows.conversations(kept_by_review(train_rows, review))
 
 
 def _read_inputs(train, meta, out: Path, truth) -> tuple[RunRows, RunRows, dict]:
@@ -119,10 +137,12 @@ def _read_inputs(train, meta, out: Path, truth) -> tuple[RunRows, RunRows, dict]
 
 
 def open_checkpoints(out: Path, method: str, config: SelectConfig, train_rows: RunRows, meta_rows: RunRows,
-                     restart: bool, stages: StagesConfig | None = None) -> checkpoint.Checkpoints:
-    """This run's checkpoints beside `out`; a checkpoint of a run with another config, input or stages (they
-    decide which rows selection sees) is refused."""
+                     restart: bool, stages: StagesConfig | None = None,
+                     review: Labels | None = None) -> checkpoint.Checkpoints:
+    """This run's checkpoints beside `out`; a checkpoint of a run with another config, input, stages or labels
+    (they decide which rows selection sees) is refused."""
     fingerprint = {"dpsel_version": __version__, "method": method, "config": config.to_dict(),
+                   "labels": review.sha256 if review is not None else None,
                    "stages": (stages or StagesConfig()).model_dump(mode="json"),
                    "inputs": {name: [f.sha256 for f in rows.data.files]
                               for name, rows in (("train", train_rows), ("meta", meta_rows))}}
@@ -136,4 +156,4 @@ def curate_from_config(config: "RunConfig", out=None, **options) -> CurationResu
     return curate(config.data.train, config.data.meta, Path(out if out is not None else config.out),
                   method=config.curate.method, budget=config.curate.budget, threshold=config.curate.threshold,
                   config=config.select_config(), truth=config.data.truth, engine=config.engine,
-                  ray=config.ray_options(), stages=config.stages, **options)
+                  ray=config.ray_options(), stages=config.stages, labels=config.data.labels, **options)
