@@ -8,7 +8,13 @@ import numpy as np
 
 from stats import mean_sd, read_json, sd
 
-KINDS = ("wrong", "swapped", "garbage", "truncated", "refusal")
+KINDS = ("wrong", "swapped", "garbage", "truncated", "refusal")  # the docstring set's; synth's and chat's differ
+
+
+def kinds_of(entries: list[dict]) -> list[str]:
+    """The corruption kinds scored in these results (method entries with an `auroc` dict), in first-seen order."""
+    seen = [k for e in entries for k in e.get("auroc", {}) if k != "overall"]
+    return list(dict.fromkeys(seen))
 
 
 def summarise(per_seed: list[dict]) -> list[dict]:
@@ -38,7 +44,7 @@ def multi_seed_targets(summary: list[dict]) -> list[str]:
     if not bads:
         return notes
     others = [n for n in by if not n.startswith("bads") and n not in ("random",)]
-    for key in ["overall", *KINDS]:
+    for key in ["overall", *kinds_of(summary)]:
         if key not in bads["auroc"]:
             continue
         best = max(others, key=lambda n: by[n]["auroc"][key]["mean"], default=None)
