@@ -65,19 +65,6 @@ class QualityEmbeddingProblem(EmbeddingProblem):
         self.raw_scale = torch.nn.Parameter(torch.as_tensor(inverse_softplus(spread - SCALE_FLOOR),
                                                             dtype=torch.float32))
 
-    def fit_density(self, pool_weights: torch.Tensor, steps: int = 300) -> None:
-        """θ₀ of the density: its maximum-likelihood fit to the meta rows plus the pool weighted by
-        `pool_weights` (the prior means), so the sampler starts from the prior's view of which rows count
-        (as θ₀'s map is the ridge fit on meta plus pool)."""
-        f = torch.cat([self.f_meta, self.f])
-        w = torch.cat([torch.ones(len(self.f_meta)), torch.as_tensor(pool_weights, dtype=torch.float32)])
-        opt = torch.optim.Adam([self.centre, self.raw_scale], lr=0.05)
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = (w * t_nll(f, self.centre, self.raw_scale)).sum() / w.sum()
-            loss.backward()
-            opt.step()
-
     def theta(self):
         return [self.weight, self.bias, self.centre, self.raw_scale]
 
