@@ -20,13 +20,12 @@ set of installed packages and manuals.
 """
 from __future__ import annotations
 
-import argparse
 import gettext
 import gzip
-import random
 import re
 from pathlib import Path
 
+from realtext import draw, main, write as write_tables
 from realtext_chat_noise import KINDS, corrupt
 
 INFO_DIR = Path("/usr/share/info")
@@ -147,20 +146,8 @@ def harvest() -> list[dict]:
 
 def build(rows: int = 1500, noise: float = 0.3, meta_rows: int = 150, test_rows: int = 200, seed: int = 0):
     """(train, meta, test, truth) as lists of dicts: system/instruction/input/output/source; truth: kind per row."""
-    items = harvest()
-    by_source: dict[str, list[dict]] = {}
-    for item in items:
-        by_source.setdefault(item["source"], []).append(item)
-    items = [i for i in items if len(by_source[i["source"]]) >= 2]  # `neighbour` needs another section
-    need = rows + meta_rows + test_rows
-    if len(items) < need:
-        raise ValueError(f"only {len(items)} documentation sections found, {need} needed")
-    rng = random.Random(seed)
-    chosen = rng.sample(items, need)
-    train_items, meta_items, test_items = chosen[:rows], chosen[rows:rows + meta_rows], chosen[rows + meta_rows:]
-    n_bad = int(round(noise * rows))
-    kinds = ["clean"] * (rows - n_bad) + [KINDS[k % len(KINDS)] for k in range(n_bad)]
-    rng.shuffle(kinds)
+    rng, by_source, _, train_items, meta_items, test_items, kinds = draw(
+        harvest(), KINDS, rows, noise, meta_rows, test_rows, seed, "documentation sections")
     foreign = foreign_texts()
 
     def row(item, kind):
@@ -176,23 +163,8 @@ def build(rows: int = 1500, noise: float = 0.3, meta_rows: int = 150, test_rows:
 
 
 def write(out: Path, **options) -> dict[str, Path]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    out.mkdir(parents=True, exist_ok=True)
-    tables = dict(zip(("train", "meta", "test", "truth"), build(**options)))
-    paths = {name: out / f"{name}.parquet" for name in tables}
-    for name, rows in tables.items():
-        pq.write_table(pa.Table.from_pylist(rows), paths[name])
-    return paths
+    return write_tables(out, build, **options)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--rows", type=int, default=1500)
-    parser.add_argument("--noise", type=float, default=0.3)
-    parser.add_argument("--meta-rows", type=int, default=150)
-    parser.add_argument("--test-rows", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    a = parser.parse_args()
-    print(write(a.out, rows=a.rows, noise=a.noise, meta_rows=a.meta_rows, test_rows=a.test_rows, seed=a.seed))
+    main(__doc__, build)
