@@ -39,7 +39,7 @@ from selection_summary import merge_runs, multi_seed_targets, saved_runs, summar
 from stats import write_report  # noqa: E402
 
 DEFAULT_PEERS = "quality-clf,dsir,task-disagreement"
-TEXT_PEERS = "qa-cosine,rds-embed,char-lm,fasttext,quality-clf,dsir,gopher-c4"
+TEXT_PEERS = "qa-cosine,rds-embed,char-lm,fasttext,quality-clf,gopher-c4"
 
 
 def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
