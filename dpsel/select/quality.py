@@ -28,6 +28,7 @@ SYMBOL_RUN = re.compile(r"[^\w\s.,;:!?'\"()`-]{3,}")
 ENDINGS = (".", "!", "?", "```", ")", ":", "\"", "'", "`", "]", "。", "！", "？", "»")
 PAIRS = (("(", ")"), ("[", "]"), ("{", "}"))
 LANG_MIN_CHARS = 20    # below this, langid's verdict on a question is a guess: no mismatch is claimed
+LANG_MAX_CHARS = 300   # langid reads this much of each text: its cost is linear in length, its verdict settles early
 
 
 def words(text: str) -> list[str]:
@@ -107,13 +108,14 @@ def _langid():
 
 def language_mismatch(questions: list[str], answers: list[str]) -> np.ndarray:
     """1 − P(answer is in the question's language) under langid (0 where the question is too short to say,
-    or the answer has fewer than LANG_MIN_CHARS letters)."""
+    or the answer has fewer than LANG_MIN_CHARS letters); each text's first (the question's last)
+    LANG_MAX_CHARS characters are read."""
     identifier, out = _langid(), np.zeros(len(answers))
     for i, (question, answer) in enumerate(zip(questions, answers)):
         if sum(ch.isalpha() for ch in answer) < LANG_MIN_CHARS or sum(ch.isalpha() for ch in question) < LANG_MIN_CHARS:
             continue
-        lang = identifier.classify(question)[0]
-        probs = dict(identifier.rank(answer))
+        lang = identifier.classify(question[-LANG_MAX_CHARS:])[0]  # the end: the user turn, after any system turn
+        probs = dict(identifier.rank(answer[:LANG_MAX_CHARS]))
         out[i] = 1.0 - float(probs.get(lang, 0.0))
     return out
 
