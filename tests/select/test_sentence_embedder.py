@@ -80,7 +80,8 @@ def test_prior_evidence_lists_the_embedder_evidence_without_a_group_column(embed
     report = {}
     evidence = prior_evidence_z(rows, np.zeros(len(rows)), infer_groups(rows, None), BadsSettings(), 0,
                                 meta=rows[:4], report=report)
-    assert list(evidence) == ["reference", "qa_consistency", "pseudo_group_consistency", "fluency"]
+    assert list(evidence) == ["reference", "qa_consistency", "quality_genericness", "pseudo_group_consistency",
+                              "fluency", *QUALITY_TEXT]
     assert report["embedder"]["weights_sha256"]["model.safetensors"] == PUBLISHED_SHA256
     assert "semantic" not in evidence and not BadsSettings.for_variant("paper", {}).semantic
 
@@ -99,7 +100,7 @@ def test_missing_default_embedder_says_what_the_run_falls_back_to(caplog, monkey
     rows = _pool(3)
     with caplog.at_level(logging.WARNING, logger="dpsel.models.embedder"):
         evidence = prior_evidence_z(rows, np.zeros(len(rows)), infer_groups(rows, None), BadsSettings(), 0)
-    assert list(evidence) == ["reference", "fluency"]  # fluency reads words, not embeddings
+    assert list(evidence) == ["reference", "fluency", *QUALITY_TEXT]  # these read words, not embeddings
 
 
 def test_curate_manifest_names_the_embedder_and_the_evidence(embedder, tmp_path):
