@@ -58,14 +58,37 @@ def char_lm(train, meta, order: int = 4, add_k: float = 0.1) -> np.ndarray:
 
 
 def fasttext_quality(train, meta, seed: int, folds: int = 5) -> np.ndarray:
-    import fasttext
+    """Out-of-fold P(meta) per pool row; where this interpreter lacks fasttext, in the peers' interpreter
+    ($PEERS_PYTHON, default .venv-peers/bin/python beside the repository, as benchmarks/dedup.py uses)."""
     from sklearn.model_selection import KFold
     text = lambda m: " ".join(t["content"] for t in m).replace("\n", " ")  # noqa: E731
     pool, trusted = [text(m) for m in train], [f"__label__meta {text(m)}" for m in meta]
-    scores = np.zeros(len(train))
+    splits = [(fit.tolist(), held.tolist()) for fit, held in KFold(folds, shuffle=True, random_state=seed).split(pool)]
+    try:
+        import fasttext  # noqa: F401
+    except ImportError:
+        return _fasttext_elsewhere(pool, trusted, splits, seed)
+    return _fasttext_folds(pool, trusted, splits, seed)
+
+
+def _fasttext_elsewhere(pool, trusted, splits, seed) -> np.ndarray:
+    import json
+    import os
+    import subprocess
+    python = os.environ.get("PEERS_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-peers/bin/python"))
+    with tempfile.TemporaryDirectory(prefix="fasttext-io-") as tmp:
+        job, out = Path(tmp) / "job.json", Path(tmp) / "scores.json"
+        job.write_text(json.dumps({"pool": pool, "trusted": trusted, "splits": splits, "seed": seed}))
+        subprocess.run([python, __file__, str(job), str(out)], check=True)
+        return np.asarray(json.loads(out.read_text()))
+
+
+def _fasttext_folds(pool, trusted, splits, seed) -> np.ndarray:
+    import fasttext
+    scores = np.zeros(len(pool))
     with tempfile.TemporaryDirectory(prefix="fasttext-") as tmp:
         path = Path(tmp) / "fit.txt"
-        for fit, held in KFold(folds, shuffle=True, random_state=seed).split(pool):
+        for fit, held in splits:
             path.write_text("\n".join(trusted + [f"__label__pool {pool[i]}" for i in fit]) + "\n")
             model = fasttext.train_supervised(str(path), epoch=10, wordNgrams=2, minn=2, maxn=4, seed=seed,
                                               thread=1, verbose=0)
@@ -81,3 +104,11 @@ PEERS = {
     "char-lm": lambda data, seed: char_lm(data["train"], data["meta"]),
     "fasttext": lambda data, seed: fasttext_quality(data["train"], data["meta"], seed),
 }
+
+
+if __name__ == "__main__":  # the fasttext worker: python peers_text.py JOB.json OUT.json
+    import json
+    import sys
+    job = json.loads(Path(sys.argv[1]).read_text())
+    Path(sys.argv[2]).write_text(json.dumps(_fasttext_folds(job["pool"], job["trusted"], job["splits"],
+                                                            job["seed"]).tolist()))

@@ -125,23 +125,30 @@ def _corrupt(kind: str, item: dict, items: list[dict], by_source: dict, rng: ran
     return rng.choice(REFUSALS)
 
 
-def build(rows: int = 1500, noise: float = 0.3, meta_rows: int = 150, test_rows: int = 200, seed: int = 0):
-    """(train, meta, test, truth) as lists of dicts: instruction/input/output/source, truth: kind per train row."""
-    items = harvest()
+def draw(items: list[dict], kinds_planted: tuple[str, ...], rows: int, noise: float, meta_rows: int, test_rows: int,
+         seed: int, what: str):
+    """(rng, by_source, items, train items, meta items, test items, kind per train row): items of sources with
+    2+ entries (the neighbour kinds need one), drawn without overlap; a `noise` share of the training rows gets
+    the kinds in equal parts. Shared with realtext_chat.py."""
     by_source: dict[str, list[dict]] = {}
     for item in items:
         by_source.setdefault(item["source"], []).append(item)
-    # `wrong` needs a neighbour in the same module: only items of modules with 2+ functions
     items = [i for i in items if len(by_source[i["source"]]) >= 2]
     need = rows + meta_rows + test_rows
     if len(items) < need:
-        raise ValueError(f"only {len(items)} documented functions found, {need} needed")
+        raise ValueError(f"only {len(items)} {what} found, {need} needed")
     rng = random.Random(seed)
     chosen = rng.sample(items, need)
-    train_items, meta_items, test_items = chosen[:rows], chosen[rows:rows + meta_rows], chosen[rows + meta_rows:]
     n_bad = int(round(noise * rows))
-    kinds = ["clean"] * (rows - n_bad) + [KINDS[k % len(KINDS)] for k in range(n_bad)]
+    kinds = ["clean"] * (rows - n_bad) + [kinds_planted[k % len(kinds_planted)] for k in range(n_bad)]
     rng.shuffle(kinds)
+    return rng, by_source, items, chosen[:rows], chosen[rows:rows + meta_rows], chosen[rows + meta_rows:], kinds
+
+
+def build(rows: int = 1500, noise: float = 0.3, meta_rows: int = 150, test_rows: int = 200, seed: int = 0):
+    """(train, meta, test, truth) as lists of dicts: instruction/input/output/source, truth: kind per train row."""
+    rng, by_source, items, train_items, meta_items, test_items, kinds = draw(
+        harvest(), KINDS, rows, noise, meta_rows, test_rows, seed, "documented functions")
 
     def row(item, answer):
         question = rng.choice(QUESTIONS).format(name=item["name"])
@@ -154,19 +161,20 @@ def build(rows: int = 1500, noise: float = 0.3, meta_rows: int = 150, test_rows:
     return train, meta, test, [{"row": n, "kind": k} for n, k in enumerate(kinds)]
 
 
-def write(out: Path, **options) -> dict[str, Path]:
+def write(out: Path, builder=None, **options) -> dict[str, Path]:
+    """train/meta/test/truth parquet files under `out` from `builder` (default: this set's `build`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     out.mkdir(parents=True, exist_ok=True)
-    tables = dict(zip(("train", "meta", "test", "truth"), build(**options)))
+    tables = dict(zip(("train", "meta", "test", "truth"), (builder or build)(**options)))
     paths = {name: out / f"{name}.parquet" for name in tables}
     for name, rows in tables.items():
         pq.write_table(pa.Table.from_pylist(rows), paths[name])
     return paths
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(doc: str, builder=None) -> None:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--rows", type=int, default=1500)
     parser.add_argument("--noise", type=float, default=0.3)
@@ -174,4 +182,9 @@ if __name__ == "__main__":
     parser.add_argument("--test-rows", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args()
-    print(write(a.out, rows=a.rows, noise=a.noise, meta_rows=a.meta_rows, test_rows=a.test_rows, seed=a.seed))
+    print(write(a.out, builder, rows=a.rows, noise=a.noise, meta_rows=a.meta_rows, test_rows=a.test_rows,
+                seed=a.seed))
+
+
+if __name__ == "__main__":
+    main(__doc__)

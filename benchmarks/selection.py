@@ -39,14 +39,15 @@ from selection_summary import merge_runs, multi_seed_targets, saved_runs, summar
 from stats import write_report  # noqa: E402
 
 DEFAULT_PEERS = "quality-clf,dsir,task-disagreement"
-TEXT_PEERS = "qa-cosine,rds-embed,char-lm,fasttext,quality-clf"
+TEXT_PEERS = "qa-cosine,rds-embed,char-lm,fasttext,quality-clf,gopher-c4"
 
 
 def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="synth", choices=("synth", "synth-notask", "realtext"),
-                        help="synth (with its task column), synth without it, or the docstring real-text set "
-                             "(benchmarks/realtext.py); results go to selection[-DATASET].{json,md}")
+    parser.add_argument("--dataset", default="synth", choices=("synth", "synth-notask", "realtext", "realtext-chat"),
+                        help="synth (with its task column), synth without it, the docstring real-text set "
+                             "(benchmarks/realtext.py) or the chat-shaped one from package METADATA and info "
+                             "manuals (benchmarks/realtext_chat.py); results go to selection[-DATASET].{json,md}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--noise", type=float, default=0.3)
@@ -105,7 +106,7 @@ def main(argv=None) -> dict:
     PEERS = all_peers()
     if args.dataset != "synth":  # no task column: task-disagreement has nothing to read; no synth base to pretrain
         args.peers = args.peers if args.peers != DEFAULT_PEERS else TEXT_PEERS
-        args.base = "random" if args.dataset == "realtext" else args.base
+        args.base = "random" if args.dataset.startswith("realtext") else args.base
         args.train_steps = 0
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     if set(peers) - set(PEERS):

@@ -12,14 +12,17 @@ import pandas as pd
 def load_rows(path: Path):
     from dpsel.data import alpaca_to_messages
     table = pd.read_parquet(path)
-    return [alpaca_to_messages(r.instruction, r.output, r.input) for r in table.itertuples()], table
+    system = table.system if "system" in table else [None] * len(table)
+    return [alpaca_to_messages(r.instruction, r.output, r.input, s) for r, s in zip(table.itertuples(), system)], table
 
 
 def make_data(args, workdir: Path):
     """One seed's rows: synth (with or without its task column) or the docstring real-text set (no task column)."""
     from dpsel.data import row_id
-    if args.dataset == "realtext":
-        from realtext import write
+    if args.dataset.startswith("realtext"):
+        from realtext import write as docstring_set
+        from realtext_chat import write as chat_set
+        write = chat_set if args.dataset == "realtext-chat" else docstring_set
         paths = write(workdir, rows=args.rows, noise=args.noise, meta_rows=args.meta_rows, test_rows=args.test_rows,
                       seed=args.seed)
     else:

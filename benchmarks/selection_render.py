@@ -2,12 +2,15 @@
 whole selection JSON (every saved run). Reads only the saved report, so it re-renders a committed JSON."""
 from __future__ import annotations
 
-from selection_summary import KINDS
+from selection_summary import kinds_of
 from stats import DASH, fmt, mib, pm, table
 
 
 def _source(a: dict) -> str:
     """Where the rows came from: the generator's command, or the real-text set (benchmarks/realtext.py)."""
+    if a.get("dataset") == "realtext-chat":
+        return (f"real text, chat-shaped: {a['rows']} rows built by `benchmarks/realtext_chat.py` from installed "
+                f"packages' METADATA descriptions and the GNU info manuals, with {a['noise']} of them corrupted")
     if a.get("dataset") == "realtext":
         return (f"real text: {a['rows']} rows built by `benchmarks/realtext.py` from installed packages' docstrings, "
                 f"with {a['noise']} of them corrupted")
@@ -27,10 +30,10 @@ def markdown(report: dict) -> str:
                      "cannot tell an arithmetic slip from a right answer). Selection and downstream start from it.")
     else:
         base_text = "Base: the tiny model at **random init** (no pretraining)."
-    rows = []
+    rows, kinds = [], kinds_of(report["methods"])
     for r in report["methods"]:
         au, t = r.get("auroc", {}), r["timings"]
-        rows.append([r["method"], fmt(au.get("overall")), *(fmt(au.get(k)) for k in KINDS), fmt(r["precision_kept"]),
+        rows.append([r["method"], fmt(au.get("overall")), *(fmt(au.get(k)) for k in kinds), fmt(r["precision_kept"]),
                      fmt(t.get("step_ratio_vs_plain"), 2), fmt(t.get("seconds_per_step"), 3), fmt(r["seconds"], 1),
                      mib(r["peak_memory_bytes"], 0)])
     lines = [f"## Selection benchmark, {base} base", "", base_text, "",
@@ -42,7 +45,7 @@ def markdown(report: dict) -> str:
              "AUROC of the posterior mean weights against the truth (clean = positive), overall and per corruption "
              f"kind; precision = fraction clean among the kept rows at budget {a['budget']}; step ratio = seconds per "
              "selection step / seconds per plain training step on the same batch size, measured in the same process.",
-             "", *table(["method", "AUROC", *KINDS, "precision@budget", "step ratio", "s/step", "total s",
+             "", *table(["method", "AUROC", *kinds, "precision@budget", "step ratio", "s/step", "total s",
                          "peak mem MB"], rows)]
     if report.get("downstream"):
         oracle = next((d["eval_loss"] for d in report["downstream"] if d["arm"] == "oracle (clean only)"), None)
@@ -59,10 +62,10 @@ def markdown(report: dict) -> str:
 def multi_seed_markdown(report: dict) -> str:
     a, summary = report["args"], report["summary"]
     base = a.get("base", "random") if a["model_size"] == "tiny" else a["model_size"]
-    rows = []
+    rows, kinds = [], kinds_of(summary)
     for e in summary:
         au = e.get("auroc", {})
-        rows.append([e["method"], pm(au.get("overall")), *(pm(au.get(k), 2) for k in KINDS), pm(e["precision_kept"]),
+        rows.append([e["method"], pm(au.get("overall")), *(pm(au.get(k), 2) for k in kinds), pm(e["precision_kept"]),
                      pm(e.get("step_ratio_vs_plain"), 2), f"{e['seconds']['mean']:.0f}"])
     lines = [f"## {a.get('dataset', 'synth')}: {a['rows']} rows, {base} base, seeds {', '.join(map(str, report['seeds']))}", "",
              f"{_source(a)}, {a['meta_rows']} meta rows (the trusted set every "
@@ -70,7 +73,7 @@ def multi_seed_markdown(report: dict) -> str:
              f"selection run length {'--steps ' + str(a['steps']) if a['steps'] else 'the method default (epochs)'}, "
              f"extra {a['extra']}. Every figure: mean ± sample sd over the {len(report['seeds'])} data seeds. "
              "`name[alt]` rows are ablations computed from the same bads run.", "",
-             *table(["method", "AUROC", *KINDS, f"precision@{a['budget']}", "step ratio", "s"], rows)]
+             *table(["method", "AUROC", *kinds, f"precision@{a['budget']}", "step ratio", "s"], rows)]
     for e in summary:
         for k, cov in enumerate(e.get("coverage", [])):
             v = cov["visits_after_burn_in"]

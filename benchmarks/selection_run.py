@@ -8,7 +8,6 @@ import time
 import numpy as np
 
 from dpsel.curation.rules import SelectionRule, apply_rule
-from selection_summary import KINDS
 
 # name -> (select() method, SelectConfig field overrides, extra overrides)
 VARIANTS = {
@@ -37,7 +36,7 @@ DEFAULT_METHODS = "bads,loss,rds,bads-paper,random"
 
 def auroc_report(weights: np.ndarray, kinds: np.ndarray) -> dict:
     from dpsel.curation.truth import auroc_by_kind
-    return auroc_by_kind(kinds, weights, KINDS)
+    return auroc_by_kind(kinds, weights)  # every planted kind present
 
 
 def kept_mask(weights: np.ndarray, budget: float) -> np.ndarray:
@@ -99,8 +98,9 @@ def score_result(name: str, weights: np.ndarray, seconds: float, data: dict, arg
 
 def all_peers() -> dict:
     from peers import PEERS
+    from peers_rules import PEERS as RULE_PEERS
     from peers_text import PEERS as TEXT_PEERS
-    return {**PEERS, **TEXT_PEERS}
+    return {**PEERS, **TEXT_PEERS, **RULE_PEERS}
 
 
 def run_peer(name: str, data: dict, args) -> dict:

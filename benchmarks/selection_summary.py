@@ -8,7 +8,13 @@ import numpy as np
 
 from stats import mean_sd, read_json, sd
 
-KINDS = ("wrong", "swapped", "garbage", "truncated", "refusal")
+KINDS = ("wrong", "swapped", "garbage", "truncated", "refusal")  # the docstring set's; synth's and chat's differ
+
+
+def kinds_of(entries: list[dict]) -> list[str]:
+    """The corruption kinds scored in these results (method entries with an `auroc` dict), in first-seen order."""
+    seen = [k for e in entries for k in e.get("auroc", {}) if k != "overall"]
+    return list(dict.fromkeys(seen))
 
 
 def summarise(per_seed: list[dict]) -> list[dict]:
@@ -31,14 +37,15 @@ def summarise(per_seed: list[dict]) -> list[dict]:
 
 
 def multi_seed_targets(summary: list[dict]) -> list[str]:
-    """The issue's targets on the seed means: bads ≥ every peer (overall, each kind), bads ≥ loss + 0.02."""
+    """The issues' targets on the seed means: bads ≥ every peer (overall, each kind), bads ≥ loss + 0.02, bads ≥
+    its own evidence-prior-only ablation + 0.02 (issue 28), every kind ≥ 0.75."""
     by = {e["method"]: e for e in summary if "auroc" in e}
     notes = ["Targets (checked automatically on the seed means):", ""]
     bads, loss = by.get("bads"), by.get("loss")
     if not bads:
         return notes
     others = [n for n in by if not n.startswith("bads") and n not in ("random",)]
-    for key in ["overall", *KINDS]:
+    for key in ["overall", *kinds_of(summary)]:
         if key not in bads["auroc"]:
             continue
         best = max(others, key=lambda n: by[n]["auroc"][key]["mean"], default=None)
@@ -51,6 +58,15 @@ def multi_seed_targets(summary: list[dict]) -> list[str]:
         ok = gain.mean() >= 0.02 and gain.mean() > sd(gain)
         notes.append(f"- {'met' if ok else 'MISSED'}: bads ≥ loss + 0.02 AUROC overall, margin above its spread "
                      f"(paired gain {_gain_text(gain)})")
+    prior = by.get("bads[evidence_prior_only]")
+    if prior:  # issue 28: the posterior must earn its keep over its own evidence prior
+        gain = _paired_gain(bads, prior)
+        ok = gain.mean() >= 0.02 and gain.mean() > sd(gain)
+        notes.append(f"- {'met' if ok else 'MISSED'}: bads ≥ its own evidence-prior-only ablation + 0.02, paired, "
+                     f"beyond the spread (gain {_gain_text(gain)}; per seed {', '.join(f'{g:+.3f}' for g in gain)})")
+    low = {k: v["mean"] for k, v in bads["auroc"].items() if k != "overall" and v["mean"] < 0.75}
+    notes.append(f"- {'MISSED' if low else 'met'}: every kind ≥ 0.75"
+                 + (f" (under: {', '.join(f'{k} {v:.3f}' for k, v in low.items())})" if low else ""))
     best = max(others, key=lambda n: by[n]["auroc"]["overall"]["mean"], default=None)
     if best and best != "loss":
         gain = _paired_gain(bads, by[best])

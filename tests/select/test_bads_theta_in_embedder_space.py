@@ -10,6 +10,10 @@ import torch
 from dpsel.select import load_scorer, select
 from dpsel.select.bads import BadsSettings, EmbeddingProblem
 from dpsel.select.base import SelectConfig
+from dpsel.select.quality import TEXT_SIGNALS
+
+QUALITY_TEXT = [f"quality_{name}" for name in TEXT_SIGNALS]  # the text signals, in the prior's order
+EMBEDDER_EVIDENCE = ["qa_consistency", "quality_genericness", "fluency", *QUALITY_TEXT, "theta"]
 
 TOPICS = {
     "cooking": ("How long should I boil an egg for a soft yolk?", "Boil it for about six minutes, then cool it "
@@ -67,9 +71,10 @@ def test_embedder_theta_ranks_swapped_answers_low_and_the_manifest_says_so(run):
     assert scores.weight_mean[SWAPPED].max() < np.median(scores.weight_mean[clean])
     assert scores.coverage["theta_space"]["space"] == "embedder"
     # the meta-only reference map is the question–answer map again on fewer rows: left out of the tail prior
-    assert scores.coverage["prior_evidence"] == ["qa_consistency", "fluency", "theta"]
-    assert scores.coverage["prior_combine"] == {"rule": "tail", "calibrated_on_meta": ["fluency", "qa_consistency"],
-                                                  "used": ["qa_consistency", "fluency"]}
+    assert scores.coverage["prior_evidence"] == EMBEDDER_EVIDENCE
+    combine = scores.coverage["prior_combine"]
+    assert combine["rule"] == "tail" and combine["used"] == EMBEDDER_EVIDENCE[:-1]
+    assert combine["calibrated_on_meta"] == sorted(combine["used"]) == sorted(combine["calibrated_weights"])
     assert scores.coverage["embedder"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert {"bads[theta_loss_only]", "bads[posterior_pass_reference_only]", "bads[evidence_prior_only]"} <= \
         {f"bads[{k}]" for k in scores.alternatives}

@@ -10,6 +10,10 @@ import pytest
 
 from dpsel.select import select
 from dpsel.select.base import SelectConfig
+from dpsel.select.quality import TEXT_SIGNALS
+
+QUALITY_TEXT = [f"quality_{name}" for name in TEXT_SIGNALS]  # the text signals, in the prior's order
+EMBEDDER_EVIDENCE = ["qa_consistency", "quality_genericness", "fluency", *QUALITY_TEXT, "theta"]
 
 SMALL_LM = dict(ref_steps=20, ref_eval_every=10, ref_batch_size=8)
 
@@ -48,7 +52,7 @@ def test_pool_larger_than_the_run_gets_every_row_scored(variant):
     if variant == "default":
         assert coverage["rows_scored_by"] == {"posterior_pass": 60}
         # no group column, θ in the embedder's space: q–a consistency and fluency (pseudo-groups off there)
-        assert coverage["prior_evidence"] == ["qa_consistency", "fluency", "theta"]
+        assert coverage["prior_evidence"] == EMBEDDER_EVIDENCE
         assert np.all(scores.weight_std > 0)  # every row has posterior spread from the θ draws
     else:
         assert coverage["rows_scored_by"]["under_visited"] >= 60 - 12
@@ -79,7 +83,7 @@ def test_curate_manifest_records_coverage(tmp_path):
     assert set(coverage["visits_after_burn_in"]) == {"min", "median", "max"}
     # the pool has a task column: its own groups, no pseudo-groups
     # tail prior: only sources that score the meta rows (group consistency cannot: meta has no group column)
-    assert coverage["prior_evidence"] == ["qa_consistency", "fluency", "theta"]
+    assert coverage["prior_evidence"] == EMBEDDER_EVIDENCE
 
 
 def test_rds_ranks_off_domain_rows_below_on_domain():

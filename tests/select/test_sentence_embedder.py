@@ -13,6 +13,10 @@ from dpsel.models.embedder import PUBLISHED_SHA256, EmbeddingCache, load_embedde
 from dpsel.select.bads import BadsSettings, infer_groups, prior_evidence_z
 from dpsel.select.base import SelectConfig
 from dpsel.select.semantic import pseudo_groups, qa_consistency, row_embeddings
+from dpsel.select.quality import TEXT_SIGNALS
+
+QUALITY_TEXT = [f"quality_{name}" for name in TEXT_SIGNALS]  # the text signals, in the prior's order
+EMBEDDER_EVIDENCE = ["qa_consistency", "quality_genericness", "fluency", *QUALITY_TEXT, "theta"]
 
 SMALL_LM = {"ref_steps": 2}   # a short reference fit (the tiny LM has no size settings)
 TOPICS = {
@@ -76,7 +80,8 @@ def test_prior_evidence_lists_the_embedder_evidence_without_a_group_column(embed
     report = {}
     evidence = prior_evidence_z(rows, np.zeros(len(rows)), infer_groups(rows, None), BadsSettings(), 0,
                                 meta=rows[:4], report=report)
-    assert list(evidence) == ["reference", "qa_consistency", "pseudo_group_consistency", "fluency"]
+    assert list(evidence) == ["reference", "qa_consistency", "quality_genericness", "pseudo_group_consistency",
+                              "fluency", *QUALITY_TEXT]
     assert report["embedder"]["weights_sha256"]["model.safetensors"] == PUBLISHED_SHA256
     assert "semantic" not in evidence and not BadsSettings.for_variant("paper", {}).semantic
 
@@ -95,7 +100,7 @@ def test_missing_default_embedder_says_what_the_run_falls_back_to(caplog, monkey
     rows = _pool(3)
     with caplog.at_level(logging.WARNING, logger="dpsel.models.embedder"):
         evidence = prior_evidence_z(rows, np.zeros(len(rows)), infer_groups(rows, None), BadsSettings(), 0)
-    assert list(evidence) == ["reference", "fluency"]  # fluency reads words, not embeddings
+    assert list(evidence) == ["reference", "fluency", *QUALITY_TEXT]  # these read words, not embeddings
 
 
 def test_curate_manifest_names_the_embedder_and_the_evidence(embedder, tmp_path):
@@ -109,7 +114,7 @@ def test_curate_manifest_names_the_embedder_and_the_evidence(embedder, tmp_path)
     curate(tmp_path / "train.parquet", tmp_path / "meta.parquet", tmp_path / "out", method="bads", budget=0.5,
            config=config)
     coverage = json.loads((tmp_path / "out" / "manifest.json").read_text())["coverage"]
-    assert coverage["prior_evidence"] == ["qa_consistency", "fluency", "theta"]
+    assert coverage["prior_evidence"] == EMBEDDER_EVIDENCE
     assert coverage["theta_space"]["space"] == "embedder"
     assert coverage["embedder"]["weights_sha256"]["model.safetensors"] == PUBLISHED_SHA256
     assert coverage["embedder"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"

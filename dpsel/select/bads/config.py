@@ -17,7 +17,11 @@ DEFAULT_EPOCHS = 2.0
 class BadsSettings:
     """Hyperparameters (SelectConfig.extra overrides any of them by name)."""
     steps: int | None = None          # None: from `epochs` (SelectConfig.steps / extra["steps"] override)
-    epochs: float = DEFAULT_EPOCHS    # passes over the pool after burn-in
+    epochs: float = DEFAULT_EPOCHS    # passes over the pool after burn-in (LM θ; see embed_epochs)
+    # Passes after burn-in when θ is the embedder map and neither --epochs nor --steps is given: its steps cost
+    # microseconds, and at 2 passes each row was visited ~2 times, too few for its weight to move off the prior
+    # (issue 28); 8 visits each, measured on the real-text sets (docs/selection.md)
+    embed_epochs: float = 8.0
     burn_in: float = 0.25             # fraction of steps before averaging starts
     posterior_pass: bool = True       # score every row under θ draws after the run (Rao-Blackwellised, below)
     theta_draws: int = 4              # θ snapshots kept after burn-in for the posterior pass
@@ -71,6 +75,10 @@ class BadsSettings:
     # fitted on 150 rows instead of the pool (tuned on the docstring set, seed 0: max 0.875 → tail 0.876, and
     # tail with the reference 0.865)
     prior_combine: str = "auto"
+    # Answer-quality evidence (select/quality.py: repetition, debris, language, completeness, echo, template
+    # frequency, genericness), each calibrated on meta into the prior's noisy-or (`tail` rule only) and read by θ's
+    # quality density (embedder θ)
+    quality: bool = True
 
     @classmethod
     def for_variant(cls, variant: str, extra: dict) -> "BadsSettings":
@@ -80,7 +88,7 @@ class BadsSettings:
             base = cls(anchor="base", eb_prior=False, centre_losses="none", standardise_losses=False,
                        precondition=False, temperature_theta=1.0, lr_theta=1e-6, prior_scale=1.0,
                        posterior_pass=False, group_consistency=False, semantic=False, kappa=6.0,
-                       fluency=False, theta_space="lm")
+                       fluency=False, theta_space="lm", quality=False)
         elif variant != "default":
             raise DpselInputError(f"unknown bads variant {variant!r}; use 'default' or 'paper'")
         names = {f.name for f in fields(cls)}
@@ -92,11 +100,15 @@ class BadsSettings:
         """The variant's settings with the run's overrides: `extra`, then --epochs, then --steps (which wins)."""
         settings = cls.for_variant(config.variant, config.extra)
         settings.embedder = config.extra.get("embedder", config.embedder)
+        settings.epochs_given = "epochs" in config.extra or "steps" in config.extra
         if config.epochs is not None:
             settings.epochs, settings.steps = float(config.epochs), None
         if config.steps is not None:
             settings.steps = int(config.steps)
+        settings.epochs_given = settings.epochs_given or config.epochs is not None or config.steps is not None
         return settings
+
+    epochs_given: bool = False        # set by from_config: the run length was asked for (the embedder θ keeps it)
 
     def resolve_steps(self, n_rows: int, batch_size: int) -> int:
         """Run length: the explicit `steps`, else `epochs` passes over the pool after a `burn_in` fraction."""

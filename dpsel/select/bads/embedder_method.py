@@ -20,6 +20,8 @@ from dpsel.select.bads.config import BadsSettings
 from dpsel.select.bads.embedding_problem import EmbeddingProblem, embedding_features, map_distance, ridge_map
 from dpsel.select.bads.priors import combine_rule, evidence_ablations, prior_means
 from dpsel.select.bads.problems import infer_groups
+from dpsel.select.bads.quality_evidence import QUALITY_PREFIX
+from dpsel.select.bads.quality_problem import QualityEmbeddingProblem, quality_features
 from dpsel.select.bads.runner import run_sampler
 from dpsel.select.bads.scorer import EmbedderBadsScorer
 from dpsel.select.bads.weights import final_weights
@@ -78,6 +80,17 @@ def _check_embedder_choice(config: SelectConfig, settings: BadsSettings, data_pa
                               "theta_space lm (or auto) with --model")
 
 
+def _problem(q, a, q_meta, a_meta, group_ids, theta0, settings: BadsSettings, calibration: dict) -> EmbeddingProblem:
+    """θ's problem: the question→answer map, with the quality density over the calibrated quality signals (and
+    fluency) when there are any (quality_problem.py)."""
+    names = [n for n in calibration if n.startswith(QUALITY_PREFIX) or n == "fluency"]
+    if not settings.quality or not any(n.startswith(QUALITY_PREFIX) for n in names):
+        return EmbeddingProblem(q, a, q_meta, a_meta, group_ids, theta0, settings.embed_loss_scale)
+    f_train, f_meta = quality_features(calibration, names)
+    return QualityEmbeddingProblem(q, a, q_meta, a_meta, group_ids, theta0, settings.embed_loss_scale, f_train,
+                                   f_meta, names)
+
+
 def select_bads_embedder(train: list[Messages], meta: list[Messages], config: SelectConfig, settings: BadsSettings,
                          embedder, why: str, progress: ProgressFn | None = None, groups=None) -> Scores:
     """The reference map on meta, the prior's evidence, SGLD over (W, b, w), the weight net and its scorer."""
@@ -92,6 +105,8 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     torch.manual_seed(config.seed)
     if settings.pseudo_groups is None:
         settings.pseudo_groups = False  # see BadsSettings.pseudo_groups
+    if not settings.epochs_given and settings.steps is None:
+        settings.epochs = settings.embed_epochs  # see BadsSettings.embed_epochs
     cache = EmbeddingCache(embedder)
     q, a = row_embeddings(embedder, train, cache, progress)
     q_meta, a_meta = row_embeddings(embedder, meta, cache, progress)
@@ -103,9 +118,11 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
 
     evidence_started = time.perf_counter()
     report: dict = {}
+    calibration: dict = {}
     prior_evidence, prior_mean, ablation_priors = prior_means(train, ref_distance, group_ids, settings, config.seed,
                                                               meta, report, reference_z=robust_z(ref_distance),
-                                                              combine=combine_rule(settings, "embedder"))
+                                                              combine=combine_rule(settings, "embedder"),
+                                                              calibration=calibration)
     evidence_seconds = time.perf_counter() - evidence_started
     maps = [theta0, reference]
     words = np.asarray([len(answer_text(m).split()) for m in train])
@@ -113,18 +130,21 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     stats = FeatureStats.fit(raw_features)
     features = torch.as_tensor(stats.apply(raw_features), dtype=torch.float32)
 
-    problem = EmbeddingProblem(q, a, q_meta, a_meta, group_ids, theta0, settings.embed_loss_scale)
+    problem = _problem(q, a, q_meta, a_meta, group_ids, theta0, settings, calibration)
     result = run_sampler(problem, settings, batch_size=config.batch_size, meta_batch_size=config.meta_batch_size,
                          seed=config.seed, prior_mean=prior_mean, features=features,
                          weight_param=config.weight_param, progress=progress,
                          measure_plain_steps=int(config.extra.get("measure_plain_steps", 0)),
                          checkpoint=current_checkpoints(), ablation_priors=ablation_priors)
     result.coverage["theta_space"] = {"space": "embedder", "why": why}
+    if isinstance(problem, QualityEmbeddingProblem):
+        result.coverage["theta_quality"] = problem.learnt()
     result.coverage["prior_evidence"] = report.get("prior_combine", {}).get("used", list(prior_evidence)) + (
         ["theta"] if settings.posterior_pass and settings.refresh_prior == "min" else [])
     result.coverage["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
     result.coverage.update({k: v for k, v in report.items() if k != "embedder"})
-    result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids, prior_mean))
+    result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids, prior_mean,
+                                                  calibration))
 
     weight_mean, weight_std, net, phi_samples = final_weights(result, config, stats.apply(raw_features), features)
     scorer = EmbedderBadsScorer([row_id(m) for m in train], weight_mean, weight_std,

@@ -60,6 +60,9 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
     evidence = {"qa_consistency": robust_z(inconsistency)}
     if calibration is not None and extra is not None and len(extra[0]) >= 2:
         calibration["qa_consistency"] = (inconsistency, -qa_consistency(*extra, seed, (q, a)))
+    if settings.quality:
+        from dpsel.select.bads.quality_evidence import genericness_evidence
+        evidence.update(genericness_evidence(q, a, extra, seed, calibration))
     if settings.group_consistency and settings.pseudo_groups is not False and not has_groups(groups):
         pseudo = pseudo_groups(q, seed)
         log.info("bads prior: no group column; group consistency over %d pseudo-groups (k-means of the "
@@ -86,6 +89,9 @@ def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndar
                                           calibration))
     if settings.fluency:
         evidence["fluency"] = fluency_evidence(train, meta, calibration) - settings.fluency_margin
+    if settings.quality:
+        from dpsel.select.bads.quality_evidence import quality_evidence
+        evidence.update(quality_evidence(train, meta, calibration))
     if settings.group_consistency and "group_consistency" not in evidence \
             and "pseudo_group_consistency" not in evidence:
         group_consistency(train, groups, seed)  # logs that group consistency is off, and what the prior keeps
@@ -93,10 +99,12 @@ def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndar
 
 
 def evidence_ablations(prior_evidence: dict[str, np.ndarray], alternatives: dict[str, np.ndarray],
-                       groups: np.ndarray, prior_mean: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+                       groups: np.ndarray, prior_mean: torch.Tensor | None = None,
+                       calibration: dict | None = None) -> dict[str, np.ndarray]:
     """Scores from the evidence alone, no posterior (higher = keep): each source, the prior itself
     (`evidence_prior_only`: `prior_mean` where given, else the sources' `max`; `evidence_prior_max` the `max`
-    beside a `prior_mean`), and the sources with θ's loss combined by `max` and by Stouffer's Σz/√k."""
+    beside a `prior_mean`), the sources with θ's loss combined by `max` and by Stouffer's Σz/√k, and with a
+    `calibration`, the quality sources' noisy-or alone (`quality_evidence_only`) and the rest's without them."""
     out = {f"{name}_only": -z for name, z in prior_evidence.items() if name != "reference"}  # reference: below
     if len(prior_evidence) > 1:
         by_max = -combine_evidence(list(prior_evidence.values()), "max")
@@ -104,9 +112,23 @@ def evidence_ablations(prior_evidence: dict[str, np.ndarray], alternatives: dict
             out["evidence_prior_only"] = by_max
         else:
             out["evidence_prior_only"], out["evidence_prior_max"] = np.asarray(prior_mean, dtype=np.float64), by_max
+    if calibration:
+        out.update(_quality_split(calibration))
     if "theta_loss_only" in alternatives and len(prior_evidence) > 1:
         zs = [*prior_evidence.values(), evidence_z(-alternatives["theta_loss_only"], groups)]
         out.update(evidence_max=-combine_evidence(zs, "max"), evidence_stouffer=-combine_evidence(zs, "stouffer"))
+    return out
+
+
+def _quality_split(calibration: dict) -> dict[str, np.ndarray]:
+    """P(clean) by the calibrated quality sources' noisy-or, and by the other calibrated sources' (higher = keep)."""
+    from dpsel.select.bads.calibration import noisy_or, tail_bad_probability
+    from dpsel.select.bads.quality_evidence import QUALITY_PREFIX
+    out = {}
+    for label, names in (("quality_evidence_only", [n for n in calibration if n.startswith(QUALITY_PREFIX)]),
+                         ("evidence_prior_no_quality", [n for n in calibration if not n.startswith(QUALITY_PREFIX)])):
+        if names:
+            out[label] = 1.0 - noisy_or([tail_bad_probability(*calibration[n]) for n in names])
     return out
 
 
@@ -134,19 +156,25 @@ def _combined_mean(prior_evidence: dict[str, np.ndarray], calibration: dict, nam
 
 def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
                 seed: int, meta: list[Messages] | None = None, report: dict | None = None,
-                reference_z: np.ndarray | None = None, combine: str = "max"
+                reference_z: np.ndarray | None = None, combine: str = "max", calibration: dict | None = None
                 ) -> tuple[dict[str, np.ndarray], torch.Tensor, dict[str, torch.Tensor]]:
     """(the prior evidence, the prior mean per row, the ablations' prior means): the evidence combined by
     `combine` (`_combined_mean`; `tail` leaves the reference out, see BadsSettings.prior_combine), or β
-    everywhere without the empirical-Bayes prior; `reference_only` from the reference alone."""
-    calibration: dict = {}
+    everywhere without the empirical-Bayes prior; `reference_only` from the reference alone. `calibration`
+    (filled here when given): each calibrated source's (pool, meta) badness. The quality sources join only the
+    calibrated `tail` rule: uncalibrated, a sparse signal's z would dominate the `max`."""
+    from dpsel.select.bads.quality_evidence import QUALITY_PREFIX, calibrated_weights
+    calibration = {} if calibration is None else calibration
     prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed, meta, report, reference_z,
                                       calibration) if settings.eb_prior else {}
     used = [name for name in prior_evidence if combine != "tail" or name != "reference"]
     if combine == "tail" and any(name in calibration for name in used):
         used = [name for name in used if name in calibration]  # _combined_mean reads only these
+    if combine != "tail":
+        used = [name for name in used if not name.startswith(QUALITY_PREFIX)]
     if report is not None and prior_evidence:
-        report["prior_combine"] = {"rule": combine, "calibrated_on_meta": sorted(calibration), "used": used}
+        report["prior_combine"] = {"rule": combine, "calibrated_on_meta": sorted(calibration), "used": used,
+                                   "calibrated_weights": calibrated_weights(calibration, used)}
     if prior_evidence:
         prior_mean = torch.as_tensor(_combined_mean(prior_evidence, calibration, used, combine, settings))
     else:
@@ -157,9 +185,15 @@ def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, 
         rest = [name for name in used if name not in semantic] or ["reference"]
         ablation_priors["no_semantic"] = torch.as_tensor(_combined_mean(prior_evidence, calibration, rest,
                                                                         combine, settings))
+    quality = [name for name in used if name.startswith(QUALITY_PREFIX)]
+    if quality:  # the same run's posterior pass from the prior without the quality evidence
+        ablation_priors["no_quality"] = torch.as_tensor(_combined_mean(
+            prior_evidence, calibration, [name for name in used if name not in quality] or ["reference"],
+            combine, settings))
     if combine == "tail" and calibration:  # the rule it replaced, through the same posterior pass
-        ablation_priors["max_prior"] = torch.as_tensor(_combined_mean(prior_evidence, calibration,
-                                                                      list(prior_evidence), "max", settings))
+        ablation_priors["max_prior"] = torch.as_tensor(_combined_mean(
+            prior_evidence, calibration, [name for name in prior_evidence if not name.startswith(QUALITY_PREFIX)],
+            "max", settings))
     if len(prior_evidence) > 1:  # the same run's posterior pass from the reference-only prior
         ablation_priors["reference_only"] = torch.as_tensor(
             prior_mean_from_z(prior_evidence["reference"], settings.beta, settings.eb_gamma))
