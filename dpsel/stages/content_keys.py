@@ -73,13 +73,15 @@ def keys_of(text: pa.Array) -> tuple[pa.Array, np.ndarray]:
 def _quoted(text: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """The phrases between pairs of double quotes (whitespace-trimmed, 1..QUOTED_CHARS characters) and their rows:
     split at every quote mark, the pieces at odd positions that a later quote closes."""
-    pieces = pc.split_pattern_regex(pc.fill_null(text, ""), "[\"“”]")
+    quoting = np.flatnonzero(_flag(text, "[\"“”]"))        # most questions quote nothing: split only these
+    pieces = pc.split_pattern_regex(pc.fill_null(text.take(pa.array(quoting, pa.int64())), ""), "[\"“”]")
     offsets = np.asarray(pieces.offsets, np.int64)
     flat = pieces.values.slice(offsets[0], offsets[-1] - offsets[0])
     counts = np.diff(offsets)
-    row = np.repeat(np.arange(len(text)), counts)
+    local = np.repeat(np.arange(len(quoting)), counts)
     position = np.arange(len(flat)) - np.repeat(offsets[:-1] - offsets[0], counts)
-    inside = (position % 2 == 1) & (position < counts[row] - 1)
+    inside = (position % 2 == 1) & (position < counts[local] - 1)
+    row = quoting[local]
     phrase = pc.utf8_trim_whitespace(flat.filter(pa.array(inside)))
     size = np.asarray(pc.utf8_length(phrase), np.int64)
     ok = (size > 0) & (size <= QUOTED_CHARS)

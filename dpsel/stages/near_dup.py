@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import array
 import functools
+import importlib.util
 import itertools
 import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -138,20 +140,35 @@ def _minhash(tokens: np.ndarray, offsets: np.ndarray, ngram: int, num_perm: int,
 
 @functools.cache
 def _stop_word_hashes() -> np.ndarray:
-    """Hashes of scikit-learn's English stop words, sorted (imported on first use: it is slow to import)."""
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-    return np.unique(flat_hashes(words_of(pa.array([" ".join(sorted(ENGLISH_STOP_WORDS))])))[0])
+    """Hashes of scikit-learn's English stop words, sorted. The list is loaded from its own small module file:
+    importing scikit-learn takes ~1.2 s, longer than signing 30,000 rows."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "feature_extraction" / "_stop_words.py"
+    if path.exists():
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("_dpsel_stop_words", path))
+        module.__spec__.loader.exec_module(module)
+        words = module.ENGLISH_STOP_WORDS
+    else:                                   # another layout: the public (slow) import
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS as words
+    return np.unique(flat_hashes(words_of(pa.array([" ".join(sorted(words))])))[0])
 
 
 def _specific_answer(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Per row (answer word hashes, row offsets): whether its answer may pair by the answer rule: at least
     `SHORT_ANSWER_WORDS` words, or `MIN_ANSWER_WORDS` or more of which `CONTENT_WORDS` are not stop words."""
     lengths = np.diff(offsets)
-    stop = _stop_word_hashes()
-    content = ~(stop[np.minimum(np.searchsorted(stop, tokens), len(stop) - 1)] == tokens)
-    running = np.concatenate([[0], np.cumsum(content)])
-    counts = running[offsets[1:]] - running[offsets[:-1]]
-    return (lengths >= SHORT_ANSWER_WORDS) | ((lengths >= MIN_ANSWER_WORDS) & (counts >= CONTENT_WORDS))
+    specific = lengths >= SHORT_ANSWER_WORDS
+    short = np.flatnonzero((lengths >= MIN_ANSWER_WORDS) & ~specific)     # only these need their words read
+    if len(short):
+        counts = lengths[short]
+        at = np.repeat(offsets[short] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
+        stop = _stop_word_hashes()
+        words = tokens[at]
+        content = stop[np.minimum(np.searchsorted(stop, words), len(stop) - 1)] != words
+        running = np.concatenate([[0], np.cumsum(content)])
+        ends = np.cumsum(counts)
+        specific[short] = running[ends] - running[ends - counts] >= CONTENT_WORDS
+    return specific
 
 
 def _question_keys(messages: pa.ListArray, long_answer: np.ndarray) -> np.ndarray:
