@@ -38,13 +38,11 @@ from __future__ import annotations
 
 import array
 import functools
-import importlib.util
 import itertools
 import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -58,6 +56,7 @@ from dpsel.stages.base import (Block, ConversationBatch, Verdict, flat_hashes, m
                                shingle_hashes, splitmix64, words_of)
 from dpsel.stages.content_keys import KEYS, key_hashes, key_matrix, keys_of, shared_key
 from dpsel.stages.near_dup_index import NearDupIndex, SpilledSketch
+from dpsel.stop_words import english_stop_words
 
 __all__ = ["NearDup", "NearDupIndex", "NearDupVerdicts", "SpilledSketch", "lsh_bands", "verify_threshold"]
 
@@ -140,17 +139,8 @@ def _minhash(tokens: np.ndarray, offsets: np.ndarray, ngram: int, num_perm: int,
 
 @functools.cache
 def _stop_word_hashes() -> np.ndarray:
-    """Hashes of scikit-learn's English stop words, sorted. The list is loaded from its own small module file:
-    importing scikit-learn takes ~1.2 s, longer than signing 30,000 rows."""
-    spec = importlib.util.find_spec("sklearn")
-    path = Path(spec.origin).parent / "feature_extraction" / "_stop_words.py"
-    if path.exists():
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("_dpsel_stop_words", path))
-        module.__spec__.loader.exec_module(module)
-        words = module.ENGLISH_STOP_WORDS
-    else:                                   # another layout: the public (slow) import
-        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS as words
-    return np.unique(flat_hashes(words_of(pa.array([" ".join(sorted(words))])))[0])
+    """Hashes of the English stop words (`dpsel.stop_words`: scikit-learn's list), sorted."""
+    return np.unique(flat_hashes(words_of(pa.array([" ".join(sorted(english_stop_words()))])))[0])
 
 
 def _specific_answer(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:

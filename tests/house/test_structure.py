@@ -21,7 +21,7 @@ LAYERS = (
     ("dpsel.select", "dpsel.stages", "dpsel.engines"),
     ("dpsel.models", "dpsel.loading"),
     ("dpsel.data", "dpsel.parallel", "dpsel.resume", "dpsel.io", "dpsel.errors", "dpsel.signals", "dpsel.progress",
-     "dpsel.threads", "dpsel.numbers", "dpsel.version"),
+     "dpsel.threads", "dpsel.numbers", "dpsel.version", "dpsel.stop_words"),
     ("peft_train",),
 )
 # Methods, stages and engines sit side by side and never import one another (engines: models and data only).

@@ -33,6 +33,10 @@ def test_language_mismatch_flags_an_answer_in_another_language():
     scores = quality.language_mismatch([QUESTION] * 3, [GOOD, german, "ok"])
     assert scores[0] < 0.2 and scores[1] > 0.8
     assert scores[2] == 0.0  # too short to say: no mismatch claimed
+    # plainly English pairs never ask langid; the German answer (and an English answer to a French question) do
+    assert quality.plainly_english(QUESTION) and quality.plainly_english(GOOD) and not quality.plainly_english(german)
+    french = "Quelle est la commande qui trie les lignes d'un fichier texte et comment l'utiliser ?"
+    assert not quality.plainly_english(french) and quality.language_mismatch([french], [GOOD])[0] > 0.8
 
 
 def test_incompleteness_flags_cut_answers_and_open_fences():
