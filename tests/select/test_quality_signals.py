@@ -72,6 +72,10 @@ def test_genericness_flags_answers_close_to_each_other_and_far_from_their_questi
     a[:5] = unit(template + 0.05 * rng.standard_normal((5, 16)))  # generic: all alike, near no question
     scores = quality.genericness(q, a, k=3)
     assert scores[:5].min() > scores[5:].max()
+    # read a few rows at a time (bounded memory on a large pool): the same scores, itself never a neighbour
+    np.testing.assert_allclose(quality.genericness(q, a, k=3, chunk=7), scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(quality.genericness(q, a, k=1, sample=40, chunk=3),
+                               quality.genericness(q, a, k=1, sample=40, chunk=40), rtol=1e-5, atol=1e-6)
 
 
 def test_text_signals_names_every_signal_for_every_row():
