@@ -134,6 +134,35 @@ class Column:
         self._touched = 0
 
 
+class InMemory:
+    """An array with a `Column`'s reads (meta rows, tests, callers that hold their embeddings already)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.asarray(array, np.float32)
+        self.dim = self.array.shape[1] if self.array.ndim == 2 else 0
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def rows(self, idx) -> np.ndarray:
+        return self.array[np.asarray(idx, dtype=np.int64)]
+
+    def chunks(self, size: int = 65536):
+        for start in range(0, len(self), size):
+            yield start, self.array[start:start + size]
+
+    def to_array(self) -> np.ndarray:
+        return self.array
+
+    def release(self) -> None:
+        pass
+
+
+def as_column(x) -> Column | InMemory:
+    """A `Column` as it is; an array wrapped so that it reads the same way."""
+    return x if isinstance(x, (Column, InMemory)) else InMemory(x)
+
+
 class EmbeddingStore:
     """The segments of one (embedder, field) folder: look rows up by id, append new ones, compact."""
 
