@@ -110,11 +110,14 @@ class Column:
     def rows(self, idx) -> np.ndarray:
         """[len(idx), dim] float32 of the rows `idx` (any order, repeats allowed)."""
         idx = np.asarray(idx, dtype=np.int64)
-        out = np.empty((len(idx), self.dim), np.float32)
-        segment_of, offset = self.segment_of[idx], self.offset[idx]
-        for s in np.unique(segment_of):
-            mine = segment_of == s
-            out[mine] = self.segments[s].vectors[offset[mine]]
+        if len(self.segments) == 1:   # the usual case (one writer, or compacted): a plain gather
+            out = self.segments[0].vectors[self.offset[idx]].astype(np.float32)
+        else:
+            out = np.empty((len(idx), self.dim), np.float32)
+            segment_of, offset = self.segment_of[idx], self.offset[idx]
+            for s in np.unique(segment_of):
+                mine = segment_of == s
+                out[mine] = self.segments[s].vectors[offset[mine]]
         self._touched += len(idx) * max(self.dim * 2, mmap.PAGESIZE)   # a scattered row costs a page
         if self._touched > RELEASE_BYTES:
             self.release()
