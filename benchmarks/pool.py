@@ -48,12 +48,45 @@ def case_stages(path: Path, work: Path) -> dict:
             "stages": {s["stage"]: round(s["seconds"], 3) for s in rows.stage_stats}}
 
 
+SYNTH_MOST = 100_000   # `dpsel synth` runs out of distinct prompts a little above this
+
+
 def _synth(work: Path, rows: int, seed: int) -> dict:
     from dpsel.synth import generate
     folder = work / f"synth-{rows}-{seed}"
     if (folder / "truth.parquet").exists():
         return {k: folder / f"{k}.parquet" for k in ("train", "meta", "test", "truth")}
+    if rows > SYNTH_MOST:
+        return _tiled(_synth(work, SYNTH_MOST, seed), folder, rows)
     return generate(folder, rows=rows, meta_rows=200, test_rows=10, seed=seed)
+
+
+def _tiled(base: dict, folder: Path, rows: int) -> dict:
+    """A pool of `rows` made of copies of a synth pool, copy k's instructions ending " (copy k)" (every row
+    distinct, the same problems and truth kinds), its truth re-keyed by the reader's ids; meta and test as is."""
+    import shutil
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from dpsel.data import read_instruction_set
+    folder.mkdir(parents=True, exist_ok=True)
+    train, truth = pq.read_table(base["train"]), pq.read_table(base["truth"])
+    parts, kinds = [], []
+    for k in range(-(-rows // train.num_rows)):
+        part = train.slice(0, min(train.num_rows, rows - k * train.num_rows))
+        if k:
+            tagged = pc.binary_join_element_wise(part["instruction"], pa.scalar(f" (copy {k})"), "")
+            part = part.set_column(part.schema.get_field_index("instruction"), "instruction", tagged)
+        parts.append(part)
+        kinds.append(truth.slice(0, part.num_rows))
+    pq.write_table(pa.concat_tables(parts), folder / "train.parquet")
+    ids = read_instruction_set([str(folder / "train.parquet")]).id_list()
+    kinds = pa.concat_tables(kinds)
+    pq.write_table(pa.table({"row": pa.array(range(rows), pa.int64()), "dpsel_id": pa.array(ids, pa.string()),
+                             "kind": kinds["kind"], "task": kinds["task"]}), folder / "truth.parquet")
+    for name in ("meta", "test"):
+        shutil.copy(base[name], folder / f"{name}.parquet")
+    return {k: folder / f"{k}.parquet" for k in ("train", "meta", "test", "truth")}
 
 
 def _curate(method: str, rows: int, work: Path, embedder: str = "default") -> dict:

@@ -7,7 +7,8 @@ once into the user cache (`dpsel.models.distil`: ~300x faster on a CPU, for pool
 turns the evidence off. The weights are
 hashed (sha256, named in the manifest) and checked by behaviour before use: a paraphrase pair must be far closer
 than an unrelated pair, or the embedder is refused. Embeddings are cached per embedder sha and row id
-(`EmbeddingCache`: SQLite, stdlib) so selection, semantic dedup and `filter` compute each row once.
+(`EmbeddingCache` over `embedding_store`: float16 segments, memory-mapped) so selection, semantic dedup and
+`filter` compute each row once.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ import numpy as np
 
 from dpsel.errors import DpselInputError
 from dpsel.models.distil import STATIC, static_folder
+from dpsel.models.embedding_store import Column, EmbeddingStore
 from dpsel.models.embedder_files import (  # noqa: F401  (re-exported: the names users and tests import from here)
     DEFAULT, DISTIL_RECORD, ENCODE_CHUNK_ROWS, FALLBACK, MIN_MARGIN, OFF, PACKAGED_NAME, PARAPHRASE, PUBLISHED_SHA256,
     UNRELATED, EmbedderUnavailable, cache_root, file_sha256, is_off, packaged_folder, resolve_folder, weight_files)
@@ -118,79 +119,61 @@ def try_embedder(spec: str | None, device: str = "auto") -> Embedder | None:
         return None
 
 
-class _Filled:
-    """A [rows, dim] float32 array filled by row numbers as vectors arrive (dim known from the first ones)."""
-
-    def __init__(self, rows: int):
-        self.rows, self.array, self.have = rows, None, np.zeros(rows, bool)
-
-    def put(self, rows: list[int], vectors: np.ndarray) -> None:
-        vectors = np.asarray(vectors, np.float32).reshape(len(rows), -1)
-        if self.array is None:
-            self.array = np.empty((self.rows, vectors.shape[1]), np.float32)
-        self.array[rows] = vectors
-        self.have[rows] = True
-
-    def done(self, source: list[int]) -> np.ndarray:
-        """The array with every row taken from row `source[k]` (itself, or the first row of a repeated key)."""
-        if self.array is None:
-            return np.zeros((0, 0), np.float32)
-        repeated = np.flatnonzero(np.asarray(source) != np.arange(self.rows))
-        self.array[repeated] = self.array[np.asarray(source)[repeated]]
-        return self.array
-
-
 class EmbeddingCache:
-    """Embeddings by (embedder sha, row id, field) in one SQLite file per embedder under the cache dir."""
+    """Embeddings by (embedder sha, field, row id) in the on-disk store (`embedding_store`: float16 segments,
+    memory-mapped) under the cache dir: each row is encoded once, whichever run or writer asks first."""
 
-    def __init__(self, embedder: Embedder, root: Path | None = None):
-        self.embedder = embedder
-        folder = (root or cache_root()) / "embeddings"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{embedder.sha[:16]}.sqlite"
+    def __init__(self, embedder: Embedder, root: Path | None = None, dtype: str = "float16"):
+        self.embedder, self.dtype = embedder, dtype
+        self.path = (root or cache_root()) / "embeddings" / embedder.sha[:16]
         self.stats = {"rows": 0, "cached": 0, "encoded": 0, "encode_seconds": 0.0}
 
-    def _connect(self):
-        db = sqlite3.connect(self.path, timeout=60)
-        db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB)")
-        return db
+    def store(self, field: str) -> EmbeddingStore:
+        return EmbeddingStore(self.path / f"{field}.{self.dtype}", self.dtype)
 
     def embed(self, ids: list[str], texts: list[str], field: str, progress=None,
               chunk_rows: int = ENCODE_CHUNK_ROWS) -> np.ndarray:
-        """[len(ids), dim] float32: cached rows read back, the others encoded chunk by chunk, each chunk stored
-        (committed) as soon as it is done, so a stopped run keeps what it encoded and a re-run goes on from
-        there; `progress(done, total, diag)` after every chunk (phase "embedding <field>s")."""
-        keys = [f"{field}:{i}" for i in ids]
-        first = {}                                   # key -> its first row; a repeated key is copied at the end
-        for j, key in enumerate(keys):
-            first.setdefault(key, j)
-        out = _Filled(len(keys))                     # one [rows, dim] array filled in place: no per-row copies kept
-        with self._connect() as db:
-            unique = list(first)
-            for start in range(0, len(unique), 500):
-                chunk = unique[start:start + 500]
-                hits = db.execute(f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})",
-                                  chunk).fetchall()
-                if hits:
-                    out.put([first[k] for k, _ in hits], np.frombuffer(b"".join(v for _, v in hits), np.float32))
-            missing = [j for j in first.values() if not out.have[j]]
+        """[len(ids), dim] float32 (`column`'s rows, read whole)."""
+        return self.column(ids, texts, field, progress, chunk_rows).to_array()
+
+    def column(self, ids: list[str], texts: list[str], field: str, progress=None,
+               chunk_rows: int = ENCODE_CHUNK_ROWS) -> Column:
+        """The rows' vectors as a store `Column` (read in chunks, never held whole): stored rows are looked up,
+        the others encoded chunk by chunk, each chunk stored as soon as it is done, so a stopped run keeps what
+        it encoded and a re-run goes on from there; a repeated id is encoded once. `progress(done, total,
+        diag)` after every chunk (phase "embedding <field>s")."""
+        store = self.store(field)
+        store.compact()   # every run that encodes adds a segment: merged once there are many
+        segment_of, _ = store.locate(ids, store.segments())
+        missing = list(dict.fromkeys(ids[j] for j in np.flatnonzero(segment_of < 0)))   # unique, first order
+        text_of = {ids[j]: j for j in np.flatnonzero(segment_of < 0)} if missing else {}
+        writer = store.writer()
+        try:
             for start in range(0, len(missing), chunk_rows):
                 part = missing[start:start + chunk_rows]
                 started = time.perf_counter()
-                vectors = self.embedder.encode([texts[j] for j in part])
+                vectors = self.embedder.encode([texts[text_of[key]] for key in part])
                 self.stats["encode_seconds"] += time.perf_counter() - started
-                db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
-                               [(keys[j], v.tobytes()) for j, v in zip(part, vectors)])
-                db.commit()
-                out.put(part, vectors)
+                writer.append(part, vectors)
                 if progress is not None:
                     progress(start + len(part), len(missing), {"phase": f"embedding {field}s"})
                 if start == 0:
                     self._say_if_long(len(missing), len(part) / max(time.perf_counter() - started, 1e-9))
-        self.stats["rows"] += len(keys)
-        self.stats["cached"] += len(keys) - len(missing)
+        finally:
+            writer.close()
+        self.stats["rows"] += len(ids)
+        self.stats["cached"] += len(ids) - len(missing)
         self.stats["encoded"] += len(missing)
-        return out.done([first[k] for k in keys])
+        return self._column(store, ids)
+
+    def _column(self, store: EmbeddingStore, ids: list[str]) -> Column:
+        segments = store.segments()
+        segment_of, offset = store.locate(ids, segments)
+        if (segment_of < 0).any():   # cannot happen unless the store was removed under the run: say which row
+            raise RuntimeError(f"embedding store {store.folder}: row {ids[int(np.argmax(segment_of < 0))]} "
+                               "is missing after it was written")
+        dim = segments[0].dim if segments else 0
+        return Column(segments, segment_of, offset, dim)
 
     def _say_if_long(self, rows: int, rate: float) -> None:
         """Once the first chunk's rate is known: a long transformer encode on a CPU is worth one warning, since

@@ -27,28 +27,25 @@ def question_text(messages: Messages) -> str:
 
 def row_embeddings(embedder: Embedder, rows: list[Messages], cache: EmbeddingCache | None = None, progress=None):
     """(question, answer) embeddings [N, d] each, through the per-row-id cache (`progress`: per encoded chunk)."""
+    q, a = row_columns(embedder, rows, cache, progress)
+    return q.to_array(), a.to_array()
+
+
+def row_columns(embedder: Embedder, rows: list[Messages], cache: EmbeddingCache | None = None, progress=None):
+    """(question, answer) embeddings as store columns: read in chunks or gathered by row, never held whole."""
     from dpsel.data import row_id
     cache = cache or EmbeddingCache(embedder)
     ids = [row_id(m) for m in rows]
-    return (cache.embed(ids, [question_text(m) for m in rows], "question", progress),
-            cache.embed(ids, [answer_text(m) for m in rows], "answer", progress))
+    return (cache.column(ids, [question_text(m) for m in rows], "question", progress),
+            cache.column(ids, [answer_text(m) for m in rows], "answer", progress))
 
 
-def qa_consistency(q: np.ndarray, a: np.ndarray, seed: int, extra: tuple[np.ndarray, np.ndarray] | None = None,
-                   folds: int = 5, alpha: float = 1.0) -> np.ndarray:
+def qa_consistency(q, a, seed: int, extra: tuple | None = None, folds: int = 5, alpha: float = 1.0) -> np.ndarray:
     """Per pool row: cos(answer, ridge(question)) with the map fitted out of fold (`extra`: clean (q, a) pairs
-    that only ever train). Higher = the answer looks like answers to similar questions."""
-    from sklearn.linear_model import Ridge
-    from sklearn.model_selection import KFold
-
-    predicted = np.zeros_like(a)
-    for fit, held in KFold(min(folds, len(q)), shuffle=True, random_state=seed).split(q):
-        xs, ys = q[fit], a[fit]
-        if extra is not None:
-            xs, ys = np.vstack([xs, extra[0]]), np.vstack([ys, extra[1]])
-        predicted[held] = Ridge(alpha=alpha).fit(xs, ys).predict(q[held])
-    predicted /= np.linalg.norm(predicted, axis=1, keepdims=True) + 1e-12
-    return np.sum(predicted * a, axis=1)
+    that only ever train). Higher = the answer looks like answers to similar questions. Arrays or store columns,
+    read in chunks (ridge_stats.py: the fits from sufficient statistics, the folds KFold's)."""
+    from dpsel.select.ridge_stats import qa_consistency_stats, stats_of
+    return qa_consistency_stats(q, a, seed, stats_of(*extra) if extra is not None else None, folds, alpha)
 
 
 def robust_z(badness: np.ndarray) -> np.ndarray:

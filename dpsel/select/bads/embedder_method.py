@@ -17,7 +17,7 @@ import torch
 from dpsel.errors import DpselInputError
 from dpsel.models.embedder_files import is_off
 from dpsel.select.bads.config import BadsSettings
-from dpsel.select.bads.embedding_problem import EmbeddingProblem, embedding_features, map_distance, ridge_map
+from dpsel.select.bads.embedding_problem import EmbeddingProblem, as_map, embedding_features, map_distances
 from dpsel.select.bads.priors import combine_rule, evidence_ablations, prior_means
 from dpsel.select.bads.problems import infer_groups
 from dpsel.select.bads.quality_evidence import QUALITY_PREFIX
@@ -98,8 +98,8 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     from dpsel.data import row_id
     from dpsel.models.embedder import EmbeddingCache
     from dpsel.select.consistency import answer_text
-    from dpsel.select.features import FeatureStats
-    from dpsel.select.semantic import robust_z, row_embeddings
+    from dpsel.select.ridge_stats import stats_of
+    from dpsel.select.semantic import robust_z, row_columns
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -108,12 +108,13 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     if not settings.epochs_given and settings.steps is None:
         settings.epochs = settings.embed_epochs  # see BadsSettings.embed_epochs
     cache = EmbeddingCache(embedder)
-    q, a = row_embeddings(embedder, train, cache, progress)
-    q_meta, a_meta = row_embeddings(embedder, meta, cache, progress)
+    q, a = row_columns(embedder, train, cache, progress)   # the pool's: store columns, read in chunks
+    q_meta, a_meta = (c.to_array() for c in row_columns(embedder, meta, cache, progress))
     group_ids = infer_groups(train, groups)
-    reference = ridge_map(q_meta, a_meta, settings.embed_alpha)
-    theta0 = ridge_map(np.vstack([q_meta, q]), np.vstack([a_meta, a]), settings.embed_alpha)
-    ref_distance = map_distance(torch.as_tensor(q), torch.as_tensor(a), *reference).numpy()
+    meta_stats = stats_of(q_meta, a_meta)
+    reference = as_map(meta_stats.solve(settings.embed_alpha))
+    theta0 = as_map((meta_stats + stats_of(q, a)).solve(settings.embed_alpha))
+    ref_distance = map_distances(q, a, *reference)
     ref_seconds = time.perf_counter() - started
 
     evidence_started = time.perf_counter()
@@ -125,10 +126,12 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
                                                               calibration=calibration)
     evidence_seconds = time.perf_counter() - evidence_started
     maps = [theta0, reference]
-    words = np.asarray([len(answer_text(m).split()) for m in train])
-    raw_features = embedding_features(q, a, words, maps)
-    stats = FeatureStats.fit(raw_features)
-    features = torch.as_tensor(stats.apply(raw_features), dtype=torch.float32)
+    words = np.asarray([len(answer_text(m).split()) for m in train], dtype=np.int32)
+    scaled = embedding_features(q, a, words, maps)     # [N, features] float32, standardised in place below
+    stats = _feature_stats(scaled)
+    scaled -= stats.mean.astype(np.float32)
+    scaled /= stats.std.astype(np.float32)
+    features = torch.from_numpy(scaled)                # shares the array: one copy of the features
 
     problem = _problem(q, a, q_meta, a_meta, group_ids, theta0, settings, calibration)
     result = run_sampler(problem, settings, batch_size=config.batch_size, meta_batch_size=config.meta_batch_size,
@@ -146,7 +149,7 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids, prior_mean,
                                                   calibration))
 
-    weight_mean, weight_std, net, phi_samples = final_weights(result, config, stats.apply(raw_features), features)
+    weight_mean, weight_std, net, phi_samples = final_weights(result, config, scaled, features)
     scorer = EmbedderBadsScorer([row_id(m) for m in train], weight_mean, weight_std,
                                 {"seed": config.seed, "weight_param": config.weight_param, "variant": config.variant,
                                  "theta_space": "embedder", "embedder": settings.embedder, "embedder_sha": embedder.sha,
@@ -158,3 +161,15 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     cfg["bads"] = asdict(settings)
     return Scores("bads", weight_mean, weight_std, cfg, dict(result.diagnostics), timings, scorer,
                   coverage=result.coverage, alternatives=dict(result.alternatives, reference_loss_only=-ref_distance))
+
+
+def _feature_stats(features: np.ndarray, chunk: int = 65536):
+    """FeatureStats (mean, std + 1e-6) from float64 sums over chunks: no [N, features] temporary."""
+    from dpsel.select.features import FeatureStats
+    total, total_sq = np.zeros(features.shape[1]), np.zeros(features.shape[1])
+    for start in range(0, len(features), chunk):
+        part = features[start:start + chunk].astype(np.float64)
+        total += part.sum(0)
+        total_sq += (part * part).sum(0)
+    mean = total / max(len(features), 1)
+    return FeatureStats(mean, np.sqrt(np.maximum(total_sq / max(len(features), 1) - mean * mean, 0)) + 1e-6)

@@ -13,15 +13,20 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from dpsel.models.embedding_store import as_column
 from dpsel.select.bads.problems import SelectionProblem
+from dpsel.select.ridge_stats import CHUNK_ROWS, stats_of
 
 
-def ridge_map(q: np.ndarray, a: np.ndarray, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W [d, d], b [d]) minimising ‖q W + b − a‖² + α‖W‖² (sklearn's Ridge, intercept unpenalised)."""
-    from sklearn.linear_model import Ridge
-    fit = Ridge(alpha=alpha).fit(q, a)
-    return (torch.as_tensor(fit.coef_.T, dtype=torch.float32).contiguous(),
-            torch.as_tensor(fit.intercept_, dtype=torch.float32))
+def ridge_map(q, a, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [d, d], b [d]) minimising ‖q W + b − a‖² + α‖W‖² (intercept unpenalised, as sklearn's Ridge), from
+    arrays or store columns read in chunks (`ridge_stats`)."""
+    return as_map(stats_of(q, a).solve(alpha))
+
+
+def as_map(solved: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    weight, bias = solved
+    return (torch.as_tensor(weight, dtype=torch.float32).contiguous(), torch.as_tensor(bias, dtype=torch.float32))
 
 
 def map_distance(q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -29,13 +34,26 @@ def map_distance(q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: t
     return 1.0 - (F.normalize(q @ weight + bias, dim=1) * a).sum(1)
 
 
-class EmbeddingProblem(SelectionProblem):
-    """Rows as (question, answer) embeddings; θ = (W, b); per-row loss the scaled map distance."""
+def map_distances(q, a, weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
+    """`map_distance` of every row of two columns (or arrays), chunk by chunk: [N] float32."""
+    q, a = as_column(q), as_column(a)
+    out = np.empty(len(q), np.float32)
+    with torch.no_grad():
+        for start, part in q.chunks(CHUNK_ROWS):
+            rows = np.arange(start, start + len(part))
+            out[rows] = map_distance(torch.as_tensor(part), torch.as_tensor(a.rows(rows)), weight, bias).numpy()
+    return out
 
-    def __init__(self, q: np.ndarray, a: np.ndarray, q_meta: np.ndarray, a_meta: np.ndarray, groups: np.ndarray,
+
+class EmbeddingProblem(SelectionProblem):
+    """Rows as (question, answer) embeddings; θ = (W, b); per-row loss the scaled map distance. The pool's
+    embeddings are store columns (or arrays): minibatches are gathered and the whole-pool pass goes in chunks."""
+
+    def __init__(self, q, a, q_meta: np.ndarray, a_meta: np.ndarray, groups: np.ndarray,
                  theta0: tuple[torch.Tensor, torch.Tensor], scale: float):
         as_t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
-        self.q, self.a, self.q_meta, self.a_meta = as_t(q), as_t(a), as_t(q_meta), as_t(a_meta)
+        self.q, self.a = as_column(q), as_column(a)
+        self.q_meta, self.a_meta = as_t(q_meta), as_t(a_meta)
         self.n_train, self.n_meta = len(self.q), len(self.q_meta)
         self.groups = groups
         self.weight = torch.nn.Parameter(theta0[0].clone())
@@ -49,13 +67,14 @@ class EmbeddingProblem(SelectionProblem):
         return map_distance(q, a, self.weight, self.bias) / self.scale
 
     def losses(self, train_idx, meta_idx):
-        train_idx, meta_idx = (torch.as_tensor(np.asarray(i), dtype=torch.long) for i in (train_idx, meta_idx))
-        return self._loss(self.q[train_idx], self.a[train_idx]), self._loss(self.q_meta[meta_idx],
-                                                                            self.a_meta[meta_idx])
+        train_idx, meta_idx = np.asarray(train_idx, dtype=np.int64), torch.as_tensor(np.asarray(meta_idx),
+                                                                                     dtype=torch.long)
+        q, a = torch.as_tensor(self.q.rows(train_idx)), torch.as_tensor(self.a.rows(train_idx))
+        return self._loss(q, a), self._loss(self.q_meta[meta_idx], self.a_meta[meta_idx])
 
     @torch.no_grad()
     def all_losses(self) -> torch.Tensor:
-        return self._loss(self.q, self.a)
+        return torch.as_tensor(map_distances(self.q, self.a, self.weight.detach(), self.bias.detach())) / self.scale
 
 
 PROJECTION_DIM = 16  # per embedding kept as weight-net features (a fixed random projection, as for the LM's states)
@@ -65,15 +84,27 @@ def _projection(dim: int, seed: int = 4321) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((dim, PROJECTION_DIM)) / np.sqrt(dim)
 
 
-def embedding_features(q: np.ndarray, a: np.ndarray, answer_words: np.ndarray,
-                       maps: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+def embedding_features(q, a, answer_words: np.ndarray, maps: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
     """Raw weight-net features per row from the embeddings alone (so `filter` judges new shards as the run did):
     cos(q, a), the map distance under each saved map (θ₀ and the meta-only reference), the answer's log word count,
-    and fixed projections of q and of the residual a − q W (what the answer adds beyond the expected one)."""
-    qt, at = torch.as_tensor(q, dtype=torch.float32), torch.as_tensor(a, dtype=torch.float32)
+    and fixed projections of q and of the residual a − q W (what the answer adds beyond the expected one).
+    [N, features] float32, computed chunk by chunk from arrays or store columns."""
+    q, a = as_column(q), as_column(a)
+    words = np.log1p(np.asarray(answer_words, dtype=np.float64))
+    proj = _projection(q.dim)
+    out = None
+    with torch.no_grad():
+        for start, part in q.chunks(CHUNK_ROWS):
+            rows = np.arange(start, start + len(part))
+            features = _chunk_features(part, a.rows(rows), words[rows], maps, proj)
+            out = np.empty((len(q), features.shape[1]), np.float32) if out is None else out
+            out[rows] = features
+    return out if out is not None else np.zeros((0, 2 + len(maps) + 2 * PROJECTION_DIM), np.float32)
+
+
+def _chunk_features(q: np.ndarray, a: np.ndarray, words: np.ndarray, maps, proj: np.ndarray) -> np.ndarray:
+    qt, at = torch.as_tensor(q), torch.as_tensor(a)
     distances = [map_distance(qt, at, w, b).numpy()[:, None] for w, b in maps]
     w0, b0 = maps[0]
     residual = (at - F.normalize(qt @ w0 + b0, dim=1)).numpy()
-    proj = _projection(q.shape[1])
-    return np.hstack([np.sum(q * a, axis=1, keepdims=True), *distances,
-                      np.log1p(np.asarray(answer_words, dtype=np.float64))[:, None], q @ proj, residual @ proj])
+    return np.hstack([np.sum(q * a, axis=1, keepdims=True), *distances, words[:, None], q @ proj, residual @ proj])

@@ -48,13 +48,13 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
     `report` gets the embedder's manifest record and its encoding cost; `calibration` (pool, meta) inconsistency,
     each meta row predicted by a map fitted on the pool and the other meta folds, as pool rows are."""
     from dpsel.models.embedder import EmbeddingCache, try_embedder
-    from dpsel.select.semantic import pseudo_groups, qa_consistency, robust_z, row_embeddings
+    from dpsel.select.semantic import pseudo_groups, qa_consistency, robust_z, row_columns
     embedder = try_embedder(settings.embedder)
     if embedder is None:
         return {}
     cache = EmbeddingCache(embedder)
-    q, a = row_embeddings(embedder, train, cache)
-    extra = row_embeddings(embedder, meta, cache) if meta else None
+    q, a = row_columns(embedder, train, cache)      # store columns: read in chunks, not held whole
+    extra = row_columns(embedder, meta, cache) if meta else None
     report["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
     inconsistency = -qa_consistency(q, a, seed, extra)
     evidence = {"qa_consistency": robust_z(inconsistency)}
@@ -64,7 +64,7 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
         from dpsel.select.bads.quality_evidence import genericness_evidence
         evidence.update(genericness_evidence(q, a, extra, seed, calibration))
     if settings.group_consistency and settings.pseudo_groups is not False and not has_groups(groups):
-        pseudo = pseudo_groups(q, seed)
+        pseudo = pseudo_groups(q.to_array(), seed)   # k-means needs the whole array
         log.info("bads prior: no group column; group consistency over %d pseudo-groups (k-means of the "
                  "instruction embeddings)", len(np.unique(pseudo)))
         confidence = group_consistency(train, pseudo, seed)

@@ -86,7 +86,8 @@ def final_weights(result, config, scaled_features: np.ndarray, features: torch.T
     if not backed.any():  # no row had enough visits: the net can only learn the prior means
         backed = np.ones(len(backed), dtype=bool)
         result.coverage["weight_network_fit_on"] = "prior means (no row reached min_visits)"
-    net = distil_weight_net(scaled_features[backed], weight_mean[backed], config.seed)
+    rows = _distil_rows(backed, config.seed)
+    net = distil_weight_net(scaled_features[rows], weight_mean[rows], config.seed)
     if result.under_visited.any():
         # Too few visits for a posterior of their own: the net distilled from the well-visited rows scores
         # them (std 0 there means "no draws", which the coverage record states).
@@ -97,3 +98,15 @@ def final_weights(result, config, scaled_features: np.ndarray, features: torch.T
             weight_std = weight_std.copy()
             weight_std[low.numpy()] = 0.0
     return weight_mean, weight_std, net, [net.state_dict()]
+
+
+DISTIL_ROWS = 100_000   # the weight net (features -> weight, a few hundred parameters) is distilled on at most this
+
+
+def _distil_rows(backed: np.ndarray, seed: int) -> np.ndarray:
+    """The backed rows the net is distilled on: all of them up to DISTIL_ROWS, else a seeded sample of that many
+    (the full-batch fit's memory grows with its rows; a pool of millions teaches the net no more than this)."""
+    rows = np.flatnonzero(backed)
+    if len(rows) <= DISTIL_ROWS:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, DISTIL_ROWS, replace=False))
