@@ -40,8 +40,8 @@ def test_prior_without_groups_is_the_reference_prior_and_says_so(caplog):
     rng = np.random.default_rng(0)
     ref_nll = rng.normal(size=40)
     messages = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(40)]
-    # no embedder: no pseudo-groups to stand in for the groups; fluency off to leave the reference alone
-    settings = BadsSettings(embedder="none", fluency=False)
+    # no embedder: no pseudo-groups to stand in for the groups; fluency and quality off to leave the reference alone
+    settings = BadsSettings(embedder="none", fluency=False, quality=False)
     assert settings.group_consistency  # on by default
     with caplog.at_level(logging.WARNING, logger="dpsel.select.consistency"):
         evidence = prior_evidence_z(messages, ref_nll, infer_groups(messages, None), settings, seed=0)
