@@ -110,12 +110,19 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
               coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates,
                                                                 "resumed_from_checkpoint": checkpoints.resumed,
                                                                 "stages": stages.model_dump(mode="json"),
-                                                                **({"labels": review.record()} if review else {})},
+                                                                **({"labels": _labels_record(review, scores)} if review else {})},
               labels=review,
               near_dup_index=(near_dup_index, stages) if near_dup_index is not None else None)
     result = write_run(out, run)
     checkpoints.discard()  # published: nothing left to resume
     return result
+
+
+def _labels_record(review: Labels, scores) -> dict:
+    """The manifest's `labels`: the file and its counts, and how the evidence's calibration used the labels (each
+    source's weight with and without them; null where the method's prior has no calibrated combination)."""
+    calibration = ((scores.coverage or {}).get("prior_combine") or {}).get("labels")
+    return {**review.record(), "calibration": calibration}
 
 
 def _meta_messages(meta_rows: RunRows, train_rows: RunRows, review: Labels | None) -> list:

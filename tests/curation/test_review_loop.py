@@ -118,6 +118,7 @@ def test_labels_drop_fixes_weight_0_and_keep_joins_the_meta_rows(first_run, tmp_
     manifest = json.loads((tmp_path / "run2" / "manifest.json").read_text())
     assert manifest["labels"]["keep"] == 2 and manifest["labels"]["drop"] == 1
     assert manifest["labels"]["blank_rows"] == 1 and len(manifest["labels"]["sha256"]) == 64
+    assert manifest["labels"]["calibration"] is None   # `random` has no calibrated evidence to weight
     assert manifest["counts"]["dropped_by_reason"]["reviewed_drop"] == 1
     assert manifest["counts"]["kept_rows"] + manifest["counts"]["dropped_rows"] == 40
 
