@@ -4,8 +4,8 @@ more than K random rows, or the K rows nearest the cut? Not a test; writes resul
     python benchmarks/review.py                                   # both real-text sets + synth, seeds 0,1,2, K = 30,60,120
     python benchmarks/review.py --datasets realtext --seeds 0 --ks 60 --rows 600   # a quick look
 
-Per dataset (any `--dataset` of benchmarks/selection_data.py: `realtext`, the docstring set; `synth`; a later
-one by its name) and seed: `dpsel.curate` (bads, the defaults, budget 0.7) on the training rows, from an empty
+Per dataset (any `--dataset` of benchmarks/selection_data.py: `realtext`, the docstring set; `realtext-chat`;
+`synth`) and seed: `dpsel.curate` (bads, the defaults, budget 0.7) on the training rows, from an empty
 embedding cache (DPSEL_CACHE under the work folder); then for each picker and K an oracle reviewer (the truth:
 clean → keep, any corruption → drop) labels K rows and `dpsel.curate(..., labels=FILE)` runs again into a new
 folder (the embedding cache now warm, as for a user's re-run). Pickers, all over the rows the selection decided
@@ -196,7 +196,8 @@ def markdown(summary: dict, args) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="realtext,realtext-chat,synth", help="comma list of selection_data datasets")
+    parser.add_argument("--datasets", default="realtext,realtext-chat,synth",
+                        help="comma list of selection_data datasets")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ks", default="30,60,120")
     parser.add_argument("--rows", type=int, default=1500)
