@@ -1,11 +1,11 @@
 """Active-curation benchmark: does a reviewer's keep/drop on K rows picked by `dpsel review` teach the selector
 more than K random rows, or the K rows nearest the cut? Not a test; writes results/review.{json,md}.
 
-    python benchmarks/review.py                                   # realtext + synth, seeds 0,1,2, K = 30,60,120
+    python benchmarks/review.py                                   # both real-text sets + synth, seeds 0,1,2, K = 30,60,120
     python benchmarks/review.py --datasets realtext --seeds 0 --ks 60 --rows 600   # a quick look
 
-Per dataset (any `--dataset` of benchmarks/selection_data.py: `realtext`, the docstring set; `synth`; a later
-one by its name) and seed: `dpsel.curate` (bads, the defaults, budget 0.7) on the training rows, from an empty
+Per dataset (any `--dataset` of benchmarks/selection_data.py: `realtext`, the docstring set; `realtext-chat`;
+`synth`) and seed: `dpsel.curate` (bads, the defaults, budget 0.7) on the training rows, from an empty
 embedding cache (DPSEL_CACHE under the work folder); then for each picker and K an oracle reviewer (the truth:
 clean → keep, any corruption → drop) labels K rows and `dpsel.curate(..., labels=FILE)` runs again into a new
 folder (the embedding cache now warm, as for a user's re-run). Pickers, all over the rows the selection decided
@@ -121,7 +121,7 @@ def one_seed(dataset: str, seed: int, args) -> dict:
               "kept_precision_first": kept_precision(scores, clean), "runs": []}
     print(f"{dataset} seed {seed}: first run {first_s:.1f}s, AUROC {record['auroc_first_all']:.3f}", flush=True)
     for k in args.ks:
-        for picker in PICKERS:
+        for picker in args.pickers:
             ids = pick(picker, work / "first", scores, cut, k, seed)
             labels = oracle_labels(ids, clean_by_id, work / f"labels-{picker}-{k}.parquet")
             again, again_s = timed_curate(paths, work / f"{picker}-{k}", args, labels)
@@ -196,7 +196,8 @@ def markdown(summary: dict, args) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="realtext,synth", help="comma list of selection_data datasets")
+    parser.add_argument("--datasets", default="realtext,realtext-chat,synth",
+                        help="comma list of selection_data datasets")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--ks", default="30,60,120")
     parser.add_argument("--rows", type=int, default=1500)
@@ -204,12 +205,16 @@ def main(argv=None) -> None:
     parser.add_argument("--meta-rows", type=int, default=150)
     parser.add_argument("--test-rows", type=int, default=10)
     parser.add_argument("--budget", type=float, default=0.7)
+    parser.add_argument("--pickers", default=",".join(PICKERS), help="comma list of " + ", ".join(PICKERS))
     parser.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "review"))
     args = parser.parse_args(argv)
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.ks = [int(k) for k in args.ks.split(",") if k]
+    args.pickers = [p for p in args.pickers.split(",") if p]
+    if "random" not in args.pickers:
+        parser.error("--pickers needs random: every gain is compared with random's")
     records = [one_seed(dataset, seed, args) for dataset in args.datasets for seed in args.seeds]
     summary = summarise(records)
     report = {"args": {k: v for k, v in vars(args).items() if k != "seed_now"}, "summary": summary, "seeds": records}

@@ -7,8 +7,10 @@ else, an id the training set does not have, two different labels for one id or a
 an input error naming the file and row (exit 2).
 
 What the labels do (docs/review.md):
-- `drop`: the row is removed before selection, as a curation stage would (the pseudo-stage `review`, reason
-  `reviewed_drop`, weight 0), so neither the sampler nor the evidence's pool ever sees it;
+- `drop`: the row is dropped as a curation stage would drop it (the pseudo-stage `review`, reason
+  `reviewed_drop`, weight 0), but selection still scores it, as the known-bad example of the evidence's
+  calibration (each source weighted by how well it separates the drops from the keeps and meta rows) with a
+  prior mean at the floor (θ does not learn from it);
 - `keep`: the row leaves the pool selection scores and joins the trusted meta rows (the evidence's calibration
   and the sampler's meta likelihood); it is kept with weight 1 (std 0): the reviewer's word, not the
   posterior's.
@@ -153,26 +155,41 @@ def kept_by_review(rows, labels: Labels) -> np.ndarray:
     return rows.usable & labels.mask(rows.ids, KEEP)
 
 
+def reviewed_drops(rows) -> np.ndarray:
+    """Rows `apply_drops` took out of selection for their label."""
+    return np.array([r == REASON_REVIEWED_DROP for r in rows.reasons], dtype=bool)
+
+
 def selection_pool(rows, labels: Labels | None) -> np.ndarray:
-    """The rows selection scores: the usable ones, less those labelled keep. A keep-labelled row joins the meta
-    rows instead: were it in both, the evidence's calibration would score it in sample as a trusted row (the
-    pool's own fit predicts it), and its weight is fixed at 1 anyway."""
+    """The rows selection scores: the usable ones less those labelled keep, plus those labelled drop. A
+    keep-labelled row joins the meta rows instead: were it in both, the evidence's calibration would score it in
+    sample as a trusted row (the pool's own fit predicts it), and its weight is fixed at 1 anyway. A drop-labelled
+    row stays in the pool so that its evidence is scored as a pool row's: it is the calibration's known-bad
+    example (`dpsel.select.bads.calibration.reviewed_rows`); its weight is fixed at 0 whatever it is scored."""
     if labels is None:
         return rows.usable
     pool = rows.usable & ~kept_by_review(rows, labels)
     if not pool.any():
         raise DpselInputError("every usable training row is labelled keep: nothing is left to select from",
                               file=labels.path)
-    return pool
+    return pool | reviewed_drops(rows)
 
 
 def with_reviewed_keeps(usable: np.ndarray, pool: np.ndarray, scores) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) per usable row from the selection `scores` of the `pool` rows; the reviewed keeps (usable,
-    not in the pool) at weight 1, std 0."""
-    in_pool = pool[usable]
-    mean, std = np.ones(int(usable.sum())), np.zeros(int(usable.sum()))
-    mean[in_pool], std[in_pool] = scores.weight_mean, scores.weight_std
-    return mean, std
+    """(mean, std) per usable row from the selection `scores` of the `pool` rows (reviewed drops, in the pool but
+    not usable, left out); the reviewed keeps (usable, not in the pool) at weight 1, std 0."""
+    mean, std = np.ones(len(usable)), np.zeros(len(usable))
+    mean[pool], std[pool] = scores.weight_mean, scores.weight_std
+    return mean[usable], std[usable]
+
+
+def reviewed_in_selection(rows, labels: Labels | None, pool: np.ndarray, n_meta: int):
+    """(drop over the pool rows, keep over the meta rows selection sees: the meta set, then the reviewed keeps)
+    for `calibration.reviewed_rows`; None without labels."""
+    if labels is None:
+        return None
+    keeps = int(kept_by_review(rows, labels).sum())
+    return reviewed_drops(rows)[pool], np.r_[np.zeros(n_meta, dtype=bool), np.ones(keeps, dtype=bool)]
 
 
 def label_column(labels: Labels | None, n: int) -> pa.Array:

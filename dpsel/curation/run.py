@@ -6,12 +6,13 @@ stage: `dpsel.curation.stages`); the meta set is trusted, so a bad row there is 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dpsel.resume.checkpoints as checkpoint
-from dpsel.curation.labels import (Labels, apply_drops, kept_by_review, read_labels, selection_pool,
-                                   with_reviewed_keeps)
+from dpsel.curation.labels import (Labels, apply_drops, kept_by_review, read_labels, reviewed_in_selection,
+                                   selection_pool, with_reviewed_keeps)
 from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
 from dpsel.curation.rows import (RunRows, as_path_list, check_weights, drop_meta_duplicates, read_rows,
                                  require_all_usable, spread_scores)
@@ -22,6 +23,7 @@ from dpsel.errors import DpselInputError
 from dpsel.outputs import check_outputs_do_not_overwrite_inputs
 from dpsel.runlock import locks_out
 from dpsel.select import select
+from dpsel.select.bads.calibration import reviewed_rows
 from dpsel.select.base import ProgressFn, SelectConfig
 from dpsel.stages.options import StagesConfig, check_stages
 from dpsel.version import __version__
@@ -47,8 +49,9 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
     `dpsel.engines.RAY_CURATE_METHODS`, any other is an input error); same outputs.
     `stages`: the curation stages before selection (default: the contract's, near-dup at 0.8 and PII flag);
     they run in this process, but for the near-dup signatures, which run on Ray actors with `engine="ray"`.
-    `labels`: a reviewer's keep/drop file (`dpsel.curation.labels`): drop-labelled rows leave before selection
-    (reason `reviewed_drop`), keep-labelled rows join the meta rows and are kept with weight 1.
+    `labels`: a reviewer's keep/drop file (`dpsel.curation.labels`): drop-labelled rows are dropped (reason
+    `reviewed_drop`) but scored as the calibration's known-bad rows, keep-labelled rows join the meta rows and
+    are kept with weight 1.
     """
     from dpsel.engines import curate_engine
     from dpsel.engines.ray_engine import block_map, engine_runtime, pool_executor
@@ -83,7 +86,9 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
         pool = selection_pool(train_rows, review)   # usable rows, less those a reviewer labelled keep
         pool_groups = None if groups is None else list(groups[pool])
         checkpoints = open_checkpoints(out, method, config, train_rows, meta_rows, restart, stages, review)
-        with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)):
+        reviewed = reviewed_in_selection(train_rows, review, pool, int(meta_rows.usable.sum()))
+        with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)), \
+                reviewed_rows(*reviewed) if reviewed else nullcontext():
             scores = select(train_rows.conversations(pool), _meta_messages(meta_rows, train_rows, review),
                             method, config, progress, groups=pool_groups)
     check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
@@ -105,12 +110,19 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
               coverage=scores.coverage or None, extra_manifest={"meta_duplicates_dropped": meta_duplicates,
                                                                 "resumed_from_checkpoint": checkpoints.resumed,
                                                                 "stages": stages.model_dump(mode="json"),
-                                                                **({"labels": review.record()} if review else {})},
+                                                                **({"labels": _labels_record(review, scores)} if review else {})},
               labels=review,
               near_dup_index=(near_dup_index, stages) if near_dup_index is not None else None)
     result = write_run(out, run)
     checkpoints.discard()  # published: nothing left to resume
     return result
+
+
+def _labels_record(review: Labels, scores) -> dict:
+    """The manifest's `labels`: the file and its counts, and how the evidence's calibration used the labels (each
+    source's weight with and without them; null where the method's prior has no calibrated combination)."""
+    calibration = ((scores.coverage or {}).get("prior_combine") or {}).get("labels")
+    return {**review.record(), "calibration": calibration}
 
 
 def _meta_messages(meta_rows: RunRows, train_rows: RunRows, review: Labels | None) -> list:

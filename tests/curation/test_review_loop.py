@@ -113,10 +113,12 @@ def test_labels_drop_fixes_weight_0_and_keep_joins_the_meta_rows(first_run, tmp_
     assert scores.dpsel_reason[1] == "reviewed_drop" and scores.dpsel_weight[1] == 0 and not scores.dpsel_kept[1]
     assert list(scores.dpsel_weight[[0, 2]]) == [1.0, 1.0] and scores.dpsel_kept[[0, 2]].all()
     assert list(scores.dpsel_weight_std[[0, 1, 2]]) == [0.0, 0.0, 0.0]
-    assert len(seen["train"]) == 37 and len(seen["meta"]) == 6 + 2   # drop and keeps left the pool; keeps joined meta
+    # keeps left the pool and joined meta; the drop stays in the pool (the calibration's known-bad row), weight 0
+    assert len(seen["train"]) == 38 and len(seen["meta"]) == 6 + 2
     manifest = json.loads((tmp_path / "run2" / "manifest.json").read_text())
     assert manifest["labels"]["keep"] == 2 and manifest["labels"]["drop"] == 1
     assert manifest["labels"]["blank_rows"] == 1 and len(manifest["labels"]["sha256"]) == 64
+    assert manifest["labels"]["calibration"] is None   # `random` has no calibrated evidence to weight
     assert manifest["counts"]["dropped_by_reason"]["reviewed_drop"] == 1
     assert manifest["counts"]["kept_rows"] + manifest["counts"]["dropped_rows"] == 40
 

@@ -15,6 +15,7 @@ from dpsel.select.consistency import (combine_evidence, consistency_z, evidence_
 
 log = logging.getLogger(__name__)
 SEMANTIC_EVIDENCE = ("qa_consistency", "pseudo_group_consistency")
+REVIEWED_DROP_PRIOR_MEAN = 1e-3  # calibration.prior_mean_from_bad_probability's floor: P(bad) = 1
 
 
 def fluency_evidence(train: list[Messages], meta: list[Messages] | None,
@@ -142,13 +143,16 @@ def combine_rule(settings: BadsSettings, space: str) -> str:
 
 
 def _combined_mean(prior_evidence: dict[str, np.ndarray], calibration: dict, names: list[str], combine: str,
-                   settings: BadsSettings) -> np.ndarray:
+                   settings: BadsSettings, reviewed=None, report: dict | None = None) -> np.ndarray:
     """Prior means from the sources `names`: noisy-or of their meta-calibrated P(bad) (`tail`, over those that
-    have a calibration) or the `max` of their normal scores."""
-    from dpsel.select.bads.calibration import noisy_or, prior_mean_from_bad_probability, tail_bad_probability
+    have a calibration; weighted by the `reviewed` labels, calibration.labelled_bad_probability, whose record
+    goes to `report["labels"]`) or the `max` of their normal scores."""
+    from dpsel.select.bads.calibration import labelled_bad_probability, prior_mean_from_bad_probability
     calibrated = [name for name in names if name in calibration]
     if combine == "tail" and calibrated:
-        bad = noisy_or([tail_bad_probability(*calibration[name]) for name in calibrated])
+        bad, record = labelled_bad_probability(calibration, calibrated, reviewed)
+        if report is not None and record is not None:
+            report["labels"] = record
         return prior_mean_from_bad_probability(bad, settings.beta)
     return prior_mean_from_z(combine_evidence([prior_evidence[name] for name in names], "max"), settings.beta,
                              settings.eb_gamma)
@@ -163,6 +167,7 @@ def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, 
     everywhere without the empirical-Bayes prior; `reference_only` from the reference alone. `calibration`
     (filled here when given): each calibrated source's (pool, meta) badness. The quality sources join only the
     calibrated `tail` rule: uncalibrated, a sparse signal's z would dominate the `max`."""
+    from dpsel.select.bads.calibration import current_reviewed
     from dpsel.select.bads.quality_evidence import QUALITY_PREFIX, calibrated_weights
     calibration = {} if calibration is None else calibration
     prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed, meta, report, reference_z,
@@ -175,10 +180,15 @@ def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, 
     if report is not None and prior_evidence:
         report["prior_combine"] = {"rule": combine, "calibrated_on_meta": sorted(calibration), "used": used,
                                    "calibrated_weights": calibrated_weights(calibration, used)}
+    reviewed = current_reviewed(len(train), len(meta or []))
     if prior_evidence:
-        prior_mean = torch.as_tensor(_combined_mean(prior_evidence, calibration, used, combine, settings))
+        prior_mean = torch.as_tensor(_combined_mean(prior_evidence, calibration, used, combine, settings, reviewed,
+                                                    report.setdefault("prior_combine", {}) if report is not None
+                                                    else None))
     else:
         prior_mean = torch.full((len(train),), settings.beta, dtype=torch.float64)
+    if reviewed is not None:  # a reviewed drop is known bad: θ's weighted-pool prior should not learn from it
+        prior_mean[torch.as_tensor(reviewed.drop)] = REVIEWED_DROP_PRIOR_MEAN
     ablation_priors = {}
     semantic = [name for name in prior_evidence if name in SEMANTIC_EVIDENCE]
     if semantic:  # the same run's posterior pass from the prior without the embedder's evidence
