@@ -23,6 +23,7 @@ from collections import Counter
 
 import numpy as np
 
+from dpsel.models.embedding_store import as_column
 from dpsel.stop_words import english_stop_words
 
 WORD = re.compile(r"\w+", re.UNICODE)
@@ -198,11 +199,6 @@ def template_frequency(questions: list[str], answers: list[str], extra: tuple[li
     return np.where(sizes > 0, totals / np.maximum(sizes, 1), 0.0) / np.log1p(others)
 
 
-def _rows(vectors, idx: np.ndarray) -> np.ndarray:
-    """Rows `idx` as float32, from an array or an embedding-store column (`.rows`)."""
-    return vectors.rows(idx) if hasattr(vectors, "rows") else np.asarray(vectors[idx], np.float32)
-
-
 def genericness(q: np.ndarray, a: np.ndarray, pool_a: np.ndarray | None = None, k: int = 10,
                 sample: int = 2000, seed: int = 0, chunk: int = 4096) -> np.ndarray:
     """Embedder space: mean cosine of each answer to its k nearest answers of *other* rows (a sample of up to
@@ -213,18 +209,19 @@ def genericness(q: np.ndarray, a: np.ndarray, pool_a: np.ndarray | None = None, 
     pool_a = a if pool_a is None else pool_a
     same = pool_a is a
     idx = np.sort(np.random.default_rng(seed).permutation(len(pool_a))[:sample])
-    neighbours = _rows(pool_a, idx).T
+    pool_a, a, q = as_column(pool_a), as_column(a), as_column(q)
+    neighbours = pool_a.rows(idx).T
     k = min(k, max(1, len(idx) - 1))
     out = np.empty(len(a), np.float64)
     for start in range(0, len(a), chunk):
         span = np.arange(start, min(start + chunk, len(a)))
-        rows_a = _rows(a, span)
+        rows_a = a.rows(span)
         sims = rows_a @ neighbours
         if same:  # a row is not its own neighbour
             mine = np.flatnonzero((idx >= start) & (idx < start + len(rows_a)))
             sims[idx[mine] - start, mine] = -np.inf
         nearest = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
-        rows_q = _rows(q, span)
+        rows_q = q.rows(span)
         out[start:start + len(rows_a)] = nearest - np.sum(rows_q * rows_a, axis=1)
     return out
 
