@@ -41,16 +41,60 @@ def linear_classifier(seed: int):
     return LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced", random_state=seed)
 
 
-def group_self_confidence(answers: list[str], groups: np.ndarray, seed: int, folds: int = 5) -> np.ndarray:
-    """Out-of-fold p(own group | answer) per row (folds stratified by group)."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+# The classifier fits on at most this many rows (a sample stratified by group): its cost grows faster than the
+# pool, and 20k answers already pin down a group's character n-grams. The other rows are scored by the fold
+# models' average, which none of them saw labelled (`group_self_confidence`).
+FIT_ROWS = 20_000
+_PREDICT_CHUNK = 20_000   # rows turned into n-gram vectors at once for the rows outside the sample
+
+
+def group_self_confidence(answers: list[str], groups: np.ndarray, seed: int, folds: int = 5,
+                          fit_rows: int = FIT_ROWS) -> np.ndarray:
+    """p(own group | answer) per row, from folds stratified by group: out of fold for the rows the classifier
+    fits on (all of them up to `fit_rows`, else a stratified sample), and the mean of the fold models for the
+    rest. The n-gram vectors are made a chunk at a time, so memory does not grow with the pool."""
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold
 
     groups = np.asarray(groups)
-    smallest = int(np.bincount(groups).min())
-    cv = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed)
-    pred_probs = cross_val_predict(linear_classifier(seed), char_ngrams().transform(answers), groups, cv=cv,
-                                   method="predict_proba")
-    return pred_probs[np.arange(len(groups)), groups]  # cleanlab's self-confidence score
+    fit = fit_sample(groups, fit_rows, folds, seed)
+    vectors = char_ngrams()
+    fit_x, fit_y = vectors.transform([answers[i] for i in fit.tolist()]), groups[fit]
+    smallest = int(np.bincount(fit_y).min())
+    probs = np.empty(len(groups))
+    models = []
+    for train_idx, test_idx in StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed).split(fit_x, fit_y):
+        model = clone(linear_classifier(seed)).fit(fit_x[train_idx], fit_y[train_idx])
+        probs[fit[test_idx]] = _own_group(model.predict_proba(fit_x[test_idx]), model.classes_, fit_y[test_idx])
+        models.append(model)
+    rest = np.setdiff1d(np.arange(len(groups)), fit)
+    for start in range(0, len(rest), _PREDICT_CHUNK):
+        rows = rest[start:start + _PREDICT_CHUNK]
+        x = vectors.transform([answers[i] for i in rows.tolist()])
+        probs[rows] = np.mean([_own_group(m.predict_proba(x), m.classes_, groups[rows]) for m in models], axis=0)
+    return probs   # cleanlab's self-confidence score
+
+
+def fit_sample(groups: np.ndarray, fit_rows: int, folds: int, seed: int) -> np.ndarray:
+    """Sorted row indices the classifier fits on: every row up to `fit_rows`; else each group's share of
+    `fit_rows`, at least `folds` rows of it (or all it has) so that every fold holds every group."""
+    if len(groups) <= fit_rows:
+        return np.arange(len(groups))
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(groups)
+    chosen = []
+    for group in np.flatnonzero(counts):
+        members = np.flatnonzero(groups == group)
+        take = min(len(members), max(folds, round(fit_rows * len(members) / len(groups))))
+        chosen.append(rng.choice(members, size=take, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _own_group(probs: np.ndarray, classes: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each row's probability of its own group (0 where the model never saw that group)."""
+    column = np.searchsorted(classes, groups)
+    known = (column < len(classes)) & (classes[np.minimum(column, len(classes) - 1)] == groups)
+    return np.where(known, probs[np.arange(len(groups)), np.minimum(column, len(classes) - 1)], 0.0)
 
 
 def has_groups(groups: np.ndarray) -> bool:

@@ -115,3 +115,23 @@ def test_shuffled_answers_read_as_less_fluent():
     shuffled = [" ".join(reversed(a.split())) for _, a in TOPICS.values()]
     scores = bigram_fluency(answers + shuffled)
     assert scores[-len(shuffled):].max() < scores[:len(answers)].min()
+
+
+def test_a_pool_past_the_step_cap_grows_the_batch_not_the_run():
+    """Where the defaulted run would pass embed_max_steps, the batch grows so each row keeps its passes."""
+    settings = BadsSettings(embed_max_steps=1000)
+    assert settings.embed_batch_size(1000, 16) == 16                 # 10,667 rows visited: 667 steps of 16
+    grown = settings.embed_batch_size(100_000, 16)                   # the smallest batch within 1,000 steps
+    assert settings.resolve_steps(100_000, grown) <= 1000 < settings.resolve_steps(100_000, grown - 1)
+    assert settings.embed_batch_size(100_000, 32) == 32              # a batch size other than the default is kept
+    assert BadsSettings(embed_max_steps=0).embed_batch_size(100_000, 16) == 16
+    asked = BadsSettings.from_config(SelectConfig(epochs=8, extra={"embed_max_steps": 1000}))
+    assert asked.embed_batch_size(100_000, 16) == 16                 # an explicit run length is kept
+    train, meta = _pool(), _pool(2, tag="editor")
+    config = SelectConfig(model="tiny", device="cpu", seed=0, meta_batch_size=4, max_length=64,
+                          extra={"embed_max_steps": 30})
+    scores = select(train, meta, "bads", config)
+    # 40 rows: 16 a step is 3 batches a pass (32 steps), 20 a step 2 batches (22 steps)
+    assert scores.coverage["batch_size"] == {"asked": 16, "used": 20}
+    assert scores.coverage["steps"] == 22
+    assert np.all(np.isfinite(scores.weight_mean)) and scores.weight_mean.shape == (len(train),)

@@ -36,6 +36,33 @@ def test_consistency_ranks_swapped_and_garbage_below_clean(tmp_path):
     assert _auroc(clean, confidence[kinds == "wrong"]) < 0.7
 
 
+def test_a_sampled_fit_scores_the_rows_outside_it_as_well(tmp_path):
+    """Above `fit_rows` the classifier fits on a stratified sample; the fold models' mean scores the rest."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from dpsel.select.consistency import char_ngrams, fit_sample, group_self_confidence, linear_classifier
+    paths = generate(tmp_path, rows=600, noise=0.3, seed=4, meta_rows=10, test_rows=10)
+    train = pq.read_table(paths["train"]).to_pylist()
+    kinds = np.asarray(pq.read_table(paths["truth"]).column("kind").to_pylist())
+    answers = [r["output"] for r in train]
+    groups = infer_groups([[{"role": "user", "content": ""}]] * len(train), [r["task"] for r in train])
+    # up to fit_rows: exactly sklearn's out-of-fold predictions
+    whole = group_self_confidence(answers, groups, seed=0)
+    oof = cross_val_predict(linear_classifier(0), char_ngrams().transform(answers), groups,
+                            cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")
+    np.testing.assert_allclose(whole, oof[np.arange(len(groups)), groups], rtol=1e-6)
+    sample = fit_sample(groups, 200, 5, seed=0)
+    assert 190 <= len(sample) <= 220 and len(np.unique(sample)) == len(sample)
+    assert np.bincount(groups[sample]).min() >= min(5, np.bincount(groups).min())
+    sampled = group_self_confidence(answers, groups, seed=0, fit_rows=200)
+    outside = np.setdiff1d(np.arange(len(groups)), sample)
+    assert np.all((sampled >= 0) & (sampled <= 1))
+    clean = kinds[outside] == "clean"
+    for kind in ("swapped", "garbage"):
+        bad = kinds[outside] == kind
+        assert bad.sum() >= 10
+        assert _auroc(sampled[outside][clean], sampled[outside][bad]) > 0.8, kind
+
+
 def test_prior_without_groups_is_the_reference_prior_and_says_so(caplog):
     rng = np.random.default_rng(0)
     ref_nll = rng.normal(size=40)

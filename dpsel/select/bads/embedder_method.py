@@ -134,12 +134,18 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     features = torch.from_numpy(scaled)                # shares the array: one copy of the features
 
     problem = _problem(q, a, q_meta, a_meta, group_ids, theta0, settings, calibration)
-    result = run_sampler(problem, settings, batch_size=config.batch_size, meta_batch_size=config.meta_batch_size,
+    batch_size = settings.embed_batch_size(len(train), config.batch_size)
+    if batch_size != config.batch_size:
+        log.info("bads: %d rows, so the embedder θ takes %d rows a step (not %d) to stay within embed_max_steps "
+                 "= %d with %g passes", len(train), batch_size, config.batch_size, settings.embed_max_steps,
+                 settings.epochs)
+    result = run_sampler(problem, settings, batch_size=batch_size, meta_batch_size=config.meta_batch_size,
                          seed=config.seed, prior_mean=prior_mean, features=features,
                          weight_param=config.weight_param, progress=progress,
                          measure_plain_steps=int(config.extra.get("measure_plain_steps", 0)),
                          checkpoint=current_checkpoints(), ablation_priors=ablation_priors)
     result.coverage["theta_space"] = {"space": "embedder", "why": why}
+    result.coverage["batch_size"] = {"asked": config.batch_size, "used": batch_size}
     if isinstance(problem, QualityEmbeddingProblem):
         result.coverage["theta_quality"] = problem.learnt()
     result.coverage["prior_evidence"] = report.get("prior_combine", {}).get("used", list(prior_evidence)) + (
