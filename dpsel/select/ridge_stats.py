@@ -11,7 +11,7 @@ import numpy as np
 
 from dpsel.models.embedding_store import as_column
 
-CHUNK_ROWS = 65536
+CHUNK_ROWS = 8192   # rows per pass chunk: a few float32/float64 [rows, d] temporaries of ~10-25 MB each, not ~200 MB
 
 
 @dataclass
