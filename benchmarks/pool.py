@@ -33,6 +33,7 @@ from peft_train.memory import current_rss, peak_rss  # noqa: E402
 CACHE = ROOT / "benchmarks" / "cache"
 RESULTS = ROOT / "benchmarks" / "results"
 EXTRAPOLATE_TO = 1_000_000
+PROJECT_TO = 10_000_000
 
 
 def case_stages(path: Path, work: Path) -> dict:
@@ -194,8 +195,13 @@ def slopes(by_case: dict, sizes: list[int]) -> dict:
         out[case] = {"from_rows": small, "to_rows": large, "peak_rss_growth": ratio(b["peak_rss_mb"], a["peak_rss_mb"], 2),
                      "bytes_per_extra_row": round((b["peak_rss_mb"] - a["peak_rss_mb"]) * 2**20 / (large - small), 1),
                      "seconds_per_extra_row": round(per_row, 6)}
-        if case in MODEL_CASES:
+        if case in MODEL_CASES and large < EXTRAPOLATE_TO:
             out[case]["extrapolated_seconds_at_1m"] = round(b["seconds"] + per_row * (EXTRAPOLATE_TO - large))
+        if case in MODEL_CASES and large < PROJECT_TO:   # from the measured slope: a projection, labelled so
+            out[case]["projected_at_10m"] = {
+                "seconds": round(b["seconds"] + per_row * (PROJECT_TO - large)),
+                "peak_rss_mb": round(b["peak_rss_mb"] + (b["peak_rss_mb"] - a["peak_rss_mb"]) / (large - small)
+                                     * (PROJECT_TO - large), 1)}
     return out
 
 
@@ -217,6 +223,12 @@ def markdown(report: dict) -> str:
     lines += ["", "Growth between the two sizes of each case (data cases: 100k → 1M; model cases: the two model sizes):", "",
               *table(["case", "rows", "peak RSS growth", "bytes per extra row", "seconds per extra row",
                       "1M rows, extrapolated"], slope_rows, align="llrrrr")]
+    projected = [[case, f"{s['projected_at_10m']['peak_rss_mb']:,.0f}",
+                  f"{s['projected_at_10m']['seconds']:,} s ({s['projected_at_10m']['seconds'] / 3600:.1f} h)"]
+                 for case, s in report["slopes"].items() if "projected_at_10m" in s]
+    if projected:
+        lines += ["", "10M rows, PROJECTED linearly from the two sizes' slope (not measured):", "",
+                  *table(["case", "peak RSS MB", "seconds"], projected, align="lrr")]
     if report.get("versus_loss"):
         cases = list(dict.fromkeys(c for r in report["versus_loss"] for c in r["ratios"]))
         lines += ["", "Each model case's total time over `curate --method loss` on the same rows (target for bads: <= 3x):",
@@ -296,8 +308,9 @@ def main() -> None:
                          **slopes({c: v for c, v in by_case.items() if c in MODEL_CASES}, args.model_sizes)},
               "versus_loss": versus_loss(by_case),
               "note": (f"Model-bound cases ran on {', '.join(f'{n:,}' for n in args.model_sizes)} rows (synth pools, "
-                       "the built-in `tiny` model, CPU); their 1M-row cost is EXTRAPOLATED linearly from the slope "
-                       "between the two largest sizes, not measured. `-static` cases: `--embedder static`. "
+                       "above 100k tiled copies of the 100k pool: `_tiled`; the built-in `tiny` model, CPU). A size "
+                       "in the first table was measured; a cost in the slope tables is EXTRAPOLATED or PROJECTED "
+                       "linearly from the two largest sizes, as labelled. `-static` cases: `--embedder static`. "
                        "No GPU figure: none was used for this run.")}
     write_report(args.out, report, markdown(report))
     print(markdown(report))
