@@ -63,7 +63,8 @@ def group_self_confidence(answers: list[str], groups: np.ndarray, seed: int, fol
     smallest = int(np.bincount(fit_y).min())
     probs = np.empty(len(groups))
     models = []
-    for train_idx, test_idx in StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed).split(fit_x, fit_y):
+    splits = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed).split(fit_x, fit_y)
+    for train_idx, test_idx in splits:
         model = clone(linear_classifier(seed)).fit(fit_x[train_idx], fit_y[train_idx])
         probs[fit[test_idx]] = _own_group(model.predict_proba(fit_x[test_idx]), model.classes_, fit_y[test_idx])
         models.append(model)

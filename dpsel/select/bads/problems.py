@@ -18,9 +18,10 @@ class SelectionProblem:
 
     def losses(self, train_idx: np.ndarray, meta_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def train_batches(self, batch_size: int, seed: int) -> list[list[int]]:
+    def train_batches(self, batch_size: int, seed: int) -> list:
+        """One pass's minibatches (index arrays: views of one permutation, 8 bytes a row)."""
         order = np.random.default_rng(seed).permutation(self.n_train)
-        return [order[i:i + batch_size].tolist() for i in range(0, self.n_train, batch_size)]
+        return [order[i:i + batch_size] for i in range(0, self.n_train, batch_size)]
 
     def plain_step_loss(self, train_idx: np.ndarray) -> torch.Tensor:
         return self.losses(train_idx, np.zeros(0, dtype=int))[0].mean()

@@ -35,13 +35,13 @@ class Trace:
 
     def state(self, next_step: int) -> tuple[dict, dict]:
         tensors = {**flatten("moments", self.moments.state_dict()), "torch_rng": torch.get_rng_state(),
-                   "visits": self.visits}
+                   "visits": self.visits, **_batch_tensors(self.batches)}
         for i, draw in enumerate(self.theta_draws):
             tensors.update(flatten(f"draw.{i}", draw))
         for i, sample in enumerate(self.phi_samples):
             tensors.update(flatten(f"phi.{i}", sample))
         state = {"step": next_step, "numpy_rng": self.rng.bit_generator.state,
-                 "batches": [list(map(int, b)) for b in self.batches], "diag": self.diag,
+                 "diag": self.diag,
                  "step_time": self.step_time, "draws": len(self.theta_draws), "phi": len(self.phi_samples)}
         return tensors, state
 
@@ -50,12 +50,28 @@ class Trace:
         torch.set_rng_state(tensors["torch_rng"])
         self.visits.copy_(tensors["visits"])
         self.rng.bit_generator.state = state["numpy_rng"]
-        self.batches[:] = state["batches"]
+        self.batches[:] = _batches_from(tensors, state)
         self.diag.update(state["diag"])
         self.theta_draws[:] = [listed(tensors, f"draw.{i}") for i in range(state["draws"])]
         self.phi_samples[:] = [unflatten(f"phi.{i}", tensors) for i in range(state["phi"])]
         self.step_time = float(state["step_time"])
         return int(state["step"])
+
+
+def _batch_tensors(batches: list) -> dict[str, torch.Tensor]:
+    """The rest of this pass's minibatches as two int64 tensors (indices, sizes): a checkpoint's tensors, not
+    a JSON list of a million ints."""
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.int64)
+    flat = np.concatenate([np.asarray(b, dtype=np.int64) for b in batches]) if batches else np.zeros(0, np.int64)
+    return {"batches": torch.from_numpy(flat), "batch_sizes": sizes}
+
+
+def _batches_from(tensors: dict, state: dict) -> list:
+    """`_batch_tensors` read back (a checkpoint written before them kept the batches in its JSON)."""
+    if "batch_sizes" not in tensors:
+        return [np.asarray(b, dtype=np.int64) for b in state.get("batches", [])]
+    sizes = tensors["batch_sizes"].numpy()
+    return np.split(tensors["batches"].numpy(), np.cumsum(sizes)[:-1]) if len(sizes) else []
 
 
 def _snapshot(kernel: SGLDKernel, trace: Trace, next_step: int) -> tuple[dict, dict]:
