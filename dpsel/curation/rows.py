@@ -17,6 +17,7 @@ import numpy as np
 
 from dpsel.curation.rules import SelectionRule
 from dpsel.data import REASON_DUPLICATE, REASON_INVALID, REASON_LOW_WEIGHT, InstructionSet, read_instruction_set
+from dpsel.data.conversations import Conversations
 from dpsel.errors import DpselInputError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,13 @@ class RunRows:
         if self.redacted is None:
             return self.data.messages(mask)
         return self.redacted.filter(np.asarray(mask, bool)).to_pylist()
+
+    def conversation_rows(self, mask: np.ndarray) -> Conversations:
+        """`conversations`, held in Arrow and read as Python lists of dicts only while a caller looks at a row
+        (`dpsel.data.conversations`): what selection reads its pool through."""
+        if self.redacted is None:
+            return Conversations(self.data.message_array(mask))
+        return Conversations(self.redacted.filter(np.asarray(mask, bool)))
 
     @property
     def n(self) -> int:

@@ -89,7 +89,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
         reviewed = reviewed_in_selection(train_rows, review, pool, int(meta_rows.usable.sum()))
         with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)), \
                 reviewed_rows(*reviewed) if reviewed else nullcontext():
-            scores = select(train_rows.conversations(pool), _meta_messages(meta_rows, train_rows, review),
+            scores = select(train_rows.conversation_rows(pool), _meta_messages(meta_rows, train_rows, review),
                             method, config, progress, groups=pool_groups)
     check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
     select_s = time.perf_counter() - select_start

@@ -1,0 +1,49 @@
+"""The selection pool's messages held in Arrow (`dpsel.data.conversations`) read exactly as the Python lists."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dpsel.curation.rows import read_rows
+from dpsel.curation.stages import apply_stages
+from dpsel.data import conversations
+from dpsel.stages.options import StagesConfig
+from dpsel.synth import generate
+
+
+def _chat_file(path):
+    system = {"role": "system", "content": "You are a careful assistant."}
+    rows = [[system, {"role": "user", "content": f"Question {i}: mail jane.doe{i}@example.com?"},
+             {"role": "assistant", "content": f"Answer {i}, with ünïcode and a\nnewline."}] for i in range(40)]
+    rows[7] = [{"role": "user", "content": "   "}, {"role": "assistant", "content": "x"}]   # invalid: blank prompt
+    rows[9] = rows[8]                                                                        # duplicate
+    pq.write_table(pa.table({"messages": rows}), path)
+    return path
+
+
+@pytest.mark.parametrize("shape", ["alpaca", "chat"])
+def test_arrow_conversations_equal_the_python_lists(tmp_path, shape, monkeypatch):
+    monkeypatch.setattr(conversations, "CHUNK_ROWS", 7)   # iteration crosses chunk edges
+    path = generate(tmp_path, rows=60, seed=1, meta_rows=10, test_rows=10)["train"] if shape == "alpaca" \
+        else _chat_file(tmp_path / "chat.parquet")
+    rows = read_rows(path)
+    mask = rows.usable.copy()
+    mask[::5] = False
+    held, listed = rows.conversation_rows(mask), rows.conversations(mask)
+    assert len(held) == len(listed) > 0 and list(held) == listed
+    assert held[0] == listed[0] and held[-1] == listed[-1] and held[3:11] == listed[3:11]
+    assert held[::4] == listed[::4]
+    with pytest.raises(IndexError):
+        held[len(listed)]
+    assert [1] + held == [1] + listed and held + [2] == listed + [2]
+
+
+def test_redacted_rows_are_what_selection_reads(tmp_path):
+    rows = read_rows(_chat_file(tmp_path / "chat.parquet"))
+    apply_stages(rows, StagesConfig(pii="redact"))
+    held, listed = rows.conversation_rows(rows.usable), rows.conversations(rows.usable)
+    assert list(held) == listed
+    assert not any("@example.com" in m["content"] for row in held for m in row)
+    assert np.sum(rows.usable) == len(held)
