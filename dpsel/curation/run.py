@@ -17,7 +17,7 @@ from dpsel.curation.record import CurationResult, Run, inputs_entry, write_run
 from dpsel.curation.rows import (RunRows, as_path_list, check_weights, drop_meta_duplicates, read_rows,
                                  require_all_usable, spread_scores)
 from dpsel.curation.rules import apply_rule, make_rule
-from dpsel.curation.stages import apply_stages
+from dpsel.curation.stages import SpilledIndex, apply_stages
 from dpsel.curation.truth import load_truth, truth_auroc
 from dpsel.errors import DpselInputError
 from dpsel.outputs import check_outputs_do_not_overwrite_inputs
@@ -69,6 +69,7 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
         stages_start = time.perf_counter()
         with mapping_blocks_on(block_map(ray_options)):   # near-dup signatures on Ray actors too
             near_dup_index = apply_stages(train_rows, stages, config.embedder)
+        near_dup_index = SpilledIndex(near_dup_index) if near_dup_index is not None else None
         if review is not None:
             apply_drops(train_rows, review)
         stages_s = time.perf_counter() - stages_start

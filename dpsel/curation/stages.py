@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,28 @@ def record_stages(rows: RunRows, config: StagesConfig, blocks: list, embeddings:
         rows.redacted = outcome.columns[_MESSAGES]
 
 
-def save_index(scorer_dir: Path, index: NearDupIndex | None, config: StagesConfig) -> None:
+class SpilledIndex:
+    """A near-dup index written to a temporary .npz (under TMPDIR) until the run's scorer/ takes it (`save`): its
+    ~400 bytes a row are not held through selection. The file goes when this object does, if not saved."""
+
+    def __init__(self, index: NearDupIndex):
+        import tempfile
+        import weakref
+        handle, name = tempfile.mkstemp(prefix="dpsel-near-dup-", suffix=".npz")
+        os.close(handle)
+        self.path, self.rows = Path(name), len(index)
+        weakref.finalize(self, self.path.unlink, missing_ok=True)
+        index.save(self.path)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def save(self, path: Path) -> None:
+        import shutil
+        shutil.move(self.path, path)
+
+
+def save_index(scorer_dir: Path, index: NearDupIndex | SpilledIndex | None, config: StagesConfig) -> None:
     if index is None or not scorer_dir.is_dir():
         return
     index.save(scorer_dir / INDEX_FILE)

@@ -142,6 +142,30 @@ def test_the_seen_index_finds_a_retemplated_copy_and_spilled_sketches_agree(tmp_
     assert np.array_equal(on_disk.keeper, in_memory.keeper) and on_disk.keeper.tolist() == [*range(7), 0]
 
 
+def test_curate_holds_the_index_on_disk_until_the_scorer_takes_it(tmp_path):
+    """The index `curate` spills after the stages saves as the index itself would; unsaved, its file goes."""
+    import gc
+    from dpsel.curation.stages import SpilledIndex, save_index
+    block = NearDup()
+    block(ConversationBatch(make_table(["Describe `os.listdir` in a sentence or two.", *FILLER],
+                                       [LISTDIR, *FILLER_ANSWERS])))
+    spilled = SpilledIndex(block.index)
+    assert len(spilled) == len(block.index) == 7 and spilled.path.exists()
+    (tmp_path / "held").mkdir()
+    (tmp_path / "spilled").mkdir()
+    save_index(tmp_path / "held", block.index, StagesConfig())
+    save_index(tmp_path / "spilled", spilled, StagesConfig())
+    assert (tmp_path / "held" / INDEX_META_FILE).read_text() == (tmp_path / "spilled" / INDEX_META_FILE).read_text()
+    held, moved = (NearDupIndex.load(tmp_path / d / INDEX_FILE) for d in ("held", "spilled"))
+    assert all(np.array_equal(getattr(held, n), getattr(moved, n)) for n in held.names)
+    assert not spilled.path.exists()           # moved into scorer/
+    dropped = SpilledIndex(block.index)
+    path = dropped.path
+    del dropped
+    gc.collect()
+    assert not path.exists()
+
+
 def test_an_index_saved_before_the_answer_rule_loads_and_a_broken_one_exits_2(tmp_path):
     block = NearDup()
     block(ConversationBatch(make_table(["Describe `os.listdir` in a sentence or two."], [LISTDIR], ids=["old0"])))
