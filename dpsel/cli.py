@@ -153,7 +153,7 @@ def curate(train: Optional[list[str]] = typer.Option(None, "--train", help="Trai
            device: Optional[str] = typer.Option(None, "--device", help="auto (default) | cpu | cuda"),
            variant: Optional[str] = typer.Option(None, "--variant", help="bads: default | paper"),
            weight_param: Optional[str] = typer.Option(None, "--weight-param", help="bads: logits | amortized"),
-           batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training rows per sampler step (default 16; bads in embedder space grows the default on pools past bads.embed_max_steps)."),
+           batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training rows per sampler step (default 16). bads in embedder space grows the default on pools past bads.embed_max_steps."),
            max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per row; longer rows are cut (default 256)."),
            truth: Optional[Path] = typer.Option(None, "--truth", help="synth truth.parquet: adds AUROC to the report."),
            labels: Optional[Path] = typer.Option(None, "--labels", help="A reviewer's labels (dpsel review's file, "
