@@ -8,6 +8,7 @@ iteration; `+` with a list gives a list.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ class Conversations(Sequence):
             if step == 1:
                 return self.array.slice(start, max(0, stop - start)).to_pylist()
             return [self[i] for i in range(start, stop, step)]
+        index = operator.index(index)   # numpy integers too
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):

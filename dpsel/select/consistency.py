@@ -53,7 +53,6 @@ def group_self_confidence(answers: list[str], groups: np.ndarray, seed: int, fol
     """p(own group | answer) per row, from folds stratified by group: out of fold for the rows the classifier
     fits on (all of them up to `fit_rows`, else a stratified sample), and the mean of the fold models for the
     rest. The n-gram vectors are made a chunk at a time, so memory does not grow with the pool."""
-    from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold
 
     groups = np.asarray(groups)
@@ -65,7 +64,7 @@ def group_self_confidence(answers: list[str], groups: np.ndarray, seed: int, fol
     models = []
     splits = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed).split(fit_x, fit_y)
     for train_idx, test_idx in splits:
-        model = clone(linear_classifier(seed)).fit(fit_x[train_idx], fit_y[train_idx])
+        model = linear_classifier(seed).fit(fit_x[train_idx], fit_y[train_idx])
         probs[fit[test_idx]] = _own_group(model.predict_proba(fit_x[test_idx]), model.classes_, fit_y[test_idx])
         models.append(model)
     rest = np.setdiff1d(np.arange(len(groups)), fit)
@@ -82,10 +81,11 @@ def fit_sample(groups: np.ndarray, fit_rows: int, folds: int, seed: int) -> np.n
     if len(groups) <= fit_rows:
         return np.arange(len(groups))
     rng = np.random.default_rng(seed)
-    counts = np.bincount(groups)
+    by_group = np.argsort(groups, kind="stable")   # each group's rows, one slice of it per group
+    ends = np.cumsum(np.bincount(groups))
     chosen = []
-    for group in np.flatnonzero(counts):
-        members = np.flatnonzero(groups == group)
+    for start, end in zip(np.concatenate([[0], ends[:-1]]).tolist(), ends.tolist()):
+        members = by_group[start:end]
         take = min(len(members), max(folds, round(fit_rows * len(members) / len(groups))))
         chosen.append(rng.choice(members, size=take, replace=False))
     return np.sort(np.concatenate(chosen))

@@ -34,6 +34,7 @@ def test_arrow_conversations_equal_the_python_lists(tmp_path, shape, monkeypatch
     held, listed = rows.conversation_rows(mask), rows.conversations(mask)
     assert len(held) == len(listed) > 0 and list(held) == listed
     assert held[0] == listed[0] and held[-1] == listed[-1] and held[3:11] == listed[3:11]
+    assert held[np.int64(2)] == listed[2]
     assert held[::4] == listed[::4]
     with pytest.raises(IndexError):
         held[len(listed)]
