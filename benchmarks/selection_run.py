@@ -49,7 +49,8 @@ def run_method(name: str, data: dict, args, progress_every: float = 30.0) -> dic
     from dpsel.select import select
     from dpsel.select.base import SelectConfig
     method, fields, extra = VARIANTS[name]
-    extra = dict(extra, measure_plain_steps=args.plain_steps, **json.loads(args.extra))
+    # ablations: bads's same-run ablation rows (`name[alt]`), which a product run does not compute
+    extra = dict(extra, measure_plain_steps=args.plain_steps, ablations=True, **json.loads(args.extra))
     config = SelectConfig(model=args.model_path, device=args.device, seed=args.seed, steps=args.steps,
                           batch_size=args.batch_size, meta_batch_size=args.meta_batch_size,
                           max_length=args.max_length, extra=extra, **fields)

@@ -1,6 +1,7 @@
 """bads with θ in the sentence embedder's space: the problem, the run, `filter`, the fallback."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -62,7 +63,16 @@ def test_embedding_problem_losses_and_gradients_have_the_rows_shapes():
 def run():
     train = _pool(swapped=SWAPPED)
     meta = _pool(2, tag="editor")
-    return train, select(train, meta, "bads", CONFIG)
+    return train, select(train, meta, "bads", dataclasses.replace(CONFIG, extra={"ablations": True}))
+
+
+def test_a_run_without_ablations_gives_the_same_weights_and_computes_none(run):
+    """The ablations are diagnostics: off (the default) they are not computed, and the weights do not move."""
+    train, with_ablations = run
+    plain = select(train, _pool(2, tag="editor"), "bads", CONFIG)
+    assert plain.alternatives == {} and len(with_ablations.alternatives) > 10
+    np.testing.assert_allclose(plain.weight_mean, with_ablations.weight_mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(plain.weight_std, with_ablations.weight_std, rtol=0, atol=1e-12)
 
 
 def test_embedder_theta_ranks_swapped_answers_low_and_the_manifest_says_so(run):

@@ -82,7 +82,7 @@ def _run_ranks(work) -> list:
 
 def test_two_rank_posterior_pass_scores_every_row_as_one_process():
     base, slope, groups, prior_mean, draws = _pool()
-    settings = BadsSettings()
+    settings = BadsSettings(ablations=True)   # the pass without the refresh too
     one = _LinearLosses(base, slope, groups)
     single = posterior_pass_over_pool(one, one.theta(), draws, prior_mean, torch.as_tensor(groups), settings)
 

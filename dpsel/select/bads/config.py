@@ -85,6 +85,11 @@ class BadsSettings:
     # frequency, genericness), each calibrated on meta into the prior's noisy-or (`tail` rule only) and read by θ's
     # quality density (embedder θ)
     quality: bool = True
+    # The same run's ablation scores (Scores.alternatives: each evidence source alone, the prior alone, θ alone,
+    # the posterior pass from the prior without each kind of evidence): what benchmarks/selection.py reports. Off
+    # by default: a run writes none of them, and each ablation prior costs one more posterior-pass average and
+    # a few per-row arrays (at 1M rows, most of the posterior pass's time).
+    ablations: bool = False
 
     @classmethod
     def for_variant(cls, variant: str, extra: dict) -> "BadsSettings":

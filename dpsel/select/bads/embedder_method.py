@@ -152,8 +152,9 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
         ["theta"] if settings.posterior_pass and settings.refresh_prior == "min" else [])
     result.coverage["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
     result.coverage.update({k: v for k, v in report.items() if k != "embedder"})
-    result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids, prior_mean,
-                                                  calibration))
+    if settings.ablations:
+        result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids, prior_mean,
+                                                      calibration), reference_loss_only=-ref_distance)
 
     weight_mean, weight_std, net, phi_samples = final_weights(result, config, scaled, features)
     scorer = EmbedderBadsScorer([row_id(m) for m in train], weight_mean, weight_std,
@@ -166,7 +167,7 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     cfg = config.to_dict()
     cfg["bads"] = asdict(settings)
     return Scores("bads", weight_mean, weight_std, cfg, dict(result.diagnostics), timings, scorer,
-                  coverage=result.coverage, alternatives=dict(result.alternatives, reference_loss_only=-ref_distance))
+                  coverage=result.coverage, alternatives=dict(result.alternatives))
 
 
 def _feature_stats(features: np.ndarray, chunk: int = 65536):

@@ -149,7 +149,9 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
     result.coverage["prior_evidence"] = list(prior_evidence) + (
         ["theta"] if settings.posterior_pass and settings.refresh_prior == "min" else [])
     result.coverage.update(evidence_report)  # the embedder behind the evidence, its weights' sha256, rows/s
-    result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids))
+    if settings.ablations:
+        result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids),
+                                   reference_loss_only=-ref_nll)
     lm.model.eval()
 
     weight_mean, weight_std, net, phi_samples = final_weights(result, config, stats.apply(raw_features), features)
@@ -168,4 +170,4 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
     cfg = config.to_dict()
     cfg["bads"] = asdict(settings)
     return Scores("bads", weight_mean, weight_std, cfg, diagnostics, timings, scorer, coverage=result.coverage,
-                  alternatives=dict(result.alternatives, reference_loss_only=-ref_nll))
+                  alternatives=dict(result.alternatives))

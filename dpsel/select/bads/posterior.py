@@ -43,7 +43,8 @@ def posterior_pass(problem: SelectionProblem, theta: list[torch.Tensor], theta_d
     repeats (refusals), which the reference still flags. A row keeps a high prior mean only if *both* find it
     typical of its task: a_i/(a_i+b_i) = min(prior mean before the pass, EB mean from θ's losses). Measured as
     the ablation `bads[posterior_pass_no_theta_refresh]` in benchmarks/results/selection.md.
-    `ablation_priors` go through the same refresh and average (out["ablations"]).
+    `ablation_priors` go through the same refresh and average (out["ablations"]); with `settings.ablations`,
+    out["reference_prior_mean"] is the pass without the refresh.
     """
     current = [t.detach().clone() for t in theta]
     tilts, standardised = [], torch.zeros(problem.n_train, dtype=torch.float64)
@@ -61,7 +62,8 @@ def posterior_pass(problem: SelectionProblem, theta: list[torch.Tensor], theta_d
         _load(theta, current)
     theta_loss = (standardised / max(len(tilts), 1)).numpy()
     out = {"theta_loss": theta_loss}
-    out["reference_prior_mean"], _ = _average_conditionals(prior_mean, tilts, settings.kappa)
+    if settings.ablations:   # the `posterior_pass_no_theta_refresh` ablation: one more average over the pool
+        out["reference_prior_mean"], _ = _average_conditionals(prior_mean, tilts, settings.kappa)
     theta_prior = None
     if settings.refresh_prior == "min":
         theta_prior = torch.as_tensor(empirical_bayes_mean(theta_loss, groups.numpy(), settings.beta,

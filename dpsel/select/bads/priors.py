@@ -3,6 +3,7 @@ within-group loss rank, group consistency, the embedder's question–answer cons
 answer's word-order fluency), and the evidence-only ablation scores."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -76,13 +77,19 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
 
 def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
                      seed: int, meta: list[Messages] | None = None, report: dict | None = None,
-                     reference_z: np.ndarray | None = None,
-                     calibration: dict | None = None) -> dict[str, np.ndarray]:
+                     reference_z: np.ndarray | None = None, calibration: dict | None = None,
+                     calibrated_only: bool = False) -> dict[str, np.ndarray]:
     """The evidence behind the empirical-Bayes prior, each as a normal score (high = looks bad): the reference's
     within-group loss rank, when the pool has groups how unlike its group's answers the row's answer is, and the
     embedder's evidence (`semantic_evidence`, with pseudo-groups where the pool has none). `calibration` gets
-    (pool, meta) badness of the sources that can score the meta rows out of sample (calibration.py)."""
+    (pool, meta) badness of the sources that can score the meta rows out of sample (calibration.py).
+    `calibrated_only`: leave out group consistency, which cannot score meta rows, where calibrated sources
+    (fluency, quality: any meta row scores them) will be there for the `tail` rule, which then never uses it."""
     evidence = {"reference": evidence_z(ref_nll, groups) if reference_z is None else reference_z}
+    if calibrated_only and settings.group_consistency and meta and (settings.fluency or settings.quality):
+        log.info("bads prior: group consistency not computed: the tail rule uses only evidence calibrated on "
+                 "meta (bads.ablations computes it, as an ablation)")
+        settings = dataclasses.replace(settings, group_consistency=False)
     if settings.group_consistency and has_groups(groups):
         evidence["group_consistency"] = consistency_z(group_consistency(train, groups, seed))
     if settings.semantic:
@@ -166,12 +173,14 @@ def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, 
     `combine` (`_combined_mean`; `tail` leaves the reference out, see BadsSettings.prior_combine), or β
     everywhere without the empirical-Bayes prior; `reference_only` from the reference alone. `calibration`
     (filled here when given): each calibrated source's (pool, meta) badness. The quality sources join only the
-    calibrated `tail` rule: uncalibrated, a sparse signal's z would dominate the `max`."""
+    calibrated `tail` rule: uncalibrated, a sparse signal's z would dominate the `max`. The ablations' prior
+    means only with `settings.ablations` (else {})."""
     from dpsel.select.bads.calibration import current_reviewed
     from dpsel.select.bads.quality_evidence import QUALITY_PREFIX, calibrated_weights
     calibration = {} if calibration is None else calibration
     prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed, meta, report, reference_z,
-                                      calibration) if settings.eb_prior else {}
+                                      calibration, calibrated_only=combine == "tail" and not settings.ablations
+                                      ) if settings.eb_prior else {}
     used = [name for name in prior_evidence if combine != "tail" or name != "reference"]
     if combine == "tail" and any(name in calibration for name in used):
         used = [name for name in used if name in calibration]  # _combined_mean reads only these
@@ -190,6 +199,8 @@ def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, 
     if reviewed is not None:  # a reviewed drop is known bad: θ's weighted-pool prior should not learn from it
         prior_mean[torch.as_tensor(reviewed.drop)] = REVIEWED_DROP_PRIOR_MEAN
     ablation_priors = {}
+    if not settings.ablations:
+        return prior_evidence, prior_mean, ablation_priors
     semantic = [name for name in prior_evidence if name in SEMANTIC_EVIDENCE]
     if semantic:  # the same run's posterior pass from the prior without the embedder's evidence
         rest = [name for name in used if name not in semantic] or ["reference"]

@@ -202,10 +202,10 @@ def _estimates(problem: SelectionProblem, kernel: SGLDKernel, trace: Trace, prio
         mean, std = passed["mean"], passed["std"]
         timings["posterior_pass_seconds"] = time.perf_counter() - pass_started
         scored_by = {"posterior_pass": n}
-        # Ablations from the same run: the visit averages alone (unvisited rows at their prior), θ's
-        # standardised loss alone (no prior), the posterior pass without the refreshed prior, and the posterior
-        # pass from each of `ablation_priors`.
-        alternatives = {"visits_only": moments.mean(fallback=prior_mean).numpy(),
+        # Ablations from the same run (asked for by `settings.ablations`): the visit averages alone (unvisited
+        # rows at their prior), θ's standardised loss alone (no prior), the posterior pass without the refreshed
+        # prior, and the posterior pass from each of `ablation_priors`.
+        alternatives = {} if not settings.ablations else {"visits_only": moments.mean(fallback=prior_mean).numpy(),
                         "theta_loss_only": -passed["theta_loss"],
                         "posterior_pass_no_theta_refresh": passed["reference_prior_mean"],
                         **{f"posterior_pass_{name}": mean for name, mean in passed["ablations"].items()}}
