@@ -66,13 +66,21 @@ def run():
     return train, select(train, meta, "bads", dataclasses.replace(CONFIG, extra={"ablations": True}))
 
 
-def test_a_run_without_ablations_gives_the_same_weights_and_computes_none(run):
-    """The ablations are diagnostics: off (the default) they are not computed, and the weights do not move."""
-    train, with_ablations = run
-    plain = select(train, _pool(2, tag="editor"), "bads", CONFIG)
-    assert plain.alternatives == {} and len(with_ablations.alternatives) > 10
+def test_a_run_without_ablations_gives_the_same_weights_and_computes_none(caplog):
+    """The ablations are diagnostics: off (the default) they are not computed, nor is the group consistency the
+    tail rule never uses, and the weights do not move."""
+    train, meta = _pool(swapped=SWAPPED), _pool(2, tag="editor")
+    groups = [topic for topic in TOPICS for _ in range(10)]
+    with_ablations = select(train, meta, "bads", dataclasses.replace(CONFIG, extra={"ablations": True}),
+                            groups=groups)
+    with caplog.at_level(logging.INFO, logger="dpsel.select.bads.priors"):
+        plain = select(train, meta, "bads", CONFIG, groups=groups)
+    assert plain.alternatives == {}
+    assert "group_consistency_only" in with_ablations.alternatives and len(with_ablations.alternatives) > 10
+    assert "group consistency not computed" in caplog.text
     np.testing.assert_allclose(plain.weight_mean, with_ablations.weight_mean, rtol=0, atol=1e-12)
     np.testing.assert_allclose(plain.weight_std, with_ablations.weight_std, rtol=0, atol=1e-12)
+    assert plain.coverage["prior_evidence"] == with_ablations.coverage["prior_evidence"]
 
 
 def test_embedder_theta_ranks_swapped_answers_low_and_the_manifest_says_so(run):
