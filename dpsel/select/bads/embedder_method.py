@@ -134,6 +134,8 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     features = torch.from_numpy(scaled)                # shares the array: one copy of the features
 
     problem = _problem(q, a, q_meta, a_meta, group_ids, theta0, settings, calibration)
+    if not settings.ablations:   # the per-row evidence is in the prior mean and θ's problem now: not held on
+        prior_evidence, calibration = dict.fromkeys(prior_evidence), {}
     batch_size = settings.embed_batch_size(len(train), config.batch_size)
     if batch_size != config.batch_size:
         log.info("bads: %d rows, so the embedder θ takes %d rows a step (not %d) to stay within embed_max_steps "
