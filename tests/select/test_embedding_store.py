@@ -95,3 +95,35 @@ def test_concurrent_writers_and_compaction_keep_every_row(tmp_path):
     segment_of, offset = store.locate(ids, segments)
     assert (segment_of == 0).all() and len(segments[0].keys) == 30
     np.testing.assert_array_equal(segments[0].vectors[offset][:, 0], np.arange(30))
+
+
+def _rss_file_mb() -> int | None:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) // 1024
+    return None
+
+
+def test_scattered_reads_equal_the_stored_rows_and_map_nothing(tmp_path):
+    """A sampler gathers a few scattered rows per step: through the memory map each one faulted in a large folio,
+    so a run made the whole store resident (issue 29); `preadv` reads leave the process's RSS alone."""
+    store = EmbeddingStore(tmp_path / "store")
+    writer = store.writer()
+    rows, dim = 40_000, 256                                # 20 MB of float16
+    vectors = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float16)
+    for start in range(0, rows, 10_000):
+        writer.append([f"r{i}" for i in range(start, start + 10_000)], vectors[start:start + 10_000])
+    writer.close()
+    segment = store.segments()[0]
+    picks = np.random.default_rng(1).integers(0, rows, (200, 50))
+    before = _rss_file_mb()
+    for idx in picks:
+        np.testing.assert_array_equal(segment.read(idx), vectors[idx])
+    after = _rss_file_mb()
+    if before is not None:
+        assert after - before < 8, f"scattered reads made {after - before} MB of the store resident"
+    # unordered, repeated and consecutive rows in one read, and none at all
+    idx = np.array([5, 3, 4, 5, 39_999, 0, 1, 2])
+    np.testing.assert_array_equal(segment.read(idx), vectors[idx])
+    assert segment.read(np.array([], np.int64)).shape == (0, dim)
