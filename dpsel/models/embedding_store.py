@@ -10,7 +10,7 @@ into one) holds the field's `filelock`. Why this format and not SQLite blobs or 
 benchmarks/results/embedding_store.md (bytes per row, write and read rows/s).
 
 Reads never make the file pages resident in the process: a `Column` (a run's rows in its order, as (segment,
-offset) pairs) reads chunks and gathers rows with `preadv`, consecutive rows in one read, so a pass or a
+offset) pairs) reads chunks and gathers rows with `pread`, consecutive rows in one read, so a pass or a
 sampler's scattered minibatches cost the page cache, not the process's RSS. (Gathering through the memory map
 did: one scattered row faulted in a whole large folio, ~1 MB on the kernel measured, so a sampler run made the
 entire store resident, +324 MB of RSS at 400k rows, even with the pages dropped every 64 MB of rows read.)
