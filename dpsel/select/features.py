@@ -31,6 +31,24 @@ class FeatureStats:
     def fit(cls, raw: np.ndarray) -> "FeatureStats":
         return cls(raw.mean(0), raw.std(0) + 1e-6)
 
+    @classmethod
+    def from_chunks(cls, chunks, width: int) -> "FeatureStats":
+        """`fit` (mean, std + 1e-6) from float64 sums over chunks of rows: no [N, features] array or temporary."""
+        total, total_sq, n = np.zeros(width), np.zeros(width), 0
+        for chunk in chunks:
+            part = np.asarray(chunk, np.float64)
+            total += part.sum(0)
+            total_sq += (part * part).sum(0)
+            n += len(part)
+        mean = total / max(n, 1)
+        return cls(mean, np.sqrt(np.maximum(total_sq / max(n, 1) - mean * mean, 0)) + 1e-6)
+
+    def standardise(self, raw: np.ndarray) -> np.ndarray:
+        """`apply` in place on float32 features (no float64 copy); returns `raw`."""
+        raw -= self.mean.astype(np.float32)
+        raw /= self.std.astype(np.float32)
+        return raw
+
     def to_dict(self) -> dict:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 

@@ -3,13 +3,17 @@ equals the whole-array computation it replaced (sklearn's Ridge and KFold, the w
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
 
 from dpsel.models.embedding_store import EmbeddingStore
 from dpsel.models.embedder import Embedder, EmbeddingCache
-from dpsel.select.bads.embedding_problem import EmbeddingProblem, embedding_features, map_distances, ridge_map
+from dpsel.select.bads.embedding_problem import (EmbeddingProblem, embedding_features, map_distances, ridge_map,
+                                                 sampled_embedding_features)
+from dpsel.select.bads.weights import HeldRows
+from dpsel.select.features import FeatureStats
 from dpsel.select.ridge_stats import CHUNK_ROWS, kfold_of, qa_consistency_stats, stats_of
 
 
@@ -75,6 +79,30 @@ def test_store_columns_give_the_whole_arrays_losses_and_features(tmp_path, monke
     torch.testing.assert_close(from_store.all_losses(), in_memory.all_losses())
     idx = np.array([29, 0, 11, 11])
     torch.testing.assert_close(from_store.losses(idx, [1])[0], in_memory.losses(idx, [1])[0])
+
+
+def test_a_sample_of_the_features_is_the_whole_arrays_rows_with_its_standardisation(tmp_path, monkeypatch):
+    """The weight net's distillation sample alone is held: its rows and the pool's standardisation equal those
+    of the whole [N, features] array, from store columns read in many chunks."""
+    monkeypatch.setattr("dpsel.select.bads.embedding_problem.CHUNK_ROWS", 8)
+    rng = np.random.default_rng(4)
+    q, a = _unit(rng, 45), _unit(rng, 45)
+    maps = [ridge_map(q, a, 1.0), (torch.eye(6), torch.zeros(6))]
+    words = rng.integers(1, 50, 45)
+    whole = embedding_features(q, a, words, maps)
+    sample = np.array([0, 7, 8, 9, 23, 44])            # chunk edges, consecutive rows, the last row
+    stats, raw = sampled_embedding_features(_column(tmp_path / "q", q), _column(tmp_path / "a", a), words, maps,
+                                            sample)
+    np.testing.assert_allclose(raw, whole[sample], atol=1e-6)
+    fitted = FeatureStats.fit(whole.astype(np.float64))
+    np.testing.assert_allclose(stats.mean, fitted.mean, atol=1e-6)
+    np.testing.assert_allclose(stats.std, fitted.std, rtol=1e-5)
+    held = HeldRows(sample, stats.standardise(raw.copy()))
+    np.testing.assert_allclose(held[sample[::-1]], fitted.apply(whole)[sample[::-1]], atol=1e-5)
+    for missing in ([1], [0, 44, 45], [-1]):
+        with pytest.raises(IndexError, match="distillation sample"):
+            held[np.array(missing)]
+    assert held[np.array([], np.int64)].shape == (0, whole.shape[1])
 
 
 def test_pool_embeddings_are_float16_in_the_store(tmp_path):

@@ -17,15 +17,17 @@ import torch
 from dpsel.errors import DpselInputError
 from dpsel.models.embedder_files import is_off
 from dpsel.select.bads.config import BadsSettings
-from dpsel.select.bads.embedding_problem import EmbeddingProblem, as_map, embedding_features, map_distances
+from dpsel.select.bads.embedding_problem import (EmbeddingProblem, as_map, embedding_features, map_distances,
+                                                 sampled_embedding_features)
 from dpsel.select.bads.priors import combine_rule, evidence_ablations, prior_means
 from dpsel.select.bads.problems import infer_groups
 from dpsel.select.bads.quality_evidence import QUALITY_PREFIX
 from dpsel.select.bads.quality_problem import QualityEmbeddingProblem, quality_features
 from dpsel.select.bads.runner import run_sampler
 from dpsel.select.bads.scorer import EmbedderBadsScorer
-from dpsel.select.bads.weights import final_weights
+from dpsel.select.bads.weights import HeldRows, distil_sample, final_weights
 from dpsel.select.base import Messages, ProgressFn, Scores, SelectConfig
+from dpsel.select.features import FeatureStats
 
 log = logging.getLogger(__name__)
 THETA_SPACES = ("auto", "embedder", "lm")
@@ -127,11 +129,8 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     evidence_seconds = time.perf_counter() - evidence_started
     maps = [theta0, reference]
     words = np.asarray([len(answer_text(m).split()) for m in train], dtype=np.int32)
-    scaled = embedding_features(q, a, words, maps)     # [N, features] float32, standardised in place below
-    stats = _feature_stats(scaled)
-    scaled -= stats.mean.astype(np.float32)
-    scaled /= stats.std.astype(np.float32)
-    features = torch.from_numpy(scaled)                # shares the array: one copy of the features
+    stats, scaled = _weight_net_features(q, a, words, maps, config, settings)
+    features = torch.from_numpy(scaled) if isinstance(scaled, np.ndarray) else None   # shares the array
 
     problem = _problem(q, a, q_meta, a_meta, group_ids, theta0, settings, calibration)
     if not settings.ablations:   # the per-row evidence is in the prior mean and θ's problem now: not held on
@@ -158,7 +157,7 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
         result.alternatives.update(evidence_ablations(prior_evidence, result.alternatives, group_ids, prior_mean,
                                                       calibration), reference_loss_only=-ref_distance)
 
-    weight_mean, weight_std, net, phi_samples = final_weights(result, config, scaled, features)
+    weight_mean, weight_std, net, phi_samples = final_weights(result, config, scaled)
     scorer = EmbedderBadsScorer([row_id(m) for m in train], weight_mean, weight_std,
                                 {"seed": config.seed, "weight_param": config.weight_param, "variant": config.variant,
                                  "theta_space": "embedder", "embedder": settings.embedder, "embedder_sha": embedder.sha,
@@ -172,13 +171,15 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
                   coverage=result.coverage, alternatives=dict(result.alternatives))
 
 
-def _feature_stats(features: np.ndarray, chunk: int = 65536):
-    """FeatureStats (mean, std + 1e-6) from float64 sums over chunks: no [N, features] temporary."""
-    from dpsel.select.features import FeatureStats
-    total, total_sq = np.zeros(features.shape[1]), np.zeros(features.shape[1])
-    for start in range(0, len(features), chunk):
-        part = features[start:start + chunk].astype(np.float64)
-        total += part.sum(0)
-        total_sq += (part * part).sum(0)
-    mean = total / max(len(features), 1)
-    return FeatureStats(mean, np.sqrt(np.maximum(total_sq / max(len(features), 1) - mean * mean, 0)) + 1e-6)
+def _weight_net_features(q, a, words: np.ndarray, maps, config: SelectConfig, settings: BadsSettings):
+    """(the features' standardisation, the standardised features `final_weights` reads). Where the posterior pass
+    scores every row and the weights are per-row logits, nothing reads a row's features but the weight net's
+    distillation: its sample's alone are held (`HeldRows`), not the pool's [N, features] float32 array (148 MB
+    a million rows). Otherwise the amortised weights (and the net's scoring of under-visited rows) need them all."""
+    if config.weight_param == "logits" and settings.posterior_pass:
+        sample = distil_sample(len(words), config.seed)
+        stats, raw = sampled_embedding_features(q, a, words, maps, sample)
+        return stats, HeldRows(sample, stats.standardise(raw))
+    raw = embedding_features(q, a, words, maps)
+    stats = FeatureStats.from_chunks((raw[start:start + 65536] for start in range(0, len(raw), 65536)), raw.shape[1])
+    return stats, stats.standardise(raw)

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from dpsel.models.embedding_store import as_column
 from dpsel.select.bads.problems import SelectionProblem
+from dpsel.select.features import FeatureStats
 from dpsel.select.ridge_stats import CHUNK_ROWS, stats_of
 
 
@@ -89,17 +90,42 @@ def embedding_features(q, a, answer_words: np.ndarray, maps: list[tuple[torch.Te
     cos(q, a), the map distance under each saved map (θ₀ and the meta-only reference), the answer's log word count,
     and fixed projections of q and of the residual a − q W (what the answer adds beyond the expected one).
     [N, features] float32, computed chunk by chunk from arrays or store columns."""
+    out = None
+    for rows, features in _feature_chunks(q, a, answer_words, maps):
+        out = np.empty((len(as_column(q)), features.shape[1]), np.float32) if out is None else out
+        out[rows] = features
+    return out if out is not None else np.zeros((0, _feature_count(maps)), np.float32)
+
+
+def sampled_embedding_features(q, a, answer_words: np.ndarray, maps, rows: np.ndarray) -> tuple[FeatureStats, np.ndarray]:
+    """(the standardisation of every row's `embedding_features`, the raw features of `rows` only): the whole
+    pool's features are made a chunk at a time and dropped, so a pool of millions never holds its [N, features]
+    array (`rows`: sorted row numbers, e.g. the weight net's distillation sample)."""
+    rows, kept = np.asarray(rows, np.int64), []
+
+    def chunks():
+        for chunk_rows, features in _feature_chunks(q, a, answer_words, maps):
+            low, high = np.searchsorted(rows, [chunk_rows[0], chunk_rows[-1] + 1])
+            kept.append(features[rows[low:high] - chunk_rows[0]])
+            yield features
+
+    stats = FeatureStats.from_chunks(chunks(), _feature_count(maps))
+    return stats, np.concatenate(kept) if kept else np.zeros((0, _feature_count(maps)), np.float32)
+
+
+def _feature_count(maps) -> int:
+    return 2 + len(maps) + 2 * PROJECTION_DIM
+
+
+def _feature_chunks(q, a, answer_words: np.ndarray, maps):
+    """(row numbers, raw features) of each chunk of rows, in order."""
     q, a = as_column(q), as_column(a)
     words = np.log1p(np.asarray(answer_words, dtype=np.float64))
     proj = _projection(q.dim)
-    out = None
     with torch.no_grad():
         for start, part in q.chunks(CHUNK_ROWS):
             rows = np.arange(start, start + len(part))
-            features = _chunk_features(part, a.rows(rows), words[rows], maps, proj)
-            out = np.empty((len(q), features.shape[1]), np.float32) if out is None else out
-            out[rows] = features
-    return out if out is not None else np.zeros((0, 2 + len(maps) + 2 * PROJECTION_DIM), np.float32)
+            yield rows, _chunk_features(part, a.rows(rows), words[rows], maps, proj)
 
 
 def _chunk_features(q: np.ndarray, a: np.ndarray, words: np.ndarray, maps, proj: np.ndarray) -> np.ndarray:

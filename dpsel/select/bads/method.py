@@ -154,7 +154,7 @@ def select_bads(train: list[Messages], meta: list[Messages], config: SelectConfi
                                    reference_loss_only=-ref_nll)
     lm.model.eval()
 
-    weight_mean, weight_std, net, phi_samples = final_weights(result, config, stats.apply(raw_features), features)
+    weight_mean, weight_std, net, phi_samples = final_weights(result, config, stats.apply(raw_features))
     lm.load_theta(ref_state)  # the scorer featurises unseen rows with the reference, as the run did
     from dpsel.data import row_id
     scorer = BadsScorer([row_id(m) for m in train], weight_mean, weight_std,

@@ -74,9 +74,10 @@ def build_weights(weight_param: str, settings: BadsSettings, *, prior_mean: torc
     raise DpselInputError(f"unknown weight parametrisation {weight_param!r}; use 'logits' or 'amortized'")
 
 
-def final_weights(result, config, scaled_features: np.ndarray, features: torch.Tensor):
+def final_weights(result, config, scaled_features):
     """(weight mean, weight std, weight net, φ samples): the amortised run's own net, or a net distilled from
-    the rows the run backs, which also scores the under-visited rows."""
+    the rows the run backs, which also scores the under-visited rows. `scaled_features`: the standardised
+    features, [N, features] or the `HeldRows` of the distillation sample."""
     from dpsel.select.features import distil_weight_net
     weight_mean, weight_std = result.weight_mean, result.weight_std
     if config.weight_param == "amortized":
@@ -92,11 +93,12 @@ def final_weights(result, config, scaled_features: np.ndarray, features: torch.T
         # Too few visits for a posterior of their own: the net distilled from the well-visited rows scores
         # them (std 0 there means "no draws", which the coverage record states).
         with torch.no_grad():
-            low = torch.as_tensor(np.flatnonzero(result.under_visited))
+            low = np.flatnonzero(result.under_visited)
             weight_mean = weight_mean.copy()
-            weight_mean[low.numpy()] = torch.sigmoid(net(features[low])).double().numpy()
+            weight_mean[low] = torch.sigmoid(net(torch.as_tensor(scaled_features[low], dtype=torch.float32))
+                                             ).double().numpy()
             weight_std = weight_std.copy()
-            weight_std[low.numpy()] = 0.0
+            weight_std[low] = 0.0
     return weight_mean, weight_std, net, [net.state_dict()]
 
 
@@ -110,3 +112,24 @@ def _distil_rows(backed: np.ndarray, seed: int) -> np.ndarray:
     if len(rows) <= DISTIL_ROWS:
         return rows
     return np.sort(np.random.default_rng(seed).choice(rows, DISTIL_ROWS, replace=False))
+
+
+def distil_sample(n: int, seed: int) -> np.ndarray:
+    """The rows `final_weights` distils the net on when every row is backed (a posterior pass scores them all)."""
+    return _distil_rows(np.ones(n, dtype=bool), seed)
+
+
+class HeldRows:
+    """Some rows of an [N, features] array, indexed by their row numbers in the whole: what `final_weights` reads
+    when it is known in advance which rows it reads (`distil_sample`), so the other rows' features are never held.
+    Asking for a row not held is a bug, not a fallback: it raises."""
+
+    def __init__(self, rows: np.ndarray, values: np.ndarray):
+        self.rows, self.values = np.asarray(rows, np.int64), values
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index, np.int64)
+        at = np.minimum(np.searchsorted(self.rows, index), max(len(self.rows) - 1, 0))
+        if len(index) and (not len(self.rows) or not np.array_equal(self.rows[at], index)):
+            raise IndexError("features are held for the weight net's distillation sample only")
+        return self.values[at]
