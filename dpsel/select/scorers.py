@@ -9,7 +9,8 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dpsel.data import row_id
 from dpsel.io import write_parquet_atomic
@@ -22,15 +23,26 @@ class SeenTableScorer:
     """Base scorer: exact weights for seen rows, `_score_unseen` for the rest. Subclasses set `kind`."""
     kind = "table"
 
-    def __init__(self, ids: list[str], weight_mean: np.ndarray, weight_std: np.ndarray, info: dict | None = None):
-        self.ids = list(ids)
+    def __init__(self, ids, weight_mean: np.ndarray, weight_std: np.ndarray, info: dict | None = None):
+        # The seen ids as one Arrow string array (~30 bytes a row), looked up through a dict built on the first
+        # `score`: a curation only saves its scorer, and a Python list and dict of a million ids hold ~180 MB.
+        self.ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
         self.weight_mean = np.asarray(weight_mean, dtype=np.float64)
         self.weight_std = np.asarray(weight_std, dtype=np.float64)
+        if not len(self.ids) == len(self.weight_mean) == len(self.weight_std):
+            raise ValueError(f"scorer: {len(self.ids)} ids but {len(self.weight_mean)} weights, "
+                             f"{len(self.weight_std)} stds")
         self.info = dict(info or {})
-        # Duplicate ids (exact duplicate rows) share one weight: the first occurrence's.
-        self._index: dict[str, int] = {}
-        for i, key in enumerate(self.ids):
-            self._index.setdefault(key, i)
+        self._seen: dict[str, int] | None = None
+
+    @property
+    def _index(self) -> dict[str, int]:
+        """Seen id -> its row; duplicate ids (exact duplicate rows) share one weight: the first occurrence's."""
+        if self._seen is None:
+            self._seen = {}
+            for i, key in enumerate(self.ids.to_pylist()):
+                self._seen.setdefault(key, i)
+        return self._seen
 
     # -- scoring -----------------------------------------------------------------------------------
     def score(self, messages: list[Messages], ids: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +70,7 @@ class SeenTableScorer:
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         write_scorer_meta(directory, self.kind, **self.info)
-        table = pd.DataFrame({"dpsel_id": self.ids, "weight_mean": self.weight_mean, "weight_std": self.weight_std})
+        table = pa.table({"dpsel_id": self.ids, "weight_mean": self.weight_mean, "weight_std": self.weight_std})
         write_parquet_atomic(table, directory / SEEN_TABLE)
         self._save_model(directory)
 
@@ -70,8 +82,9 @@ class SeenTableScorer:
         directory = Path(directory)
         info = read_scorer_meta(directory)
         info.pop("kind", None)
-        table = pd.read_parquet(directory / SEEN_TABLE)
-        scorer = cls(table["dpsel_id"].tolist(), table["weight_mean"].to_numpy(), table["weight_std"].to_numpy(), info)
+        table = pq.read_table(directory / SEEN_TABLE)
+        scorer = cls(table.column("dpsel_id"), table.column("weight_mean").to_numpy(),
+                     table.column("weight_std").to_numpy(), info)
         scorer._load_model(directory)
         return scorer
 

@@ -227,7 +227,7 @@ def _star_pairs(column: Callable[[int], np.ndarray], bands: int, rows: np.ndarra
     """Unique (row, star centre) pair codes (row * n + centre): per band, `column(band)` gives a key per entry
     (entries of ascending `rows`; one band at a time, so no entries × bands copy), and each entry is paired with
     the first entry of its group of equal keys."""
-    codes = [np.zeros(0, np.int64)]
+    codes = np.zeros(0, np.int64)
     for band in range(bands):
         keys = column(band)
         order = np.argsort(keys)                # unstable (faster): the centre is the group's smallest row
@@ -236,8 +236,17 @@ def _star_pairs(column: Callable[[int], np.ndarray], bands: int, rows: np.ndarra
         centre = np.repeat(np.minimum.reduceat(members, np.flatnonzero(starts)), np.diff(
             np.append(np.flatnonzero(starts), len(starts))))
         other = members != centre
-        codes.append(members[other].astype(np.int64) * n + centre[other])
-    return np.unique(np.concatenate(codes))     # pairs repeat across bands
+        codes = _merged(codes, np.unique(members[other].astype(np.int64) * n + centre[other]))
+    return codes
+
+
+def _merged(held: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """The distinct codes of two sorted, distinct arrays. Pairs repeat across bands: merged band by band, what is
+    held is the distinct pairs, not every band's codes before one final unique (measured on a 400k-row pool of
+    near-copies: 21 bands of ~210k codes for 812k distinct pairs). A stable sort of two sorted runs is a merge."""
+    both = np.concatenate([held, new])
+    both.sort(kind="stable")
+    return both[np.concatenate([[True], both[1:] != both[:-1]])] if len(both) else both
 
 
 def _decoded(codes: np.ndarray, n: int) -> np.ndarray:

@@ -133,3 +133,16 @@ def test_bads_rejects_unknown_variant(synth_rows):
     train, meta, _ = synth_rows
     with pytest.raises(DpselInputError):
         select(train, meta, "bads", SelectConfig(device="cpu", variant="nope", extra=SMALL_LM))
+
+
+def test_seen_table_scorer_keeps_ids_in_arrow_and_the_first_of_repeated_ids(tmp_path):
+    from dpsel.select.scorers import SeenTableScorer
+    scorer = SeenTableScorer((i for i in ["a", "b", "a", "c"]), [0.1, 0.2, 0.3, 0.4], [0.0, 0.1, 0.2, 0.3])
+    assert scorer.ids.to_pylist() == ["a", "b", "a", "c"]
+    mean, std = scorer.score([[], [], []], ["c", "a", "b"])
+    assert mean.tolist() == [0.4, 0.1, 0.2] and std.tolist() == [0.3, 0.0, 0.1]
+    scorer.save(tmp_path)
+    loaded = SeenTableScorer.load(tmp_path)
+    assert loaded.score([[]], ["a"])[0].tolist() == [0.1]
+    with pytest.raises(ValueError, match="3 ids but 2 weights"):
+        SeenTableScorer(["a", "b", "c"], [0.1, 0.2], [0.0, 0.0])

@@ -265,3 +265,21 @@ def test_a_stage_detail_reaches_the_outcome_for_the_rows_it_dropped():
     outcome = run_stages(make_table(["a b c", "a b", "a b c d e f"]), [Exact(), Says()])
     assert outcome.reason.tolist() == ["quality", "quality", ""]
     assert outcome.detail.tolist() == ["too short (3 words)", "too short (2 words)", None]
+
+
+def test_star_pairs_are_every_bands_pairs_once():
+    """Pairs merged band by band are the distinct (row, centre) codes of all bands: the same as one unique over
+    every band's codes, with pairs that repeat across bands counted once."""
+    from dpsel.stages.near_dup import _star_pairs
+    rng = np.random.default_rng(0)
+    rows, n, bands = np.sort(rng.choice(500, 300, replace=False)), 500, 6
+    keys = rng.integers(0, 40, (bands, len(rows))).astype(np.uint32)
+    keys[3] = keys[1]                                   # a band that repeats another's groups
+    got = _star_pairs(lambda band: keys[band], bands, rows, n)
+    expected = set()
+    for band in range(bands):
+        for key in np.unique(keys[band]):
+            members = rows[keys[band] == key]
+            expected |= {int(m) * n + int(members.min()) for m in members if m != members.min()}
+    assert got.tolist() == sorted(expected)
+    assert _star_pairs(lambda band: np.arange(len(rows), dtype=np.uint32), 2, rows, n).size == 0

@@ -158,7 +158,7 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
                                                       calibration), reference_loss_only=-ref_distance)
 
     weight_mean, weight_std, net, phi_samples = final_weights(result, config, scaled)
-    scorer = EmbedderBadsScorer([row_id(m) for m in train], weight_mean, weight_std,
+    scorer = EmbedderBadsScorer((row_id(m) for m in train), weight_mean, weight_std,
                                 {"seed": config.seed, "weight_param": config.weight_param, "variant": config.variant,
                                  "theta_space": "embedder", "embedder": settings.embedder, "embedder_sha": embedder.sha,
                                  "hidden": settings.weight_hidden, "features": stats.to_dict()})
