@@ -24,8 +24,8 @@ class SeenTableScorer:
     kind = "table"
 
     def __init__(self, ids, weight_mean: np.ndarray, weight_std: np.ndarray, info: dict | None = None):
-        # The seen ids as one Arrow string array (22 MB for 1M 20-character ids), looked up through a dict built on the first
-        # `score`: a curation only saves its scorer, and the strings, list and dict of a million ids held 141 MB.
+        # The seen ids as one Arrow string array (22 MB for 1M 20-character ids), looked up through a dict built
+        # on the first `score`: a curation only saves its scorer, and the strings, list and dict held 141 MB.
         self.ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, pa.string())
         self.weight_mean = np.asarray(weight_mean, dtype=np.float64)
         self.weight_std = np.asarray(weight_std, dtype=np.float64)

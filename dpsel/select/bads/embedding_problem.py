@@ -97,7 +97,8 @@ def embedding_features(q, a, answer_words: np.ndarray, maps: list[tuple[torch.Te
     return out if out is not None else np.zeros((0, _feature_count(maps)), np.float32)
 
 
-def sampled_embedding_features(q, a, answer_words: np.ndarray, maps, rows: np.ndarray) -> tuple[FeatureStats, np.ndarray]:
+def sampled_embedding_features(q, a, answer_words: np.ndarray, maps,
+                               rows: np.ndarray) -> tuple[FeatureStats, np.ndarray]:
     """(the standardisation of every row's `embedding_features`, the raw features of `rows` only): the whole
     pool's features are made a chunk at a time and dropped, so a pool of millions never holds its [N, features]
     array (`rows`: sorted row numbers, e.g. the weight net's distillation sample)."""
