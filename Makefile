@@ -34,8 +34,11 @@ demo: venv
 demo-quick: venv
 	$(PY) -m dpsel.demo --quick --out $(DEMO_DIR)-quick
 
+# Two xdist workers, one per core of the CI runner (tests/conftest.py: a file's tests share a worker, the Prefect
+# and Ray tests share one, and each worker's torch takes one thread); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # Re-resolve the newest versions pyproject.toml's ranges allow in a fresh venv, run the whole suite there, and
 # only when it is green write them to $(CONSTRAINTS) (then `make test` reinstalls from it). A red run leaves
@@ -46,7 +49,7 @@ upgrade-deps:
 	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade pip
 	$(UPGRADE_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(UPGRADE_VENV)/bin/python -m pip install -q --upgrade -e '.[test]'
-	$(UPGRADE_VENV)/bin/python -m pytest
+	$(UPGRADE_VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 	{ sed -n '1,/^[^#]/{/^#/p}' $(CONSTRAINTS); $(UPGRADE_VENV)/bin/python -m pip freeze --exclude-editable \
 	  | grep -viE '^(torch|nvidia-|triton|dpsel)([=@ ]|$$)'; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)

@@ -16,7 +16,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from prefect_fixtures import prefect_server  # noqa: F401 - session fixture (the flow chain test)
 
 from dpsel.resume.checkpoints import checkpoint_dir
 

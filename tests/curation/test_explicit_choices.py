@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-from prefect_fixtures import prefect_server  # noqa: F401 - session fixture (the flow test)
 from typer.testing import CliRunner
 
 import dpsel.models.embedder as embedder_module

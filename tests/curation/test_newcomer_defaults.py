@@ -8,7 +8,6 @@ import pytest
 import typer.main
 
 from dpsel.cli import app
-from prefect_fixtures import prefect_server  # noqa: F401 - session fixture
 
 
 def _commands():

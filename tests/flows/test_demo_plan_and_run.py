@@ -6,7 +6,6 @@ import json
 from dpsel import demo
 from dpsel.demo_base import SETTINGS_FILE, BaseSettings
 from dpsel.demo_estimate import Rates
-from prefect_fixtures import prefect_server  # noqa: F401 - session fixture
 
 SMALL = dataclasses.replace(
     demo.QUICK, rows=60, meta_rows=16, test_rows=8, base=BaseSettings(steps=2, rows=64), surm_steps=2,

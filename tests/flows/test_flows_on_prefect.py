@@ -5,7 +5,6 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-from prefect_fixtures import prefect_server  # noqa: F401 - session fixture
 
 from dpsel.config import RunConfig
 from dpsel.errors import DpselInputError

@@ -8,7 +8,6 @@ import time
 
 import pandas as pd
 import pytest
-from prefect_fixtures import prefect_server  # noqa: F401 - session fixture
 
 from dpsel.config import RunConfig
 
