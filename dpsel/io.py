@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,26 @@ def write_parquet_atomic(table_or_df: pa.Table | pd.DataFrame, path: str | os.Pa
     table = (pa.Table.from_pandas(table_or_df, preserve_index=False)
              if isinstance(table_or_df, pd.DataFrame) else table_or_df)
     return _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_parquet_parts_atomic(tables: Iterable[pa.Table], path: str | os.PathLike) -> Path:
+    """Write `tables` (at least one; later ones cast to the first one's schema) as one Parquet file, a row
+    group or more each, atomically: only one part is held at a time."""
+    def write(tmp: str) -> None:
+        writer, schema = None, None
+        try:
+            for table in tables:
+                if writer is None:
+                    writer, schema = pq.ParquetWriter(tmp, table.schema), table.schema
+                elif not table.schema.equals(schema):
+                    table = table.cast(schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError(f"no table to write to {path}")
+    return _write_atomic(path, write)
 
 
 def _json_default(value: Any) -> Any:

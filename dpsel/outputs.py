@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from dpsel.data.schema import MESSAGE_TYPE
 from dpsel.errors import DpselInputError
-from dpsel.io import file_sha256, write_json_atomic, write_parquet_atomic
+from dpsel.io import file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def scores_table(ids: list[str], weights: np.ndarray, stds: np.ndarray, kept: np
     })
 
 
-def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept: np.ndarray,
+def curated_table(original: pa.Table, ids: list[str] | pa.Array, weights: np.ndarray, kept: np.ndarray,
                   kept_messages: list[list[dict]] | pa.Array | pa.ChunkedArray | None = None) -> pa.Table:
     """The kept rows with all original columns (schema untouched) plus `dpsel_id`, `dpsel_weight` and, where
     the input has no `messages` column, `messages`: the normalised conversation of each kept row, in order
@@ -262,7 +262,8 @@ def curated_table(original: pa.Table, ids: list[str], weights: np.ndarray, kept:
     stages add (their columns, redaction) is `dpsel.curation.curated.finish_curated`'s."""
     keep_idx = pa.array(np.flatnonzero(kept), pa.int64())
     table = original.take(keep_idx)
-    extra = {"dpsel_id": pa.array(ids, pa.string()).take(keep_idx),
+    ids = ids if isinstance(ids, pa.Array) else pa.array(ids, pa.string())
+    extra = {"dpsel_id": ids.take(keep_idx),
              "dpsel_weight": pa.array(np.asarray(weights, np.float64)).take(keep_idx)}
     if kept_messages is not None and "messages" not in original.column_names:
         if len(kept_messages) != len(keep_idx):
@@ -314,11 +315,6 @@ def with_run_id(table: pa.Table, run_id: str | None) -> pa.Table:
     if run_id is None:
         return table
     return table.replace_schema_metadata({**(table.schema.metadata or {}), RUN_ID_KEY.encode(): run_id.encode()})
-
-
-def write_tables(out_dir: Path, scores: pa.Table, curated: pa.Table, run_id: str | None = None) -> None:
-    write_parquet_atomic(with_run_id(scores, run_id), out_dir / SCORES_FILE)
-    write_parquet_atomic(with_run_id(curated, run_id), out_dir / CURATED_FILE)
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:

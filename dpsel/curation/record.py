@@ -12,16 +12,16 @@ from typing import Callable
 
 import numpy as np
 
-from dpsel.curation.curated import curated_rows_table
+from dpsel.curation.curated import curated_parts
 from dpsel.curation.examples import ExamplePicker, examples_markdown, fill_texts
 from dpsel.curation.labels import label_column
 from dpsel.curation.rows import RunRows, as_path_list, count_rows, final_reasons
 from dpsel.curation.rules import SelectionRule, effective_thresholds
 from dpsel.data import GROUP_COLUMNS
-from dpsel.io import write_parquet_atomic
+from dpsel.io import write_parquet_atomic, write_parquet_parts_atomic
 from dpsel.outputs import (CURATED_FILE, SCORES_FILE, begin_staging, file_records, new_run_id,
                            output_error, output_paths, publish, scores_table, with_run_id, write_manifest,
-                           write_scorer, write_tables)
+                           write_scorer)
 from dpsel.version import __version__
 
 
@@ -147,11 +147,13 @@ def _write_tables(stage: Path, run: Run, run_id: str, reasons: list[str], detail
                           run.rows.file_rows, run.rows.dup_of)
     if run.labels is not None:
         scores = scores.append_column("dpsel_label", label_column(run.labels, len(ids)))
+    write_parquet_atomic(with_run_id(scores, run_id), stage / SCORES_FILE)
+    del scores
     if write_curated is not None:
-        write_parquet_atomic(with_run_id(scores, run_id), stage / SCORES_FILE)
         write_curated(stage / CURATED_FILE)
         return
-    write_tables(stage, scores, curated_rows_table(run.rows, run.weights, run.keep), run_id=run_id)
+    parts = (with_run_id(part, run_id) for part in curated_parts(run.rows, run.weights, run.keep))
+    write_parquet_parts_atomic(parts, stage / CURATED_FILE)
 
 
 def finish_run(stage: Path, out: Path, run: Run, run_id: str, outcome: tuple, write_start: float) -> CurationResult:

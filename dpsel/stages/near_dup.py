@@ -330,13 +330,14 @@ class NearDup(Block):
         block (no second copy of the new entries is ever held), and `empty[at:]` with whether a row has no
         words at all (such rows never match); returns the next free entry. The signatures are computed by the
         installed block map (`base.map_blocks`: this process, or Ray actors)."""
-        index.ids[at:at + len(rows)] = [i.encode() for i in rows.ids.tolist()]
+        ids = rows.table.column(ID_COLUMN).cast(pa.binary())   # bytes a block at a time, not a str per row
         sign = functools.partial(sign_block, ngram=self.ngram, num_perm=self.num_perm, bands=self.bands,
                                  band_rows=self.band_rows, answer_bands=self.answer_bands,
                                  answer_band_rows=self.answer_band_rows)
         start = at
         for block in map_blocks(sign, pa.table({MESSAGES: rows.messages}), CHUNK_ROWS):
             n = block.num_rows
+            index.ids[at:at + n] = ids.slice(at - start, n).to_numpy(zero_copy_only=False)
             for name, (width, dtype) in self.widths.items():
                 getattr(index, name)[at:at + n] = _fixed_width(block.column(name), dtype, width)
             empty[at:at + n] = block.column(EMPTY).to_numpy(zero_copy_only=False)

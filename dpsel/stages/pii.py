@@ -73,12 +73,28 @@ def scan(text: pa.Array) -> tuple[pa.Array, dict[str, np.ndarray]]:
     return text, found
 
 
+def find(text: pa.Array) -> dict[str, np.ndarray]:
+    """`scan`'s findings (kind -> per value: was there one?) without masking every value: only values that some
+    pattern matches as given are scanned, since a value none matches is never masked, so no later kind can
+    match it either. Flagging a batch copies its text once per kind only for those values."""
+    some = np.zeros(len(text), bool)
+    for pattern in PATTERNS.values():
+        some |= np.asarray(pc.fill_null(pc.match_substring_regex(text, pattern), False), bool)
+    rows = np.flatnonzero(some)
+    found = {kind: np.zeros(len(text), bool) for kind in PATTERNS}
+    if len(rows):
+        for kind, hit in scan(text.take(pa.array(rows)))[1].items():
+            found[kind][rows] = hit
+    return found
+
+
 def _kinds_column(found: dict[str, np.ndarray], n: int) -> pa.Array:
-    lists = [[] for _ in range(n)]
-    for kind in sorted(found):
-        for k in np.flatnonzero(found[kind]).tolist():
-            lists[k].append(kind)
-    return pa.array(lists, pa.list_(pa.string()))
+    """Per value, the sorted kinds found in it (built in Arrow: no Python list per value)."""
+    kinds = sorted(found)
+    matrix = np.stack([found[kind] for kind in kinds], axis=1) if kinds else np.zeros((n, 0), bool)
+    _, kind = np.nonzero(matrix)            # row-major: each value's kinds in sorted order
+    offsets = np.concatenate([[0], np.cumsum(matrix.sum(axis=1))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(kinds, pa.string()).take(pa.array(kind, pa.int64())))
 
 
 def _redacted_messages(messages: pa.ListArray) -> pa.ListArray:
@@ -113,7 +129,7 @@ class Pii(Block):
         self.mode = mode
 
     def decide(self, rows: ConversationBatch, **_) -> Verdict:
-        _, found = scan(rows.text)
+        found = find(rows.text)
         verdict = Verdict.keep_all(len(rows))
         verdict.columns[COLUMN] = _kinds_column(found, len(rows))
         if self.mode == "drop":

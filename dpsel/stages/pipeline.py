@@ -108,6 +108,7 @@ def run_stages(table: pa.Table, blocks: Sequence[Block], embeddings: np.ndarray 
             outcome.detail[alive[dropped]] = verdict.detail[dropped]
         alive = alive[~dropped]
         outcome.stats.append(block.stats)
+        del rows, verdict, inputs   # freed before the next block's copy of the alive rows is taken, not after
     if outcome.input_rows != outcome.kept + sum(outcome.counts.values()):
         raise AssertionError("stage accounting: input rows != kept + dropped")
     return outcome

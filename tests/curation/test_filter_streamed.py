@@ -124,3 +124,23 @@ def test_filter_memory_grows_only_by_the_small_per_row_state(scorer, tmp_path, m
     streamed, held = growth_per_row(500), growth_per_row(10**9)
     assert streamed < 800, streamed
     assert held > 3 * streamed, (held, streamed)   # the measure tells streaming from holding the input
+
+@pytest.mark.parametrize("pii", ["flag", "redact"])
+def test_curate_writes_curated_rows_in_parts_that_equal_one_table(scorer, tmp_path, monkeypatch, pii):
+    """curate's curated.parquet is built a chunk of input rows at a time (`curated.curated_parts`): with chunks
+    of 16 rows it has many row groups and the same rows, columns and run id as with one chunk."""
+    import dpsel.curation.curated as curated_module
+    train = _shards(tmp_path / "in", _rows(300, seed=4), parts=2)
+    meta = scorer.parent.parent / "meta.parquet"
+    options = StagesConfig(pii=pii)
+    one = curate(train, str(meta), tmp_path / "one", method="random", budget=0.5, stages=options)
+    monkeypatch.setattr(curated_module, "CHUNK_ROWS", 16)
+    parts = curate(train, str(meta), tmp_path / "parts", method="random", budget=0.5, stages=options)
+    whole, chunked = (pq.ParquetFile(run.out_dir / "curated.parquet") for run in (one, parts))
+    assert whole.metadata.num_row_groups == 1 and chunked.metadata.num_row_groups > 10
+    expected, got = whole.read(), chunked.read()
+    assert got.num_rows == one.counts["kept_rows"] > 0
+    assert got.schema.metadata[b"dpsel_run_id"] == parts.manifest["run_id"].encode()
+    assert got.replace_schema_metadata(None).equals(expected.replace_schema_metadata(None))
+    if pii == "redact":
+        assert "[EMAIL]" in " ".join(m["content"] for row in got.column("messages").to_pylist() for m in row)
