@@ -93,6 +93,9 @@ def apply_stages(rows: RunRows, config: StagesConfig, embedder: str = "default",
     """Run the stages on `rows` and record their verdicts in it; returns the near-dup index of the kept rows
     (None without the near-dup stage). `embedder`: the semantic-dup stage's sentence embedder."""
     blocks = build_blocks(config, eval_texts(config.decontaminate), seen=seen)
+    for block in blocks:
+        if isinstance(block, NearDup):   # its sketches on disk while the stages run: ~190 MB fewer at 1M rows
+            block.index = block.index.spilled()
     semantic = config.semantic_dup is not None and rows.usable.any()
     embeddings = conversation_embeddings(rows, embedder) if semantic else None
     record_stages(rows, config, blocks, embeddings)

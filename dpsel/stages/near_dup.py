@@ -265,6 +265,15 @@ def _estimates(sketch, pairs: np.ndarray) -> np.ndarray:
     return out
 
 
+def _room(held, size: int, width: int, dtype) -> np.ndarray | SpilledSketch:
+    """A signature field with room for `size` entries, `held`'s first; a spilled sketch is appended to: itself."""
+    if isinstance(held, SpilledSketch):
+        return held
+    out = np.empty((size, width), dtype)
+    out[:len(held)] = held
+    return out
+
+
 def _first_pairs(n: int, edges: np.ndarray, rule: np.ndarray, score: np.ndarray, key: np.ndarray,
                  keeper: np.ndarray) -> Clusters:
     """Per entry, one of its pairs: the one with its keeper if any, else by rule (conversation first), then score."""
@@ -315,14 +324,9 @@ class NearDup(Block):
         if width == index.ids.dtype.itemsize and capacity == 0:
             return index
         size, n = len(index) + capacity, len(index)
-        out = NearDupIndex(np.empty(size, f"S{width}"), **{name: np.empty((size, w), t)
-                                                          for name, (w, t) in self.widths.items()})
+        out = NearDupIndex(np.empty(size, f"S{width}"), **{name: _room(getattr(index, name), size, width, dtype)
+                                                          for name, (width, dtype) in self.widths.items()})
         out.ids[:n] = index.ids
-        for name in self.widths:
-            if isinstance(getattr(index, name), SpilledSketch):
-                setattr(out, name, getattr(index, name))
-            else:
-                getattr(out, name)[:n] = getattr(index, name)
         return out
 
     def sign_into(self, index: NearDupIndex, empty: np.ndarray, at: int, rows: ConversationBatch) -> int:

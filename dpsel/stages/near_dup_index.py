@@ -7,11 +7,16 @@ the first: it loads with `answer_missing` set, its rows given no keys, so they p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+import tempfile
+import weakref
+import zipfile
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
 ANSWER_FIELDS = ("answer_bands", "answer_sketch", "keys")
+SKETCH_FIELDS = ("sketch", "answer_sketch")
 
 
 @dataclass
@@ -44,18 +49,38 @@ class NearDupIndex:
     def sliced(self, rows: slice) -> NearDupIndex:
         return NearDupIndex(**{name: getattr(self, name)[rows] for name in self.names})
 
+    def spilled(self) -> NearDupIndex:
+        """This index with its sketches moved to temporary files (`SpilledSketch.temporary`, deleted when no
+        longer referenced): 192 of its ~330 bytes a row, which only the rows in candidate pairs are read back for."""
+        out = replace(self)
+        for name in SKETCH_FIELDS:
+            held = getattr(self, name)
+            if not isinstance(held, SpilledSketch):
+                sketch = SpilledSketch.temporary(held.shape[1])
+                sketch[0:len(held)] = held
+                setattr(out, name, sketch)
+        return out
+
     def compact(self, rows: np.ndarray, chunk: int = 65536) -> None:
         """Keep only `rows` (ascending), moved down in place chunk by chunk: no second copy of the index
         (row k goes to a position <= k, and positions written never hold rows still to be read)."""
         for name in self.names:
             array = getattr(self, name)
+            if isinstance(array, SpilledSketch):
+                array.compact(rows)
+                continue
             for start in range(0, len(rows), chunk):
                 part = rows[start:start + chunk]
                 array[start:start + len(part)] = array[part]
             setattr(self, name, array[:len(rows)])
 
     def save(self, path) -> None:
-        np.savez(path, **{name: getattr(self, name) for name in self.names})
+        """One .npz (what `np.savez` writes; `load` reads it), written field by field: a spilled sketch is
+        copied from its file a chunk at a time, never held whole."""
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name in self.names:
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    _write_npy(member, getattr(self, name))
 
     @classmethod
     def load(cls, path) -> NearDupIndex:
@@ -79,6 +104,18 @@ class NearDupIndex:
         return self
 
 
+def _write_npy(handle, array) -> None:
+    """`array` (an ndarray, or a `SpilledSketch` read back in chunks) in .npy format to an open binary handle."""
+    if not isinstance(array, SpilledSketch):
+        np.lib.format.write_array(handle, np.ascontiguousarray(array), allow_pickle=False)
+        return
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(array), array.width)}
+    np.lib.format.write_array_header_2_0(handle, header)
+    for _, chunk in array.chunks():
+        handle.write(chunk.tobytes())
+
+
 class SpilledSketch:
     """Sketches appended to a file in row order instead of held in memory (`filter` on a pool: 128 bytes a row
     that only the few rows in candidate pairs are ever read back for). Stands in for `NearDupIndex.sketch` or
@@ -89,6 +126,15 @@ class SpilledSketch:
     def __init__(self, path, width: int):
         self.path, self.width, self.rows = path, width, 0
         self._handle = open(path, "wb")
+
+    @classmethod
+    def temporary(cls, width: int) -> SpilledSketch:
+        """A sketch file under TMPDIR, deleted when the object is (or at exit)."""
+        handle, name = tempfile.mkstemp(prefix="dpsel-sketch-", suffix=".u8")
+        os.close(handle)
+        sketch = cls(name, width)
+        weakref.finalize(sketch, os.unlink, name)
+        return sketch
 
     def __len__(self) -> int:
         return self.rows
@@ -117,6 +163,29 @@ class SpilledSketch:
                 chunk = np.frombuffer(handle.read(min(self.READ_ROWS, self.rows - start) * self.width), np.uint8)
                 out[lo:hi] = chunk.reshape(-1, self.width)[rows[lo:hi] - start]
         return out
+
+    def chunks(self):
+        """(start, [rows, width] uint8) over the whole file, `READ_ROWS` rows at a time."""
+        self._handle.flush()
+        with open(self.path, "rb") as handle:
+            for start in range(0, self.rows, self.READ_ROWS):
+                data = handle.read(min(self.READ_ROWS, self.rows - start) * self.width)
+                yield start, np.frombuffer(data, np.uint8).reshape(-1, self.width)
+
+    def compact(self, rows: np.ndarray) -> None:
+        """Keep only `rows` (ascending, unique), moved down in place a chunk at a time: every kept row goes to a
+        position at or before its own, and a chunk is read whole before any of it is overwritten."""
+        written = 0
+        with open(self.path, "r+b") as handle:    # the append handle is flushed by `chunks` and not written to
+            for start, chunk in self.chunks():
+                lo, hi = np.searchsorted(rows, [start, start + len(chunk)])
+                kept = chunk[rows[lo:hi] - start].tobytes()
+                os.pwrite(handle.fileno(), kept, written * self.width)
+                written += hi - lo
+            handle.truncate(written * self.width)
+        self.rows = int(written)
+        self._handle.close()
+        self._handle = open(self.path, "ab")      # appends go after the kept rows
 
     def close(self) -> None:
         self._handle.close()

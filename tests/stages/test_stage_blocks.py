@@ -1,6 +1,7 @@
 """The curation stages as blocks (dpsel/stages): reasons, dup_of, determinism, accounting."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -266,6 +267,42 @@ def test_near_dup_verdicts_are_the_same_with_spilled_sketches(tmp_path):
     keep_spilled = near.keepers(again, empty.copy(), 0)[0].keeper
     np.testing.assert_array_equal(keep_held, keep_spilled)
     assert (keep_held != np.arange(len(keep_held))).any()      # the planted copies were found
+
+
+def test_spilled_sketch_compacts_in_place_and_appends_after_the_kept_rows(tmp_path, monkeypatch):
+    from dpsel.stages.near_dup import SpilledSketch
+    monkeypatch.setattr(SpilledSketch, "READ_ROWS", 7)
+    held = np.random.default_rng(1).integers(0, 256, (60, 8), dtype=np.uint8)
+    spilled = SpilledSketch(tmp_path / "s.u8", 8)
+    spilled[0:40] = held[:40]
+    kept = np.array([0, 1, 5, 6, 7, 13, 14, 20, 33, 39])
+    spilled.compact(kept)
+    assert len(spilled) == len(kept) and (tmp_path / "s.u8").stat().st_size == len(kept) * 8
+    spilled[len(kept):len(kept) + 20] = held[40:]
+    np.testing.assert_array_equal(spilled.take(np.arange(len(kept) + 20)), np.concatenate([held[kept], held[40:]]))
+
+
+def test_a_spilled_near_dup_index_gives_the_held_ones_verdicts_and_saved_file(tmp_path):
+    """Curate spills the index's sketches while the stages run: batch after batch (compaction included), the same
+    verdicts as with them held, the same saved index, and the temporary files go with the index."""
+    texts, _ = planted(seed=2)
+    held, spilled = NearDup(), NearDup()
+    spilled.index = spilled.index.spilled()
+    files = [spilled.index.sketch.path, spilled.index.answer_sketch.path]
+    for part, ids in ((texts[:200], None), (texts[200:], [f"late-{i}" for i in range(len(texts) - 200)])):
+        table = make_table(part, ids=ids)
+        a, b = held(ConversationBatch(table)), spilled(ConversationBatch(table))
+        assert a.reason.tolist() == b.reason.tolist() and a.dup_of.tolist() == b.dup_of.tolist()
+    assert (a.reason != "").any() and len(held.index) == len(spilled.index) < len(texts)
+    held.index.save(tmp_path / "held.npz")
+    spilled.index.save(tmp_path / "spilled.npz")
+    one, two = NearDupIndex.load(tmp_path / "held.npz"), NearDupIndex.load(tmp_path / "spilled.npz")
+    for name in one.names:
+        np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
+    del spilled, b
+    import gc
+    gc.collect()
+    assert not any(Path(f).exists() for f in files)
 
 
 def test_a_stage_detail_reaches_the_outcome_for_the_rows_it_dropped():
