@@ -48,11 +48,17 @@ class RunRows:
         return self.redacted.filter(np.asarray(mask, bool)).to_pylist()
 
     def conversation_rows(self, mask: np.ndarray) -> Conversations:
-        """`conversations`, held in Arrow and read as Python lists of dicts only while a caller looks at a row
-        (`dpsel.data.conversations`): what selection reads its pool through."""
+        """`conversations`, in a mapped temporary file, read as Python lists of dicts only while a caller looks
+        at a row (`dpsel.data.conversations`): what selection reads its pool through."""
         if self.redacted is None:
-            return Conversations(self.data.message_array(mask))
-        return Conversations(self.redacted.filter(np.asarray(mask, bool)))
+            return Conversations.spilled(self.data.message_array(mask))
+        return Conversations.spilled(self.redacted.filter(np.asarray(mask, bool)))
+
+    def spill_table(self) -> None:
+        """The input table moved to a mapped temporary file (`dpsel.data.spill`) while a phase that does not read
+        it runs (selection): read again when the outputs are written, its values unchanged."""
+        from dpsel.data.spill import spilled_table
+        self.data.table = spilled_table(self.data.table)
 
     @property
     def n(self) -> int:

@@ -88,10 +88,12 @@ def curate(train, meta, out, *, method: str = "bads", budget: float | None = Non
         pool_groups = None if groups is None else list(groups[pool])
         checkpoints = open_checkpoints(out, method, config, train_rows, meta_rows, restart, stages, review)
         reviewed = reviewed_in_selection(train_rows, review, pool, int(meta_rows.usable.sum()))
+        pool_rows, meta_messages = train_rows.conversation_rows(pool), _meta_messages(meta_rows, train_rows, review)
+        train_rows.spill_table()   # selection reads only the pool's messages: the input table waits on disk
         with checkpoint.active(checkpoints), executing_on(pool_executor(ray_options)), \
                 reviewed_rows(*reviewed) if reviewed else nullcontext():
-            scores = select(train_rows.conversation_rows(pool), _meta_messages(meta_rows, train_rows, review),
-                            method, config, progress, groups=pool_groups)
+            scores = select(pool_rows, meta_messages, method, config, progress, groups=pool_groups)
+        del pool_rows
     check_weights(scores.weight_mean, scores.weight_std, f"method {method}")
     select_s = time.perf_counter() - select_start
     weights, stds = spread_scores(train_rows, *with_reviewed_keeps(train_rows.usable, pool, scores))

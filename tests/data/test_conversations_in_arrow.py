@@ -48,3 +48,21 @@ def test_redacted_rows_are_what_selection_reads(tmp_path):
     assert list(held) == listed
     assert not any("@example.com" in m["content"] for row in held for m in row)
     assert np.sum(rows.usable) == len(held)
+
+
+def test_spilled_pool_and_table_read_the_same_and_leave_no_file(tmp_path, monkeypatch):
+    """Selection's pool and the input table in mapped temporary files (`dpsel.data.spill`): the same values
+    after pages are given back mid-read, and no file left in TMPDIR (it is unlinked once mapped)."""
+    spill_dir = tmp_path / "tmp"
+    spill_dir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spill_dir))
+    monkeypatch.setattr("tempfile.tempdir", None)   # TMPDIR is read again
+    monkeypatch.setattr(conversations, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(conversations, "LOOKUPS_HELD", 3)   # pages given back every few rows
+    rows = read_rows(_chat_file(tmp_path / "chat.parquet"))
+    before, listed = rows.data.table, rows.conversations(rows.usable)
+    pool = rows.conversation_rows(rows.usable)
+    rows.spill_table()
+    assert rows.data.table is not before and rows.data.table.equals(before)
+    assert list(pool) == listed and [pool[i] for i in range(len(pool))] == listed and list(pool) == listed
+    assert pool._mapped is not None and list(spill_dir.iterdir()) == []

@@ -1,0 +1,41 @@
+"""Arrow data moved out of the heap into a memory-mapped temporary file: held data that a long phase does not read
+(the input table while selection runs) or reads a chunk at a time (the pool's messages) costs page cache, not the
+process's RSS.
+
+The file is unlinked as soon as it is mapped (the mapping keeps it alive until the last array that reads it is
+gone), so a killed run leaves nothing behind. Pages a read touches stay resident in the process until
+`Mapped.drop_pages` gives them back (`madvise(MADV_DONTNEED)`: the mapping is read-only and file-backed, so the
+next read faults them in again from the page cache, unchanged).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+
+import pyarrow as pa
+
+
+class Mapped:
+    """A read-only map of one temporary Arrow IPC file and the table read from it (zero-copy)."""
+
+    def __init__(self, table: pa.Table):
+        handle, name = tempfile.mkstemp(prefix="dpsel-spill-", suffix=".arrow")
+        try:
+            with os.fdopen(handle, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            with open(name, "rb") as source:
+                self._map = mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ)
+        finally:
+            os.unlink(name)
+        self.table = pa.ipc.open_file(pa.py_buffer(self._map)).read_all()
+
+    def drop_pages(self) -> None:
+        """Give back the pages reads have touched (they are read again from the page cache when next needed)."""
+        if hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+
+def spilled_table(table: pa.Table) -> pa.Table:
+    """`table`, the same values, read from a mapped temporary file instead of held (see the module docstring)."""
+    return Mapped(table).table
