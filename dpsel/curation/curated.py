@@ -43,3 +43,4 @@ def curated_parts(rows: RunRows, weights: np.ndarray, kept: np.ndarray, chunk_ro
         part = np.zeros(rows.n, bool)
         part[start:start + chunk_rows] = kept[start:start + chunk_rows]
         yield curated_rows_table(rows, weights, part, ids)
+        rows.release_pages()   # a spilled input table: only this part's pages were resident

@@ -40,6 +40,7 @@ class RunRows:
     stage_stats: list[dict] = field(default_factory=list)
     stage_columns: dict = field(default_factory=dict)
     redacted: object = None
+    spilled: object = field(default=None, repr=False)   # the `dpsel.data.spill.Mapped` of a spilled table
 
     def conversations(self, mask: np.ndarray) -> list[list[dict]]:
         """Normalised messages of the rows where `mask` is true; redacted ones after `--pii redact`."""
@@ -56,9 +57,16 @@ class RunRows:
 
     def spill_table(self) -> None:
         """The input table moved to a mapped temporary file (`dpsel.data.spill`) while a phase that does not read
-        it runs (selection): read again when the outputs are written, its values unchanged."""
-        from dpsel.data.spill import spilled_table
-        self.data.table = spilled_table(self.data.table)
+        it runs (selection): read again when the outputs are written (`release_pages` after each part), its
+        values unchanged."""
+        from dpsel.data.spill import Mapped
+        self.spilled = Mapped(self.data.table)
+        self.data.table = self.spilled.table
+
+    def release_pages(self) -> None:
+        """Give back the pages of a spilled table that reads have touched (nothing to do for a held one)."""
+        if self.spilled is not None:
+            self.spilled.drop_pages()
 
     @property
     def n(self) -> int:
@@ -70,16 +78,21 @@ class RunRows:
         return first.astype(np.int64)
 
     def group_values(self, column: str) -> np.ndarray | None:
-        """A column's values as strings (missing -> "(none)"), or None when the input lacks it."""
+        """A column's values as strings (missing -> "(none)"), or None when the input lacks it. Built from the
+        column's distinct values: rows of one group share one string object (8 bytes a row, not a str each)."""
         if column not in self.data.original_columns:
             return None
-        values = self.data.table.column(column).to_pylist()
-        return np.array(["(none)" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-                         for v in values], dtype=object)
+        encoded = self.data.table.column(column).combine_chunks().dictionary_encode(null_encoding="encode")
+        names = np.array([_group_name(v) for v in encoded.dictionary.to_pylist()] or ["(none)"], dtype=object)
+        return names[np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.int64)]
 
     def previews(self) -> "Previews":
         """Short text per row for the report's examples: last user prompt -> response."""
         return Previews(self.data)
+
+
+def _group_name(value) -> str:
+    return "(none)" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 class Previews(Sequence):

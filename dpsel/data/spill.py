@@ -34,8 +34,3 @@ class Mapped:
         """Give back the pages reads have touched (they are read again from the page cache when next needed)."""
         if hasattr(self._map, "madvise"):
             self._map.madvise(mmap.MADV_DONTNEED)
-
-
-def spilled_table(table: pa.Table) -> pa.Table:
-    """`table`, the same values, read from a mapped temporary file instead of held (see the module docstring)."""
-    return Mapped(table).table

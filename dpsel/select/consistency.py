@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +28,25 @@ COMBINE_RULES = ("max", "stouffer")
 def answer_text(messages) -> str:
     """The row's last message: the answer the group is predicted from (the prompt would give the task away)."""
     return messages[-1]["content"]
+
+
+class TextView(Sequence):
+    """`text(row)` of every row of `rows`, made as it is read, never held as a list: a pass over a pool's answers
+    costs one chunk of Python strings (`dpsel.data.conversations`), not a string per row for the whole run."""
+
+    def __init__(self, rows, text: Callable):
+        self.rows, self.text = rows, text
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.text(m) for m in self.rows[index]]
+        return self.text(self.rows[index])
+
+    def __iter__(self):
+        return map(self.text, self.rows)
 
 
 def char_ngrams():

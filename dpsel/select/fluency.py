@@ -8,6 +8,7 @@ docstring set, seed 0: garbage AUROC 0.93 alone; 0.55 for the embedder's questio
 """
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 
@@ -20,16 +21,19 @@ def _words(text: str) -> list[str]:
     return ["<s>", *TOKEN.findall(text.lower()), "</s>"]
 
 
-def bigram_fluency(answers: list[str], extra: list[str] = (), smoothing: float = 1.0) -> np.ndarray:
-    """Per answer: mean leave-one-out bigram PMI (higher = more fluent). `extra` (meta answers) only count."""
-    seqs = [_words(t) for t in answers]
+def bigram_fluency(answers, extra=(), smoothing: float = 1.0) -> np.ndarray:
+    """Per answer: mean leave-one-out bigram PMI (higher = more fluent). `extra` (meta answers) only count.
+    Two passes over `answers` (a sequence, or a `TextView` reading a pool a chunk at a time): the counts, then
+    each answer's score, its words made again; no answer's words are held beyond its own turn."""
     unigrams, bigrams = Counter(), Counter()
-    for words in [*seqs, *map(_words, extra)]:
+    for text in itertools.chain(answers, extra):
+        words = _words(text)
         unigrams.update(words)
         bigrams.update(zip(words[:-1], words[1:]))
     total = sum(unigrams.values()) + len(unigrams)
-    scores = np.zeros(len(seqs))
-    for i, words in enumerate(seqs):
+    scores = np.zeros(len(answers))
+    for i, text in enumerate(answers):
+        words = _words(text)
         own_uni, own_bi = Counter(words), Counter(zip(words[:-1], words[1:]))
         pmi = []
         for prev, word in zip(words[:-1], words[1:]):

@@ -40,3 +40,13 @@ def test_an_informative_source_flags_its_tail_and_prior_means_follow():
     assert np.isclose(p.min(), 1 - clean_fraction(pool["informative"], meta["informative"]))  # tail area: base rate
     mean = prior_mean_from_bad_probability(p, 0.7)
     assert mean.max() <= 0.7 and mean[bad].mean() < mean[~bad].mean()
+
+
+def test_noisy_or_one_source_at_a_time_equals_the_stacked_product():
+    """Streamed over a generator (one source's array held at a time), the same values, bit for bit, as
+    1 − Π(1 − p) over the stacked sources."""
+    _, pool, meta = planted(seed=2)
+    p = [tail_bad_probability(pool[name], meta[name]) for name in pool]
+    stacked = 1.0 - np.prod([1.0 - q for q in p], axis=0)
+    assert np.array_equal(noisy_or(iter(p)), stacked) and np.array_equal(noisy_or(p), stacked)
+    assert np.allclose(noisy_or([p[0]]), p[0])

@@ -82,3 +82,27 @@ def test_text_signals_names_every_signal_for_every_row():
     out = quality.text_signals([QUESTION] * 2, [GOOD, OTHERS[0]])
     assert set(out) == set(quality.TEXT_SIGNALS)
     assert all(v.shape == (2,) and np.all(np.isfinite(v)) for v in out.values())
+
+
+def test_signals_and_fluency_read_through_text_views_equal_the_lists():
+    """The bads prior reads a pool's questions and answers through `TextView`s over its Arrow conversations
+    (no list of texts held): every text signal and the fluency score come out as from the lists."""
+    import pyarrow as pa
+
+    from dpsel.data.conversations import Conversations
+    from dpsel.select.bads.quality_evidence import quality_signals
+    from dpsel.select.consistency import TextView, answer_text
+    from dpsel.select.fluency import bigram_fluency
+    answers = [GOOD, *OTHERS, " ".join(["The sort command sorts lines."] * 6), "<div>Home</div> ####", "The", ""]
+    rows = [[{"role": "user", "content": f"{QUESTION} ({i})"}, {"role": "assistant", "content": a}]
+            for i, a in enumerate(answers)]
+    pool = Conversations.spilled(pa.array(rows))
+    meta = rows[1:4]
+    listed, viewed = quality_signals(rows, meta), quality_signals(pool, meta)
+    for held, lazy in zip(listed, viewed):
+        assert held.keys() == lazy.keys() and len(held) == len(quality.TEXT_SIGNALS)
+        for name in held:
+            np.testing.assert_array_equal(held[name], lazy[name])
+    view = TextView(pool, answer_text)
+    assert list(view) == answers and view[2] == answers[2] and view[1:3] == answers[1:3]
+    np.testing.assert_array_equal(bigram_fluency(view, answers[:2]), bigram_fluency(answers, answers[:2]))

@@ -38,9 +38,19 @@ def tail_bad_probability(pool: np.ndarray, meta: np.ndarray) -> np.ndarray:
     return out
 
 
-def noisy_or(probabilities: list[np.ndarray]) -> np.ndarray:
-    """P(bad) when any source's bad verdict suffices: 1 − Π(1 − p_k)."""
-    return 1.0 - np.prod([1.0 - np.asarray(p) for p in probabilities], axis=0)
+def noisy_or(probabilities) -> np.ndarray:
+    """P(bad) when any source's bad verdict suffices: 1 − Π(1 − p_k), over any iterable of per-row arrays,
+    multiplied in place one source at a time (the product `np.prod` takes over axis 0, in the same order)
+    so a generator of sources holds one source's array at a time, not [sources, rows]."""
+    clean = None
+    for p in probabilities:
+        if clean is None:
+            clean = 1.0 - np.asarray(p, dtype=np.float64)
+        else:
+            clean *= 1.0 - np.asarray(p)
+    if clean is None:
+        raise ValueError("noisy_or of no sources")
+    return 1.0 - clean
 
 
 def prior_mean_from_bad_probability(bad: np.ndarray, beta: float, floor: float = 1e-3) -> np.ndarray:
@@ -139,9 +149,9 @@ def labelled_bad_probability(calibration: dict, names: list[str], reviewed: Revi
                              ) -> tuple[np.ndarray, dict | None]:
     """P(bad) per pool row by the calibrated sources `names`: the noisy-or, weighted by the reviewed labels where
     there are enough (`fit_source_weights`); and the manifest's record of the weights (None without labels)."""
+    if reviewed is None:   # one source's P(bad) at a time
+        return noisy_or(tail_bad_probability(*calibration[name]) for name in names), None
     pool_p = [tail_bad_probability(*calibration[name]) for name in names]
-    if reviewed is None:
-        return noisy_or(pool_p), None
     record = {"drops": int(reviewed.drop.sum()), "keeps": int(reviewed.keep.sum()),
               "meta_rows_as_clean": int((~reviewed.keep).sum())}
     if reviewed.drop.sum() < MIN_REVIEWED_DROPS:

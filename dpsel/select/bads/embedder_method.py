@@ -125,16 +125,18 @@ def select_bads_embedder(train: list[Messages], meta: list[Messages], config: Se
     prior_evidence, prior_mean, ablation_priors = prior_means(train, ref_distance, group_ids, settings, config.seed,
                                                               meta, report, reference_z=robust_z(ref_distance),
                                                               combine=combine_rule(settings, "embedder"),
-                                                              calibration=calibration)
+                                                              calibration=calibration, columns=(q, a))
     evidence_seconds = time.perf_counter() - evidence_started
+    if not settings.ablations:   # the per-row evidence is in the prior mean (and θ's problem reads calibration)
+        prior_evidence = dict.fromkeys(prior_evidence)
     maps = [theta0, reference]
     words = np.asarray([len(answer_text(m).split()) for m in train], dtype=np.int32)
     stats, scaled = _weight_net_features(q, a, words, maps, config, settings)
     features = torch.from_numpy(scaled) if isinstance(scaled, np.ndarray) else None   # shares the array
 
     problem = _problem(q, a, q_meta, a_meta, group_ids, theta0, settings, calibration)
-    if not settings.ablations:   # the per-row evidence is in the prior mean and θ's problem now: not held on
-        prior_evidence, calibration = dict.fromkeys(prior_evidence), {}
+    if not settings.ablations:   # the per-row evidence is in θ's problem now: not held on
+        calibration = {}
     batch_size = settings.embed_batch_size(len(train), config.batch_size)
     if batch_size != config.batch_size:
         log.info("bads: %d rows, so the embedder θ takes %d rows a step (not %d) to stay within embed_max_steps "

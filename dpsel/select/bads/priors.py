@@ -24,10 +24,10 @@ def fluency_evidence(train: list[Messages], meta: list[Messages] | None,
     """Normal score (high = looks bad) of the answer's word-order fluency (select/fluency.py), robust-z'd so only
     the disfluent tail stands out in the prior's `max`. `calibration` gets (pool, meta) disfluency: the counts are
     the same for both and each answer's own are left out, so meta rows are scored as pool rows are."""
-    from dpsel.select.consistency import answer_text
+    from dpsel.select.consistency import TextView, answer_text
     from dpsel.select.fluency import bigram_fluency
     from dpsel.select.semantic import robust_z
-    pool_answers, meta_answers = [answer_text(m) for m in train], [answer_text(m) for m in meta or []]
+    pool_answers, meta_answers = TextView(train, answer_text), [answer_text(m) for m in meta or []]
     disfluency = -bigram_fluency(pool_answers, meta_answers)
     if calibration is not None and meta_answers:
         calibration["fluency"] = (disfluency, -bigram_fluency(meta_answers, pool_answers))
@@ -44,18 +44,19 @@ def empirical_bayes_mean(ref_nll: np.ndarray, groups: np.ndarray, beta: float, g
 
 def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups: np.ndarray,
                       settings: BadsSettings, seed: int, report: dict,
-                      calibration: dict | None = None) -> dict[str, np.ndarray]:
+                      calibration: dict | None = None, columns: tuple | None = None) -> dict[str, np.ndarray]:
     """The embedder's evidence (select/semantic.py): question–answer consistency and, without a group column,
     group consistency over pseudo-groups; {} (the log says what the prior falls back to) without an embedder.
     `report` gets the embedder's manifest record and its encoding cost; `calibration` (pool, meta) inconsistency,
-    each meta row predicted by a map fitted on the pool and the other meta folds, as pool rows are."""
+    each meta row predicted by a map fitted on the pool and the other meta folds, as pool rows are. `columns`: the
+    pool's (question, answer) store columns where the caller has them already (embedder θ), not looked up again."""
     from dpsel.models.embedder import EmbeddingCache, try_embedder
     from dpsel.select.semantic import pseudo_groups, qa_consistency, robust_z, row_columns
     embedder = try_embedder(settings.embedder)
     if embedder is None:
         return {}
     cache = EmbeddingCache(embedder)
-    q, a = row_columns(embedder, train, cache)      # store columns: read in chunks, not held whole
+    q, a = columns if columns is not None else row_columns(embedder, train, cache)   # store columns: read in chunks
     extra = row_columns(embedder, meta, cache) if meta else None
     report["embedder"] = {**embedder.record(), **cache.stats, "rows_per_second": cache.rows_per_second()}
     inconsistency = -qa_consistency(q, a, seed, extra)
@@ -78,7 +79,7 @@ def semantic_evidence(train: list[Messages], meta: list[Messages] | None, groups
 def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
                      seed: int, meta: list[Messages] | None = None, report: dict | None = None,
                      reference_z: np.ndarray | None = None, calibration: dict | None = None,
-                     calibrated_only: bool = False) -> dict[str, np.ndarray]:
+                     calibrated_only: bool = False, columns: tuple | None = None) -> dict[str, np.ndarray]:
     """The evidence behind the empirical-Bayes prior, each as a normal score (high = looks bad): the reference's
     within-group loss rank, when the pool has groups how unlike its group's answers the row's answer is, and the
     embedder's evidence (`semantic_evidence`, with pseudo-groups where the pool has none). `calibration` gets
@@ -94,7 +95,7 @@ def prior_evidence_z(train: list[Messages], ref_nll: np.ndarray, groups: np.ndar
         evidence["group_consistency"] = consistency_z(group_consistency(train, groups, seed))
     if settings.semantic:
         evidence.update(semantic_evidence(train, meta, groups, settings, seed, report if report is not None else {},
-                                          calibration))
+                                          calibration, columns))
     if settings.fluency:
         evidence["fluency"] = fluency_evidence(train, meta, calibration) - settings.fluency_margin
     if settings.quality:
@@ -167,20 +168,20 @@ def _combined_mean(prior_evidence: dict[str, np.ndarray], calibration: dict, nam
 
 def prior_means(train: list[Messages], ref_nll: np.ndarray, groups: np.ndarray, settings: BadsSettings,
                 seed: int, meta: list[Messages] | None = None, report: dict | None = None,
-                reference_z: np.ndarray | None = None, combine: str = "max", calibration: dict | None = None
-                ) -> tuple[dict[str, np.ndarray], torch.Tensor, dict[str, torch.Tensor]]:
+                reference_z: np.ndarray | None = None, combine: str = "max", calibration: dict | None = None,
+                columns: tuple | None = None) -> tuple[dict[str, np.ndarray], torch.Tensor, dict[str, torch.Tensor]]:
     """(the prior evidence, the prior mean per row, the ablations' prior means): the evidence combined by
     `combine` (`_combined_mean`; `tail` leaves the reference out, see BadsSettings.prior_combine), or β
     everywhere without the empirical-Bayes prior; `reference_only` from the reference alone. `calibration`
     (filled here when given): each calibrated source's (pool, meta) badness. The quality sources join only the
     calibrated `tail` rule: uncalibrated, a sparse signal's z would dominate the `max`. The ablations' prior
-    means only with `settings.ablations` (else {})."""
+    means only with `settings.ablations` (else {}). `columns`: see `semantic_evidence`."""
     from dpsel.select.bads.calibration import current_reviewed
     from dpsel.select.bads.quality_evidence import QUALITY_PREFIX, calibrated_weights
     calibration = {} if calibration is None else calibration
     prior_evidence = prior_evidence_z(train, ref_nll, groups, settings, seed, meta, report, reference_z,
-                                      calibration, calibrated_only=combine == "tail" and not settings.ablations
-                                      ) if settings.eb_prior else {}
+                                      calibration, calibrated_only=combine == "tail" and not settings.ablations,
+                                      columns=columns) if settings.eb_prior else {}
     used = [name for name in prior_evidence if combine != "tail" or name != "reference"]
     if combine == "tail" and any(name in calibration for name in used):
         used = [name for name in used if name in calibration]  # _combined_mean reads only these

@@ -10,14 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 from dpsel.select.base import Messages
-from dpsel.select.consistency import answer_text
+from dpsel.select.consistency import TextView, answer_text
 
 QUALITY_PREFIX = "quality_"
 
 
-def _texts(rows: list[Messages]) -> tuple[list[str], list[str]]:
+def _texts(rows: list[Messages]) -> tuple[TextView, TextView]:
+    """The rows' questions and answers, made as each signal reads them (no list of a pool's texts is held)."""
     from dpsel.select.semantic import question_text
-    return [question_text(m) for m in rows], [answer_text(m) for m in rows]
+    return TextView(rows, question_text), TextView(rows, answer_text)
 
 
 def scaled(badness: np.ndarray) -> np.ndarray:
