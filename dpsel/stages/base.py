@@ -220,8 +220,10 @@ class StageStats:
 
 
 class Block:
-    """One stage: subclasses set `name` and implement `decide(rows, **inputs) -> Verdict`."""
+    """One stage: subclasses set `name` and implement `decide(rows, **inputs) -> Verdict`; `overwrites` names the
+    input columns its verdict may give new values (the pipeline keeps those of the rows it no longer sees)."""
     name = "block"
+    overwrites: tuple[str, ...] = ()
 
     def __init__(self):
         self.stats = StageStats(self.name)

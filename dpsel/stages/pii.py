@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpsel.stages.base import Block, ConversationBatch, Verdict
+from dpsel.stages.base import MESSAGE_COLUMNS, Block, ConversationBatch, Verdict
 
 REASON = "pii"
 COLUMN = "dpsel_pii"
@@ -127,6 +127,7 @@ class Pii(Block):
         if mode not in MODES:
             raise ValueError(f"--pii must be one of {MODES}, got {mode!r}")
         self.mode = mode
+        self.overwrites = MESSAGE_COLUMNS if mode == "redact" else ()
 
     def decide(self, rows: ConversationBatch, **_) -> Verdict:
         found = find(rows.text)

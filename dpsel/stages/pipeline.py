@@ -74,11 +74,11 @@ def _check_order(blocks: Sequence[Block]) -> None:
         raise ValueError(f"stages must run in the order {ORDER}; got {[b.name for b in blocks]}")
 
 
-def _spread(table: pa.Table, name: str, alive: np.ndarray, values: pa.Array) -> pa.Array:
-    """A column of the stage's `values` (for the `alive` rows) over all rows: input values, else null."""
-    n = table.num_rows
-    if name in table.column_names:
-        base = table.column(name).combine_chunks()
+def _spread(held: pa.Table, n: int, name: str, alive: np.ndarray, values: pa.Array) -> pa.Array:
+    """A column of the stage's `values` (for the `alive` rows) over all `n` rows: the input's values where
+    `held` has the column (the input's columns a block overwrites), else null."""
+    if name in held.column_names:
+        base = held.column(name).combine_chunks()
         index = np.arange(n)
         index[alive] = n + np.arange(len(alive))
         return pa.concat_arrays([base, values.cast(base.type)]).take(pa.array(index))
@@ -95,12 +95,15 @@ def run_stages(table: pa.Table, blocks: Sequence[Block], embeddings: np.ndarray 
     n = table.num_rows
     outcome = Outcome(np.full(n, "", dtype=object), np.full(n, None, dtype=object), np.full(n, None, dtype=object))
     alive = np.arange(n)
+    held = table.select([c for c in table.column_names if any(c in b.overwrites for b in blocks)])
+    current = table   # the rows still in play, filtered block by block: the input's other columns are not held
+    del table
     for block in blocks:
-        rows = ConversationBatch(table if len(alive) == n else table.take(pa.array(alive)))
+        rows = ConversationBatch(current)
         inputs = {"embeddings": embeddings[alive]} if embeddings is not None else {}
         verdict = block(rows, **inputs)
         for name, values in verdict.columns.items():
-            outcome.columns[name] = _spread(table, name, alive, values)
+            outcome.columns[name] = _spread(held, n, name, alive, values)
         dropped = verdict.dropped
         outcome.reason[alive[dropped]] = verdict.reason[dropped]
         outcome.dup_of[alive[dropped]] = verdict.dup_of[dropped]
@@ -108,7 +111,10 @@ def run_stages(table: pa.Table, blocks: Sequence[Block], embeddings: np.ndarray 
             outcome.detail[alive[dropped]] = verdict.detail[dropped]
         alive = alive[~dropped]
         outcome.stats.append(block.stats)
-        del rows, verdict, inputs   # freed before the next block's copy of the alive rows is taken, not after
+        del rows, inputs   # freed before the next block's rows are taken, not after
+        if dropped.any():
+            current = current.filter(pa.array(~dropped))
+        del verdict
     if outcome.input_rows != outcome.kept + sum(outcome.counts.values()):
         raise AssertionError("stage accounting: input rows != kept + dropped")
     return outcome
