@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from dpsel.curation.rules import SelectionRule
 from dpsel.data import REASON_DUPLICATE, REASON_INVALID, REASON_LOW_WEIGHT, InstructionSet, read_instruction_set
 from dpsel.data.conversations import Conversations
+from dpsel.data.instruction_set import IdList
 from dpsel.errors import DpselInputError
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,7 @@ class RunRows:
     what the stages added (not to be confused with the data layer's `NormalRows`, one batch in normal form, or
     the stages' `ConversationBatch`, the table their blocks read)."""
     data: InstructionSet
-    ids: list[str]
+    ids: Sequence[str]          # `IdList` (Arrow) from the reader
     reasons: list[str]          # "" | invalid | duplicate (from the data layer) | a stage's reason
     details: list[str]
     files: list[str]
@@ -82,9 +85,16 @@ class RunRows:
         column's distinct values: rows of one group share one string object (8 bytes a row, not a str each)."""
         if column not in self.data.original_columns:
             return None
-        encoded = self.data.table.column(column).combine_chunks().dictionary_encode(null_encoding="encode")
-        names = np.array([_group_name(v) for v in encoded.dictionary.to_pylist()] or ["(none)"], dtype=object)
-        return names[np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.int64)]
+        values = self.data.table.column(column).combine_chunks()
+        if pa.types.is_dictionary(values.type):
+            values = values.dictionary_decode()
+        try:
+            encoded = pc.dictionary_encode(values)
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):   # nested values (lists, structs): a string each
+            return np.array([_group_name(v) for v in values.to_pylist()], dtype=object)
+        names = np.array([_group_name(v) for v in encoded.dictionary.to_pylist()] + ["(none)"], dtype=object)
+        missing = len(names) - 1   # null rows
+        return names[np.asarray(encoded.indices.fill_null(missing).to_numpy(zero_copy_only=False), np.int64)]
 
     def previews(self) -> "Previews":
         """Short text per row for the report's examples: last user prompt -> response."""
@@ -125,7 +135,7 @@ def read_rows(paths) -> RunRows:
 
 def rows_from(data: InstructionSet) -> RunRows:
     """The row view curation works on, from a columnar instruction set (no pandas frame is built)."""
-    return RunRows(data=data, ids=data.id_list(), reasons=data.reasons.tolist(), details=data.details.to_pylist(),
+    return RunRows(data=data, ids=IdList(data.ids), reasons=data.reasons.tolist(), details=data.details.to_pylist(),
                 files=data.file_paths().tolist(), file_rows=data.file_rows, usable=data.usable_mask())
 
 

@@ -1,6 +1,8 @@
 """The whole input in memory: `InstructionSet` (one Arrow table plus row-aligned ids, reasons and details)."""
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +13,37 @@ import pyarrow as pa
 from dpsel.data.columnar import message_array, messages_with_overrides, normal_rows
 from dpsel.data.reasons import REASON_DUPLICATE, REASON_INVALID
 from dpsel.data.schema import ID_COLUMN, MESSAGE_TYPE, Shape
+
+
+class IdList(Sequence):
+    """Row ids held as Arrow strings (about 25 bytes an id, not a ~75-byte Python string each), read as `str` by
+    index or iteration; `pa.array(ids)` and `np.asarray(ids)` convert in one step (`__arrow_array__`,
+    `__array__`), not an id at a time."""
+
+    def __init__(self, values: pa.ChunkedArray | pa.Array):
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.values[index].to_pylist()
+        return self.values[operator.index(index)].as_py()
+
+    def __iter__(self):
+        for start in range(0, len(self.values), 65536):
+            yield from self.values.slice(start, 65536).to_pylist()
+
+    def __arrow_array__(self, type=None):
+        values = self.values.combine_chunks() if isinstance(self.values, pa.ChunkedArray) else self.values
+        return values if type is None else values.cast(type)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.values.to_numpy(zero_copy_only=False), dtype=dtype or object)
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, IdList)) else NotImplemented
 
 
 @dataclass(frozen=True)

@@ -17,18 +17,19 @@ import pyarrow as pa
 
 
 class Mapped:
-    """A read-only map of one temporary Arrow IPC file and the table read from it (zero-copy)."""
+    """A read-only map of one temporary Arrow IPC stream file and the table read from it (zero-copy)."""
 
     def __init__(self, table: pa.Table):
         handle, name = tempfile.mkstemp(prefix="dpsel-spill-", suffix=".arrow")
         try:
-            with os.fdopen(handle, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            # the stream format, not the file format: it keeps a column's differing dictionaries chunk by chunk
+            with os.fdopen(handle, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
                 writer.write_table(table)
             with open(name, "rb") as source:
                 self._map = mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ)
         finally:
             os.unlink(name)
-        self.table = pa.ipc.open_file(pa.py_buffer(self._map)).read_all()
+        self.table = pa.ipc.open_stream(pa.py_buffer(self._map)).read_all()   # zero-copy: buffers into the map
 
     def drop_pages(self) -> None:
         """Give back the pages reads have touched (they are read again from the page cache when next needed)."""
