@@ -62,9 +62,10 @@ class RunRows:
         """The input table moved to a mapped temporary file (`dpsel.data.spill`) while a phase that does not read
         it runs (selection): read again when the outputs are written (`release_pages` after each part), its
         values unchanged."""
-        from dpsel.data.spill import Mapped
-        self.spilled = Mapped(self.data.table)
-        self.data.table = self.spilled.table
+        from dpsel.data.spill import spill_or_hold
+        self.spilled = spill_or_hold(self.data.table)
+        if self.spilled is not None:
+            self.data.table = self.spilled.table
 
     def release_pages(self) -> None:
         """Give back the pages of a spilled table that reads have touched (nothing to do for a held one)."""

@@ -95,7 +95,10 @@ def apply_stages(rows: RunRows, config: StagesConfig, embedder: str = "default",
     blocks = build_blocks(config, eval_texts(config.decontaminate), seen=seen)
     for block in blocks:
         if isinstance(block, NearDup):   # its sketches on disk while the stages run: ~190 MB fewer at 1M rows
-            block.index = block.index.spilled()
+            try:
+                block.index = block.index.spilled()
+            except OSError as error:   # a default, not an asked-for choice: held instead, and said
+                log.warning("near-dup sketches could not go to TMPDIR (%s): held in memory", error)
     semantic = config.semantic_dup is not None and rows.usable.any()
     embeddings = conversation_embeddings(rows, embedder) if semantic else None
     record_stages(rows, config, blocks, embeddings)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from dpsel.data.spill import Mapped
+from dpsel.data.spill import Mapped, spill_or_hold
 
 CHUNK_ROWS = 8192     # rows turned into Python objects at a time while iterating
 LOOKUPS_HELD = 4096   # a spilled pool's rows looked up one by one before their pages are given back
@@ -32,8 +32,8 @@ class Conversations(Sequence):
         """The same conversations, read from a mapped temporary file (see the module docstring)."""
         if isinstance(array, pa.ChunkedArray):
             array = array.combine_chunks()
-        mapped = Mapped(pa.table({"messages": array}))
-        return cls(mapped.table.column(0), mapped)
+        mapped = spill_or_hold(pa.table({"messages": array}))
+        return cls(array) if mapped is None else cls(mapped.table.column(0), mapped)
 
     def _read(self, rows: int = 1) -> None:
         """After a read: a spilled pool gives back the pages its reads touched, every chunk or `LOOKUPS_HELD` rows."""

@@ -5,15 +5,30 @@ process's RSS.
 The file is unlinked as soon as it is mapped (the mapping keeps it alive until the last array that reads it is
 gone), so a killed run leaves nothing behind. Pages a read touches stay resident in the process until
 `Mapped.drop_pages` gives them back (`madvise(MADV_DONTNEED)`: the mapping is read-only and file-backed, so the
-next read faults them in again from the page cache, unchanged).
+next read faults them in again from the page cache, unchanged). The files go to TMPDIR: on a RAM-backed tmpfs
+they would cost memory all the same, so point TMPDIR at a disk for big pools.
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import tempfile
 
 import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+
+def spill_or_hold(table: pa.Table) -> "Mapped | None":
+    """`Mapped(table)`, or None (with a warning: the data stay in memory) where TMPDIR cannot take the file:
+    spilling is a default, not something the user asked for, so a full or read-only TMPDIR slows nothing down."""
+    try:
+        return Mapped(table)
+    except OSError as error:
+        log.warning("could not spill %.0f MB to TMPDIR (%s): held in memory instead; point TMPDIR at a disk with "
+                    "room (not a RAM-backed tmpfs) to keep it out of RSS", table.nbytes / 2**20, error)
+        return None
 
 
 class Mapped:

@@ -66,3 +66,16 @@ def test_spilled_pool_and_table_read_the_same_and_leave_no_file(tmp_path, monkey
     assert rows.data.table is not before and rows.data.table.equals(before)
     assert list(pool) == listed and [pool[i] for i in range(len(pool))] == listed and list(pool) == listed
     assert pool._mapped is not None and list(spill_dir.iterdir()) == []
+
+
+def test_a_tmpdir_that_cannot_take_the_spill_keeps_the_data_in_memory_and_says_so(tmp_path, monkeypatch, caplog):
+    rows = read_rows(_chat_file(tmp_path / "chat.parquet"))
+
+    def full(*_, **__):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("tempfile.mkstemp", full)
+    before, listed = rows.data.table, rows.conversations(rows.usable)
+    pool = rows.conversation_rows(rows.usable)
+    rows.spill_table()
+    assert rows.spilled is None and rows.data.table is before and pool._mapped is None and list(pool) == listed
+    assert "held in memory instead" in caplog.text
