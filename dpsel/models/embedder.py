@@ -173,6 +173,10 @@ class EmbeddingCache:
             raise RuntimeError(f"embedding store {store.folder}: row {ids[int(np.argmax(segment_of < 0))]} "
                                "is missing after it was written")
         dim = segments[0].dim if segments else 0
+        for segment in segments:   # a Column reads by offset: each segment's ids (~25 B a row) were for the lookup
+            segment.keys = None
+        if len(offset) and offset.max() < 2**31:
+            offset = offset.astype(np.int32)   # rows within a segment: 4 bytes a row, not 8
         return Column(segments, segment_of, offset, dim)
 
     def _say_if_long(self, rows: int, rate: float) -> None:
