@@ -74,6 +74,7 @@ class EmbeddingProblem(SelectionProblem):
         return self._loss(q, a), self._loss(self.q_meta[meta_idx], self.a_meta[meta_idx])
 
     @torch.no_grad()
+    @torch.no_grad()
     def all_losses(self) -> torch.Tensor:
         return torch.as_tensor(map_distances(self.q, self.a, self.weight.detach(), self.bias.detach())) / self.scale
 

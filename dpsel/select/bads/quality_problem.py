@@ -75,8 +75,11 @@ class QualityEmbeddingProblem(EmbeddingProblem):
                 meta_map + t_nll(self.f_meta[meta_idx], self.centre, self.raw_scale))
 
     @torch.no_grad()
+    @torch.no_grad()   # the posterior pass's losses: no graph (it would hold [rows, signals] temporaries per draw)
     def all_losses(self) -> torch.Tensor:
-        return super().all_losses() + t_nll(self.f, self.centre, self.raw_scale)
+        density = torch.cat([t_nll(part, self.centre, self.raw_scale) for part in self.f.split(65536)]) \
+            if len(self.f) else torch.zeros(0)
+        return super().all_losses() + density
 
     @torch.no_grad()
     def learnt(self) -> dict[str, dict]:
