@@ -37,16 +37,17 @@ def lean_memory_pool() -> str:
     return pa.default_memory_pool().backend_name
 
 
-MMAP_THRESHOLD = 128 * 1024   # glibc's initial value, held fixed
+MMAP_THRESHOLD = 8 * 1024 * 1024   # bytes: a per-step tensor below it reuses the heap, a pool-sized array above
 
 
 def fixed_mmap_threshold() -> bool:
-    """Hold glibc malloc's mmap threshold at 128 KiB (unless MALLOC_MMAP_THRESHOLD_ is set); True where set.
+    """Hold glibc malloc's mmap threshold at 8 MiB (unless MALLOC_MMAP_THRESHOLD_ is set); True where set.
 
-    Why: glibc raises the threshold (up to 32 MiB) each time a large mmapped block is freed, after which numpy's
-    per-chunk arrays come from the heap, and a freed heap stays resident behind any live block above it. Held
-    fixed, every array >= 128 KiB is its own mapping, returned when freed: at 1M rows, ~100 MB less RSS after
-    the stages and ~45 MB less at their peak (benchmarks/results/pool.md)."""
+    Why: glibc raises the threshold (up to 32 MiB) each time a large mmapped block is freed, after which arrays of
+    a pool's size come from the heap, and a freed heap stays resident behind any live block above it. Held
+    fixed, every array of 8 MiB or more is its own mapping, returned when freed. Not lower: at 128 KiB every
+    sampler step's tensors were fresh mappings, faulted in page by page (a 256x256 map's step 60% slower,
+    near-dup 25% slower), for ~30 MB less at the 1M-row stages' peak (benchmarks/results/pool.md)."""
     import ctypes
     import ctypes.util
     import os
