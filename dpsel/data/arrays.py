@@ -21,7 +21,8 @@ def value_offsets(values: pa.Array) -> np.ndarray:
 
 def lean_memory_pool() -> str:
     """Make jemalloc Arrow's default memory pool where pyarrow has it and the user chose none
-    (ARROW_DEFAULT_MEMORY_POOL unset); returns the pool's backend name.
+    (ARROW_DEFAULT_MEMORY_POOL unset), and hold glibc's mmap threshold (`fixed_mmap_threshold`); returns the
+    pool's backend name.
 
     Why: the data path allocates and frees one batch's buffers per batch; under mimalloc (pyarrow's usual
     default) the freed pages stay resident, so peak RSS grows ~110 bytes per row more over a 1M-row curation
@@ -47,7 +48,7 @@ def fixed_mmap_threshold() -> bool:
     a pool's size come from the heap, and a freed heap stays resident behind any live block above it. Held
     fixed, every array of 8 MiB or more is its own mapping, returned when freed. Not lower: at 128 KiB every
     sampler step's tensors were fresh mappings, faulted in page by page (a 256x256 map's step 60% slower,
-    near-dup 25% slower), for ~30 MB less at the 1M-row stages' peak (benchmarks/results/pool.md)."""
+    near-dup 25% slower), for ~30 MB less at the 1M-row stages' peak (docs/results.md)."""
     import ctypes
     import ctypes.util
     import os
