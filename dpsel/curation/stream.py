@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ from dpsel.io import file_sha256
 from dpsel.outputs import CURATED_FILE, SCORES_FILE, scores_table, with_run_id
 from dpsel.select.base import ProgressFn
 from dpsel.stages.base import ConversationBatch
-from dpsel.stages.near_dup import Clusters, NearDup, NearDupIndex, NearDupVerdicts, SpilledSketch
+from dpsel.stages.near_dup import Clusters, NearDup, NearDupIndex, NearDupVerdicts
 from dpsel.stages.options import StagesConfig
 from dpsel.stages.pipeline import build_blocks
 
@@ -165,24 +165,16 @@ class _Writer:
 
 def _sign_near_dups(plan: InputPlan, blocks: list, batch_rows: int, spill: Path) -> None:
     """Pass 1: every usable row's near-dup signature, clustered once; the near-dup block becomes the verdicts.
-    Band keys and question keys are held (the clustering groups them); both sketches go to files beside
-    `spill`, read back only for the rows in candidate pairs, and are deleted when the clustering is done."""
+    Band keys and question keys are held (the clustering groups them); both sketches go to pending files in the
+    staging folder `spill`, read back only for the rows in candidate pairs, and deleted with the index once the
+    clustering is done."""
     position = next((k for k, b in enumerate(blocks) if isinstance(b, NearDup)), None)
     if position is None:
         return
     started, near = time.perf_counter(), blocks[position]
     seen = len(near.index)
-    sketches = {name: SpilledSketch(spill.with_name(f"{spill.name}.{name}"), near.widths[name][0])
-                for name in ("sketch", "answer_sketch")}
-    try:
-        for name, sketch in sketches.items():
-            sketch[0:seen] = getattr(near.index, name)
-        index = replace(near.index, **sketches)
-        ids, clusters = _cluster_streamed(plan, near, index, seen, batch_rows)
-    finally:
-        for sketch in sketches.values():
-            sketch.close()
-            sketch.path.unlink(missing_ok=True)
+    ids, clusters = _cluster_streamed(plan, near, near.index.spilled(spill, f"{_PENDING}near-dup-"), seen,
+                                      batch_rows)
     near.stats.seconds += time.perf_counter() - started
     blocks[position] = NearDupVerdicts(ids, clusters, seen, stats=near.stats)
 
@@ -261,7 +253,7 @@ def stream_filter(plan: InputPlan, scorer, options: StagesConfig, seen: NearDupI
     columns = [c for c in dict.fromkeys([*GROUP_COLUMNS, group_column]) if c in plan.schema.names]
     groups, dropped, stats = _Groups(columns), {}, []
     with staged_run(out) as (stage, run_id):
-        _sign_near_dups(plan, blocks, batch_rows, stage / f"{_PENDING}near-dup-sketches.u8")
+        _sign_near_dups(plan, blocks, batch_rows, stage)
         totals = _Totals(np.zeros(n), np.zeros(n), np.zeros(n, bool), np.zeros(n, bool))
         final = rule.threshold is not None     # a threshold decides each row at once; a budget needs every weight
         names = (SCORES_FILE, CURATED_FILE) if final else (f"{_PENDING}{SCORES_FILE}", f"{_PENDING}{CURATED_FILE}")

@@ -49,14 +49,15 @@ class NearDupIndex:
     def sliced(self, rows: slice) -> NearDupIndex:
         return NearDupIndex(**{name: getattr(self, name)[rows] for name in self.names})
 
-    def spilled(self) -> NearDupIndex:
-        """This index with its sketches moved to temporary files (`SpilledSketch.temporary`, deleted when no
-        longer referenced): 192 of its ~330 bytes a row, which only the rows in candidate pairs are read back for."""
+    def spilled(self, folder=None, prefix: str = "dpsel-sketch-") -> NearDupIndex:
+        """This index with its sketches moved to temporary files `prefix`* in `folder` (default TMPDIR;
+        `SpilledSketch.temporary`, deleted when no longer referenced): 192 of its ~330 bytes a row, which only
+        the rows in candidate pairs are read back for."""
         out = replace(self)
         for name in SKETCH_FIELDS:
             held = getattr(self, name)
             if not isinstance(held, SpilledSketch):
-                sketch = SpilledSketch.temporary(held.shape[1])
+                sketch = SpilledSketch.temporary(held.shape[1], folder, prefix)
                 sketch[0:len(held)] = held
                 setattr(out, name, sketch)
         return out
@@ -128,9 +129,9 @@ class SpilledSketch:
         self._handle = open(path, "wb")
 
     @classmethod
-    def temporary(cls, width: int) -> SpilledSketch:
-        """A sketch file under TMPDIR, deleted when the object is (or at exit)."""
-        handle, name = tempfile.mkstemp(prefix="dpsel-sketch-", suffix=".u8")
+    def temporary(cls, width: int, folder=None, prefix: str = "dpsel-sketch-") -> SpilledSketch:
+        """A sketch file `prefix`* in `folder` (default TMPDIR), deleted when the object is (or at exit)."""
+        handle, name = tempfile.mkstemp(prefix=prefix, suffix=".u8", dir=folder)
         os.close(handle)
         sketch = cls(name, width)
         weakref.finalize(sketch, os.unlink, name)
